@@ -1,0 +1,42 @@
+# blockcrypt — build, test, demo, bench. Run as root on Debian 12.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STATE   ?= $(CURDIR)/demo-state
+
+.PHONY: all deps venv build test demo demo-clean bench bench-quick clean
+
+all: build
+
+deps:
+	bash scripts/install-deps.sh
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+venv: $(VPY)
+
+# Editable install builds native/ into blockcrypt/_native*.so in place.
+build: deps venv
+	$(VPY) -m pip install -q -e '.[test]'
+
+test: build
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+demo: build
+	STATE=$(STATE) VENV=$(VENV) bash scripts/demo.sh
+
+demo-clean:
+	STATE=$(STATE) VENV=$(VENV) bash scripts/demo.sh --teardown
+
+bench: build
+	bash scripts/install-deps.sh --bench
+	$(VPY) bench/run.py --mode full
+
+bench-quick: build
+	bash scripts/install-deps.sh --bench
+	$(VPY) bench/run.py --mode quick
+
+clean:
+	rm -rf build *.egg-info blockcrypt/_native*.so $(VENV)

@@ -1,0 +1,199 @@
+"""One error hierarchy for blockcrypt.
+
+Every error a user can meet derives from :class:`BlockcryptError`. The class
+docstring is the message template (formatted with the keyword arguments given
+at raise time), ``exit_code`` is what the CLI exits with, and ``errno`` is what
+the FUSE boundary answers. Programmer errors (bad lengths, misuse of an API)
+raise ``ValueError``/``TypeError`` at once and are not part of this tree.
+
+Caveat: messages are built from names, ids and paths only; never pass key
+bytes (or anything derived from them) as a format argument.
+"""
+from __future__ import annotations
+
+import errno as _errno
+
+
+class BlockcryptError(Exception):
+    """{msg}"""
+
+    exit_code = 1
+    errno = _errno.EIO
+
+    def __init__(self, msg: str | None = None, **kw):
+        self.kw = dict(kw)
+        if msg is not None:
+            self.kw.setdefault("msg", msg)
+        try:
+            text = (self.__doc__ or "{msg}").strip().format(**self.kw)
+        except (KeyError, IndexError):
+            text = self.kw.get("msg") or self.__class__.__name__
+        super().__init__(text)
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+# --- usage / input -----------------------------------------------------------
+
+class UsageError(BlockcryptError):
+    """{msg}"""
+
+    exit_code = 2
+    errno = _errno.EINVAL
+
+
+class BadSize(UsageError):
+    """invalid size {value!r}: {why} (use a number with K, M, G or T, e.g. 10G)"""
+
+
+class NotFound(BlockcryptError):
+    """{kind} {name!r} not found"""
+
+    exit_code = 3
+    errno = _errno.ENOENT
+
+
+class AlreadyExists(BlockcryptError):
+    """{kind} {name!r} already exists"""
+
+    exit_code = 4
+    errno = _errno.EEXIST
+
+
+class Refused(BlockcryptError):
+    """{msg}"""
+
+    exit_code = 5
+    errno = _errno.EPERM
+
+
+class ReadOnly(BlockcryptError):
+    """{kind} {name!r} is read-only"""
+
+    exit_code = 5
+    errno = _errno.EROFS
+
+
+class Busy(BlockcryptError):
+    """{msg}"""
+
+    exit_code = 6
+    errno = _errno.EBUSY
+
+
+# --- environment ---------------------------------------------------------------
+
+class StateError(BlockcryptError):
+    """state directory {path}: {why}"""
+
+    exit_code = 10
+
+
+class NativeMissing(BlockcryptError):
+    """the native extension blockcrypt._native is not built ({why}); build it with `make build` (or `pip install -e .`)"""
+
+    exit_code = 11
+
+
+class NoSpace(BlockcryptError):
+    """no space left on the backing file system for {name!r}"""
+
+    exit_code = 12
+    errno = _errno.ENOSPC
+
+
+# --- data ----------------------------------------------------------------------
+
+class CorruptHeader(BlockcryptError):
+    """disk {name!r} is corrupt: {why}"""
+
+    exit_code = 20
+    errno = _errno.EIO
+
+
+class UnsupportedFormat(BlockcryptError):
+    """disk {name!r} uses an unsupported format: {why}"""
+
+    exit_code = 21
+    errno = _errno.EIO
+
+
+class IntegrityError(BlockcryptError):
+    """integrity check failed: {msg}"""
+
+    exit_code = 22
+    errno = _errno.EIO
+
+
+# --- keys ------------------------------------------------------------------------
+
+class KeyError_(BlockcryptError):
+    """key {key_id}: {msg}"""
+
+    exit_code = 30
+    errno = _errno.EIO
+    #: True when the data plane may retry and keep serving from a cached DEK.
+    transient = False
+    #: the Azure-like reason string shown in `status`
+    reason = "KeyUnavailable"
+
+
+class KeyUnavailable(KeyError_):
+    """key {key_id} is unreachable: {msg} (will retry)"""
+
+    transient = True
+    reason = "KeyProviderUnavailable"
+
+
+class KeyAccessDenied(KeyError_):
+    """access to key {key_id} denied: {msg}"""
+
+    exit_code = 31
+    reason = "KeyAccessDenied"
+
+
+class KeyDisabled(KeyError_):
+    """key {key_id} is disabled"""
+
+    exit_code = 32
+    reason = "KeyDisabled"
+
+
+class KeyExpired(KeyError_):
+    """key {key_id} is expired or not yet valid"""
+
+    exit_code = 33
+    reason = "KeyExpired"
+
+
+class KeyDeleted(KeyError_):
+    """key {key_id} is deleted (recoverable until {recoverable_until})"""
+
+    exit_code = 34
+    reason = "KeyDeleted"
+
+
+class KeyPurged(KeyError_):
+    """key {key_id} is purged: data under it cannot be recovered"""
+
+    exit_code = 35
+    reason = "KeyPurged"
+
+
+class KeyIntegrityError(KeyError_):
+    """key {key_id}: wrapped key failed its integrity check ({msg})"""
+
+    exit_code = 36
+    reason = "KeyIntegrityFailure"
+
+
+class KeyStoreError(KeyError_):
+    """platform key store {path}: {why}"""
+
+    exit_code = 37
+
+    def __init__(self, msg=None, **kw):
+        kw.setdefault("key_id", "platform")
+        super().__init__(msg, **kw)
