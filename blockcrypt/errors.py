@@ -97,6 +97,13 @@ class NativeMissing(BlockcryptError):
     exit_code = 11
 
 
+class OutOfRange(BlockcryptError):
+    """{kind} {name!r}: {msg}"""
+
+    exit_code = 2
+    errno = _errno.EFBIG
+
+
 class NoSpace(BlockcryptError):
     """no space left on the backing file system for {name!r}"""
 

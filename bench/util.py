@@ -1,0 +1,169 @@
+"""Small helpers shared by the benchmark modules: commands, mounts, caches, CPU time.
+
+Caveats: mount detection reads /proc/self/mountinfo, so a mount made in another
+mount namespace is invisible; CPU time comes from /proc/PID/stat in clock ticks
+(usually 10 ms), which is coarse for jobs shorter than a second.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """A one-line problem the runner reports without a traceback."""
+
+
+def need_tool(name: str, hint: str) -> str:
+    """Path of executable `name`, or BenchError naming how to install it."""
+    path = shutil.which(name)
+    if not path:
+        raise BenchError(f"{name} not found; {hint}")
+    return path
+
+
+def run(cmd: list[str], *, timeout_s: float = 120, check: bool = True,
+        input_bytes: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run a command, capture its output; a failure becomes a BenchError with its stderr."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s, input=input_bytes)
+    except FileNotFoundError:
+        raise BenchError(f"{cmd[0]} not found") from None
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{' '.join(cmd[:3])} ... timed out after {timeout_s:.0f} s") from None
+    if check and proc.returncode != 0:
+        err = (proc.stderr or proc.stdout or b"").decode(errors="replace").strip().splitlines()
+        last = err[-1] if err else f"exit status {proc.returncode}"
+        raise BenchError(f"{Path(cmd[0]).name} {cmd[1] if len(cmd) > 1 else ''} failed: {last}")
+    return proc
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and len(field[i + 1:i + 4]) == 3 and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_points() -> dict[str, str]:
+    """Mounted paths -> file system type, from /proc/self/mountinfo."""
+    result = {}
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            parts = left.split()
+            if len(parts) >= 5:
+                fstype = right.split()[0] if right else "?"
+                result[_unescape_mountinfo(parts[4])] = fstype
+    return result
+
+
+def is_mounted(path: Path | str) -> bool:
+    return str(Path(path).absolute()) in mount_points()
+
+
+def wait_until(pred, timeout_s: float, what: str, poll_s: float = 0.05, alive=None) -> None:
+    """Poll `pred` until true; BenchError after `timeout_s`, or at once if `alive()` turns false."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if alive is not None and not alive():
+            raise BenchError(f"{what}: the process exited before it was ready")
+        time.sleep(poll_s)
+    raise BenchError(f"{what}: not ready after {timeout_s:.0f} s")
+
+
+def unmount(path: Path | str, timeout_s: float = 10) -> None:
+    """Unmount a FUSE (or any) mount; fall back to a lazy unmount. Never raises."""
+    path = str(path)
+    if not is_mounted(path):
+        return
+    for cmd in (["umount", path], ["fusermount", "-u", "-z", path], ["umount", "-l", path]):
+        try:
+            subprocess.run(cmd, capture_output=True, timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if not is_mounted(path):
+            return
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def stop_pid(pid: int | None, timeout_s: float = 5) -> None:
+    """SIGTERM, wait, then SIGKILL a process we started. Never raises."""
+    if not pid_alive(pid):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of a process (all its threads), in seconds; None when unknown."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # after the comm field: state is [0], utime is field 14 overall -> [11], stime [12]
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+def host_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole host from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    total = sum(vals[:8])
+    return total - idle, total
+
+
+def drop_caches() -> None:
+    """sync; echo 3 > /proc/sys/vm/drop_caches (root only)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise BenchError(f"cannot drop caches ({e.strerror}); run as root") from None
+
+
+def first_line(cmd: list[str]) -> str:
+    """First output line of a version command, or 'unknown'."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (proc.stdout or proc.stderr).decode(errors="replace").strip()
+    return text.splitlines()[0] if text else "unknown"

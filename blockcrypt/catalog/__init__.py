@@ -1,0 +1,137 @@
+"""The catalog: disks (and later snapshots, images, disk encryption sets) by name, in SQLite.
+
+The disk headers are the source of truth for geometry and keys; the catalog
+maps names to disk files and can be rebuilt from the headers
+(``blockcrypt catalog rebuild``).
+
+Caveat: one SQLite connection per thread (WAL mode), so the multi-threaded
+FUSE daemon and CLI processes can read it concurrently; writers serialize.
+"""
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import AlreadyExists, NotFound, StateError, UsageError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS disks (
+    name TEXT PRIMARY KEY,
+    disk_id TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    sector_size INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'disk',
+    read_only INTEGER NOT NULL DEFAULT 0,
+    encryption_type TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+"""
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise UsageError(f"invalid {kind} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    name: str
+    disk_id: str
+    size: int
+    sector_size: int
+    path: str
+    kind: str
+    read_only: bool
+    encryption_type: str
+    created: str
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["read_only"] = bool(self.read_only)
+        return d
+
+
+class Catalog:
+    def __init__(self, db_path: Path):
+        self.db_path = Path(db_path)
+        self._local = threading.local()
+
+    def _conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            try:
+                c = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+                c.execute("PRAGMA journal_mode=WAL")
+                c.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as e:
+                raise StateError(path=str(self.db_path), why=f"catalog cannot be opened ({e})") from None
+            c.row_factory = sqlite3.Row
+            self._local.conn = c
+        return c
+
+    def create(self) -> None:
+        self._conn().executescript(SCHEMA)
+
+    @contextmanager
+    def transaction(self):
+        c = self._conn()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        else:
+            c.execute("COMMIT")
+
+    @staticmethod
+    def _rec(row) -> DiskRecord:
+        return DiskRecord(row["name"], row["disk_id"], row["size"], row["sector_size"], row["path"],
+                          row["kind"], bool(row["read_only"]), row["encryption_type"], row["created"])
+
+    def list_disks(self) -> list[DiskRecord]:
+        rows = self._conn().execute("SELECT * FROM disks ORDER BY name").fetchall()
+        return [self._rec(r) for r in rows]
+
+    def find_disk(self, name: str) -> DiskRecord | None:
+        row = self._conn().execute("SELECT * FROM disks WHERE name = ?", (name,)).fetchone()
+        return self._rec(row) if row else None
+
+    def get_disk(self, name: str) -> DiskRecord:
+        rec = self.find_disk(name)
+        if rec is None:
+            raise NotFound(kind="disk", name=name)
+        return rec
+
+    def insert_disk(self, rec: DiskRecord, conn=None) -> None:
+        c = conn or self._conn()
+        try:
+            c.execute("INSERT INTO disks VALUES (?,?,?,?,?,?,?,?,?)",
+                      (rec.name, rec.disk_id, rec.size, rec.sector_size, rec.path, rec.kind,
+                       int(rec.read_only), rec.encryption_type, rec.created))
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(kind="disk", name=rec.name) from None
+
+    def update_disk(self, name: str, conn=None, **fields) -> None:
+        c = conn or self._conn()
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        c.execute(f"UPDATE disks SET {cols} WHERE name = ?", (*fields.values(), name))
+
+    def delete_disk(self, name: str, conn=None) -> None:
+        (conn or self._conn()).execute("DELETE FROM disks WHERE name = ?", (name,))
+
+    def replace_all(self, recs: list[DiskRecord]) -> None:
+        with self.transaction() as c:
+            c.execute("DELETE FROM disks")
+            for r in recs:
+                self.insert_disk(r, c)

@@ -1,0 +1,308 @@
+"""The `blockcrypt` command line (click).
+
+Every command takes ``--json`` for scripts. Errors from the blockcrypt
+hierarchy print one line on stderr (``blockcrypt: error: ...``) and exit with
+the error's exit code; no traceback reaches the user.
+
+Caveat: this is a frontend: it calls state/disks/volume and formats results;
+it holds no policy of its own.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import BlockcryptError, UsageError
+from .units import format_size, parse_size
+
+
+def emit(obj, as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, sort_keys=True))
+    elif text is not None:
+        click.echo(text)
+
+
+class Ctx:
+    def __init__(self, state_path):
+        self.state_path = state_path
+        self._state = None
+
+    @property
+    def state(self):
+        if self._state is None:
+            from .state import State
+            self._state = State.open(self.state_path)
+        return self._state
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+json_opt = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state", "state_path", envvar="BLOCKCRYPT_STATE", type=click.Path(),
+              help="state directory (default: $BLOCKCRYPT_STATE or /var/lib/blockcrypt)")
+@click.version_option(__version__, prog_name="blockcrypt")
+@click.pass_context
+def cli(ctx, state_path):
+    """Encrypted virtual disks: AES-256-XTS sectors, per-disk keys, FUSE disk files."""
+    ctx.obj = Ctx(state_path)
+
+
+@cli.command()
+@json_opt
+@pass_ctx
+def init(c: Ctx, as_json):
+    """Create the state directory with its platform key store and catalog."""
+    from .state import State
+    st = State.init(c.state_path)
+    emit({"state": str(st.path), "platformKeyStore": str(st.path / "keys")}, as_json,
+         f"initialised {st.path}")
+
+
+# --- disks ---------------------------------------------------------------------------
+
+def disk_json(st, rec) -> dict:
+    from .disks import read_disk_header
+    out = {
+        "name": rec.name, "id": rec.disk_id, "kind": rec.kind, "sizeBytes": rec.size,
+        "size": format_size(rec.size), "sectorSize": rec.sector_size, "readOnly": rec.read_only,
+        "path": rec.path, "created": rec.created,
+        "encryption": {"type": rec.encryption_type},
+    }
+    try:
+        h = read_disk_header(rec)
+    except BlockcryptError as e:
+        out["health"] = "Corrupt"
+        out["error"] = str(e)
+        return out
+    from .disks import encryption_type
+    out["health"] = "Healthy"
+    out["encryption"] = {"type": encryption_type(h), "cipher": h.cipher,
+                         "layers": [l.to_json() for l in h.layers]}
+    out["header"] = {"formatVersion": 1, "sequence": h.seqno}
+    return out
+
+
+@cli.group()
+def disk():
+    """Create, list, show, resize and delete disks."""
+
+
+def _size_arg(value):
+    return parse_size(value)
+
+
+@disk.command("create")
+@click.argument("name")
+@click.option("--size", required=True, help="size with K/M/G/T, e.g. 10G")
+@click.option("--sector-size", type=click.Choice(["512", "4096"]), default="4096", show_default=True)
+@json_opt
+@pass_ctx
+def disk_create(c: Ctx, name, size, sector_size, as_json):
+    """Create a disk encrypted under a fresh DEK wrapped by the platform key."""
+    from . import disks
+    rec = disks.create(c.state, name, parse_size(size), int(sector_size))
+    emit(disk_json(c.state, rec), as_json,
+         f"created disk {rec.name} ({format_size(rec.size)}, id {rec.disk_id})")
+
+
+@disk.command("list")
+@json_opt
+@pass_ctx
+def disk_list(c: Ctx, as_json):
+    """List disks."""
+    recs = c.state.catalog.list_disks()
+    if as_json:
+        emit([{"name": r.name, "id": r.disk_id, "kind": r.kind, "sizeBytes": r.size,
+               "sectorSize": r.sector_size, "encryption": {"type": r.encryption_type}}
+              for r in recs], True)
+        return
+    if not recs:
+        click.echo("no disks")
+        return
+    w = max(len(r.name) for r in recs)
+    click.echo(f"{'NAME':<{w}}  {'SIZE':>8}  SECTOR  ENCRYPTION")
+    for r in recs:
+        click.echo(f"{r.name:<{w}}  {format_size(r.size):>8}  {r.sector_size:>6}  {r.encryption_type}")
+
+
+@disk.command("show")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def disk_show(c: Ctx, name, as_json):
+    """Show a disk, its encryption type and key layers (never key bytes)."""
+    d = disk_json(c.state, c.state.catalog.get_disk(name))
+    if as_json:
+        emit(d, True)
+        return
+    for k in ("name", "id", "kind", "size", "sectorSize", "readOnly", "path", "created", "health"):
+        click.echo(f"{k:<12} {d[k]}")
+    click.echo(f"{'encryption':<12} {d['encryption']['type']}")
+    for l in d["encryption"].get("layers", []):
+        click.echo(f"  layer {l['role']}: {l['algorithm']} key {l['keyId']} ({l['provider']}, {l['wrapAlgorithm']})")
+    if "error" in d:
+        click.echo(f"{'error':<12} {d['error']}")
+
+
+@disk.command("resize")
+@click.argument("name")
+@click.option("--size", required=True, help="new size (grow only)")
+@json_opt
+@pass_ctx
+def disk_resize(c: Ctx, name, size, as_json):
+    """Grow a disk (mounted disk files change size without a remount)."""
+    from . import disks
+    rec = disks.resize(c.state, name, parse_size(size))
+    emit(disk_json(c.state, rec), as_json, f"resized disk {name} to {format_size(rec.size)}")
+
+
+@disk.command("delete")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def disk_delete(c: Ctx, name, as_json):
+    """Delete a disk and its file (its key dies with it)."""
+    from . import disks
+    rec = disks.delete(c.state, name)
+    emit({"deleted": rec.name, "id": rec.disk_id}, as_json, f"deleted disk {rec.name}")
+
+
+@disk.command("dump-key")
+@click.argument("name")
+@click.option("--out", required=True, type=click.Path(), help="new file to write the 64-byte DEK to (0600)")
+@click.option("--yes-i-understand", "yes", is_flag=True,
+              help="confirm: whoever holds this file can read the disk without blockcrypt")
+@json_opt
+@pass_ctx
+def disk_dump_key(c: Ctx, name, out, yes, as_json):
+    """Emergency export of a disk's DEK, to open its data area with cryptsetup (docs/FORMAT.md)."""
+    if not yes:
+        raise UsageError("dump-key writes the disk's raw key to a file; pass --yes-i-understand to do it")
+    from . import disks
+    rec = c.state.catalog.get_disk(name)
+    disks.dump_key(c.state, name, out)
+    iv = " --iv-large-sectors" if rec.sector_size != 512 else ""
+    line = (f"cryptsetup open --type plain -c aes-xts-plain64 -s 512 --sector-size {rec.sector_size}{iv} "
+            f"--offset 2048 --key-file {out} --keyfile-size 64 {rec.path} {name}")
+    emit({"name": name, "keyFile": out, "cryptsetup": line}, as_json,
+         f"wrote the DEK of {name} to {out} (mode 0600). Open the data area with:\n  {line}")
+
+
+@disk.command("check")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def disk_check(c: Ctx, name, as_json):
+    """Check both header copies of a disk; repair a damaged copy from the good one."""
+    from .disks import header_fd
+    from .format import header_copy_state, read_header
+    rec = c.state.catalog.get_disk(name)
+    with header_fd(rec.path, name) as fd:
+        before = header_copy_state(fd)
+        read_header(fd, name, repair=True)
+        after = header_copy_state(fd)
+    repaired = [k for k in before if before[k] != after[k]]
+    emit({"name": name, "before": before, "after": after, "repaired": repaired}, as_json,
+         f"{name}: header copies A={before['A']} B={before['B']}" +
+         (f"; repaired {', '.join(repaired)}" if repaired else "; both intact"))
+
+
+# --- platform keys ---------------------------------------------------------------------
+
+@cli.group("platform-key")
+def platform_key():
+    """Platform-managed key store."""
+
+
+@platform_key.command("list")
+@json_opt
+@pass_ctx
+def pk_list(c: Ctx, as_json):
+    """List platform key versions (never key bytes)."""
+    from .keys.platform import PlatformKeyStore
+    vs = PlatformKeyStore(c.state.path / "keys").versions()
+    emit(vs, as_json, "\n".join(f"platform/{v['version']}  {v['created']}{'  current' if v['current'] else ''}"
+                                for v in vs))
+
+
+@platform_key.command("rotate")
+@json_opt
+@pass_ctx
+def pk_rotate(c: Ctx, as_json):
+    """Add a platform key version and re-wrap every disk's DEK (no data rewritten)."""
+    from .disks import rotate_platform_key
+
+    def progress(step, detail):
+        if not as_json and detail:
+            click.echo(f"  re-wrapping {detail}", err=True)
+
+    r = rotate_platform_key(c.state, on_step=progress)
+    emit(r, as_json, f"platform key now platform/{r['version']}: re-wrapped {len(r['rewrapped'])} disk(s), "
+                     f"retired {len(r['retired'])} old version(s)")
+
+
+@cli.group()
+def catalog():
+    """The catalog of disks."""
+
+
+@catalog.command("rebuild")
+@json_opt
+@pass_ctx
+def catalog_rebuild(c: Ctx, as_json):
+    """Rebuild the catalog from the disk headers."""
+    from .disks import rebuild_catalog
+    r = rebuild_catalog(c.state)
+    emit(r, as_json, f"catalog rebuilt: {len(r['disks'])} disk(s)"
+                     + (f", {len(r['unreadable'])} unreadable" if r["unreadable"] else ""))
+
+
+# --- optional command sets (other modules) ----------------------------------------------
+
+def _attach(module: str, *names: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        return
+    mod = importlib.import_module(module)
+    for n in names:
+        cmd = getattr(mod, n, None)
+        if cmd is not None:
+            cli.add_command(cmd)
+
+
+_attach("blockcrypt.mountcli", "mount_cmd", "umount_cmd", "status_cmd")
+_attach("blockcrypt.vault.cli", "vault")
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="blockcrypt", standalone_mode=False)
+        return 0
+    except BlockcryptError as e:
+        click.echo(f"blockcrypt: error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("blockcrypt: aborted", err=True)
+        return 130
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        click.echo(f"blockcrypt: error: {e.format_message()}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("blockcrypt: interrupted", err=True)
+        return 130
+    except OSError as e:
+        click.echo(f"blockcrypt: error: {e.strerror or e}{(': ' + e.filename) if e.filename else ''}", err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

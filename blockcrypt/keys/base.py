@@ -1,0 +1,68 @@
+"""The key-encryption-key (KEK) provider interface.
+
+Every KEK source (the platform key store, a key vault, a PKCS#11 token, an
+external KMS) implements :class:`KekProvider` and declares itself with
+``NAME`` in the registry (registry.py). The data plane only ever calls::
+
+    status(kek_ref)                        -> KeyStatus
+    wrap(kek_ref, dek, context)            -> WrappedKey
+    unwrap(wrapped, context)               -> bytes (the DEK)
+    rewrap(wrapped, context, to_ref)       -> WrappedKey
+
+``kek_ref`` names a key, optionally unversioned ("latest"); a ``WrappedKey``
+always records the *versioned* KEK id it was wrapped under. ``context`` is the
+binding (disk id + layer role): providers with AEAD use it as associated data,
+others carry a digest of it inside the wrapped plaintext and check it on unwrap.
+
+Failures are typed (blockcrypt.errors): KeyUnavailable (transient: retry and
+keep serving from a cached DEK), KeyAccessDenied, KeyDisabled, KeyExpired,
+KeyDeleted, KeyPurged, KeyIntegrityError (never retried).
+
+Caveat: providers never log key bytes; DEKs are returned as ``bytes`` and the
+caller is responsible for dropping them once the sector cipher holds the key.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    provider: str
+    kek_id: str       # versioned: e.g. "platform/3" or "https://vault:8443/keys/k/abc123"
+    algorithm: str    # wrap algorithm: "A256GCM", "RSA-OAEP-256", ...
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    kek_id: str
+    usable: bool
+    reason: str = "Enabled"     # or the reason string of the matching KeyError_ class
+    detail: str = ""
+
+
+class KekProvider(abc.ABC):
+    NAME: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def default_ref(self) -> str:
+        """The KEK reference new DEKs are wrapped under when the caller names none."""
+
+    @abc.abstractmethod
+    def status(self, kek_ref: str) -> KeyStatus: ...
+
+    @abc.abstractmethod
+    def wrap(self, kek_ref: str, dek: bytes, context: bytes) -> WrappedKey: ...
+
+    @abc.abstractmethod
+    def unwrap(self, wrapped: WrappedKey, context: bytes) -> bytes: ...
+
+    def rewrap(self, wrapped: WrappedKey, context: bytes, to_ref: str) -> WrappedKey:
+        dek = self.unwrap(wrapped, context)
+        try:
+            return self.wrap(to_ref, dek, context)
+        finally:
+            del dek

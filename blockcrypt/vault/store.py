@@ -1,0 +1,295 @@
+"""The vault's directory and its SQLite store.
+
+Layout of a vault directory ``D`` (made by :func:`init_vault`)::
+
+    D/vault.db        SQLite, WAL journal, synchronous=FULL: config, keys, identities,
+                      policies, audit
+    D/master.key      32 random bytes, mode 0600: encrypts private keys at rest
+                      (AES-256-GCM, AAD = key name and version) and derives the
+                      token-signing key and the TLS key passwords (HKDF-SHA256)
+    D/ca.pem          the vault's CA certificate (give it to clients to trust)
+    D/ca.key          the CA private key, PEM encrypted under a master-key-derived password
+    D/server.pem      server certificate (SAN 127.0.0.1, ::1, localhost, extra --san)
+    D/server.key      server private key, PEM encrypted the same way
+    D/admin.json      the admin identity made at init (client id, secret, tenant), mode 0600
+    D/serve.json      written by ``vault serve``: its URL and pid (removed on clean exit)
+
+All writes go through :meth:`Store.tx`, one ``BEGIN IMMEDIATE`` transaction at a
+time behind a process-local lock; SQLite's WAL makes every committed
+transaction survive a kill -9 of the process, and an uncommitted one vanish.
+
+Caveats: whoever can read ``master.key`` and ``vault.db`` holds every software
+key; keep the directory on an encrypted, root-only file system. The master key
+is not rotatable yet.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..errors import AlreadyExists, StateError, UsageError
+
+DB_NAME = "vault.db"
+MASTER_KEY_NAME = "master.key"
+MASTER_KEY_BYTES = 32
+SCHEMA_VERSION = 1
+SKUS = ("standard", "premium")
+RETENTION_DAYS_MIN = 7
+RETENTION_DAYS_MAX = 90
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS key_versions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    kty TEXT NOT NULL,
+    key_size_bits INTEGER NOT NULL,
+    key_ops TEXT NOT NULL,
+    n TEXT NOT NULL,
+    e TEXT NOT NULL,
+    private_sealed BLOB,
+    hsm_label TEXT,
+    enabled INTEGER NOT NULL,
+    nbf INTEGER,
+    exp INTEGER,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    tags TEXT NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE INDEX IF NOT EXISTS key_versions_name ON key_versions (name, seq);
+CREATE TABLE IF NOT EXISTS deleted_keys (
+    name TEXT PRIMARY KEY,
+    deleted_date INTEGER NOT NULL,
+    scheduled_purge_date INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS identities (
+    client_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    secret_salt BLOB NOT NULL,
+    secret_hash BLOB NOT NULL,
+    is_admin INTEGER NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policies (
+    client_id TEXT PRIMARY KEY,
+    permissions TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    record TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    vault_id: str
+    tenant_id: str
+    sku: str
+    retention_days: int
+    purge_protection: bool
+
+    @property
+    def recovery_level(self) -> str:
+        base = "Recoverable" if self.retention_days == RETENTION_DAYS_MAX else "CustomizedRecoverable"
+        return base if self.purge_protection else base + "+Purgeable"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    _write_private(Path(path), data)
+
+
+class Store:
+    """An open vault directory: config, master-key derived secrets, SQLite."""
+
+    def __init__(self, vault_dir: str | os.PathLike):
+        self.dir = Path(vault_dir)
+        db_path = self.dir / DB_NAME
+        if not db_path.exists():
+            raise StateError(path=str(self.dir), why="not a vault directory (run `vault init --dir` first)")
+        mk_path = self.dir / MASTER_KEY_NAME
+        try:
+            master = mk_path.read_bytes()
+        except OSError as e:
+            raise StateError(path=str(self.dir), why=f"cannot read {MASTER_KEY_NAME}: {e.strerror}") from None
+        if len(master) != MASTER_KEY_BYTES:
+            raise StateError(path=str(self.dir), why=f"{MASTER_KEY_NAME} has the wrong length")
+        self._seal_key = _derive(master, b"blockcrypt-vault key sealing v1")
+        self.token_key = _derive(master, b"blockcrypt-vault token signing v1")
+        self.tls_password = _derive(master, b"blockcrypt-vault tls key password v1").hex().encode()
+        del master
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(db_path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._in_tx = False
+        self.config = self._load_config()
+
+    # -- config -----------------------------------------------------------------
+    def _load_config(self) -> VaultConfig:
+        rows = {r["k"]: r["v"] for r in self._conn.execute("SELECT k, v FROM meta")}
+        try:
+            return VaultConfig(
+                vault_id=rows["vault_id"],
+                tenant_id=rows["tenant_id"],
+                sku=rows["sku"],
+                retention_days=int(rows["retention_days"]),
+                purge_protection=rows["purge_protection"] == "1",
+            )
+        except KeyError as e:
+            raise StateError(path=str(self.dir), why=f"vault.db lacks its configuration ({e.args[0]})") from None
+
+    # -- transactions -------------------------------------------------------------
+    @contextlib.contextmanager
+    def tx(self):
+        """One write transaction (re-entrant: nested uses join the outer one)."""
+        with self._lock:
+            if self._in_tx:
+                yield self._conn
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._in_tx = True
+            try:
+                yield self._conn
+            except BaseException:
+                self._in_tx = False
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._in_tx = False
+                self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def read(self):
+        with self._lock:
+            yield self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- private key sealing --------------------------------------------------------
+    def seal(self, name: str, version: str, secret: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + AESGCM(self._seal_key).encrypt(nonce, secret, _aad(name, version))
+
+    def unseal(self, name: str, version: str, sealed: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag
+        try:
+            return AESGCM(self._seal_key).decrypt(sealed[:12], sealed[12:], _aad(name, version))
+        except (InvalidTag, ValueError):
+            raise StateError(path=str(self.dir), why=f"sealed key {name}/{version} fails its integrity check") from None
+
+
+def _aad(name: str, version: str) -> bytes:
+    return f"blockcrypt-vault:key:{name}:{version}".encode()
+
+
+def _derive(master: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master)
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def init_vault(vault_dir: str | os.PathLike, *, sku: str = "standard", retention_days: int = 90,
+               purge_protection: bool = False, sans: tuple[str, ...] = (),
+               cert_file: str | None = None, key_file: str | None = None) -> dict:
+    """Create a vault in ``vault_dir``: store, master key, TLS material, admin identity.
+
+    Returns the admin credentials (also written to ``admin.json``, mode 0600).
+    """
+    from . import identities, tlsgen
+
+    if sku not in SKUS:
+        raise UsageError(f"unknown sku {sku!r} (use standard or premium)")
+    if not RETENTION_DAYS_MIN <= int(retention_days) <= RETENTION_DAYS_MAX:
+        raise UsageError(f"retention days must be {RETENTION_DAYS_MIN}..{RETENTION_DAYS_MAX}, not {retention_days}")
+    if (cert_file is None) != (key_file is None):
+        raise UsageError("give both --cert and --key, or neither")
+    d = Path(vault_dir)
+    if (d / DB_NAME).exists():
+        raise AlreadyExists(kind="vault", name=str(d))
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    _write_private(d / MASTER_KEY_NAME, os.urandom(MASTER_KEY_BYTES))
+    tmp_db = d / (DB_NAME + ".init")
+    with contextlib.suppress(FileNotFoundError):
+        tmp_db.unlink()
+    conn = sqlite3.connect(str(tmp_db), isolation_level=None)
+    conn.executescript(_SCHEMA)
+    conn.execute("BEGIN")
+    meta = {
+        "schema_version": str(SCHEMA_VERSION),
+        "vault_id": uuid.uuid4().hex,
+        "tenant_id": str(uuid.uuid4()),
+        "sku": sku,
+        "retention_days": str(int(retention_days)),
+        "purge_protection": "1" if purge_protection else "0",
+        "created": str(now_s()),
+    }
+    conn.executemany("INSERT INTO meta (k, v) VALUES (?, ?)", meta.items())
+    conn.execute("COMMIT")
+    conn.close()
+    os.chmod(tmp_db, 0o600)
+    os.replace(tmp_db, d / DB_NAME)
+
+    store = Store(d)
+    try:
+        if cert_file:
+            tlsgen.adopt_server_cert(d, store.tls_password, cert_file, key_file)
+        else:
+            tlsgen.make_ca_and_server(d, store.tls_password, sans)
+        admin = identities.create_identity(store, "admin", is_admin=True)
+        creds = {"client_id": admin["client_id"], "client_secret": admin["client_secret"],
+                 "tenant_id": store.config.tenant_id}
+        _write_private(d / "admin.json", json.dumps(creds, indent=2).encode())
+        from . import audit
+        with store.tx() as c:
+            audit.append(c, {"identity": "local", "operation": "VaultInit", "result": "ok",
+                             "detail": f"sku={sku} retention_days={retention_days} "
+                                       f"purge_protection={bool(purge_protection)}"})
+    finally:
+        store.close()
+    return creds
+
+
+def open_store(vault_dir: str | os.PathLike) -> Store:
+    return Store(vault_dir)
+
+
+def load_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise StateError(path=str(Path(path).parent), why=f"cannot read {Path(path).name}: {e}") from None
