@@ -137,7 +137,8 @@ static int XtsContext_init(XtsContext *self, PyObject *args, PyObject *kwds)
     if (self->initialised) {
         /* re-keying a context another thread may be using is never what the caller wants */
         PyErr_SetString(PyExc_ValueError, "XtsContext is already initialised; make a new one");
-        goto out;
+        PyBuffer_Release(&key);
+        return -1; /* leave the working context alone */
     }
     if (check_key(&key) != 0)
         goto out;
