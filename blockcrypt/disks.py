@@ -257,4 +257,4 @@ def rebuild_catalog(st) -> dict:
     if dupes:
         raise Refused(f"two disk files claim the name(s) {sorted(dupes)}; move one out of {st.disks_dir}")
     st.catalog.replace_all(recs)
-    return {"disks": [r.name for r in recs], "unreadable": bad}
+    return {"disks": sorted(r.name for r in recs), "unreadable": bad}
