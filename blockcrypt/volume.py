@@ -47,6 +47,24 @@ class RangeLock:
                 cv.notify_all()
 
 
+class _KeyGone:
+    """Stands in for the sector cipher while a disk's key is revoked: every I/O raises the reason."""
+
+    algorithm = "none"
+
+    def __init__(self, err, sector_size):
+        self.err = err
+        self.sector_size = sector_size
+
+    def encrypt(self, data, sector_no):
+        raise self.err
+
+    decrypt = encrypt
+
+    def wipe(self):
+        pass
+
+
 class Volume:
     def __init__(self, rec, backing, header, cipher):
         self.name = rec.name
@@ -94,6 +112,28 @@ class Volume:
     @property
     def size(self) -> int:
         return self._size
+
+    # -- key availability (revocation) ------------------------------------------------
+    @property
+    def key_error(self):
+        """The KeyError_ that stopped this disk, or None while its key is available."""
+        c = self._cipher
+        return c.err if isinstance(c, _KeyGone) else None
+
+    def revoke(self, err) -> None:
+        """Stop serving I/O: wipe the DEK from memory; every request now raises ``err``."""
+        old, self._cipher = self._cipher, _KeyGone(err, self.sector_size)
+        old.wipe()
+
+    def restore(self, st) -> None:
+        """Unwrap the DEK again (the key is back) and serve I/O again."""
+        header = read_header(self._backing.fd, self.name)
+        dek = unwrap_layer(st, header, ROLE_DATA)
+        try:
+            cipher = open_sector_cipher(header.layer(ROLE_DATA).data_alg, dek, header.sector_size)
+        finally:
+            del dek
+        self._cipher = cipher
 
     def refresh(self) -> None:
         """Re-read the header (after `disk resize` elsewhere)."""

@@ -161,3 +161,19 @@ def test_wiped_after_close(state):
     v.close()
     with pytest.raises(ValueError):
         v._cipher.encrypt(bytes(4096), 0)
+
+
+def test_revoke_stops_io_and_restore_resumes(state):
+    from blockcrypt.errors import KeyDisabled
+    disks.create(state, "d", 1 << 20)
+    with Volume.open(state, "d") as v:
+        v.write(0, b"before")
+        v.revoke(KeyDisabled(key_id="platform/1"))
+        assert isinstance(v.key_error, KeyDisabled)
+        with pytest.raises(KeyDisabled):
+            v.read(0, 6)
+        with pytest.raises(KeyDisabled):
+            v.write(0, b"x" * 4096)
+        v.restore(state)
+        assert v.key_error is None
+        assert v.read(0, 6) == b"before"
