@@ -1,0 +1,273 @@
+"""A small REST client for the vault (and for any Azure Key Vault that accepts
+the same bearer tokens): client-credentials token fetch and caching, get key,
+wrap/unwrap, and the admin operations the ``vault key`` CLI needs.
+
+Data-plane calls (:meth:`VaultClient.get_key`, :meth:`wrap`, :meth:`unwrap`)
+raise the shared key errors of :mod:`blockcrypt.errors` so that a KEK
+provider can act on them directly:
+
+==========================================  ===========================
+vault answer                                raised
+==========================================  ===========================
+no connection, timeout, 5xx, garbage        KeyUnavailable (transient)
+401 after a fresh token, 403 AccessDenied   KeyAccessDenied
+403 KeyDisabled                             KeyDisabled
+403 KeyExpired / KeyNotYetValid             KeyExpired
+404 and the key is in deletedkeys           KeyDeleted (recoverable_until)
+404 otherwise                               KeyPurged (or never existed)
+400 on unwrap                               KeyIntegrityError
+==========================================  ===========================
+
+Admin calls raise :class:`VaultRequestError` with the vault's own one-line
+message.
+
+Caveats: one HTTPS connection per request (simple and robust; a TLS
+handshake costs about a millisecond on loopback); tokens are cached per client
+object until 60 s before they expire; the caller context header
+``x-blockcrypt-disk-id`` is sent when a ``disk_id`` is given.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import ssl
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+from ..errors import (BlockcryptError, KeyAccessDenied, KeyDeleted, KeyDisabled, KeyExpired, KeyIntegrityError,
+                      KeyPurged, KeyUnavailable, StateError)
+
+DEFAULT_API_VERSION = "7.5"
+DEFAULT_TIMEOUT_SECONDS = 15.0
+TOKEN_REFRESH_MARGIN_SECONDS = 60
+
+
+class VaultRequestError(BlockcryptError):
+    """vault: {msg}"""
+
+    exit_code = 40
+
+    def __init__(self, msg: str, *, status: int = 0, code: str = "", inner: str | None = None):
+        super().__init__(msg)
+        self.status, self.code, self.inner = status, code, inner
+
+
+def _b64u(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def _unb64u(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+class VaultClient:
+    def __init__(self, url: str, *, tenant_id: str, client_id: str, client_secret: str,
+                 ca_file: str | None = None, api_version: str = DEFAULT_API_VERSION,
+                 timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, authority: str | None = None):
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"vault URL must be https://HOST[:PORT], not {url!r}")
+        self.url = f"https://{parts.netloc}"
+        self.tenant_id = tenant_id
+        self.client_id = client_id
+        self._secret = client_secret
+        self.api_version = api_version
+        self.timeout_seconds = timeout_seconds
+        self.authority = (authority or self.url).rstrip("/")
+        self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+        self._token: str | None = None
+        self._token_exp = 0.0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_admin(cls, vault_dir: str | os.PathLike, url: str | None = None, **kw) -> "VaultClient":
+        """The admin identity of a local vault directory (admin.json, serve.json, ca.pem)."""
+        d = Path(vault_dir)
+        try:
+            creds = json.loads((d / "admin.json").read_text())
+        except (OSError, ValueError) as e:
+            raise StateError(path=str(d), why=f"cannot read admin.json ({e.__class__.__name__}); is it a vault?")
+        if url is None:
+            try:
+                url = json.loads((d / "serve.json").read_text())["url"]
+            except (OSError, ValueError, KeyError):
+                raise StateError(path=str(d), why="the vault is not serving (no serve.json); start `vault serve` "
+                                                  "or pass --url") from None
+        return cls(url, tenant_id=creds["tenant_id"], client_id=creds["client_id"],
+                   client_secret=creds["client_secret"], ca_file=str(d / "ca.pem"), **kw)
+
+    # -- transport ------------------------------------------------------------------------
+    def _raw(self, method: str, url: str, body: bytes | None, headers: dict) -> tuple[int, dict, bytes]:
+        parts = urlsplit(url)
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=self._ssl,
+                                           timeout=self.timeout_seconds)
+        try:
+            path = parts.path + ("?" + parts.query if parts.query else "")
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+        except (OSError, http.client.HTTPException) as e:
+            raise KeyUnavailable(key_id=self.url, msg=f"{type(e).__name__}: {e}") from None
+        finally:
+            conn.close()
+
+    def token(self, *, force: bool = False) -> str:
+        with self._lock:
+            if not force and self._token and time.time() < self._token_exp - TOKEN_REFRESH_MARGIN_SECONDS:
+                return self._token
+            form = urlencode({"grant_type": "client_credentials", "client_id": self.client_id,
+                              "client_secret": self._secret, "scope": f"{self.url}/.default"}).encode()
+            status, _, data = self._raw("POST", f"{self.authority}/{self.tenant_id}/oauth2/v2.0/token", form,
+                                        {"Content-Type": "application/x-www-form-urlencoded"})
+            try:
+                doc = json.loads(data)
+            except ValueError:
+                raise KeyUnavailable(key_id=self.url, msg=f"token endpoint answered {status} without JSON") from None
+            if status != 200:
+                desc = doc.get("error_description") or doc.get("error") or f"HTTP {status}"
+                if status >= 500:
+                    raise KeyUnavailable(key_id=self.url, msg=f"token endpoint: {desc}")
+                raise KeyAccessDenied(key_id=self.url, msg=f"token request refused: {desc}")
+            self._token = doc["access_token"]
+            self._token_exp = time.time() + int(doc.get("expires_in", 300))
+            return self._token
+
+    def request(self, method: str, path: str, body: dict | None = None, *, disk_id: str | None = None) -> tuple[int, dict]:
+        """Send one API request with a bearer token (refreshed once on 401). Returns (status, JSON)."""
+        sep = "&" if "?" in path else "?"
+        url = f"{self.url}{path}{sep}api-version={self.api_version}"
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in (0, 1):
+            headers = {"Authorization": f"Bearer {self.token(force=attempt == 1)}",
+                       "Accept": "application/json", "x-ms-client-request-id": str(uuid.uuid4())}
+            if data is not None:
+                headers["Content-Type"] = "application/json"
+            if disk_id:
+                headers["x-blockcrypt-disk-id"] = disk_id
+            status, _, raw = self._raw(method, url, data, headers)
+            if status != 401:
+                break
+        if status == 204 or (not raw and status < 300):
+            return status, {}
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict):
+                raise ValueError
+        except ValueError:
+            raise KeyUnavailable(key_id=self.url, msg=f"{method} {path}: HTTP {status} with a non-JSON body") from None
+        return status, doc
+
+    def call(self, method: str, path: str, body: dict | None = None, **kw) -> dict:
+        status, doc = self.request(method, path, body, **kw)
+        if status >= 500:
+            raise KeyUnavailable(key_id=self.url, msg=f"{method} {path}: HTTP {status}")
+        if status >= 300:
+            err = doc.get("error") if isinstance(doc.get("error"), dict) else {}
+            inner = (err.get("innererror") or {}).get("code") if isinstance(err.get("innererror"), dict) else None
+            raise VaultRequestError(f"{err.get('message') or 'HTTP ' + str(status)} ({err.get('code', status)}"
+                                    + (f"/{inner}" if inner else "") + ")",
+                                    status=status, code=str(err.get("code", "")), inner=inner)
+        return doc
+
+    # -- data plane (KEK provider) ----------------------------------------------------------
+    def _key_error(self, e: VaultRequestError, name: str, version: str | None):
+        key_id = f"{self.url}/keys/{name}" + (f"/{version}" if version else "")
+        if e.status == 401 or e.inner == "AccessDenied":
+            return KeyAccessDenied(key_id=key_id, msg=str(e))
+        if e.inner == "KeyDisabled":
+            return KeyDisabled(key_id=key_id)
+        if e.inner in ("KeyExpired", "KeyNotYetValid"):
+            return KeyExpired(key_id=key_id)
+        if e.status == 404:
+            try:
+                d = self.call("GET", f"/deletedkeys/{name}")
+                until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(d.get("scheduledPurgeDate", 0))))
+                return KeyDeleted(key_id=key_id, recoverable_until=until)
+            except VaultRequestError as e2:
+                if e2.status == 403:
+                    return KeyAccessDenied(key_id=key_id, msg="key not found, and deleted keys are not visible")
+                return KeyPurged(key_id=key_id)
+        if e.status == 403:
+            return KeyAccessDenied(key_id=key_id, msg=str(e))
+        return None
+
+    def get_key(self, name: str, version: str | None = None, *, disk_id: str | None = None) -> dict:
+        try:
+            return self.call("GET", f"/keys/{name}/{version or ''}", disk_id=disk_id)
+        except VaultRequestError as e:
+            raise (self._key_error(e, name, version) or e) from None
+
+    def wrap(self, name: str, version: str | None, plaintext: bytes, *, alg: str = "RSA-OAEP-256",
+             disk_id: str | None = None) -> tuple[str, bytes]:
+        """Returns (kid with version, wrapped bytes)."""
+        try:
+            doc = self.call("POST", f"/keys/{name}/{version or ''}/wrapkey", {"alg": alg, "value": _b64u(plaintext)},
+                            disk_id=disk_id)
+        except VaultRequestError as e:
+            raise (self._key_error(e, name, version) or e) from None
+        return doc["kid"], _unb64u(doc["value"])
+
+    def unwrap(self, name: str, version: str | None, wrapped: bytes, *, alg: str = "RSA-OAEP-256",
+               disk_id: str | None = None) -> bytes:
+        try:
+            doc = self.call("POST", f"/keys/{name}/{version or ''}/unwrapkey", {"alg": alg, "value": _b64u(wrapped)},
+                            disk_id=disk_id)
+        except VaultRequestError as e:
+            err = self._key_error(e, name, version)
+            if err is None and e.status == 400:
+                err = KeyIntegrityError(key_id=f"{self.url}/keys/{name}/{version or ''}", msg=str(e))
+            raise (err or e) from None
+        return _unb64u(doc["value"])
+
+    # -- admin -------------------------------------------------------------------------------
+    def create_key(self, name: str, *, kty: str = "RSA", key_size: int = 2048, key_ops=None, tags=None,
+                   enabled: bool = True, nbf: int | None = None, exp: int | None = None) -> dict:
+        body = {"kty": kty, "key_size": key_size, "attributes": {"enabled": enabled}}
+        if key_ops:
+            body["key_ops"] = list(key_ops)
+        if tags:
+            body["tags"] = dict(tags)
+        if nbf is not None:
+            body["attributes"]["nbf"] = nbf
+        if exp is not None:
+            body["attributes"]["exp"] = exp
+        return self.call("POST", f"/keys/{name}/create", body)
+
+    def list_keys(self) -> list[dict]:
+        return self.call("GET", "/keys")["value"]
+
+    def list_versions(self, name: str) -> list[dict]:
+        return self.call("GET", f"/keys/{name}/versions")["value"]
+
+    def update_key(self, name: str, version: str | None = None, **attrs) -> dict:
+        body: dict = {}
+        for k in ("enabled", "nbf", "exp"):
+            if k in attrs:
+                body.setdefault("attributes", {})[k] = attrs[k]
+        if "tags" in attrs:
+            body["tags"] = attrs["tags"]
+        return self.call("PATCH", f"/keys/{name}/{version or ''}", body)
+
+    def rotate_key(self, name: str) -> dict:
+        return self.call("POST", f"/keys/{name}/rotate")
+
+    def delete_key(self, name: str) -> dict:
+        return self.call("DELETE", f"/keys/{name}")
+
+    def get_deleted(self, name: str) -> dict:
+        return self.call("GET", f"/deletedkeys/{name}")
+
+    def list_deleted(self) -> list[dict]:
+        return self.call("GET", "/deletedkeys")["value"]
+
+    def recover_key(self, name: str) -> dict:
+        return self.call("POST", f"/deletedkeys/{name}/recover")
+
+    def purge_key(self, name: str) -> None:
+        self.call("DELETE", f"/deletedkeys/{name}")
