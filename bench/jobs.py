@@ -1,0 +1,146 @@
+"""The fio job matrix and one measured fio run (with the daemon's CPU time).
+
+Every job uses ioengine=psync, direct=1 (O_DIRECT, as QEMU opens a disk with
+cache=none), one file of the run's size, and group_reporting, so the JSON has one
+aggregate per job. Sequential jobs make one pass over the whole file (the read
+pass starts from a cold cache); random jobs are time based.
+
+The 512-byte job writes at offsets 512 + k * 4096: every request is 512-byte
+aligned and none is 4 KiB aligned, so a 4 KiB-sector disk must read-modify-write
+each one (fio: offset=512, blockalign=4k, bs=512, size = file size - 4 KiB).
+
+Caveats: psync means queue depth 1 per fio job, so parallelism comes only from
+numjobs; the page cache of the *backing* file still serves the FUSE daemons
+after the first touch within a job (caches are dropped only between jobs).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .util import BenchError, cpu_seconds, drop_caches, host_cpu_ticks, run
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str               # key for --jobs
+    label: str              # what tables and plots show
+    family: str             # "throughput" (MiB/s) or "iops"
+    direction: str          # "read", "write" or "both": which side is the metric
+    fio: dict = field(default_factory=dict)
+    time_based: bool = True
+    size_trim_bytes: int = 0  # fio size = file size - this (room for offset=)
+
+    @property
+    def unit(self) -> str:
+        return "MiB/s" if self.family == "throughput" else "IOPS"
+
+
+JOBS: list[Job] = [
+    Job("seq_write", "seq write 1 MiB", "throughput", "write",
+        {"rw": "write", "bs": "1M", "end_fsync": "1"}, time_based=False),
+    Job("seq_read", "seq read 1 MiB (cold)", "throughput", "read",
+        {"rw": "read", "bs": "1M"}, time_based=False),
+    Job("rand_read", "rand read 4 KiB", "iops", "read",
+        {"rw": "randread", "bs": "4k", "numjobs": "1"}),
+    Job("rand_read_2j", "rand read 4 KiB x2 jobs", "iops", "read",
+        {"rw": "randread", "bs": "4k", "numjobs": "2"}),
+    Job("rand_write", "rand write 4 KiB fsync/32", "iops", "write",
+        {"rw": "randwrite", "bs": "4k", "fsync": "32"}),
+    Job("unaligned_512", "rand write 512 B unaligned", "iops", "write",
+        {"rw": "randwrite", "bs": "512", "blockalign": "4k", "offset": "512"},
+        size_trim_bytes=4096),
+    Job("mixed_16k", "randrw 70/30 16 KiB x2 jobs", "iops", "both",
+        {"rw": "randrw", "rwmixread": "70", "bs": "16k", "numjobs": "2"}),
+]
+
+
+def by_name() -> dict[str, Job]:
+    return {j.name: j for j in JOBS}
+
+
+def fio_command(job: Job, target: Path, size_bytes: int, runtime_s: float, ramp_s: float,
+                output: Path) -> list[str]:
+    opts = {
+        "name": job.name, "filename": str(target), "size": str(size_bytes - job.size_trim_bytes),
+        "ioengine": "psync", "direct": "1", "group_reporting": "1", "thread": "1",
+        **job.fio,
+    }
+    if job.time_based:
+        opts.update({"time_based": "1", "runtime": f"{runtime_s:g}s", "norandommap": "1"})
+        if ramp_s > 0:
+            opts["ramp_time"] = f"{ramp_s:g}s"
+    return ["fio", "--output-format=json", f"--output={output}"] + [f"--{k}={v}" for k, v in opts.items()]
+
+
+def _side(d: dict) -> dict:
+    pct = (d.get("clat_ns") or {}).get("percentile") or {}
+    return {
+        "io_bytes": int(d.get("io_bytes", 0)),
+        "bw_bytes": float(d.get("bw_bytes", 0)),
+        "iops": float(d.get("iops", 0.0)),
+        "clat_p50_us": pct.get("50.000000", 0) / 1000,
+        "clat_p99_us": pct.get("99.000000", 0) / 1000,
+    }
+
+
+def parse_fio(text: str, job: Job) -> dict:
+    """Metric and details from fio's JSON output (one group-reported job)."""
+    start = text.find("{")
+    if start < 0:
+        raise BenchError(f"fio {job.name}: no JSON in its output")
+    try:
+        data = json.loads(text[start:])
+        j = data["jobs"][0]
+    except (ValueError, KeyError, IndexError) as e:
+        raise BenchError(f"fio {job.name}: unreadable JSON output ({e})") from None
+    if j.get("error"):
+        raise BenchError(f"fio {job.name}: error {j['error']} reported by fio")
+    read, write = _side(j.get("read", {})), _side(j.get("write", {}))
+    if job.family == "throughput":
+        side = read if job.direction == "read" else write
+        value = side["bw_bytes"] / MiB
+    else:
+        value = {"read": read["iops"], "write": write["iops"],
+                 "both": read["iops"] + write["iops"]}[job.direction]
+    return {"value": value, "read": read, "write": write,
+            "io_bytes": read["io_bytes"] + write["io_bytes"],
+            "fio_usr_cpu_pct": j.get("usr_cpu"), "fio_sys_cpu_pct": j.get("sys_cpu"),
+            "fio_version": data.get("fio version")}
+
+
+def run_fio(job: Job, target: Path, size_bytes: int, runtime_s: float, ramp_s: float,
+            daemon_pid: int | None, *, cold: bool = True) -> dict:
+    """Drop caches, run one fio job, return its metric plus the daemon's CPU time."""
+    if cold:
+        drop_caches()
+    with tempfile.NamedTemporaryFile(prefix="fio-", suffix=".json") as out:
+        cmd = fio_command(job, target, size_bytes, runtime_s, ramp_s, Path(out.name))
+        timeout_s = 600 + 4 * (runtime_s + ramp_s)
+        cpu0, host0, t0 = cpu_seconds(daemon_pid), host_cpu_ticks(), time.monotonic()
+        run(cmd, timeout_s=timeout_s)
+        elapsed_s = time.monotonic() - t0
+        cpu1, host1 = cpu_seconds(daemon_pid), host_cpu_ticks()
+        result = parse_fio(Path(out.name).read_text(errors="replace"), job)
+    daemon_cpu_s = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    result["elapsed_s"] = elapsed_s
+    result["daemon_cpu_s"] = daemon_cpu_s
+    gib = result["io_bytes"] / GiB
+    # ramp_time I/O is not in io_bytes but its CPU is in daemon_cpu_s: a slight overestimate.
+    result["cpu_s_per_gib"] = (daemon_cpu_s / gib) if daemon_cpu_s is not None and gib > 0 else None
+    busy, total = host1[0] - host0[0], host1[1] - host0[1]
+    result["host_cpu_busy_pct"] = 100.0 * busy / total if total else None
+    return result
+
+
+def prefill(target: Path, size_bytes: int) -> float:
+    """Write the whole file once (not measured), so every measured job overwrites; MiB/s."""
+    job = Job("prefill", "prefill", "throughput", "write",
+              {"rw": "write", "bs": "1M", "end_fsync": "1"}, time_based=False)
+    return run_fio(job, target, size_bytes, 0, 0, None, cold=False)["value"]

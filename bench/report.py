@@ -1,0 +1,369 @@
+"""Turn a run (raw.json) into medians, ratios, RESULTS.md and PNG plots; collect the environment.
+
+Targets checked (docs/BENCHMARKS.md): every encrypted blockcrypt system at
+>= 0.9x the null cipher and >= 1.0x each peer on every job.
+
+Caveats: ratios are of medians, not medians of ratios; with one repetition
+(quick mode) a ratio can move by the run-to-run noise of either side. Plots need
+matplotlib; without it RESULTS.md is still written and says so.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from .util import first_line, mount_points
+
+TARGET_VS_NULL = 0.9
+TARGET_VS_PEER = 1.0
+PLOT_DPI = 80
+
+
+# ---------------------------------------------------------------- environment
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return 0.0
+
+
+def _os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return "unknown"
+
+
+def openssl_speed(seconds: int) -> dict:
+    """`openssl speed -evp aes-256-xts -bytes 4096` on one core, in MB/s (10^6) and MiB/s."""
+    cmd = ["openssl", "speed", "-evp", "aes-256-xts", "-bytes", "4096", "-seconds", str(seconds)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=seconds * 4 + 30)
+        out = proc.stdout.decode(errors="replace")
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    m = re.search(r"^AES-256-XTS\s+([\d.]+)k\s*$", out, re.MULTILINE | re.IGNORECASE)
+    if not m:
+        return {"command": " ".join(cmd), "mb_per_s": None, "mib_per_s": None}
+    bytes_per_s = float(m.group(1)) * 1000
+    return {"command": " ".join(cmd), "mb_per_s": bytes_per_s / 1e6, "mib_per_s": bytes_per_s / (1 << 20)}
+
+
+def _pkg_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:  # noqa: BLE001 - informational
+        return "not installed"
+
+
+def _git(repo: Path) -> dict:
+    def g(*args):
+        try:
+            p = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=10)
+            return p.stdout.decode().strip() if p.returncode == 0 else ""
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return {"commit": g("rev-parse", "--short=10", "HEAD") or "unknown",
+            "dirty": bool(g("status", "--porcelain", "--untracked-files=no"))}
+
+
+def _fs_of(path: Path) -> str:
+    mps = mount_points()
+    p = Path(path).absolute()
+    for cand in [p, *p.parents]:
+        if str(cand) in mps:
+            return f"{mps[str(cand)]} ({cand})"
+    return "unknown"
+
+
+def environment(workdir: Path, repo: Path, openssl_seconds: int) -> dict:
+    return {
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(_mem_gib(), 1),
+        "kernel": platform.release(),
+        "os": _os_name(),
+        "python": sys.version.split()[0],
+        "fio": first_line(["fio", "--version"]),
+        "gocryptfs": first_line(["gocryptfs", "-version"]),
+        "qemu_storage_daemon": first_line(["qemu-storage-daemon", "--version"]),
+        "openssl": first_line(["openssl", "version"]),
+        "openssl_speed_aes_256_xts_4096": openssl_speed(openssl_seconds),
+        "fusepy": _pkg_version("fusepy"),
+        "libfuse2": first_line(["dpkg-query", "-W", "-f", "${Version}", "libfuse2"]),
+        "backing_fs": _fs_of(workdir),
+        "git": _git(repo),
+    }
+
+
+# ------------------------------------------------------------------- numbers
+def summarize(raw: dict) -> dict:
+    """{system: {job: {median, min, max, n, cpu_s_per_gib}}} from raw['runs']."""
+    out: dict = {}
+    for r in raw["runs"]:
+        cell = out.setdefault(r["system"], {}).setdefault(r["job"], {"values": [], "cpu": []})
+        cell["values"].append(r["value"])
+        if r.get("cpu_s_per_gib") is not None:
+            cell["cpu"].append(r["cpu_s_per_gib"])
+    for jobs in out.values():
+        for name, cell in list(jobs.items()):
+            v, c = cell["values"], cell["cpu"]
+            jobs[name] = {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v),
+                          "cpu_s_per_gib": statistics.median(c) if c else None}
+    return out
+
+
+def _ratio(summary: dict, a: str, b: str, job: str) -> float | None:
+    try:
+        num, den = summary[a][job]["median"], summary[b][job]["median"]
+    except KeyError:
+        return None
+    return num / den if den else None
+
+
+def comparisons(raw: dict) -> list[dict]:
+    """One row per (encrypted blockcrypt system, job): ratios to null and to every peer, target flags."""
+    summary = raw["summary"]
+    systems = raw["systems"]
+    names = {s["name"] for s in systems}
+    mine = [s["name"] for s in systems if s["role"] == "blockcrypt" and s["encrypted"]]
+    peers = [s["name"] for s in systems if s["role"] == "peer"]
+    rows = []
+    for sysname in mine:
+        for job in raw["jobs"]:
+            row = {"system": sysname, "job": job["name"], "ratios": {}, "missed": []}
+            if "null" in names:
+                r = _ratio(summary, sysname, "null", job["name"])
+                row["ratios"]["null"] = r
+                if r is not None and r < TARGET_VS_NULL:
+                    row["missed"].append(f"null ({r:.2f} < {TARGET_VS_NULL})")
+            for peer in peers:
+                r = _ratio(summary, sysname, peer, job["name"])
+                row["ratios"][peer] = r
+                if r is not None and r < TARGET_VS_PEER:
+                    row["missed"].append(f"{peer} ({r:.2f} < {TARGET_VS_PEER})")
+            rows.append(row)
+    return rows
+
+
+def _fmt(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "–"
+    if unit == "IOPS" or v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _fmt_ratio(r: float | None, target: float) -> str:
+    if r is None:
+        return "–"
+    return f"**{r:.2f}**" if r < target else f"{r:.2f}"
+
+
+# ---------------------------------------------------------------- RESULTS.md
+def render_markdown(raw: dict, plots: list[str], raw_json_name: str) -> str:
+    env, cfg, summary = raw["environment"], raw["config"], raw["summary"]
+    systems = raw["systems"]
+    label = {s["name"]: s["label"] for s in systems}
+    jobs = raw["jobs"]
+    L = []
+    git = env.get("git", {})
+    L.append("# blockcrypt benchmark results\n")
+    L.append(f"Made by `{raw['command']}` on {raw['started']} (UTC), commit "
+             f"`{git.get('commit', '?')}`{' (with uncommitted changes)' if git.get('dirty') else ''}; "
+             f"{cfg['reps']} repetition(s) per job, medians shown; "
+             f"file size {cfg['size_bytes'] >> 20} MiB, random jobs {cfg['runtime_s']:g} s each. "
+             f"Method and how to read this: [docs/BENCHMARKS.md](../docs/BENCHMARKS.md). "
+             f"Raw data: `{raw_json_name}`.\n")
+
+    rows = comparisons(raw)
+    if rows:
+        L.append("## Targets\n")
+        L.append(f"Each encrypted blockcrypt system against the null cipher (target ≥ {TARGET_VS_NULL}×) "
+                 f"and each peer (target ≥ {TARGET_VS_PEER}×); **bold** = target missed.\n")
+        peers = [s["name"] for s in systems if s["role"] == "peer"]
+        others = (["null"] if any(s["name"] == "null" for s in systems) else []) + peers
+        L.append("| system | job | " + " | ".join(f"vs {label[o]}" for o in others) + " |")
+        L.append("|---|---|" + "---:|" * len(others))
+        jl = {j["name"]: j["label"] for j in jobs}
+        for row in rows:
+            cells = [_fmt_ratio(row["ratios"].get(o), TARGET_VS_NULL if o == "null" else TARGET_VS_PEER)
+                     for o in others]
+            L.append(f"| {label[row['system']]} | {jl[row['job']]} | " + " | ".join(cells) + " |")
+        missed = [r for r in rows if r["missed"]]
+        L.append("")
+        if missed:
+            L.append("Missed: " + "; ".join(f"{jl[r['job']]} vs " + ", ".join(r["missed"]) for r in missed) + ".\n")
+        else:
+            L.append("All targets met on every job.\n")
+
+    names = [s["name"] for s in systems]
+    L.append("## Results (median)\n")
+    L.append("| job | unit | " + " | ".join(label[n] for n in names) + " |")
+    L.append("|---|---|" + "---:|" * len(names))
+    for j in jobs:
+        cells = [_fmt(summary.get(n, {}).get(j["name"], {}).get("median"), j["unit"]) for n in names]
+        L.append(f"| {j['label']} | {j['unit']} | " + " | ".join(cells) + " |")
+    L.append("")
+    if cfg["reps"] > 1:
+        spread = []
+        for n in names:
+            for j in jobs:
+                c = summary.get(n, {}).get(j["name"])
+                if c and c["median"]:
+                    spread.append(((c["max"] - c["min"]) / c["median"], n, j["label"]))
+        if spread:
+            worst = max(spread)
+            L.append(f"Largest spread between repetitions: {worst[0] * 100:.0f} % "
+                     f"({label[worst[1]]}, {worst[2]}); all repetitions are in the raw JSON.\n")
+
+    daemons = [s["name"] for s in systems if s["role"] != "reference"]
+    if daemons:
+        L.append("## Daemon CPU seconds per GiB moved (median; lower is better)\n")
+        L.append("| job | " + " | ".join(label[n] for n in daemons) + " |")
+        L.append("|---|" + "---:|" * len(daemons))
+        for j in jobs:
+            cells = [_fmt(summary.get(n, {}).get(j["name"], {}).get("cpu_s_per_gib")) for n in daemons]
+            L.append(f"| {j['label']} | " + " | ".join(cells) + " |")
+        L.append("")
+
+    if plots:
+        L.append("## Plots\n")
+        for p in plots:
+            L.append(f"![{Path(p).stem}]({Path(p).name})\n")
+    elif raw.get("plot_error"):
+        L.append(f"Plots not drawn: {raw['plot_error']}.\n")
+
+    L.append("## Systems\n")
+    for s in systems:
+        ver = f" — {s['version']}" if s.get("version") else ""
+        L.append(f"- **{s['label']}** (`{s['name']}`): {s['summary']}{ver}")
+    L.append("")
+
+    ossl = env.get("openssl_speed_aes_256_xts_4096", {})
+    L.append("## Environment\n")
+    L.append(f"- CPU: {env['cpu']}, {env['cpus']} cores; memory {env['memory_gib']} GiB")
+    L.append(f"- OS: {env['os']}, kernel {env['kernel']}; backing file system: {env['backing_fs']}")
+    L.append(f"- fio: {env['fio']}; gocryptfs: {env['gocryptfs']}")
+    L.append(f"- qemu-storage-daemon: {env['qemu_storage_daemon']}")
+    L.append(f"- Python {env['python']}; fusepy {env['fusepy']}; libfuse2 {env['libfuse2']}")
+    if ossl.get("mb_per_s"):
+        L.append(f"- {env['openssl']}: `{ossl['command']}` = {ossl['mb_per_s']:,.0f} MB/s "
+                 f"({ossl['mib_per_s']:,.0f} MiB/s) on one core")
+    else:
+        L.append(f"- {env['openssl']}: speed figure unavailable")
+    L.append(f"- fio settings: ioengine={cfg['ioengine']}, direct={cfg['direct']}, caches dropped "
+             f"before every job; setup (mounts + prefill) took {raw.get('setup_s', 0):.0f} s, "
+             f"the whole run {raw.get('total_s', 0):.0f} s")
+    L.append("")
+    return "\n".join(L)
+
+
+# --------------------------------------------------------------------- plots
+def _short(v: float) -> str:
+    if v >= 10000:
+        return f"{v / 1000:.0f}k"
+    if v >= 1000:
+        return f"{v / 1000:.1f}k"
+    return f"{v:.0f}"
+
+
+def draw_plots(raw: dict, out_dir: Path) -> list[Path]:
+    """One grouped bar chart per metric family, plus the ratio chart; returns the PNG paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = raw["systems"]
+    summary = raw["summary"]
+    colors = plt.get_cmap("tab10").colors
+    color = {s["name"]: colors[i % len(colors)] for i, s in enumerate(systems)}
+    paths = []
+
+    def grouped(fname, title, ylabel, jobs, names, getter, hlines=(), fmt=None, log_scale=False):
+        if not jobs or not names:
+            return
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(jobs) + 2), 3.8))
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(jobs))]
+            vals = [getter(n, j) for j in jobs]
+            bars = ax.bar(xs, [v or 0 for v in vals], width, label=next(s["label"] for s in systems
+                                                                         if s["name"] == n),
+                          color=color[n])
+            for b, v in zip(bars, vals):
+                if v is not None:
+                    ax.annotate(fmt.format(v) if fmt else _short(v), (b.get_x() + b.get_width() / 2, b.get_height()),
+                                ha="center", va="bottom", fontsize=7, rotation=90,
+                                xytext=(0, 2), textcoords="offset points")
+        for y, text in hlines:
+            ax.axhline(y, color="grey", lw=0.8, ls="--")
+            ax.annotate(text, (len(jobs) - 0.5, y), ha="right", va="bottom", fontsize=7, color="grey")
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(jobs)))
+        ax.set_xticklabels([j["label"] for j in jobs], fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.18)
+        ax.legend(fontsize=7, ncol=min(len(names), 3), loc="upper right", frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path, dpi=PLOT_DPI)
+        plt.close(fig)
+        paths.append(path)
+
+    def med(n, j):
+        return summary.get(n, {}).get(j["name"], {}).get("median")
+
+    def cpu(n, j):
+        return summary.get(n, {}).get(j["name"], {}).get("cpu_s_per_gib")
+
+    all_names = [s["name"] for s in systems]
+    tp = [j for j in raw["jobs"] if j["family"] == "throughput"]
+    io = [j for j in raw["jobs"] if j["family"] == "iops"]
+    grouped("throughput.png", "Sequential throughput, MiB/s (higher is better)", "MiB/s", tp, all_names, med)
+    grouped("iops.png", "Random I/O, IOPS (higher is better)", "IOPS", io, all_names, med)
+    daemons = [s["name"] for s in systems if s["role"] != "reference"]
+    grouped("cpu.png", "Daemon CPU seconds per GiB moved (lower is better)", "CPU s / GiB",
+            raw["jobs"], daemons, cpu, fmt="{:.2g}", log_scale=True)
+
+    rows = comparisons(raw)
+    if rows:
+        others = sorted({o for r in rows for o in r["ratios"]}, key=all_names.index)
+        mine = list(dict.fromkeys(r["system"] for r in rows))
+        for m in mine:
+            lookup = {(r["job"], o): r["ratios"][o] for r in rows if r["system"] == m for o in r["ratios"]}
+            label = next(s["label"] for s in systems if s["name"] == m)
+            grouped(f"ratios-{m}.png", f"{label}: ratio to each system (1.0 = equal; higher is better)",
+                    "ratio", raw["jobs"], others, lambda o, j: lookup.get((j["name"], o)),
+                    hlines=[(TARGET_VS_NULL, "0.9 (vs null)"), (TARGET_VS_PEER, "1.0 (vs peers)")],
+                    fmt="{:.2f}")
+    return paths

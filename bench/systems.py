@@ -1,0 +1,367 @@
+"""Systems under test: one small class per system, each with setup, a target file
+for fio, the daemon pid (for CPU accounting) and teardown.
+
+Adding a system (double encryption, customer keys, ...) is a subclass plus one
+line in ``SYSTEMS``::
+
+    class BlockcryptDouble(BlockcryptSystem):
+        name, label = "double", "blockcrypt double"
+        disk_create_args = ["--double-encryption"]
+
+Every system lives in its own directory under the run's work directory, so all
+of them can stay mounted for the whole run and the jobs can be interleaved.
+
+Caveats: setup uses fast key-derivation settings (gocryptfs -scryptn 10, LUKS
+iter-time 100 ms) because KDF cost only changes unlock time, never I/O. qemu's
+``luks`` driver writes LUKS version 1 headers (QEMU 7.2 cannot create LUKS2);
+the data path, aes-xts-plain64 with 512-byte sectors, is what LUKS2 would use.
+The blockcrypt daemon pid is found by scanning /proc for the process that holds
+/dev/fuse and names the mount point in its command line.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .util import (BenchError, is_mounted, need_tool, pid_alive, run, stop_pid, unmount,
+                   wait_until, first_line)
+
+MOUNT_TIMEOUT_S = 60
+
+
+class System:
+    """Base class: a place fio can write a file to, and how to build and remove it."""
+
+    name = ""              # key for --systems
+    label = ""             # what tables and plots show
+    role = "peer"          # "reference" | "blockcrypt" | "peer"
+    encrypted = True
+    summary = ""           # one line for RESULTS.md
+
+    def __init__(self, workdir: Path):
+        self.dir = Path(workdir).absolute() / self.name
+        self.target: Path | None = None
+        self.daemon_pid: int | None = None
+
+    # -- to override -------------------------------------------------------
+    def check(self) -> None:
+        """Raise BenchError if a tool is missing; runs before anything is set up."""
+
+    def mount_points(self) -> list[Path]:
+        """Paths this system mounts on (checked for 'busy' before setup)."""
+        return []
+
+    def setup(self, size_bytes: int) -> None:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Undo setup; idempotent, never raises."""
+
+    def version(self) -> str:
+        return ""
+
+    # -- shared ------------------------------------------------------------
+    def check_free(self) -> None:
+        for mp in self.mount_points():
+            if is_mounted(mp):
+                raise BenchError(f"mount point {mp} is busy (already mounted); unmount it "
+                                 f"(umount {mp}) or choose another --workdir")
+
+    def fresh_dir(self) -> None:
+        self.check_free()
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, mode=0o700)
+
+    def remove_dir(self) -> None:
+        if self.dir.exists() and not any(is_mounted(mp) for mp in self.mount_points()):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def info(self) -> dict:
+        return {"name": self.name, "label": self.label, "role": self.role,
+                "encrypted": self.encrypted, "summary": self.summary,
+                "version": self.version()}
+
+
+class RawFile(System):
+    """The backing file system itself, no FUSE: the ceiling for everyone."""
+
+    name, label, role, encrypted = "raw", "raw file", "reference", False
+    summary = "a plain file on the backing ext4, no FUSE, no encryption"
+
+    def setup(self, size_bytes: int) -> None:
+        self.fresh_dir()
+        self.target = self.dir / "disk.img"
+
+    def teardown(self) -> None:
+        self.remove_dir()
+
+
+class _DaemonSystem(System):
+    """A system whose FUSE daemon we start ourselves in the foreground."""
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self._proc: subprocess.Popen | None = None
+        self.log_path = self.dir / "daemon.log"
+
+    def _start(self, cmd: list[str], mountpoint: Path, what: str) -> None:
+        log = open(self.log_path, "ab")
+        try:
+            # own session: a Ctrl-C on the terminal reaches the runner, which tears down in order
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                          start_new_session=True)
+        finally:
+            log.close()
+        self.daemon_pid = self._proc.pid
+        try:
+            wait_until(lambda: is_mounted(mountpoint), MOUNT_TIMEOUT_S, what,
+                       alive=lambda: self._proc.poll() is None)
+        except BenchError as e:
+            raise BenchError(f"{e}; log: {self._log_tail()}") from None
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(none)"
+        return lines[-1] if lines else "(empty)"
+
+    def _stop(self, mountpoint: Path, terminate_first: bool) -> None:
+        if self._proc is not None and terminate_first and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        unmount(mountpoint)
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                stop_pid(self._proc.pid)
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+        self._proc = None
+        self.daemon_pid = None
+
+
+class Gocryptfs(_DaemonSystem):
+    """gocryptfs (AES-256-GCM, 4 KiB blocks, defaults), one file inside the mount."""
+
+    name, label = "gocryptfs", "gocryptfs"
+    summary = "gocryptfs defaults (AES-256-GCM, 4 KiB blocks), a file inside the mount"
+
+    def check(self) -> None:
+        need_tool("gocryptfs", "install it: bash scripts/install-deps.sh --bench")
+
+    def mount_points(self) -> list[Path]:
+        return [self.dir / "plain"]
+
+    def version(self) -> str:
+        return first_line(["gocryptfs", "-version"])
+
+    def setup(self, size_bytes: int) -> None:
+        self.fresh_dir()
+        cipher, plain, passfile = self.dir / "cipher", self.dir / "plain", self.dir / "passfile"
+        cipher.mkdir()
+        plain.mkdir()
+        passfile.write_text(secrets.token_hex(16) + "\n")
+        passfile.chmod(0o600)
+        run(["gocryptfs", "-init", "-q", "-scryptn", "10", "-passfile", str(passfile), str(cipher)])
+        self._start(["gocryptfs", "-fg", "-q", "-passfile", str(passfile), str(cipher), str(plain)],
+                    plain, "gocryptfs mount")
+        self.target = plain / "disk.img"
+
+    def teardown(self) -> None:
+        self._stop(self.dir / "plain", terminate_first=False)
+        self.remove_dir()
+
+
+class QemuLuks(_DaemonSystem):
+    """qemu-storage-daemon: a LUKS (aes-xts-plain64) image exported over FUSE."""
+
+    name, label = "qsd", "qemu-storage-daemon LUKS"
+    summary = ("qemu-storage-daemon, luks driver (aes-256 xts plain64, LUKS1 header) on a "
+               "file node (cache.direct=off), FUSE export, writable")
+
+    def check(self) -> None:
+        hint = "install qemu-utils and qemu-system-common: bash scripts/install-deps.sh --bench"
+        need_tool("qemu-img", hint)
+        need_tool("qemu-storage-daemon", hint)
+
+    def mount_points(self) -> list[Path]:
+        return [self.dir / "export.img"]
+
+    def version(self) -> str:
+        return first_line(["qemu-storage-daemon", "--version"])
+
+    def setup(self, size_bytes: int) -> None:
+        self.fresh_dir()
+        secret, image, export = self.dir / "secret", self.dir / "disk.luks", self.dir / "export.img"
+        secret.write_text(secrets.token_hex(16))
+        secret.chmod(0o600)
+        obj = f"secret,id=sec0,file={secret},format=raw"
+        run(["qemu-img", "create", "-q", "-f", "luks", "--object", obj,
+             "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,"
+                   "hash-alg=sha256,iter-time=100",
+             str(image), str(size_bytes)])
+        export.touch()
+        self._start(["qemu-storage-daemon", "--object", obj,
+                     "--blockdev", f"driver=file,node-name=file0,filename={image}",
+                     "--blockdev", "driver=luks,node-name=disk0,file=file0,key-secret=sec0",
+                     "--export", f"type=fuse,id=exp0,node-name=disk0,mountpoint={export},"
+                                 "writable=on"],
+                    export, "qemu-storage-daemon FUSE export")
+        self.target = export
+
+    def teardown(self) -> None:
+        self._stop(self.dir / "export.img", terminate_first=True)
+        self.remove_dir()
+
+
+def blockcrypt_cli() -> str:
+    """The blockcrypt console script next to this interpreter, else on PATH."""
+    here = Path(sys.executable).parent / "blockcrypt"
+    if here.exists():
+        return str(here)
+    found = shutil.which("blockcrypt")
+    if not found:
+        raise BenchError("blockcrypt CLI not found; run `make build` first")
+    return found
+
+
+def find_fuse_daemon(mountpoint: Path) -> int | None:
+    """Pid of the process serving `mountpoint`: /dev/fuse open and the path in its argv."""
+    want = str(mountpoint)
+    candidates = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if not any(a.rstrip("/") == want for a in argv):
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            holds_fuse = any(os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse" for fd in fds)
+        except OSError:
+            holds_fuse = False
+        candidates.append((holds_fuse, int(entry)))
+    candidates.sort(reverse=True)
+    return candidates[0][1] if candidates else None
+
+
+class BlockcryptSystem(System):
+    """blockcrypt through its CLI: a state of its own, one disk, a detached mount."""
+
+    role = "blockcrypt"
+    disk_name = "bench"
+    init_args: list[str] = []
+    disk_create_args: list[str] = []
+    mount_args: list[str] = []
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.state = self.dir / "state"
+        self.mnt = self.dir / "mnt"
+        self._cli: str | None = None
+        self._mounted = False
+
+    def check(self) -> None:
+        self._cli = blockcrypt_cli()
+        proc = run([self._cli, "mount", "--help"], check=False, timeout_s=60)
+        text = (proc.stdout + proc.stderr).decode(errors="replace")
+        if proc.returncode != 0:
+            raise BenchError("`blockcrypt mount` is not available in this build "
+                             f"({text.strip().splitlines()[-1] if text.strip() else 'no output'})")
+        for flag in self.mount_args:
+            if flag.startswith("--") and flag not in text:
+                raise BenchError(f"`blockcrypt mount` has no {flag} option in this build")
+
+    def mount_points(self) -> list[Path]:
+        return [self.mnt]
+
+    def version(self) -> str:
+        try:
+            from importlib.metadata import version
+            return f"blockcrypt {version('blockcrypt')}"
+        except Exception:  # noqa: BLE001 - version is informational only
+            return "blockcrypt (version unknown)"
+
+    def cli(self, *args: str, timeout_s: float = 120, check: bool = True):
+        return run([self._cli or blockcrypt_cli(), "--state", str(self.state), *args],
+                   timeout_s=timeout_s, check=check)
+
+    def setup(self, size_bytes: int) -> None:
+        self.fresh_dir()
+        self.mnt.mkdir()
+        self.cli("init", *self.init_args)
+        self.cli("disk", "create", self.disk_name, "--size", str(size_bytes), *self.disk_create_args)
+        self._mount()
+        self._mounted = True
+        wait_until(lambda: is_mounted(self.mnt), MOUNT_TIMEOUT_S, f"{self.label} mount")
+        self.target = self.mnt / "disks" / self.disk_name
+        wait_until(self.target.exists, MOUNT_TIMEOUT_S, f"{self.label} disk file {self.target}")
+        self.daemon_pid = find_fuse_daemon(self.mnt)
+
+    def _mount(self) -> None:
+        # Output goes to a file, not a pipe: a daemon that detaches may keep the
+        # inherited descriptors open, and reading a pipe would then never end.
+        log_path = self.dir / "mount.log"
+        cmd = [self._cli or blockcrypt_cli(), "--state", str(self.state), "mount", str(self.mnt),
+               *self.mount_args]
+        with open(log_path, "ab") as log:
+            try:
+                rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    timeout=MOUNT_TIMEOUT_S).returncode
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"blockcrypt mount did not return within {MOUNT_TIMEOUT_S} s") from None
+        if rc != 0:
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            raise BenchError(f"blockcrypt mount failed: {lines[-1] if lines else f'exit status {rc}'}")
+
+    def teardown(self) -> None:
+        pid = self.daemon_pid
+        if self._mounted or is_mounted(self.mnt):
+            try:
+                self.cli("umount", str(self.mnt), timeout_s=60, check=False)
+            except BenchError:
+                pass
+            unmount(self.mnt)
+        if pid_alive(pid):
+            try:
+                wait_until(lambda: not pid_alive(pid), 10, "blockcrypt daemon exit")
+            except BenchError:
+                stop_pid(pid)
+        self._mounted = False
+        self.daemon_pid = None
+        self.remove_dir()
+
+
+class BlockcryptNull(BlockcryptSystem):
+    name, label, encrypted = "null", "blockcrypt null cipher", False
+    summary = "blockcrypt mount --bench-null-cipher: the same FUSE path, no encryption"
+    mount_args = ["--bench-null-cipher"]
+
+
+class BlockcryptSingle(BlockcryptSystem):
+    name, label = "single", "blockcrypt single layer"
+    summary = "blockcrypt, one aes-xts-plain64 layer, platform-managed key"
+
+
+# Run order and the keys accepted by --systems.
+SYSTEMS: list[type[System]] = [RawFile, BlockcryptNull, BlockcryptSingle, Gocryptfs, QemuLuks]
+
+
+def by_name() -> dict[str, type[System]]:
+    return {cls.name: cls for cls in SYSTEMS}
