@@ -160,7 +160,9 @@ class VaultApp:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "blockcrypt-vault"
-    sys_version = ""
+
+    def version_string(self):
+        return self.server_version
     app: VaultApp  # set on the subclass made by make_server
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -227,11 +229,15 @@ class Handler(BaseHTTPRequestHandler):
             if tm or om:
                 self._oauth(tm, om, body_bytes, fields)
                 return
+            try:  # name the operation in the audit record even when auth fails
+                r, route_err = route(self.app.ops, self.command, path), None
+                fields.update(operation=r.operation, key=r.key, version=r.version)
+            except ApiError as e:
+                r, route_err = None, e
             ident = self._authenticate(fields, headers)
-            query = parse_qs(parsed.query, keep_blank_values=True)
-            _check_api_version(query)
-            r = route(self.app.ops, self.command, path)
-            fields.update(operation=r.operation, key=r.key, version=r.version)
+            _check_api_version(parse_qs(parsed.query, keep_blank_values=True))
+            if route_err is not None:
+                raise route_err
             body = _parse_json(body_bytes) if r.needs_body else {}
             if not policies.allowed(self.app.store, ident, r.permission):
                 raise ApiError(403, "Forbidden",
