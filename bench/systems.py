@@ -15,11 +15,12 @@ Caveats: setup uses fast key-derivation settings (gocryptfs -scryptn 10, LUKS
 iter-time 100 ms) because KDF cost only changes unlock time, never I/O. qemu's
 ``luks`` driver writes LUKS version 1 headers (QEMU 7.2 cannot create LUKS2);
 the data path, aes-xts-plain64 with 512-byte sectors, is what LUKS2 would use.
-The blockcrypt daemon pid is found by scanning /proc for the process that holds
-/dev/fuse and names the mount point in its command line.
+The blockcrypt daemon pid comes from `blockcrypt mount --json`; failing that,
+from a /proc scan for the process that holds /dev/fuse and names the mount point.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -307,28 +308,35 @@ class BlockcryptSystem(System):
         self.mnt.mkdir()
         self.cli("init", *self.init_args)
         self.cli("disk", "create", self.disk_name, "--size", str(size_bytes), *self.disk_create_args)
-        self._mount()
+        pid = self._mount()
         self._mounted = True
         wait_until(lambda: is_mounted(self.mnt), MOUNT_TIMEOUT_S, f"{self.label} mount")
         self.target = self.mnt / "disks" / self.disk_name
         wait_until(self.target.exists, MOUNT_TIMEOUT_S, f"{self.label} disk file {self.target}")
-        self.daemon_pid = find_fuse_daemon(self.mnt)
+        self.daemon_pid = pid if pid_alive(pid) else find_fuse_daemon(self.mnt)
 
-    def _mount(self) -> None:
-        # Output goes to a file, not a pipe: a daemon that detaches may keep the
+    def _mount(self) -> int | None:
+        """Run `blockcrypt mount --json`; the daemon's pid from its answer (None if absent)."""
+        # Output goes to files, not pipes: a daemon that detaches may keep the
         # inherited descriptors open, and reading a pipe would then never end.
-        log_path = self.dir / "mount.log"
+        out_path, err_path = self.dir / "mount.json", self.dir / "mount.log"
         cmd = [self._cli or blockcrypt_cli(), "--state", str(self.state), "mount", str(self.mnt),
-               *self.mount_args]
-        with open(log_path, "ab") as log:
+               "--json", *self.mount_args]
+        with open(out_path, "wb") as out, open(err_path, "ab") as err:
             try:
-                rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     timeout=MOUNT_TIMEOUT_S).returncode
             except subprocess.TimeoutExpired:
                 raise BenchError(f"blockcrypt mount did not return within {MOUNT_TIMEOUT_S} s") from None
         if rc != 0:
-            lines = log_path.read_text(errors="replace").strip().splitlines()
+            lines = (err_path.read_text(errors="replace") + out_path.read_text(errors="replace")
+                     ).strip().splitlines()
             raise BenchError(f"blockcrypt mount failed: {lines[-1] if lines else f'exit status {rc}'}")
+        try:
+            pid = json.loads(out_path.read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return pid if isinstance(pid, int) and pid > 0 else None
 
     def teardown(self) -> None:
         pid = self.daemon_pid
