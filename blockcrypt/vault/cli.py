@@ -216,7 +216,8 @@ def policy_show(identity, vault_dir, as_json):
 # -- audit ----------------------------------------------------------------------------------
 
 @vault.group("audit", invoke_without_command=True)
-@DIR_OPTION
+@click.option("--dir", "vault_dir", envvar="BLOCKCRYPT_VAULT_DIR", type=click.Path(file_okay=False),
+              help="vault directory (or BLOCKCRYPT_VAULT_DIR)")
 @click.option("--key", "key_name", help="only records about this key")
 @click.option("--limit", type=click.IntRange(1), help="only the last N records")
 @JSON_OPTION
@@ -227,6 +228,8 @@ def audit_grp(ctx, vault_dir, key_name, limit, as_json):
     ctx.obj = {"vault_dir": vault_dir, "as_json": as_json}
     if ctx.invoked_subcommand is not None:
         return
+    if not vault_dir:
+        raise UsageError("missing --dir (or BLOCKCRYPT_VAULT_DIR)")
     from . import audit
     from .store import open_store
     store = open_store(vault_dir)
@@ -247,12 +250,16 @@ def audit_grp(ctx, vault_dir, key_name, limit, as_json):
 
 
 @audit_grp.command("verify")
-@DIR_OPTION
+@click.option("--dir", "vault_dir", envvar="BLOCKCRYPT_VAULT_DIR", type=click.Path(file_okay=False),
+              help="vault directory (or BLOCKCRYPT_VAULT_DIR)")
 @JSON_OPTION
 @click.pass_context
 @friendly
 def audit_verify(ctx, vault_dir, as_json):
     """Check the hash chain; names the first edited, removed or reordered record."""
+    vault_dir = vault_dir or (ctx.obj or {}).get("vault_dir")
+    if not vault_dir:
+        raise UsageError("missing --dir (or BLOCKCRYPT_VAULT_DIR)")
     from . import audit
     from .store import open_store
     store = open_store(vault_dir)

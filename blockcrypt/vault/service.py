@@ -48,6 +48,7 @@ from .store import Store, write_private
 API_VERSIONS = ("7.4", "7.5", "7.6", "2025-07-01")
 LATEST_API_VERSION = "2025-07-01"
 MAX_BODY_BYTES = 64 * 1024
+DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
 IDLE_TIMEOUT_SECONDS = 30
 SWEEP_INTERVAL_SECONDS = 60
 _TOKEN_RE = re.compile(r"^/([^/]{1,100})/oauth2/v2\.0/token$")
@@ -292,6 +293,13 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "BadParameter", "The Content-Length header is invalid.") from None
         if length > MAX_BODY_BYTES:
             self.close_connection = True
+            if length <= DRAIN_LIMIT_BYTES:  # read it away so the client sees our answer, not a reset
+                left = length
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 65536))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
             raise ApiError(413, "RequestEntityTooLarge",
                            f"The request body is {length} bytes; the limit is {MAX_BODY_BYTES} bytes.")
         data = self.rfile.read(length)
