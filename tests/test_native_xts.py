@@ -80,6 +80,17 @@ def _vid(v: dict) -> str:
     return f"{v['op'].lower()}-{v['count']}-{v['DataUnitLen']}bits"
 
 
+DIRECT_IV_AVAILABLE = _native.XtsContext(bytes(range(64)), 512).direct_iv
+
+# every known answer and differential check runs over both ways of setting the tweak
+IV_PATHS = [
+    pytest.param(True, id="direct-iv",
+                 marks=pytest.mark.skipif(not DIRECT_IV_AVAILABLE,
+                                          reason="libcrypto failed the direct-IV self-test")),
+    pytest.param(False, id="evp-reinit"),
+]
+
+
 def test_vector_files_are_complete():
     # 1000 vectors per file; 400 at 384 bits + 200 at 256 bits are whole bytes
     assert len(NIST_HEX) == 600 and len(NIST_SEQ) == 600
@@ -89,40 +100,44 @@ def test_vector_files_are_complete():
 
 # --------------------------------------------------------------------------- known answers
 
+@pytest.mark.parametrize("direct_iv", IV_PATHS)
 @pytest.mark.parametrize("v", NIST_HEX, ids=_vid)
-def test_nist_xts_aes256_hex_tweak(v):
+def test_nist_xts_aes256_hex_tweak(v, direct_iv):
     key, tweak = bytes.fromhex(v["Key"]), bytes.fromhex(v["i"])
     pt, ct = bytes.fromhex(v["PT"]), bytes.fromhex(v["CT"])
     assert len(pt) * 8 == int(v["DataUnitLen"])
     if v["op"] == "ENCRYPT":
-        assert _native.xts_raw(key, pt, True, tweak=tweak) == ct
+        assert _native.xts_raw(key, pt, True, tweak=tweak, direct_iv=direct_iv) == ct
     else:
-        assert _native.xts_raw(key, ct, False, tweak=tweak) == pt
+        assert _native.xts_raw(key, ct, False, tweak=tweak, direct_iv=direct_iv) == pt
 
 
+@pytest.mark.parametrize("direct_iv", IV_PATHS)
 @pytest.mark.parametrize("v", NIST_SEQ, ids=_vid)
-def test_nist_xts_aes256_sequence_number(v):
+def test_nist_xts_aes256_sequence_number(v, direct_iv):
     # DataUnitSeqNumber is the plain64 tweak: the C encoder under test builds it
     key, seq = bytes.fromhex(v["Key"]), int(v["DataUnitSeqNumber"])
     pt, ct = bytes.fromhex(v["PT"]), bytes.fromhex(v["CT"])
     if v["op"] == "ENCRYPT":
-        assert _native.xts_raw(key, pt, True, sector_no=seq) == ct
+        assert _native.xts_raw(key, pt, True, sector_no=seq, direct_iv=direct_iv) == ct
     else:
-        assert _native.xts_raw(key, ct, False, sector_no=seq) == pt
+        assert _native.xts_raw(key, ct, False, sector_no=seq, direct_iv=direct_iv) == pt
 
 
+@pytest.mark.parametrize("direct_iv", IV_PATHS)
 @pytest.mark.parametrize("v", IEEE, ids=lambda v: v["title"].split()[-1])
-def test_ieee1619_through_the_sector_api(v):
+def test_ieee1619_through_the_sector_api(v, direct_iv):
     key, tweak, pt, ct = v["Key"], v["Nonce"], v["In"], v["Out"]
     sector_no = int.from_bytes(tweak, "little")
     assert len(pt) == 512 and sector_no <= U64_MAX
-    ctx = _native.XtsContext(key, 512)
+    ctx = _native.XtsContext(key, 512, direct_iv=direct_iv)
+    assert ctx.direct_iv is direct_iv
     assert ctx.encrypt(pt, sector_no) == ct
     assert ctx.decrypt(ct, sector_no) == pt
     cipher = NativeXts(key, 512)
     assert cipher.encrypt(pt, sector_no) == ct
     assert cipher.decrypt(ct, sector_no) == pt
-    assert _native.xts_raw(key, pt, True, tweak=tweak) == ct
+    assert _native.xts_raw(key, pt, True, tweak=tweak, direct_iv=direct_iv) == ct
 
 
 # --------------------------------------------------------------------------- differential
@@ -150,12 +165,14 @@ def _views(data: bytes):
     }
 
 
+@pytest.mark.parametrize("direct_iv", IV_PATHS)
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 @pytest.mark.parametrize("seed", range(4))
-def test_native_matches_reference(sector_size, seed):
+def test_native_matches_reference(sector_size, seed, direct_iv):
     rng = random.Random(seed * 1000 + sector_size)
     key = rng.randbytes(64)
-    native, ref = NativeXts(key, sector_size), ReferenceXts(key, sector_size)
+    ref = ReferenceXts(key, sector_size)
+    native = NativeXts(key, sector_size) if direct_iv else _native.XtsContext(key, sector_size, direct_iv=False)
     for _ in range(3):
         count = rng.randint(1, 64)
         plain = rng.randbytes(count * sector_size)
@@ -170,18 +187,21 @@ def test_native_matches_reference(sector_size, seed):
             assert native.decrypt(junk, sector_no) == ref.decrypt(junk, sector_no)
 
 
+@pytest.mark.parametrize("direct_iv", IV_PATHS)
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
-def test_sector_loop_equals_single_units(sector_size):
-    # each sector of a multi-sector request is the one-unit transform at its own tweak
+def test_sector_loop_equals_single_units(sector_size, direct_iv):
+    # each sector of a multi-sector request is the one-unit transform at its own tweak,
+    # and the two ways of setting the tweak agree
     key = os.urandom(64)
-    ctx = _native.XtsContext(key, sector_size)
+    ctx = _native.XtsContext(key, sector_size, direct_iv=direct_iv)
     start = 2**64 - 5
     plain = os.urandom(5 * sector_size)
     ct = ctx.encrypt(plain, start)
     for i in range(5):
         unit = plain[i * sector_size:(i + 1) * sector_size]
         tweak = (start + i).to_bytes(16, "little")
-        assert ct[i * sector_size:(i + 1) * sector_size] == _native.xts_raw(key, unit, True, tweak=tweak)
+        assert ct[i * sector_size:(i + 1) * sector_size] == _native.xts_raw(key, unit, True, tweak=tweak,
+                                                                          direct_iv=not direct_iv)
 
 
 def test_inputs_are_not_modified_and_outputs_are_fresh():
@@ -316,6 +336,16 @@ def test_use_after_wipe():
     for op in (native.encrypt, native.decrypt):
         with pytest.raises(ValueError, match="wiped"):
             op(bytes(512), 0)
+
+
+def test_direct_iv_is_in_use_by_default():
+    # NativeXts (what volumes use) gets the fast path whenever the self-test passes
+    if not DIRECT_IV_AVAILABLE:
+        pytest.skip(f"{_native.openssl_version()} failed the direct-IV self-test; the EVP path is used")
+    native = NativeXts(KEY, 4096)
+    native.encrypt(bytes(4096), 0)
+    assert all(ctx.direct_iv for ctx in native._all)
+    assert _native.XtsContext(KEY, 4096, direct_iv=False).direct_iv is False
 
 
 def test_uninitialised_context():
