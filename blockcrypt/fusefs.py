@@ -223,6 +223,7 @@ class DiskFS(fuse.Operations):
                 try:
                     od.vol.refresh()
                     log.info("disk %s: size now %d bytes", od.name, od.vol.size)
+                    self._changed()
                 except BlockcryptError as e:
                     log.warning("disk %s: cannot re-read its header after a resize: %s", od.name, e)
 
@@ -472,6 +473,16 @@ class DiskFS(fuse.Operations):
                 log.error("disk %s: close failed: %s", od.name, e)
         self._changed()
 
+    def open_disks(self) -> list:
+        """The open disks now: objects with ``.name``, ``.disk_id`` and ``.vol`` (for a key
+        checker that revokes/restores volumes; call :meth:`notify_changed` afterwards)."""
+        with self._lock:
+            return list(self._open.values())
+
+    def notify_changed(self) -> None:
+        """Rewrite the status registry entry (after a revoke/restore)."""
+        self._changed()
+
     def _changed(self) -> None:
         try:
             self._on_change(self)
@@ -486,7 +497,10 @@ class DiskFS(fuse.Operations):
         disks = []
         for od in opened:
             vol = od.vol
-            disks.append({"name": od.name, "id": od.disk_id, "state": "open",
+            kerr = getattr(vol, "key_error", None)
+            disks.append({"name": od.name, "id": od.disk_id, "state": "open" if kerr is None else "KeyUnavailable",
+                          "keyError": None if kerr is None else {
+                              "reason": getattr(kerr, "reason", type(kerr).__name__), "message": str(kerr)},
                           "cipher": vol.cipher_name, "readOnly": bool(vol.read_only),
                           "sizeBytes": vol.size, "openHandles": od.handles,
                           "openedAt": od.opened, "errors": od.errors, "lastError": od.last_error})
@@ -515,7 +529,12 @@ class _FuseOpsV29(ctypes.Structure):
 
 
 class _Fuse(fuse.FUSE):
-    """fusepy's FUSE with the fallocate operation wired in."""
+    """fusepy's FUSE with the fallocate operation wired in (and ioctl without a path)."""
+
+    def ioctl(self, path, cmd, arg, fip, flags, data):
+        # fusepy decodes the path unconditionally; with flag_nopath it is NULL here
+        return self.operations("ioctl", self._decode_optional_path(path), cmd, arg, fip.contents.fh,
+                               flags, data)
 
     def fallocate(self, path, mode, offset, length, fip):
         return self.operations("fallocate", self._decode_optional_path(path), mode, offset, length,

@@ -46,6 +46,11 @@ from .errors import BlockcryptError, Busy, UsageError
 
 log = logging.getLogger("blockcrypt.mount")
 
+#: modules the daemon starts when present: ``start_in_daemon(fs, state)`` is called once the
+#: file system object exists (before mounting) and may return a callable that stops it
+#: (e.g. the customer-managed-key checker that revokes and restores open volumes).
+DAEMON_PLUGINS = ("blockcrypt.keys.monitor",)
+
 READY_TIMEOUT_S = 30.0
 UMOUNT_TIMEOUT_S = 60.0
 FSTYPE = "fuse.blockcrypt"
@@ -385,6 +390,7 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
     ops = fusefs.DiskFS(st, null_cipher=null_cipher, allow_other=allow_other,
                         on_change=on_change, on_ready=on_ready)
     reg.write(entry)
+    stops = _start_plugins(ops, st)
     try:
         fusefs.run(ops, mp, allow_other=allow_other)
     except BlockcryptError:
@@ -393,9 +399,35 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         log.error("mount failed: libfuse could not serve %s (%s: %s)", mp, type(e).__name__, e)
         raise MountError(f"mount at {mp} failed; see {lp}") from None
     finally:
+        for stop in stops:
+            try:
+                stop()
+            except Exception:
+                log.exception("stopping a daemon plugin failed")
         ops.close_all()
         reg.remove(mount_id)
         log.info("mount %s stopped", mount_id)
+
+
+def _start_plugins(ops, st) -> list:
+    import importlib
+    import importlib.util
+    stops = []
+    for name in DAEMON_PLUGINS:
+        try:
+            if importlib.util.find_spec(name) is None:
+                continue
+        except ImportError:
+            continue
+        mod = importlib.import_module(name)
+        start = getattr(mod, "start_in_daemon", None)
+        if start is None:
+            continue
+        stop = start(ops, st)
+        log.info("plugin %s started", name)
+        if callable(stop):
+            stops.append(stop)
+    return stops
 
 
 def _main(argv=None) -> int:
