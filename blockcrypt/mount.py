@@ -103,6 +103,24 @@ def _pid_alive(pid) -> bool:
     return state not in ("Z", "X")
 
 
+def _daemon_pids(mp: str) -> list[int]:
+    """Mount daemons serving ``mp`` found in /proc (for when the registry could not be written)."""
+    want = ["blockcrypt.mount", "serve", "--mountpoint", mp]
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if all(w in argv for w in want) and argv[argv.index("--mountpoint") + 1] == mp:
+            if _pid_alive(int(d)):
+                out.append(int(d))
+    return out
+
+
 # --- registry ----------------------------------------------------------------------------
 
 class Registry:
@@ -142,7 +160,15 @@ class Registry:
 
 
 def _live(entry: dict) -> bool:
-    return _pid_alive(entry.get("pid"))
+    """The entry's daemon still runs (and its pid was not reused by something else)."""
+    pid = entry.get("pid")
+    if not _pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"blockcrypt" in f.read()
+    except OSError:
+        return False
 
 
 def _describe(entry: dict) -> dict:
@@ -306,9 +332,9 @@ def umount(state, mountpoint: str, *, timeout_s: float = UMOUNT_TIMEOUT_S) -> di
         raise UsageError(f"{mp} is not a blockcrypt mount point")
     if types and types[-1] != FSTYPE:
         raise UsageError(f"{mp} is not a blockcrypt mount point (it is {types[-1]})")
-    live = [e for e in entries if _live(e)]
+    pids = {e["pid"] for e in entries if _live(e)} | set(_daemon_pids(mp))
     if types:
-        if live:
+        if pids:
             err = _unmount(mp)
             if err is not None:
                 if "busy" in err.lower():
@@ -318,12 +344,12 @@ def umount(state, mountpoint: str, *, timeout_s: float = UMOUNT_TIMEOUT_S) -> di
         else:
             _lazy_unmount(mp)  # the daemon is gone: nothing left to flush
     deadline = time.monotonic() + timeout_s
-    for e in live:
-        while _live(e) and time.monotonic() < deadline:
+    for pid in pids:
+        while _pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _live(e):
-            raise MountError(f"the daemon (pid {e['pid']}) did not exit within {timeout_s:.0f} s "
-                             f"after unmounting; see {e.get('log')}")
+        if _pid_alive(pid):
+            raise MountError(f"the daemon (pid {pid}) did not exit within {timeout_s:.0f} s "
+                             f"after unmounting; see its log in {Path(state.path) / 'logs'}")
     for e in entries:
         reg.remove(e["id"])
     return {"mountpoint": mp, "unmounted": True, "ids": [e["id"] for e in entries]}
@@ -389,7 +415,10 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
 
     ops = fusefs.DiskFS(st, null_cipher=null_cipher, allow_other=allow_other,
                         on_change=on_change, on_ready=on_ready)
-    reg.write(entry)
+    try:
+        reg.write(entry)
+    except OSError as e:  # a full state file system must not stop the disks from being served
+        log.warning("cannot write the status file %s: %s", reg.path(mount_id), e)
     stops = _start_plugins(ops, st)
     try:
         fusefs.run(ops, mp, allow_other=allow_other)
