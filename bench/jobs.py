@@ -16,12 +16,17 @@ after the first touch within a job (caches are dropped only between jobs).
 from __future__ import annotations
 
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .util import BenchError, cpu_seconds, drop_caches, host_cpu_ticks, run
+from .util import CLOCK_TICKS_PER_S, BenchError, cpu_seconds, drop_caches, host_cpu_ticks, run
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -116,17 +121,27 @@ def parse_fio(text: str, job: Job) -> dict:
 
 
 def run_fio(job: Job, target: Path, size_bytes: int, runtime_s: float, ramp_s: float,
-            daemon_pid: int | None, *, cold: bool = True) -> dict:
-    """Drop caches, run one fio job, return its metric plus the daemon's CPU time."""
+            daemon_pid: int | None, *, cold: bool = True, profile_path: Path | None = None) -> dict:
+    """Drop caches, run one fio job, return its metric plus the daemon's CPU time.
+
+    With `profile_path`, py-spy samples the daemon during the job (collapsed stacks).
+    """
     if cold:
         drop_caches()
     with tempfile.NamedTemporaryFile(prefix="fio-", suffix=".json") as out:
         cmd = fio_command(job, target, size_bytes, runtime_s, ramp_s, Path(out.name))
         timeout_s = 600 + 4 * (runtime_s + ramp_s)
-        cpu0, host0, t0 = cpu_seconds(daemon_pid), host_cpu_ticks(), time.monotonic()
-        run(cmd, timeout_s=timeout_s)
-        elapsed_s = time.monotonic() - t0
-        cpu1, host1 = cpu_seconds(daemon_pid), host_cpu_ticks()
+        spy = start_py_spy(daemon_pid, profile_path) if profile_path and daemon_pid else None
+        try:
+            kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu0, host0, t0 = cpu_seconds(daemon_pid), host_cpu_ticks(), time.monotonic()
+            run(cmd, timeout_s=timeout_s)
+            elapsed_s = time.monotonic() - t0
+            cpu1, host1 = cpu_seconds(daemon_pid), host_cpu_ticks()
+            kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        finally:
+            if spy is not None:
+                stop_py_spy(spy)
         result = parse_fio(Path(out.name).read_text(errors="replace"), job)
     daemon_cpu_s = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
     result["elapsed_s"] = elapsed_s
@@ -136,7 +151,41 @@ def run_fio(job: Job, target: Path, size_bytes: int, runtime_s: float, ramp_s: f
     result["cpu_s_per_gib"] = (daemon_cpu_s / gib) if daemon_cpu_s is not None and gib > 0 else None
     busy, total = host1[0] - host0[0], host1[1] - host0[1]
     result["host_cpu_busy_pct"] = 100.0 * busy / total if total else None
+    fio_cpu_s = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
+    result["fio_cpu_s"] = fio_cpu_s
+    # CPU used by anything else on the host (other work, kernel threads): noise in the figures
+    host_busy_s = busy / CLOCK_TICKS_PER_S
+    result["foreign_cpu_s"] = max(0.0, host_busy_s - fio_cpu_s - (daemon_cpu_s or 0.0))
+    result["foreign_cpu_pct"] = (100.0 * result["foreign_cpu_s"] / (elapsed_s * (os.cpu_count() or 1))
+                                 if elapsed_s > 0 else None)
     return result
+
+
+def start_py_spy(pid: int, path: Path) -> subprocess.Popen:
+    """py-spy recording `pid` as collapsed stacks (one 'frame;frame;... count' line each)."""
+    exe = Path(sys.executable).parent / "py-spy"
+    if not exe.exists():
+        raise BenchError("py-spy not found next to this python; .venv/bin/pip install py-spy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path.with_suffix(".log"), "wb")
+    try:
+        proc = subprocess.Popen([str(exe), "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+                                 "--nolineno", "--threads", "--output", str(path)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    finally:
+        log.close()
+    time.sleep(0.5)  # let it attach before the job starts
+    return proc
+
+
+def stop_py_spy(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def prefill(target: Path, size_bytes: int) -> float:

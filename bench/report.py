@@ -114,6 +114,7 @@ def environment(workdir: Path, repo: Path, openssl_seconds: int) -> dict:
         "fusepy": _pkg_version("fusepy"),
         "libfuse2": first_line(["dpkg-query", "-W", "-f", "${Version}", "libfuse2"]),
         "backing_fs": _fs_of(workdir),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "git": _git(repo),
     }
 
@@ -243,6 +244,12 @@ def render_markdown(raw: dict, plots: list[str], raw_json_name: str) -> str:
             L.append(f"Largest spread between repetitions: {worst[0] * 100:.0f} % "
                      f"({label[worst[1]]}, {worst[2]}); all repetitions are in the raw JSON.\n")
 
+    foreign = [r["foreign_cpu_pct"] for r in raw["runs"] if r.get("foreign_cpu_pct") is not None]
+    if foreign:
+        L.append(f"Background load (CPU used by other processes during the jobs, share of all "
+                 f"{env.get('cpus', '?')} CPUs): median {statistics.median(foreign):.0f} %, "
+                 f"worst {max(foreign):.0f} %. Above ~10 % the figures carry that noise.\n")
+
     daemons = [s["name"] for s in systems if s["role"] != "reference"]
     if daemons:
         L.append("## Daemon CPU seconds per GiB moved (median; lower is better)\n")
@@ -269,7 +276,8 @@ def render_markdown(raw: dict, plots: list[str], raw_json_name: str) -> str:
     ossl = env.get("openssl_speed_aes_256_xts_4096", {})
     L.append("## Environment\n")
     L.append(f"- CPU: {env['cpu']}, {env['cpus']} cores; memory {env['memory_gib']} GiB")
-    L.append(f"- OS: {env['os']}, kernel {env['kernel']}; backing file system: {env['backing_fs']}")
+    L.append(f"- OS: {env['os']}, kernel {env['kernel']}; backing file system: {env['backing_fs']}; "
+             f"load average at start {', '.join(str(x) for x in env.get('loadavg_at_start', []))}")
     L.append(f"- fio: {env['fio']}; gocryptfs: {env['gocryptfs']}")
     L.append(f"- qemu-storage-daemon: {env['qemu_storage_daemon']}")
     L.append(f"- Python {env['python']}; fusepy {env['fusepy']}; libfuse2 {env['libfuse2']}")

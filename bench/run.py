@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import jobs as jobs_mod  # noqa: E402
-from bench import report, systems as systems_mod  # noqa: E402
+from bench import profile, report, systems as systems_mod  # noqa: E402
 from bench.util import BenchError, need_tool  # noqa: E402
 
 MODES = {
@@ -71,6 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                      help="also write bench/RESULTS.md, results.json and PNGs (default: unfiltered full runs)")
     pub.add_argument("--no-publish", dest="publish", action="store_false")
     p.add_argument("--no-plots", action="store_true", help="skip matplotlib")
+    p.add_argument("--py-spy", type=Path, metavar="DIR",
+                   help="sample each blockcrypt daemon with py-spy during every job; "
+                        "collapsed stacks and a top-functions summary go to DIR")
     return p.parse_args(argv)
 
 
@@ -139,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         selected = [systems_mod.by_name()[n](workdir) for n in sys_names]
         jobs = [jobs_mod.by_name()[n] for n in job_names]
         preflight(selected, workdir)
-        filtered = bool(args.systems or args.jobs or args.size or args.runtime or args.reps)
+        filtered = bool(args.systems or args.jobs or args.size or args.runtime or args.reps
+                        or args.py_spy)
+        if args.py_spy and not (Path(sys.executable).parent / "py-spy").exists():
+            raise BenchError("--py-spy needs py-spy in the venv: .venv/bin/pip install py-spy")
         publish = args.publish if args.publish is not None else (args.mode == "full" and not filtered)
 
         started = dt.datetime.now(dt.timezone.utc)
@@ -159,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(1, cfg["reps"] + 1):
             for job in jobs:
                 for s in selected:
+                    spy = (args.py_spy.absolute() / f"{s.name}-{job.name}-r{rep}.txt"
+                           if args.py_spy and s.role == "blockcrypt" else None)
                     r = jobs_mod.run_fio(job, s.target, cfg["size_bytes"], cfg["runtime_s"],
-                                         cfg["ramp_s"], s.daemon_pid)
+                                         cfg["ramp_s"], s.daemon_pid, profile_path=spy)
+                    if spy is not None:
+                        r["profile"] = str(spy)
+                        log(profile.summary_text(spy, top_n=12))
                     r.update({"system": s.name, "job": job.name, "rep": rep})
                     runs.append(r)
                     cpu = f"{r['cpu_s_per_gib']:.2f} CPU s/GiB" if r["cpu_s_per_gib"] is not None else ""
@@ -257,6 +268,8 @@ def print_summary(raw: dict) -> None:
         print(f"{j['name']:<16}{j['unit']:<6}" + "".join(
             f"{(f'{c:,.1f}' if c is not None else '-'):>{w}}" for c in cells))
     for row in report.comparisons(raw):
+        if not any(r is not None for r in row["ratios"].values()):
+            continue
         ratios = ", ".join(f"vs {o} {r:.2f}" for o, r in row["ratios"].items() if r is not None)
         flag = "  MISSED: " + "; ".join(row["missed"]) if row["missed"] else ""
         print(f"{label[row['system']]} {row['job']}: {ratios}{flag}")

@@ -1,0 +1,164 @@
+"""The runner for real: fio, FUSE mounts, drop_caches, teardown on success, error and Ctrl-C."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import jobs
+from bench.util import is_mounted, mount_points
+
+pytestmark = pytest.mark.needs_root
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = [sys.executable, str(REPO / "bench" / "run.py")]
+HAVE_PEERS = bool(shutil.which("gocryptfs") and shutil.which("qemu-storage-daemon"))
+
+
+def _bench(tmp_path, *args, timeout=300, env=None):
+    cmd = RUN + ["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out"), "--no-publish", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _leftovers(workdir: Path) -> tuple[list, list]:
+    """Mounts under workdir and live processes naming it in their argv."""
+    mounts = [m for m in mount_points() if m.startswith(str(workdir))]
+    procs = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(workdir) in argv and state != "Z":
+            procs.append(argv.replace("\0", " ")[:120])
+    return mounts, procs
+
+
+def test_raw_end_to_end_writes_json_markdown_and_plots(tmp_path):
+    p = _bench(tmp_path, "--systems", "raw", "--jobs", "seq_write,seq_read,rand_read,unaligned_512",
+               "--size", "32M", "--runtime", "0.5", "--json")
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    out_dir = Path(summary["out_dir"])
+    raw = json.loads((out_dir / "raw.json").read_text())
+    assert [r["job"] for r in raw["runs"]] == ["seq_write", "seq_read", "rand_read", "unaligned_512"]
+    for r in raw["runs"]:
+        assert r["value"] > 0 and r["io_bytes"] > 0
+    # one sequential pass over the whole file, nothing more
+    assert raw["runs"][0]["write"]["io_bytes"] == 32 << 20
+    assert raw["runs"][1]["read"]["io_bytes"] == 32 << 20
+    md = (out_dir / "RESULTS.md").read_text()
+    assert "| seq write 1 MiB | MiB/s |" in md and "openssl speed -evp aes-256-xts -bytes 4096" in md
+    assert (out_dir / "iops.png").exists() or "Plots not drawn" in md
+    assert not (tmp_path / "w" / "raw").exists()
+    assert _leftovers(tmp_path / "w") == ([], [])
+
+
+def test_unaligned_requests_are_512_aligned_and_never_4k_aligned(tmp_path):
+    target = tmp_path / "disk.img"
+    with open(target, "wb") as f:
+        f.truncate(16 << 20)
+    job = jobs.by_name()["unaligned_512"]
+    cmd = jobs.fio_command(job, target, 16 << 20, 0.3, 0, tmp_path / "o.json")
+    cmd = [c for c in cmd if c != "--direct=1"] + [f"--write_iolog={tmp_path / 'io.log'}"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    offsets = [int(line.split()[3]) for line in (tmp_path / "io.log").read_text().splitlines()
+               if " write " in line]
+    assert len(offsets) > 100
+    assert all(o % 4096 == 512 for o in offsets)
+    assert max(offsets) + 512 <= 16 << 20
+
+
+@pytest.mark.skipif(not HAVE_PEERS, reason="needs gocryptfs and qemu-storage-daemon (install-deps --bench)")
+def test_every_system_measures_and_tears_down(tmp_path):
+    p = _bench(tmp_path, "--jobs", "rand_write,seq_read", "--size", "32M", "--runtime", "0.5", "--json",
+               timeout=400)
+    assert p.returncode == 0, p.stderr
+    raw = json.loads((Path(json.loads(p.stdout)["out_dir"]) / "raw.json").read_text())
+    seen = {(r["system"], r["job"]) for r in raw["runs"] if r["value"] > 0}
+    assert seen == {(s, j) for s in ("raw", "null", "single", "gocryptfs", "qsd")
+                    for j in ("rand_write", "seq_read")}
+    for r in raw["runs"]:
+        if r["system"] == "raw":
+            assert r["daemon_cpu_s"] is None
+        else:  # the daemon's own CPU was counted
+            assert r["daemon_cpu_s"] is not None and r["cpu_s_per_gib"] > 0, r
+    comps = json.loads(p.stdout)["comparisons"]
+    assert {c["job"] for c in comps if c["system"] == "single"} == {"rand_write", "seq_read"}
+    assert set(comps[0]["ratios"]) == {"null", "gocryptfs", "qsd"}
+    assert _leftovers(tmp_path / "w") == ([], [])
+
+
+def test_unknown_system_is_one_line(tmp_path):
+    p = _bench(tmp_path, "--systems", "raw,zfs")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        "bench: error: unknown system zfs; choose from raw, null, single, gocryptfs, qsd"]
+
+
+def test_fio_missing_is_one_line(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path / "empty"))
+    p = _bench(tmp_path, "--systems", "raw", env=env)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        "bench: error: fio not found; install it: apt-get install fio (or bash scripts/install-deps.sh)"]
+
+
+def test_not_root_is_refused(tmp_path):
+    if not shutil.which("setpriv"):
+        pytest.skip("needs setpriv")
+    tmp_path.chmod(0o777)
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *RUN, "--systems", "raw",
+           "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if "Permission denied" in p.stderr and "bench:" not in p.stderr:
+        pytest.skip("the venv is not readable by nobody")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1].startswith("bench: error: run as root")
+
+
+@pytest.mark.skipif(not shutil.which("gocryptfs"), reason="needs gocryptfs")
+def test_busy_mount_point_is_refused_and_left_alone(tmp_path):
+    busy = tmp_path / "w" / "gocryptfs" / "plain"
+    busy.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(busy)], check=True)
+    try:
+        p = _bench(tmp_path, "--systems", "raw,gocryptfs")
+        assert p.returncode == 1
+        assert p.stderr.strip().splitlines() == [
+            f"bench: error: mount point {busy} is busy (already mounted); unmount it "
+            f"(umount {busy}) or choose another --workdir"]
+        assert is_mounted(busy)  # not ours: untouched
+    finally:
+        subprocess.run(["umount", str(busy)], check=False)
+
+
+@pytest.mark.skipif(not HAVE_PEERS, reason="needs gocryptfs and qemu-storage-daemon")
+def test_ctrl_c_tears_everything_down(tmp_path):
+    workdir = tmp_path / "w"
+    cmd = RUN + ["--workdir", str(workdir), "--out", str(tmp_path / "out"), "--no-publish",
+                 "--systems", "raw,single,gocryptfs,qsd", "--jobs", "rand_read", "--size", "32M",
+                 "--runtime", "60"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        export = workdir / "qsd" / "export.img"
+        while not is_mounted(export) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert is_mounted(export), proc.stderr.read() if proc.poll() is not None else "not mounted"
+        time.sleep(3)  # now in the middle of a 60 s fio job
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted; everything torn down" in err
+    assert _leftovers(workdir) == ([], [])
+    assert not (workdir / "gocryptfs").exists() and not (workdir / "single").exists()
