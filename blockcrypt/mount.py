@@ -53,6 +53,7 @@ DAEMON_PLUGINS = ("blockcrypt.keys.monitor",)
 
 READY_TIMEOUT_S = 30.0
 UMOUNT_TIMEOUT_S = 60.0
+BUSY_RETRY_S = 2.0
 FSTYPE = "fuse.blockcrypt"
 
 
@@ -336,6 +337,10 @@ def umount(state, mountpoint: str, *, timeout_s: float = UMOUNT_TIMEOUT_S) -> di
     if types:
         if pids:
             err = _unmount(mp)
+            busy_until = time.monotonic() + BUSY_RETRY_S  # a just-detached loop device lets go late
+            while err is not None and "busy" in err.lower() and time.monotonic() < busy_until:
+                time.sleep(0.1)
+                err = _unmount(mp)
             if err is not None:
                 if "busy" in err.lower():
                     raise Busy(f"{mp} is busy: a disk file is still open (a loop device? see "
