@@ -434,3 +434,181 @@ def test_wipe_races_calls_in_flight():
         t.join(timeout=120)
     assert "WRONG" not in outcomes
     assert outcomes.count("wiped") == 4
+
+
+# --------------------------------------------------------------------------- platform AEAD layer
+# blockcrypt._sodium (native/blockcrypt_sodium.c): XChaCha20-Poly1305 per sector for the
+# platform layer of double encryption, checked against PyNaCl (libsodium through cffi).
+# It is a separate extension so that the XTS core builds without libsodium; these tests
+# skip until setup.py builds it.
+
+try:
+    from blockcrypt import _sodium
+except ImportError:  # pragma: no cover - before setup.py builds blockcrypt._sodium
+    _sodium = None
+
+needs_sodium = pytest.mark.skipif(_sodium is None, reason="blockcrypt._sodium is not built")
+
+
+def _nacl_seal(key: bytes, sector: bytes, sector_no: int, nonce: bytes) -> bytes:
+    from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
+
+    return crypto_aead_xchacha20poly1305_ietf_encrypt(sector, sector_no.to_bytes(8, "little"), nonce, key)
+
+
+def _split_meta(meta: bytes, i: int) -> tuple[bytes, bytes]:
+    m = meta[i * 40:(i + 1) * 40]
+    return m[:24], m[24:]
+
+
+@needs_sodium
+@pytest.mark.parametrize("sector_size", SECTOR_SIZES)
+def test_aead_seal_matches_pynacl(sector_size):
+    assert (_sodium.KEY_BYTES, _sodium.NONCE_BYTES, _sodium.TAG_BYTES, _sodium.SECTOR_META_BYTES) == (32, 24, 16, 40)
+    key = os.urandom(32)
+    ctx = _sodium.AeadSectorContext(key, sector_size)
+    for sector_no, count in ((0, 1), (2**33 + 7, 5), (U64_MAX - 2, 3)):
+        plain = os.urandom(count * sector_size)
+        ct, meta = ctx.seal(memoryview(bytearray(plain)), sector_no)
+        assert len(ct) == len(plain) and len(meta) == 40 * count
+        for i in range(count):
+            nonce, tag = _split_meta(meta, i)
+            sector = plain[i * sector_size:(i + 1) * sector_size]
+            assert _nacl_seal(key, sector, sector_no + i, nonce) == ct[i * sector_size:(i + 1) * sector_size] + tag
+        assert ctx.open(ct, meta, sector_no) == plain
+
+
+@needs_sodium
+def test_aead_opens_what_pynacl_sealed_and_nonces_are_fresh():
+    key, sector_size = os.urandom(32), 512
+    ctx = _sodium.AeadSectorContext(key, sector_size)
+    plain = os.urandom(4 * sector_size)
+    ct, meta = b"", b""
+    for i in range(4):
+        nonce = os.urandom(24)
+        sealed = _nacl_seal(key, plain[i * sector_size:(i + 1) * sector_size], 100 + i, nonce)
+        ct += sealed[:-16]
+        meta += nonce + sealed[-16:]
+    assert ctx.open(ct, bytearray(meta), 100) == plain
+    # the same data sealed twice: new nonces, new ciphertext
+    (ct1, meta1), (ct2, meta2) = ctx.seal(plain, 100), ctx.seal(plain, 100)
+    assert ct1 != ct2
+    nonces = {_split_meta(m, i)[0] for m in (meta1, meta2) for i in range(4)}
+    assert len(nonces) == 8
+
+
+@needs_sodium
+@pytest.mark.parametrize("where", ["ciphertext", "nonce", "tag"])
+def test_aead_tamper_names_the_sector(where):
+    sector_size = 4096
+    ctx = _sodium.AeadSectorContext(os.urandom(32), sector_size)
+    plain = os.urandom(6 * sector_size)
+    ct, meta = ctx.seal(plain, 2**40)
+    ct, meta = bytearray(ct), bytearray(meta)
+    bad = 4
+    if where == "ciphertext":
+        ct[bad * sector_size + 1234] ^= 0x01
+    elif where == "nonce":
+        meta[bad * 40 + 3] ^= 0x80
+    else:
+        meta[bad * 40 + 24 + 15] ^= 0x01
+    with pytest.raises(_sodium.AeadSectorError) as info:
+        ctx.open(ct, meta, 2**40)
+    assert info.value.args[1:] == (bad, 2**40 + bad)
+    assert not isinstance(info.value, ValueError)  # bad data, not a bad argument
+
+
+@needs_sodium
+def test_aead_sector_moved_or_swapped_does_not_open():
+    ss = 512
+    ctx = _sodium.AeadSectorContext(os.urandom(32), ss)
+    ct, meta = ctx.seal(os.urandom(2 * ss), 10)
+    with pytest.raises(_sodium.AeadSectorError) as info:
+        ctx.open(ct, meta, 11)  # the same bytes at another sector number
+    assert info.value.args[1:] == (0, 11)
+    swapped_ct = ct[ss:] + ct[:ss]
+    swapped_meta = meta[40:] + meta[:40]
+    with pytest.raises(_sodium.AeadSectorError):
+        ctx.open(swapped_ct, swapped_meta, 10)
+    other = _sodium.AeadSectorContext(os.urandom(32), ss)
+    with pytest.raises(_sodium.AeadSectorError):
+        other.open(ct, meta, 10)  # another disk's key
+
+
+@needs_sodium
+def test_aead_holes_read_as_zeros_and_half_holes_do_not():
+    ss = 512
+    ctx = _sodium.AeadSectorContext(os.urandom(32), ss)
+    plain = os.urandom(ss)
+    ct, meta = ctx.seal(plain, 7)
+    # a hole (ciphertext and metadata all zero) between two real sectors
+    ct9, meta9 = ctx.seal(plain, 9)
+    got = ctx.open(ct + bytes(ss) + ct9, meta + bytes(40) + meta9, 7)
+    assert got == plain + bytes(ss) + plain
+    with pytest.raises(_sodium.AeadSectorError) as info:
+        ctx.open(bytes(ss), meta, 7)  # data zeroed, metadata kept
+    assert info.value.args[1] == 0
+    with pytest.raises(_sodium.AeadSectorError):
+        ctx.open(ct, bytes(40), 7)  # metadata zeroed, data kept
+    # zero plaintext seals to non-zero ciphertext
+    zct, zmeta = ctx.seal(bytes(ss), 3)
+    assert any(zct) and ctx.open(zct, zmeta, 3) == bytes(ss)
+
+
+@needs_sodium
+def test_aead_argument_validation_and_wipe():
+    for key in (b"", bytes(31), bytes(33), bytes(64)):
+        with pytest.raises(ValueError, match="32 bytes"):
+            _sodium.AeadSectorContext(key, 4096)
+    with pytest.raises(ValueError, match="512 or 4096"):
+        _sodium.AeadSectorContext(bytes(32), 1024)
+    ctx = _sodium.AeadSectorContext(os.urandom(32), 512)
+    with pytest.raises(ValueError, match="already initialised"):
+        ctx.__init__(os.urandom(32), 512)
+    with pytest.raises(ValueError, match="not a multiple"):
+        ctx.seal(bytes(513), 0)
+    ct, meta = ctx.seal(bytes(1024), 0)
+    with pytest.raises(ValueError, match="40 bytes per sector"):
+        ctx.open(ct, meta[:-1], 0)
+    with pytest.raises(ValueError, match="sector_no"):
+        ctx.seal(bytes(512), -1)
+    with pytest.raises(ValueError, match="past sector"):
+        ctx.seal(bytes(1024), U64_MAX)
+    assert ctx.seal(b"", 0) == (b"", b"") and ctx.open(b"", b"", 0) == b""
+    ctx.wipe()
+    assert ctx.sector_size == 0
+    with pytest.raises(ValueError, match="wiped"):
+        ctx.seal(bytes(512), 0)
+    with pytest.raises(ValueError, match="wiped"):
+        ctx.open(ct, meta, 0)
+
+
+@needs_sodium
+def test_aead_eight_threads_on_one_context():
+    ss = 4096
+    key = os.urandom(32)
+    ctx = _sodium.AeadSectorContext(key, ss)
+    barrier = threading.Barrier(8)
+    errors: list[str] = []
+
+    def hammer(tid: int) -> None:
+        rng = random.Random(tid)
+        barrier.wait()
+        for n in range(100):
+            count, sector_no = rng.randint(1, 32), rng.randrange(2**63)
+            plain = rng.randbytes(count * ss)
+            ct, meta = ctx.seal(plain, sector_no)
+            if ctx.open(ct, meta, sector_no) != plain:
+                errors.append(f"thread {tid} op {n}: round trip failed")
+            i = rng.randrange(count)
+            nonce, tag = _split_meta(meta, i)
+            if _nacl_seal(key, plain[i * ss:(i + 1) * ss], sector_no + i, nonce)[-16:] != tag:
+                errors.append(f"thread {tid} op {n}: tag differs from PyNaCl")
+
+    threads = [threading.Thread(target=hammer, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
