@@ -427,6 +427,13 @@ class KeyOps:
             n, e = _b64u_int(row["n"], "n"), _b64u_int(row["e"], "e")
             kid = self.kid(row["name"], row["version"])
             size_bytes = (row["key_size_bits"] + 7) // 8
+        if label:
+            if self.hsm is None:
+                raise ApiError(503, "ServiceUnavailable", "This RSA-HSM key's token is not configured on this "
+                                                          "vault (vault serve --hsm-module ...).")
+            if alg not in self.hsm.algorithms:
+                raise bad(f"Algorithm {alg} is not supported for RSA-HSM keys on this vault's HSM; use "
+                          f"{' or '.join(self.hsm.algorithms)}.")
         if op in ("wrapKey", "encrypt"):
             hash_len = 32 if alg == "RSA-OAEP-256" else 20
             if not value or len(value) > size_bytes - 2 * hash_len - 2:
@@ -440,7 +447,10 @@ class KeyOps:
             if len(value) != size_bytes:
                 raise bad(f"Property 'value' must be {size_bytes} bytes (one RSA block) for this key.")
             if label:
-                out = self.hsm.decrypt(label, alg, value)
+                try:
+                    out = self.hsm.decrypt(label, alg, value)
+                except ValueError:
+                    raise bad("The value could not be decrypted with this key and algorithm.") from None
             else:
                 der = self.store.unseal(row["name"], row["version"], sealed)
                 priv = serialization.load_der_private_key(der, password=None)
