@@ -112,6 +112,9 @@ class DiskFS(fuse.Operations):
     """fusepy Operations serving ``/disks/<name>`` from a :class:`~blockcrypt.state.State`."""
 
     use_ns = True
+    # No xattr operations at all: libfuse then answers ENOSYS and the kernel stops asking
+    # (with EOPNOTSUPP it would ask getxattr("security.capability") before every write).
+    getxattr = listxattr = setxattr = removexattr = None
     # read/write/fsync/release/fgetattr/fallocate work on file handles: let libfuse skip
     # building the path (and taking its tree lock) for them.
     flag_nullpath_ok = 1
@@ -530,6 +533,12 @@ class _FuseOpsV29(ctypes.Structure):
 
 class _Fuse(fuse.FUSE):
     """fusepy's FUSE with the fallocate operation wired in (and ioctl without a path)."""
+
+    def write(self, path, buf, size, offset, fip):
+        # a view of libfuse's buffer instead of fusepy's string_at copy; valid during this call
+        # only, which is all Volume.write needs (it encrypts into a new buffer or writes it out)
+        data = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))).cast("B")
+        return self.operations("write", None, data, offset, fip.contents.fh)
 
     def ioctl(self, path, cmd, arg, fip, flags, data):
         # fusepy decodes the path unconditionally; with flag_nopath it is NULL here
