@@ -267,7 +267,7 @@ class KeyOps:
         return {"version": version, "n": _int_b64u(pub.n), "e": _int_b64u(pub.e), "sealed": sealed,
                 "hsm_label": None}
 
-    def insert(self, name: str, spec: dict, material: dict, *, must_exist: bool = False) -> dict:
+    def insert(self, name: str, spec: dict, material: dict, *, must_exist: bool = False, on_commit=None) -> dict:
         t = now_s()
         attrs = spec["attributes"]
         with self.store.tx() as c:
@@ -288,19 +288,19 @@ class KeyOps:
                  json.dumps(spec["tags"])))
             row = c.execute("SELECT * FROM key_versions WHERE name = ? AND version = ?",
                             (name, material["version"])).fetchone()
-            return self.bundle(row)
+            return _committing(c, self.bundle(row), on_commit)
 
     def discard(self, material: dict) -> None:
         """Drop material that was generated but not inserted (HSM objects only)."""
         if material.get("hsm_label") and self.hsm is not None:
             self.hsm.destroy(material["hsm_label"])
 
-    def create(self, name: str, body: dict) -> dict:
+    def create(self, name: str, body: dict, on_commit=None) -> dict:
         check_name(name)
         spec = self.parse_create(body)
         material = self.generate(name, spec)
         try:
-            return self.insert(name, spec, material)
+            return self.insert(name, spec, material, on_commit=on_commit)
         except BaseException:
             self.discard(material)
             raise
@@ -311,18 +311,18 @@ class KeyOps:
         return {"kty": row["kty"], "key_size": row["key_size_bits"], "key_ops": json.loads(row["key_ops"]),
                 "attributes": {"enabled": True}, "tags": json.loads(row["tags"])}
 
-    def rotate(self, name: str) -> dict:
+    def rotate(self, name: str, on_commit=None) -> dict:
         spec = self.rotate_spec(name)
         if spec["kty"] == "RSA-HSM":
             self._check_hsm_allowed("RSA-HSM")
         material = self.generate(name, spec)
         try:
-            return self.insert(name, spec, material, must_exist=True)
+            return self.insert(name, spec, material, must_exist=True, on_commit=on_commit)
         except BaseException:
             self.discard(material)
             raise
 
-    def import_key(self, name: str, body: dict) -> dict:
+    def import_key(self, name: str, body: dict, on_commit=None) -> dict:
         check_name(name)
         jwk = body.get("key")
         if not isinstance(jwk, dict):
@@ -355,7 +355,7 @@ class KeyOps:
             material = self._software_material(name, version, priv)
         del priv
         try:
-            return self.insert(name, spec, material)
+            return self.insert(name, spec, material, on_commit=on_commit)
         except BaseException:
             self.discard(material)
             raise
@@ -380,7 +380,7 @@ class KeyOps:
         return {"value": [self._item(r, with_version=True) for r in rows], "nextLink": None}
 
     # -- update -----------------------------------------------------------------------------
-    def update(self, name: str, version: str | None, body: dict) -> dict:
+    def update(self, name: str, version: str | None, body: dict, on_commit=None) -> dict:
         attrs = _parse_attributes(body, partial=True)
         tags = _parse_tags(body)
         ops = _parse_key_ops(body)
@@ -398,7 +398,8 @@ class KeyOps:
                 sets.append("key_ops = ?")
                 args.append(json.dumps(ops))
             c.execute(f"UPDATE key_versions SET {', '.join(sets)} WHERE seq = ?", (*args, row["seq"]))
-            return self.bundle(c.execute("SELECT * FROM key_versions WHERE seq = ?", (row["seq"],)).fetchone())
+            return _committing(c, self.bundle(c.execute("SELECT * FROM key_versions WHERE seq = ?",
+                                                        (row["seq"],)).fetchone()), on_commit)
 
     # -- crypto ---------------------------------------------------------------------------------
     def crypto(self, op: str, name: str, version: str | None, body: dict, *, now: int | None = None) -> dict:
@@ -466,7 +467,7 @@ class KeyOps:
         return {"kid": kid, "value": b64u_encode(out)}
 
     # -- delete / recover / purge -------------------------------------------------------------------
-    def delete(self, name: str) -> dict:
+    def delete(self, name: str, on_commit=None) -> dict:
         t = now_s()
         with self.store.tx() as c:
             row = self._live_row(c, name, None)
@@ -474,7 +475,7 @@ class KeyOps:
             c.execute("INSERT INTO deleted_keys (name, deleted_date, scheduled_purge_date) VALUES (?, ?, ?)",
                       (name, t, sched))
             drow = self._is_deleted(c, name)
-            return {**self.bundle(row), **self._deleted_fields(name, drow)}
+            return _committing(c, {**self.bundle(row), **self._deleted_fields(name, drow)}, on_commit)
 
     def _deleted(self, c, name: str):
         check_name(name)
@@ -496,13 +497,13 @@ class KeyOps:
                 out.append({**self._item(row, with_version=False), **self._deleted_fields(drow["name"], drow)})
         return {"value": out, "nextLink": None}
 
-    def recover(self, name: str) -> dict:
+    def recover(self, name: str, on_commit=None) -> dict:
         with self.store.tx() as c:
             self._deleted(c, name)
             c.execute("DELETE FROM deleted_keys WHERE name = ?", (name,))
-            return self.bundle(self._latest(c, name))
+            return _committing(c, self.bundle(self._latest(c, name)), on_commit)
 
-    def purge(self, name: str, *, now: int | None = None) -> None:
+    def purge(self, name: str, *, now: int | None = None, on_commit=None) -> None:
         t = now_s() if now is None else now
         with self.store.tx() as c:
             drow = self._deleted(c, name)
@@ -512,6 +513,7 @@ class KeyOps:
                                f"and its retention period lasts until {drow['scheduled_purge_date']} "
                                "(Unix time).", "PurgeProtectionEnabled")
             labels = self._purge_rows(c, name)
+            _committing(c, None, on_commit)
         self._destroy_hsm(labels)
 
     def _purge_rows(self, c, name: str) -> list[str]:
@@ -538,6 +540,14 @@ class KeyOps:
                     on_purge(c, drow["name"])
         self._destroy_hsm(labels)
         return purged
+
+
+def _committing(c, result, on_commit):
+    """Run ``on_commit(conn, result)`` inside the open transaction (the audit record of a change
+    commits with the change), then return ``result``."""
+    if on_commit is not None:
+        on_commit(c, result)
+    return result
 
 
 def _oaep(alg: str) -> padding.OAEP:

@@ -80,29 +80,29 @@ def route(ops: KeyOps, method: str, path: str) -> Route:
 
     if parts[0] == "keys":
         if len(parts) == 1 or (len(parts) == 2 and parts[1] == ""):
-            return pick({"GET": Route("KeyList", "list", lambda b: ops.list_keys())})
+            return pick({"GET": Route("KeyList", "list", lambda b, oc: ops.list_keys())})
         name = parts[1]
         if len(parts) == 2:
             return pick({
-                "GET": Route("KeyGet", "get", lambda b: ops.get(name, None), key=name),
-                "PUT": Route("KeyImport", "import", lambda b: ops.import_key(name, b), needs_body=True, key=name),
-                "PATCH": Route("KeyUpdate", "update", lambda b: ops.update(name, None, b), needs_body=True,
+                "GET": Route("KeyGet", "get", lambda b, oc: ops.get(name, None), key=name),
+                "PUT": Route("KeyImport", "import", lambda b, oc: ops.import_key(name, b, oc), needs_body=True, key=name),
+                "PATCH": Route("KeyUpdate", "update", lambda b, oc: ops.update(name, None, b, oc), needs_body=True,
                                key=name),
-                "DELETE": Route("KeyDelete", "delete", lambda b: ops.delete(name), key=name),
+                "DELETE": Route("KeyDelete", "delete", lambda b, oc: ops.delete(name, oc), key=name),
             })
         third = parts[2]
         if len(parts) == 3:
             if third == "create":
-                return pick({"POST": Route("KeyCreate", "create", lambda b: ops.create(name, b), needs_body=True,
+                return pick({"POST": Route("KeyCreate", "create", lambda b, oc: ops.create(name, b, oc), needs_body=True,
                                            key=name)})
             if third == "rotate":
-                return pick({"POST": Route("KeyRotate", "rotate", lambda b: ops.rotate(name), key=name)})
+                return pick({"POST": Route("KeyRotate", "rotate", lambda b, oc: ops.rotate(name, oc), key=name)})
             if third == "versions":
-                return pick({"GET": Route("KeyListVersions", "list", lambda b: ops.list_versions(name), key=name)})
+                return pick({"GET": Route("KeyListVersions", "list", lambda b, oc: ops.list_versions(name), key=name)})
             version = third or None
             return pick({
-                "GET": Route("KeyGet", "get", lambda b: ops.get(name, version), key=name, version=version),
-                "PATCH": Route("KeyUpdate", "update", lambda b: ops.update(name, version, b), needs_body=True,
+                "GET": Route("KeyGet", "get", lambda b, oc: ops.get(name, version), key=name, version=version),
+                "PATCH": Route("KeyUpdate", "update", lambda b, oc: ops.update(name, version, b, oc), needs_body=True,
                                key=name, version=version),
             })
         if len(parts) == 4:
@@ -111,19 +111,19 @@ def route(ops: KeyOps, method: str, path: str) -> Route:
                     "encrypt": ("KeyEncrypt", "encrypt"), "decrypt": ("KeyDecrypt", "decrypt")}
             if parts[3].lower() in cops:
                 operation, op = cops[parts[3].lower()]
-                return pick({"POST": Route(operation, op, lambda b: ops.crypto(op, name, version, b),
+                return pick({"POST": Route(operation, op, lambda b, oc: ops.crypto(op, name, version, b),
                                            needs_body=True, key=name, version=version)})
     else:
         if len(parts) == 1 or (len(parts) == 2 and parts[1] == ""):
-            return pick({"GET": Route("KeyListDeleted", "list", lambda b: ops.list_deleted())})
+            return pick({"GET": Route("KeyListDeleted", "list", lambda b, oc: ops.list_deleted())})
         name = parts[1]
         if len(parts) == 2:
             return pick({
-                "GET": Route("KeyGetDeleted", "get", lambda b: ops.get_deleted(name), key=name),
-                "DELETE": Route("KeyPurge", "purge", lambda b: ops.purge(name), key=name, status=204),
+                "GET": Route("KeyGetDeleted", "get", lambda b, oc: ops.get_deleted(name), key=name),
+                "DELETE": Route("KeyPurge", "purge", lambda b, oc: ops.purge(name, on_commit=oc), key=name, status=204),
             })
         if len(parts) == 3 and parts[2] == "recover":
-            return pick({"POST": Route("KeyRecover", "recover", lambda b: ops.recover(name), key=name)})
+            return pick({"POST": Route("KeyRecover", "recover", lambda b, oc: ops.recover(name, oc), key=name)})
     raise ApiError(404, "NotFound", f"The requested URI {path[:200]} does not name a Key Vault operation.")
 
 
@@ -245,16 +245,18 @@ class Handler(BaseHTTPRequestHandler):
                                f"The user, group or application '{ident['name']}' (appid={ident['client_id']}) "
                                f"does not have keys {r.permission} permission on key vault "
                                f"'{self.app.base_url}'.", "AccessDenied")
-            result = r.call(body)
-            if isinstance(result, dict) and isinstance(result.get("key"), dict):
-                kid = result["key"].get("kid", "")
-                fields["version"] = kid.rsplit("/", 1)[-1] if kid.count("/") >= 5 else fields.get("version")
-            elif isinstance(result, dict) and "kid" in result and r.operation.startswith(("KeyWrap", "KeyUnwrap",
-                                                                                           "KeyEncrypt",
-                                                                                           "KeyDecrypt")):
-                fields["version"] = result["kid"].rsplit("/", 1)[-1]
-            fields.update(status=r.status, result="ok")
-            self.app.audit(_done(fields, started))
+            committed = []
+
+            def on_commit(c, result):  # a change and its audit record commit together
+                _note_version(fields, result)
+                fields.update(status=r.status, result="ok")
+                audit.append(c, _done(fields, started))
+                committed.append(True)
+            result = r.call(body, on_commit)
+            if not committed:  # a read: audit it before answering
+                _note_version(fields, result)
+                fields.update(status=r.status, result="ok")
+                self.app.audit(_done(fields, started))
             self._send(r.status, None if r.status == 204 else result)
         except ApiError as e:
             fields.update(status=e.status, result=e.inner or e.code)
@@ -387,6 +389,14 @@ class Handler(BaseHTTPRequestHandler):
         self.app.audit(fields)
         self._send(status, {"error": error, "error_description": description,
                             "error_codes": [], "correlation_id": self._request_id})
+
+
+def _note_version(fields: dict, result) -> None:
+    if not isinstance(result, dict):
+        return
+    kid = result["key"].get("kid", "") if isinstance(result.get("key"), dict) else result.get("kid", "")
+    if isinstance(kid, str) and kid.count("/") >= 5:  # https://host/keys/name/version
+        fields["version"] = kid.rsplit("/", 1)[-1]
 
 
 def _ctx(v):
