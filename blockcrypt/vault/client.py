@@ -203,6 +203,24 @@ class VaultClient:
         except VaultRequestError as e:
             raise (self._key_error(e, name, version) or e) from None
 
+    def status(self, name: str, version: str | None = None, *, now: float | None = None) -> dict:
+        """The key's usability: {kid, kty, state, recovery_level, purge_protected} where state is
+        ``enabled``, ``disabled``, ``expired`` or ``not-yet-valid``; missing keys raise
+        KeyDeleted/KeyPurged, unreachable vaults KeyUnavailable, as :meth:`get_key` does."""
+        b = self.get_key(name, version)
+        a = b.get("attributes", {})
+        t = time.time() if now is None else now
+        state = "enabled"
+        if not a.get("enabled", False):
+            state = "disabled"
+        elif a.get("nbf") is not None and t < a["nbf"]:
+            state = "not-yet-valid"
+        elif a.get("exp") is not None and t >= a["exp"]:
+            state = "expired"
+        level = a.get("recoveryLevel", "")
+        return {"kid": b["key"]["kid"], "kty": b["key"].get("kty"), "state": state, "recovery_level": level,
+                "purge_protected": bool(level) and "Purgeable" not in level}
+
     def wrap(self, name: str, version: str | None, plaintext: bytes, *, alg: str = "RSA-OAEP-256",
              disk_id: str | None = None) -> tuple[str, bytes]:
         """Returns (kid with version, wrapped bytes)."""

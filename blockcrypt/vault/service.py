@@ -505,11 +505,25 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _refuse_if_served(vault_dir: Path) -> None:
+    """One server per vault directory: refuse if serve.json names a live `vault serve` process."""
+    try:
+        info = json.loads((vault_dir / "serve.json").read_text())
+        pid = int(info["pid"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if pid != os.getpid() and b"serve" in cmdline and b"vault" in cmdline:
+        from ..errors import Busy
+        raise Busy(f"vault {vault_dir} is already served by pid {pid} at {info.get('url')}")
+
+
 def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DEFAULT_TOKEN_TTL_SECONDS,
           public_url: str | None = None, hsm=None, verbose: bool = False, ready=None) -> None:
     """Run the vault until SIGTERM/SIGINT. Prints and writes (serve.json) its URL once listening."""
-    store = Store(vault_dir)
     host, port = parse_listen(listen)
+    _refuse_if_served(Path(vault_dir))
+    store = Store(vault_dir)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     ctx = make_ssl_context(store.dir, store.tls_password)
     server = None

@@ -110,6 +110,14 @@ def test_kill9_during_writes(tmp_path):
             res = json.loads(vault_cli("audit", "verify", "--dir", d, "--json").stdout)
             assert res["ok"], res
 
+            # every key version in the store has its KeyCreate audit record (they commit together)
+            conn = sqlite3.connect(str(d / "vault.db"))
+            versions = {r[0] for r in conn.execute("SELECT version FROM key_versions")}
+            conn.close()
+            recs = [json.loads(x) for x in vault_cli("audit", "--dir", d, "--json").stdout.splitlines()]
+            audited = {r.get("version") for r in recs if r.get("operation") == "KeyCreate" and r.get("status") == 200}
+            assert versions <= audited
+
             v.start(listen=f"127.0.0.1:{port}")
             names = {it["kid"].rsplit("/", 1)[1] for it in c.list_keys()}
             assert set(acked_keys) <= names

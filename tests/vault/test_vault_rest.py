@@ -194,6 +194,23 @@ def test_disk_id_context_is_audited(v, client):
     assert unwraps[-1]["identity"] == "admin" and unwraps[-1]["status"] == 200
 
 
+def test_client_status(v, client):
+    client.create_key("rest-status")
+    st = client.status("rest-status")
+    assert st["state"] == "enabled" and st["purge_protected"] and st["kty"] == "RSA"
+    client.update_key("rest-status", exp=int(time.time()) - 5)
+    assert client.status("rest-status")["state"] == "expired"
+    client.update_key("rest-status", exp=int(time.time()) + 3600, nbf=int(time.time()) + 60)
+    assert client.status("rest-status")["state"] == "not-yet-valid"
+    client.update_key("rest-status", enabled=False)
+    assert client.status("rest-status")["state"] == "disabled"
+
+
+def test_second_server_on_same_dir_is_refused(v):
+    p = vault_cli("serve", "--dir", v.dir, "--listen", "127.0.0.1:0", check=False, timeout=30)
+    assert p.returncode == 6 and "already served" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
 def test_client_maps_key_errors(v, client):
     from blockcrypt.errors import KeyDeleted, KeyDisabled, KeyIntegrityError, KeyPurged
     client.create_key("rest-map")
