@@ -196,7 +196,9 @@ class Handler(BaseHTTPRequestHandler):
                  414: "RequestUriTooLong", 431: "RequestHeaderFieldsTooLarge", 501: "NotImplemented",
                  505: "HttpVersionNotSupported"}
         status = 405 if code == 501 else code
-        text = message or "Bad request"
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"  # answer with a status line and headers even to garbage
+        text = (message or "Bad request")[:200]
         if code == 501:
             text = f"The requested resource does not support http method '{self.command}'."
         try:

@@ -286,10 +286,3 @@ def init_vault(vault_dir: str | os.PathLike, *, sku: str = "standard", retention
 
 def open_store(vault_dir: str | os.PathLike) -> Store:
     return Store(vault_dir)
-
-
-def load_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise StateError(path=str(Path(path).parent), why=f"cannot read {Path(path).name}: {e}") from None

@@ -13,7 +13,7 @@ import pytest
 from blockcrypt.vault.client import VaultClient
 from blockcrypt.vault.keyops import KeyOps
 from blockcrypt.vault.store import Store
-from conftest import VaultProcess, make_vault, vault_cli
+from vault_helpers import VaultProcess, make_vault, vault_cli
 
 
 def _one_line_error(p, code=None):

@@ -12,7 +12,7 @@ import time
 
 from blockcrypt.errors import BlockcryptError
 from blockcrypt.vault.client import VaultClient
-from conftest import VaultProcess, make_vault, vault_cli
+from vault_helpers import VaultProcess, make_vault, vault_cli
 from vault_helpers import admin_token, raw
 
 DEK = os.urandom(64)

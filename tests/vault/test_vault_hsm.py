@@ -13,7 +13,7 @@ from azure.core.exceptions import HttpResponseError
 from azure.keyvault.keys import KeyType
 from azure.keyvault.keys.crypto import KeyWrapAlgorithm
 
-from conftest import VaultProcess, make_vault
+from vault_helpers import VaultProcess, make_vault
 from vault_helpers import crypto_client, key_client
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"

@@ -15,7 +15,7 @@ import pytest
 from blockcrypt.vault import identities
 from blockcrypt.vault.client import VaultClient
 from blockcrypt.vault.store import Store
-from conftest import vault_cli
+from vault_helpers import vault_cli
 from vault_helpers import admin_token, plain_http, raw
 
 DEK = os.urandom(64)
@@ -288,3 +288,24 @@ def test_burst_of_bad_requests_then_good_ones(v, token, client):
     res = json.loads(vault_cli("audit", "verify", "--dir", v.dir, "--json").stdout)
     assert res["ok"] and res["records"] >= audit_before + 1000
     print(f"\n1000 bad requests in {elapsed_s:.1f} s; statuses {dict(sorted(statuses.items()))}")
+
+
+def test_garbage_over_tls_gets_json_error(v, client):
+    import socket
+    import ssl as _ssl
+    ctx = _ssl.create_default_context(cafile=str(v.dir / "ca.pem"))
+    for payload in (b"GARBAGE\r\n\r\n", b"GET /keys HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+                    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", v.port), timeout=10) as raw_sock:
+            with ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1") as s:
+                s.sendall(payload)
+                out = b""
+                try:
+                    while chunk := s.recv(65536):
+                        out += chunk
+                except (ConnectionError, _ssl.SSLError):
+                    pass
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] in (b"400", b"414"), out[:200]
+        assert json.loads(body)["error"]["code"] in ("BadRequest", "BadParameter", "RequestUriTooLong")
+    assert client.list_keys() is not None  # still serving

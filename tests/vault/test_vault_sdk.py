@@ -3,7 +3,6 @@ azure-identity against a real `vault serve` on 127.0.0.1 over HTTPS."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 
 import pytest
@@ -13,7 +12,7 @@ from azure.keyvault.keys.crypto import KeyWrapAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from conftest import vault_cli
+from vault_helpers import vault_cli
 from vault_helpers import credential, crypto_client, key_client
 
 DEK = bytes(range(64))  # a 64-byte XTS DEK, as blockcrypt wraps them
