@@ -84,8 +84,17 @@ def disk_json(st, rec) -> dict:
         return out
     from .disks import encryption_type
     out["health"] = "Healthy"
+    out["revocation"] = rec.revocation
     out["encryption"] = {"type": encryption_type(h), "cipher": h.cipher,
                          "layers": [l.to_json() for l in h.layers]}
+    if rec.des:
+        from .format import ROLE_DATA
+        kid = h.layer(ROLE_DATA).kek_id
+        des_rec = st.catalog.find_des(rec.des)
+        out["encryption"]["diskEncryptionSetId"] = des_rec.des_id if des_rec else None
+        out["encryption"]["diskEncryptionSetName"] = rec.des
+        out["encryption"]["keyUrl"] = kid
+        out["encryption"]["keyVersion"] = kid.rsplit("/", 1)[-1]
     out["header"] = {"formatVersion": 1, "sequence": h.seqno}
     return out
 
@@ -103,12 +112,19 @@ def _size_arg(value):
 @click.argument("name")
 @click.option("--size", required=True, help="size with K/M/G/T, e.g. 10G")
 @click.option("--sector-size", type=click.Choice(["512", "4096"]), default="4096", show_default=True)
+@click.option("--des", "des_name", help="disk encryption set: wrap the DEK with its customer-managed key")
+@click.option("--revocation", type=click.Choice(["immediate", "on-restart"]), default="immediate",
+              show_default=True, help="when a revoked customer key stops this disk's I/O")
 @json_opt
 @pass_ctx
-def disk_create(c: Ctx, name, size, sector_size, as_json):
-    """Create a disk encrypted under a fresh DEK wrapped by the platform key."""
+def disk_create(c: Ctx, name, size, sector_size, des_name, revocation, as_json):
+    """Create a disk under a fresh DEK, wrapped by the platform key or a DES's customer key."""
     from . import disks
-    rec = disks.create(c.state, name, parse_size(size), int(sector_size))
+    if des_name:
+        from . import des
+        rec = des.create_disk(c.state, name, parse_size(size), des_name, int(sector_size), revocation)
+    else:
+        rec = disks.create(c.state, name, parse_size(size), int(sector_size), revocation=revocation)
     emit(disk_json(c.state, rec), as_json,
          f"created disk {rec.name} ({format_size(rec.size)}, id {rec.disk_id})")
 
@@ -162,6 +178,50 @@ def disk_resize(c: Ctx, name, size, as_json):
     from . import disks
     rec = disks.resize(c.state, name, parse_size(size))
     emit(disk_json(c.state, rec), as_json, f"resized disk {name} to {format_size(rec.size)}")
+
+
+@disk.command("update")
+@click.argument("name")
+@click.option("--des", "des_name", help="move a platform-key disk to this disk encryption set (re-wrap only)")
+@click.option("--platform-key", is_flag=True, help="(refused for customer-key disks: use `disk copy`)")
+@click.option("--revocation", type=click.Choice(["immediate", "on-restart"]))
+@json_opt
+@pass_ctx
+def disk_update(c: Ctx, name, des_name, platform_key, revocation, as_json):
+    """Change a disk's key: platform key -> DES; never back (copy the disk instead)."""
+    from . import des
+    rec = c.state.catalog.get_disk(name)
+    if platform_key:
+        if rec.des:
+            des.refuse_back_to_platform(name, rec.des)
+    if des_name:
+        rec = des.move_disk_to_des(c.state, name, des_name)
+    if revocation:
+        c.state.catalog.update_disk(name, revocation=revocation)
+        rec = c.state.catalog.get_disk(name)
+    emit(disk_json(c.state, rec), as_json, f"updated disk {name}: {rec.encryption_type}"
+         + (f" (DES {rec.des})" if rec.des else "") + f", revocation {rec.revocation}")
+
+
+@disk.command("copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--des", "des_name", default=None,
+              help="DES of the copy (default: the source's); --des '' for a platform key")
+@json_opt
+@pass_ctx
+def disk_copy(c: Ctx, src, dst, des_name, as_json):
+    """Copy a disk's data to a new disk with a new DEK."""
+    from . import disks
+
+    def progress(done, total):
+        if not as_json:
+            click.echo(f"\r  copied {format_size(done)} of {format_size(total)}", nl=False, err=True)
+
+    rec = disks.copy(c.state, src, dst, des=des_name, progress=progress)
+    if not as_json:
+        click.echo("", err=True)
+    emit(disk_json(c.state, c.state.catalog.get_disk(rec.name)), as_json, f"copied {src} to {dst}")
 
 
 @disk.command("delete")
@@ -263,6 +323,148 @@ def catalog_rebuild(c: Ctx, as_json):
     r = rebuild_catalog(c.state)
     emit(r, as_json, f"catalog rebuilt: {len(r['disks'])} disk(s)"
                      + (f", {len(r['unreadable'])} unreadable" if r["unreadable"] else ""))
+
+
+# --- disk encryption sets -----------------------------------------------------------------
+
+@cli.group("des")
+def des_group():
+    """Disk encryption sets: customer-managed keys in a key vault."""
+
+
+def _des_text(d: dict) -> str:
+    lines = [f"{'name':<12} {d['name']}", f"{'id':<12} {d['id']}", f"{'type':<12} {d['type']}",
+             f"{'active key':<12} {d['activeKey']['keyUrl']}",
+             f"{'auto-rotate':<12} {d['rotationToLatestKeyVersionEnabled']}",
+             f"{'identity':<12} {d['identity']['name']} ({d['identity']['clientId']})",
+             f"{'disks':<12} {', '.join(d['disks']) or '-'}"]
+    if d["previousKeys"]:
+        lines.append(f"{'rotating from':<12} {', '.join(k['keyUrl'] for k in d['previousKeys'])}")
+    return "\n".join(lines)
+
+
+@des_group.command("create")
+@click.argument("name")
+@click.option("--key-url", required=True, help="https://HOST:PORT/keys/K[/VERSION]")
+@click.option("--type", "enc_type", default="EncryptionAtRestWithCustomerKey", show_default=True)
+@click.option("--auto-rotate", is_flag=True, help="follow the key's newest version")
+@click.option("--vault-dir", type=click.Path(), help="the vault's directory (a vault on this host): "
+              "the DES identity is created there")
+@click.option("--identity-file", type=click.Path(), help="an identity made by the vault admin "
+              "(`blockcrypt vault identity create NAME --json`)")
+@click.option("--ca", "ca_file", type=click.Path(), help="CA certificate of the vault (default: VAULT_DIR/ca.pem)")
+@click.option("--grant", is_flag=True, help="also grant get, wrapKey, unwrapKey in the vault at --vault-dir")
+@json_opt
+@pass_ctx
+def des_create(c: Ctx, name, key_url, enc_type, auto_rotate, vault_dir, identity_file, ca_file, grant, as_json):
+    """Create a disk encryption set and its vault identity; probe its access."""
+    from . import des
+    rec = des.create(c.state, name, key_url, enc_type=enc_type, auto_rotate=auto_rotate, vault_dir=vault_dir,
+                     identity_file=identity_file, ca_file=ca_file, grant=grant)
+    emit(des.to_json(c.state, rec), as_json, f"created disk encryption set {name} (key {rec.active_key}); "
+         f"identity {rec.identity.get('name')} has get, wrapKey, unwrapKey")
+
+
+@des_group.command("list")
+@json_opt
+@pass_ctx
+def des_list(c: Ctx, as_json):
+    """List disk encryption sets."""
+    from . import des
+    items = [des.to_json(c.state, r) for r in c.state.catalog.list_des()]
+    emit(items, as_json, "\n".join(f"{d['name']}  {d['activeKey']['keyUrl']}  disks: {len(d['disks'])}"
+                                    for d in items) or "no disk encryption sets")
+
+
+@des_group.command("show")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def des_show(c: Ctx, name, as_json):
+    """Show a disk encryption set (previousKeys while a rotation runs)."""
+    from . import des
+    d = des.to_json(c.state, c.state.catalog.get_des(name))
+    emit(d, as_json, _des_text(d))
+
+
+@des_group.command("update")
+@click.argument("name")
+@click.option("--key-url", help="a new version of the same key: re-wrap every disk's DEK under it")
+@click.option("--auto-rotate/--no-auto-rotate", default=None)
+@json_opt
+@pass_ctx
+def des_update(c: Ctx, name, key_url, auto_rotate, as_json):
+    """Rotate a DES to a new key version (no data rewritten) or change auto-rotation."""
+    from . import des
+
+    def progress(step, detail):
+        if not as_json and step == "rewrap":
+            click.echo(f"  re-wrapping {detail}", err=True)
+
+    r = des.update(c.state, name, key_url=key_url, auto_rotate=auto_rotate, on_step=progress)
+    emit({**r, "des": des.to_json(c.state, c.state.catalog.get_des(name))}, as_json,
+         f"updated {name}: re-wrapped {len(r.get('rewrapped', []))} disk(s)")
+
+
+@des_group.command("rotate")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def des_rotate(c: Ctx, name, as_json):
+    """Re-wrap every DEK under the key's newest version (or finish an interrupted rotation)."""
+    from . import des
+    r = des.rotate(c.state, name)
+    emit(r, as_json, f"{name}: key {r['activeKey']}, re-wrapped {len(r['rewrapped'])} disk(s)")
+
+
+@des_group.command("delete")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def des_delete(c: Ctx, name, as_json):
+    """Delete a disk encryption set (refused while disks use it)."""
+    from . import des
+    rec = des.delete(c.state, name)
+    emit({"deleted": rec.name, "id": rec.des_id}, as_json,
+         f"deleted disk encryption set {name}; its vault identity {rec.identity.get('name')} "
+         "can now be removed by the vault admin")
+
+
+@cli.group("config")
+def config_group():
+    """Catalog settings (max_des)."""
+
+
+SETTINGS = {"max_des": int}
+
+
+@config_group.command("set")
+@click.argument("key")
+@click.argument("value")
+@pass_ctx
+def config_set(c: Ctx, key, value):
+    """Set a catalog setting."""
+    if key not in SETTINGS:
+        raise UsageError(f"unknown setting {key!r} (one of {', '.join(SETTINGS)})")
+    try:
+        if SETTINGS[key](value) < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"invalid value {value!r} for {key}: a positive integer") from None
+    c.state.catalog.set_setting(key, value)
+    click.echo(f"{key} = {value}")
+
+
+@config_group.command("get")
+@click.argument("key")
+@pass_ctx
+def config_get(c: Ctx, key):
+    """Show a catalog setting."""
+    from .des import DEFAULT_MAX_DES
+    defaults = {"max_des": str(DEFAULT_MAX_DES)}
+    if key not in SETTINGS:
+        raise UsageError(f"unknown setting {key!r} (one of {', '.join(SETTINGS)})")
+    click.echo(c.state.catalog.get_setting(key, defaults[key]))
 
 
 # --- optional command sets (other modules) ----------------------------------------------

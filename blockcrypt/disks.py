@@ -62,7 +62,8 @@ def unwrap_layer(st, h: Header, role: int = ROLE_DATA) -> bytes:
         raise CorruptHeader(name=h.name, why=f"no key for layer role {role}")
     if layer.binding != binding_digest(h.disk_id, role):
         raise CorruptHeader(name=h.name, why="the wrapped key is bound to another disk")
-    return st.keys.get(layer.provider).unwrap(wrapped_of(layer), binding_context(h.disk_id, role))
+    return st.keys.get(layer.provider).unwrap(wrapped_of(layer), binding_context(h.disk_id, role),
+                                              disk_id=h.disk_id_hex)
 
 
 def _now() -> str:
@@ -96,16 +97,22 @@ def _check_size(size: int, sector_size: int) -> None:
         raise BadSize(value=size, why=f"not a multiple of the sector size ({sector_size} bytes)")
 
 
+REVOCATION_POLICIES = ("immediate", "on-restart")
+
+
 def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str = "platform",
-           kek_ref: str | None = None, kind: str = "disk", read_only: bool = False) -> DiskRecord:
+           kek_ref: str | None = None, kind: str = "disk", read_only: bool = False,
+           des: str | None = None, revocation: str = "immediate") -> DiskRecord:
     check_name("disk", name)
     _check_size(size, sector_size)
+    if revocation not in REVOCATION_POLICIES:
+        raise UsageError(f"invalid revocation policy {revocation!r}: use immediate or on-restart")
     if st.catalog.find_disk(name) is not None:
         raise AlreadyExists(kind="disk", name=name)
     disk_id = Header.new_id()
     prov = st.keys.get(provider)
     dek = new_dek()
-    wk = prov.wrap(kek_ref or prov.default_ref(), dek, binding_context(disk_id, ROLE_DATA))
+    wk = prov.wrap(kek_ref or prov.default_ref(), dek, binding_context(disk_id, ROLE_DATA), disk_id=disk_id.hex())
     del dek
     h = Header(disk_id=disk_id, name=name, size=size, sector_size=sector_size, cipher=DATA_ALG,
                kind=kind, read_only=read_only, layers=(layer_from(ROLE_DATA, wk, disk_id),))
@@ -127,7 +134,7 @@ def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str =
         finally:
             os.close(fd)
         rec = DiskRecord(name, disk_id.hex(), size, sector_size, str(path), kind, read_only,
-                         encryption_type(h), _now())
+                         encryption_type(h), _now(), des, revocation)
         with st.catalog.transaction() as c:
             st.catalog.insert_disk(rec, c)
     except BaseException:
@@ -236,6 +243,48 @@ def rotate_platform_key(st, on_step=None) -> dict:
     return {"version": target, "rewrapped": rewrapped, "unchanged": skipped, "retired": removed}
 
 
+def _des_of_key(st, h: Header) -> str | None:
+    """The DES whose vault key wraps this disk's DEK (for a rebuilt catalog)."""
+    layer = h.layer(ROLE_DATA)
+    if layer is None or layer.provider != "vault":
+        return None
+    for d in st.catalog.list_des():
+        base_name = d.key_url.split("/keys/")[0] + "/keys/" + d.key_url.split("/keys/")[1].split("/")[0]
+        if layer.kek_id.startswith(base_name + "/") or layer.kek_id in (d.active_key, *d.previous_keys):
+            return d.name
+    return None
+
+
+def copy(st, src: str, dst: str, *, des: str | None = None, progress=None) -> DiskRecord:
+    """Copy a disk's plaintext into a new disk with a new DEK (skipping zero ranges, which stay holes).
+
+    A copy of a customer-key disk keeps its disk encryption set unless another one is named;
+    this is also the way from a customer key back to a platform key (``des=""``)."""
+    from .volume import Volume
+    srec = st.catalog.get_disk(src)
+    target_des = srec.des if des is None else (des or None)
+    if target_des:
+        from . import des as des_mod
+        new = des_mod.create_disk(st, dst, srec.size, target_des, srec.sector_size, srec.revocation)
+    else:
+        new = create(st, dst, srec.size, srec.sector_size)
+    chunk = 4 << 20
+    zero = bytes(chunk)
+    try:
+        with Volume.open(st, src, read_only=True) as a, Volume.open(st, dst) as b:
+            for off in range(0, srec.size, chunk):
+                data = a.read(off, chunk)
+                if data != zero[:len(data)]:
+                    b.write(off, data)
+                if progress:
+                    progress(min(off + chunk, srec.size), srec.size)
+            b.flush()
+    except BaseException:
+        delete(st, dst)
+        raise
+    return new
+
+
 # --- catalog rebuild ------------------------------------------------------------------
 
 def rebuild_catalog(st) -> dict:
@@ -249,9 +298,12 @@ def rebuild_catalog(st) -> dict:
         except BlockcryptError as e:
             bad.append({"path": str(path), "error": str(e)})
             continue
-        created = old[h.disk_id_hex].created if h.disk_id_hex in old else _now()
+        prev = old.get(h.disk_id_hex)
+        created = prev.created if prev else _now()
+        des = prev.des if prev else _des_of_key(st, h)
+        revocation = prev.revocation if prev else "immediate"
         recs.append(DiskRecord(h.name, h.disk_id_hex, h.size, h.sector_size, str(path), h.kind,
-                               h.read_only, encryption_type(h), created))
+                               h.read_only, encryption_type(h), created, des, revocation))
     names = [r.name for r in recs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

@@ -1,4 +1,6 @@
-"""Shared fixtures: a fresh state directory per test (real files, real keys)."""
+"""Shared fixtures: a fresh state directory per test (real files, real keys).
+
+tests/ is on sys.path (pytest rootdir conftest), so `support` imports as a package."""
 import pytest
 
 from blockcrypt.state import State

@@ -9,6 +9,7 @@ FUSE daemon and CLI processes can read it concurrently; writers serialize.
 """
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import threading
@@ -28,9 +29,23 @@ CREATE TABLE IF NOT EXISTS disks (
     kind TEXT NOT NULL DEFAULT 'disk',
     read_only INTEGER NOT NULL DEFAULT 0,
     encryption_type TEXT NOT NULL,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    des TEXT,
+    revocation TEXT NOT NULL DEFAULT 'immediate'
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS des (
+    name TEXT PRIMARY KEY,
+    des_id TEXT NOT NULL UNIQUE,
+    key_url TEXT NOT NULL,          -- as given: https://HOST:PORT/keys/K[/VERSION]
+    active_key TEXT NOT NULL,       -- versioned key id DEKs are wrapped under now
+    previous_keys TEXT NOT NULL DEFAULT '[]',   -- JSON list while a rotation runs
+    type TEXT NOT NULL,
+    auto_rotate INTEGER NOT NULL DEFAULT 0,
+    identity TEXT NOT NULL,         -- JSON: vault identity name, client id, tenant (secret in keys/des/)
+    ca_file TEXT,
+    created TEXT NOT NULL
+);
 """
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -54,11 +69,27 @@ class DiskRecord:
     read_only: bool
     encryption_type: str
     created: str
+    des: str | None = None
+    revocation: str = "immediate"
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["read_only"] = bool(self.read_only)
         return d
+
+
+@dataclass(frozen=True)
+class DesRecord:
+    name: str
+    des_id: str
+    key_url: str
+    active_key: str
+    previous_keys: tuple
+    type: str
+    auto_rotate: bool
+    identity: dict
+    ca_file: str | None
+    created: str
 
 
 class Catalog:
@@ -97,7 +128,8 @@ class Catalog:
     @staticmethod
     def _rec(row) -> DiskRecord:
         return DiskRecord(row["name"], row["disk_id"], row["size"], row["sector_size"], row["path"],
-                          row["kind"], bool(row["read_only"]), row["encryption_type"], row["created"])
+                          row["kind"], bool(row["read_only"]), row["encryption_type"], row["created"],
+                          row["des"], row["revocation"])
 
     def list_disks(self) -> list[DiskRecord]:
         rows = self._conn().execute("SELECT * FROM disks ORDER BY name").fetchall()
@@ -116,9 +148,9 @@ class Catalog:
     def insert_disk(self, rec: DiskRecord, conn=None) -> None:
         c = conn or self._conn()
         try:
-            c.execute("INSERT INTO disks VALUES (?,?,?,?,?,?,?,?,?)",
+            c.execute("INSERT INTO disks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                       (rec.name, rec.disk_id, rec.size, rec.sector_size, rec.path, rec.kind,
-                       int(rec.read_only), rec.encryption_type, rec.created))
+                       int(rec.read_only), rec.encryption_type, rec.created, rec.des, rec.revocation))
         except sqlite3.IntegrityError:
             raise AlreadyExists(kind="disk", name=rec.name) from None
 
@@ -129,6 +161,57 @@ class Catalog:
 
     def delete_disk(self, name: str, conn=None) -> None:
         (conn or self._conn()).execute("DELETE FROM disks WHERE name = ?", (name,))
+
+    def disks_of_des(self, des_name: str) -> list[DiskRecord]:
+        rows = self._conn().execute("SELECT * FROM disks WHERE des = ? ORDER BY name", (des_name,)).fetchall()
+        return [self._rec(r) for r in rows]
+
+    # -- settings ----------------------------------------------------------------------
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        row = self._conn().execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
+        return row["v"] if row else default
+
+    def set_setting(self, key: str, value: str) -> None:
+        self._conn().execute("INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                             (key, value))
+
+    # -- disk encryption sets ----------------------------------------------------------------
+    @staticmethod
+    def _des(row) -> DesRecord:
+        return DesRecord(row["name"], row["des_id"], row["key_url"], row["active_key"],
+                         tuple(json.loads(row["previous_keys"])), row["type"], bool(row["auto_rotate"]),
+                         json.loads(row["identity"]), row["ca_file"], row["created"])
+
+    def list_des(self) -> list[DesRecord]:
+        return [self._des(r) for r in self._conn().execute("SELECT * FROM des ORDER BY name").fetchall()]
+
+    def find_des(self, name: str) -> DesRecord | None:
+        row = self._conn().execute("SELECT * FROM des WHERE name = ?", (name,)).fetchone()
+        return self._des(row) if row else None
+
+    def get_des(self, name: str) -> DesRecord:
+        rec = self.find_des(name)
+        if rec is None:
+            raise NotFound(kind="disk encryption set", name=name)
+        return rec
+
+    def insert_des(self, d: DesRecord, conn=None) -> None:
+        c = conn or self._conn()
+        try:
+            c.execute("INSERT INTO des VALUES (?,?,?,?,?,?,?,?,?,?)",
+                      (d.name, d.des_id, d.key_url, d.active_key, json.dumps(list(d.previous_keys)), d.type,
+                       int(d.auto_rotate), json.dumps(d.identity), d.ca_file, d.created))
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(kind="disk encryption set", name=d.name) from None
+
+    def update_des(self, name: str, conn=None, **fields) -> None:
+        enc = {k: (json.dumps(list(v)) if k == "previous_keys" else json.dumps(v) if k == "identity"
+                   else int(v) if k == "auto_rotate" else v) for k, v in fields.items()}
+        cols = ", ".join(f"{k} = ?" for k in enc)
+        (conn or self._conn()).execute(f"UPDATE des SET {cols} WHERE name = ?", (*enc.values(), name))
+
+    def delete_des(self, name: str, conn=None) -> None:
+        (conn or self._conn()).execute("DELETE FROM des WHERE name = ?", (name,))
 
     def replace_all(self, recs: list[DiskRecord]) -> None:
         with self.transaction() as c:

@@ -5,14 +5,15 @@ external KMS) implements :class:`KekProvider` and declares itself with
 ``NAME`` in the registry (registry.py). The data plane only ever calls::
 
     status(kek_ref)                        -> KeyStatus
-    wrap(kek_ref, dek, context)            -> WrappedKey
-    unwrap(wrapped, context)               -> bytes (the DEK)
-    rewrap(wrapped, context, to_ref)       -> WrappedKey
+    wrap(kek_ref, dek, context, disk_id=None)          -> WrappedKey
+    unwrap(wrapped, context, disk_id=None)             -> bytes (the DEK)
+    rewrap(wrapped, context, to_ref, disk_id=None)     -> WrappedKey
 
 ``kek_ref`` names a key, optionally unversioned ("latest"); a ``WrappedKey``
 always records the *versioned* KEK id it was wrapped under. ``context`` is the
 binding (disk id + layer role): providers with AEAD use it as associated data,
 others carry a digest of it inside the wrapped plaintext and check it on unwrap.
+``disk_id`` (hex) is caller context for the provider's audit trail only.
 
 Failures are typed (blockcrypt.errors): KeyUnavailable (transient: retry and
 keep serving from a cached DEK), KeyAccessDenied, KeyDisabled, KeyExpired,
@@ -55,14 +56,14 @@ class KekProvider(abc.ABC):
     def status(self, kek_ref: str) -> KeyStatus: ...
 
     @abc.abstractmethod
-    def wrap(self, kek_ref: str, dek: bytes, context: bytes) -> WrappedKey: ...
+    def wrap(self, kek_ref: str, dek: bytes, context: bytes, disk_id: str | None = None) -> WrappedKey: ...
 
     @abc.abstractmethod
-    def unwrap(self, wrapped: WrappedKey, context: bytes) -> bytes: ...
+    def unwrap(self, wrapped: WrappedKey, context: bytes, disk_id: str | None = None) -> bytes: ...
 
-    def rewrap(self, wrapped: WrappedKey, context: bytes, to_ref: str) -> WrappedKey:
-        dek = self.unwrap(wrapped, context)
+    def rewrap(self, wrapped: WrappedKey, context: bytes, to_ref: str, disk_id: str | None = None) -> WrappedKey:
+        dek = self.unwrap(wrapped, context, disk_id=disk_id)
         try:
-            return self.wrap(to_ref, dek, context)
+            return self.wrap(to_ref, dek, context, disk_id=disk_id)
         finally:
             del dek

@@ -197,14 +197,14 @@ class PlatformKeyProvider(KekProvider):
             return KeyStatus(kek_id, False, e.reason, str(e))
         return KeyStatus(kek_id, True)
 
-    def wrap(self, kek_ref: str, dek: bytes, context: bytes) -> WrappedKey:
+    def wrap(self, kek_ref: str, dek: bytes, context: bytes, disk_id: str | None = None) -> WrappedKey:
         version = self._resolve(kek_ref)
         kek_id = f"platform/{version}"
         nonce = os.urandom(12)
         ct = AESGCM(self.store.key(version)).encrypt(nonce, bytes(dek), context + kek_id.encode())
         return WrappedKey(self.NAME, kek_id, WRAP_ALG, nonce + ct)
 
-    def unwrap(self, wrapped: WrappedKey, context: bytes) -> bytes:
+    def unwrap(self, wrapped: WrappedKey, context: bytes, disk_id: str | None = None) -> bytes:
         version = parse_platform_kek_id(wrapped.kek_id)
         if wrapped.algorithm != WRAP_ALG or len(wrapped.blob) < 12 + 16:
             raise KeyIntegrityError(key_id=wrapped.kek_id, msg="unknown wrap algorithm or short blob")

@@ -41,3 +41,4 @@ class ProviderRegistry:
 
 # built-in providers register themselves on import
 from . import platform as _platform  # noqa: E402,F401
+from . import vault as _vault  # noqa: E402,F401  (imports its SDK lazily)
