@@ -74,15 +74,53 @@ FALLOC_FL_ZERO_RANGE = 0x10
 DISKS_DIR = "disks"
 
 _tls = threading.local()
-_PyGILState_Ensure = ctypes.pythonapi.PyGILState_Ensure
-_PyGILState_Ensure.restype = ctypes.c_int
-_PyGILState_Ensure.argtypes = []
+_api = ctypes.pythonapi
+_api.PyGILState_Ensure.restype = ctypes.c_int
+_api.PyGILState_Ensure.argtypes = []
+_api.PyThreadState_Get.restype = ctypes.c_void_p
+_api.PyThreadState_Get.argtypes = []
+_api.PyThreadState_Clear.restype = None
+_api.PyThreadState_Clear.argtypes = [ctypes.c_void_p]
+_api.PyThreadState_Delete.restype = None
+_api.PyThreadState_Delete.argtypes = [ctypes.c_void_p]
+_pinned: dict[int, int] = {}  # native thread id -> its pinned PyThreadState*
+_pinned_lock = threading.Lock()
+REAP_INTERVAL_S = 2.0
 
 
 def _pin_thread_state() -> None:
     """Keep this (libfuse-created) thread's Python thread state alive across callbacks."""
-    _PyGILState_Ensure()  # never released: the gilstate counter stays above zero
+    _api.PyGILState_Ensure()  # never released: the gilstate counter stays above zero
     _tls.pinned = True
+    with _pinned_lock:
+        _pinned[threading.get_native_id()] = _api.PyThreadState_Get()
+
+
+def reap_dead_thread_states() -> int:
+    """Free the pinned thread states of libfuse worker threads that have exited.
+
+    libfuse 2 ends a worker thread when more than 10 are idle, so a burst of more than
+    10 concurrent requests leaves pinned thread states behind. A thread id that is no
+    longer in /proc/self/task has exited (outside any callback, holding nothing): its
+    state is cleared and deleted here, with the GIL held. A reused thread id only delays
+    this (the entry is overwritten when the new thread pins), never frees a live state.
+    """
+    with _pinned_lock:
+        dead = [(tid, ts) for tid, ts in _pinned.items() if not os.path.exists(f"/proc/self/task/{tid}")]
+        for tid, _ in dead:
+            del _pinned[tid]
+    for _, ts in dead:
+        _api.PyThreadState_Clear(ts)
+        _api.PyThreadState_Delete(ts)
+    return len(dead)
+
+
+def _reaper(stop: threading.Event) -> None:
+    while not stop.wait(REAP_INTERVAL_S):
+        try:
+            reap_dead_thread_states()
+        except Exception:  # never let housekeeping kill the daemon
+            log.exception("reaping exited worker thread states failed")
 
 
 class _OpenDisk:
@@ -451,6 +489,8 @@ class DiskFS(fuse.Operations):
 
     # -- life cycle -----------------------------------------------------------------------
     def init(self, path):
+        self._reaper_stop = threading.Event()
+        threading.Thread(target=_reaper, args=(self._reaper_stop,), name="bc-reaper", daemon=True).start()
         log.info("serving %s", "with the NULL cipher (benchmarks only, NOT ENCRYPTED)"
                  if self.null_cipher else "disks")
         if self._on_ready is not None:
@@ -460,6 +500,9 @@ class DiskFS(fuse.Operations):
                 log.exception("readiness callback failed")
 
     def destroy(self, path):
+        stop = getattr(self, "_reaper_stop", None)
+        if stop is not None:
+            stop.set()
         self.close_all()
 
     def close_all(self) -> None:
