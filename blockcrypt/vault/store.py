@@ -13,6 +13,8 @@ Layout of a vault directory ``D`` (made by :func:`init_vault`)::
     D/server.key      server private key, PEM encrypted the same way
     D/admin.json      the admin identity made at init (client id, secret, tenant), mode 0600
     D/serve.json      written by ``vault serve``: its URL and pid (removed on clean exit)
+    D/.init-incomplete  present only while ``vault init`` runs; a vault with it does not open,
+                      and ``vault init`` may be run again over it
 
 All writes go through :meth:`Store.tx`, one ``BEGIN IMMEDIATE`` transaction at a
 time behind a process-local lock; SQLite's WAL makes every committed
@@ -41,6 +43,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..errors import AlreadyExists, StateError, UsageError
 
 DB_NAME = "vault.db"
+INIT_MARKER = ".init-incomplete"
 MASTER_KEY_NAME = "master.key"
 MASTER_KEY_BYTES = 32
 SCHEMA_VERSION = 1
@@ -129,11 +132,13 @@ def write_private(path: Path, data: bytes) -> None:
 class Store:
     """An open vault directory: config, master-key derived secrets, SQLite."""
 
-    def __init__(self, vault_dir: str | os.PathLike):
+    def __init__(self, vault_dir: str | os.PathLike, *, _initialising: bool = False):
         self.dir = Path(vault_dir)
         db_path = self.dir / DB_NAME
         if not db_path.exists():
             raise StateError(path=str(self.dir), why="not a vault directory (run `vault init --dir` first)")
+        if not _initialising and (self.dir / INIT_MARKER).exists():
+            raise StateError(path=str(self.dir), why="`vault init` did not finish here; run it again")
         mk_path = self.dir / MASTER_KEY_NAME
         try:
             master = mk_path.read_bytes()
@@ -238,10 +243,15 @@ def init_vault(vault_dir: str | os.PathLike, *, sku: str = "standard", retention
     if (cert_file is None) != (key_file is None):
         raise UsageError("give both --cert and --key, or neither")
     d = Path(vault_dir)
-    if (d / DB_NAME).exists():
+    marker = d / INIT_MARKER
+    if (d / DB_NAME).exists() and not marker.exists():
         raise AlreadyExists(kind="vault", name=str(d))
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
+    _write_private(marker, b"vault init in progress\n")
+    for leftover in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", "admin.json", "serve.json"):
+        with contextlib.suppress(FileNotFoundError):
+            (d / leftover).unlink()
     _write_private(d / MASTER_KEY_NAME, os.urandom(MASTER_KEY_BYTES))
     tmp_db = d / (DB_NAME + ".init")
     with contextlib.suppress(FileNotFoundError):
@@ -264,7 +274,7 @@ def init_vault(vault_dir: str | os.PathLike, *, sku: str = "standard", retention
     os.chmod(tmp_db, 0o600)
     os.replace(tmp_db, d / DB_NAME)
 
-    store = Store(d)
+    store = Store(d, _initialising=True)
     try:
         if cert_file:
             tlsgen.adopt_server_cert(d, store.tls_password, cert_file, key_file)
@@ -281,7 +291,17 @@ def init_vault(vault_dir: str | os.PathLike, *, sku: str = "standard", retention
                                        f"purge_protection={bool(purge_protection)}"})
     finally:
         store.close()
+    marker.unlink()
+    _fsync_dir(d)
     return creds
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_store(vault_dir: str | os.PathLike) -> Store:

@@ -202,3 +202,15 @@ def test_retention_sweep_purges_lapsed_keys(tmp_path):
         ops.create("sw", {"kty": "RSA"})  # the name is free again
     finally:
         s.close()
+
+
+def test_interrupted_init_can_be_redone(tmp_path):
+    d = tmp_path / "v"
+    make_vault(d)
+    (d / ".init-incomplete").write_text("crashed\n")  # as if init died before its last step
+    msg = _one_line_error(vault_cli("audit", "--dir", d, check=False))
+    assert "did not finish" in msg
+    old_admin = (d / "admin.json").read_text()
+    vault_cli("init", "--dir", d)
+    assert not (d / ".init-incomplete").exists() and (d / "admin.json").read_text() != old_admin
+    assert vault_cli("audit", "verify", "--dir", d).returncode == 0
