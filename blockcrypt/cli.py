@@ -432,10 +432,29 @@ def des_delete(c: Ctx, name, as_json):
 
 @cli.group("config")
 def config_group():
-    """Catalog settings (max_des)."""
+    """Catalog settings: max_des, key_check_interval, key_grace_period, auto_rotate_interval, on_revoke."""
 
 
-SETTINGS = {"max_des": int}
+def _positive(v: str) -> str:
+    if float(v) <= 0:
+        raise ValueError
+    return v
+
+
+#: setting -> (validator, default, help)
+SETTINGS = {
+    "max_des": (lambda v: str(int(_positive(v))), "50", "most disk encryption sets in this catalog"),
+    "key_check_interval": (_positive, "60", "seconds between key checks in a mount (revocation bound)"),
+    "key_grace_period": (_positive, "3600", "seconds a mount serves from a cached key while the vault is unreachable"),
+    "auto_rotate_interval": (_positive, "3600", "seconds between auto-rotation passes in a mount"),
+    "on_revoke": (str, "", "command run with the disk name when a key revocation stops a disk"),
+}
+
+
+def _setting(key: str):
+    if key not in SETTINGS:
+        raise UsageError(f"unknown setting {key!r} (one of {', '.join(SETTINGS)})")
+    return SETTINGS[key]
 
 
 @config_group.command("set")
@@ -443,28 +462,30 @@ SETTINGS = {"max_des": int}
 @click.argument("value")
 @pass_ctx
 def config_set(c: Ctx, key, value):
-    """Set a catalog setting."""
-    if key not in SETTINGS:
-        raise UsageError(f"unknown setting {key!r} (one of {', '.join(SETTINGS)})")
+    """Set a catalog setting (running mounts pick it up at their next check)."""
+    check, _default, _help = _setting(key)
     try:
-        if SETTINGS[key](value) < 1:
-            raise ValueError
+        value = check(value)
     except ValueError:
-        raise UsageError(f"invalid value {value!r} for {key}: a positive integer") from None
+        raise UsageError(f"invalid value {value!r} for {key}: a positive number") from None
     c.state.catalog.set_setting(key, value)
     click.echo(f"{key} = {value}")
 
 
 @config_group.command("get")
-@click.argument("key")
+@click.argument("key", required=False)
+@json_opt
 @pass_ctx
-def config_get(c: Ctx, key):
-    """Show a catalog setting."""
-    from .des import DEFAULT_MAX_DES
-    defaults = {"max_des": str(DEFAULT_MAX_DES)}
-    if key not in SETTINGS:
-        raise UsageError(f"unknown setting {key!r} (one of {', '.join(SETTINGS)})")
-    click.echo(c.state.catalog.get_setting(key, defaults[key]))
+def config_get(c: Ctx, key, as_json):
+    """Show one setting, or all of them."""
+    keys = [key] if key else list(SETTINGS)
+    vals = {k: c.state.catalog.get_setting(k, _setting(k)[1]) for k in keys}
+    if as_json:
+        emit(vals, True)
+    elif key:
+        click.echo(vals[key])
+    else:
+        click.echo("\n".join(f"{k} = {v}    # {SETTINGS[k][2]}" for k, v in vals.items()))
 
 
 # --- optional command sets (other modules) ----------------------------------------------
