@@ -15,7 +15,7 @@ import pytest
 from blockcrypt import disks
 from blockcrypt import mount as bmount
 
-from .conftest import Mount, backing_path, bc, bc_json, need, sh, wait_for
+from fusehelpers import Mount, backing_path, bc, bc_json, need, sh, wait_for
 
 MiB = 1 << 20
 

@@ -20,7 +20,7 @@ from blockcrypt import mount as bmount
 from blockcrypt.state import State
 from blockcrypt.volume import Volume
 
-from .conftest import (Mount, assert_clean_logs, backing_path, bc, bc_json, cleanup_tree, loopdev,
+from fusehelpers import (CLI, Mount, assert_clean_logs, backing_path, bc, bc_json, cleanup_tree, loopdev,
                        mounted_fs, need, sh, wait_for)
 
 MiB = 1 << 20
@@ -251,3 +251,59 @@ def test_enospc_on_a_full_backing_fs_corrupts_nothing(root):
         assert_clean_logs(st)
     finally:
         cleanup_tree(root, st)
+
+
+def test_many_concurrent_clients_churn_worker_threads_safely(state, mnt, root):
+    """More concurrent requests than libfuse keeps idle threads (10): workers come and go."""
+    need("fio")
+    disks.create(state, "c", 64 * MiB)
+    wait_for(lambda: mnt.disk("c").exists(), what="disk listed")
+
+    def rss_kb():
+        for line in open(f"/proc/{mnt.pid}/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1])
+
+    cmd = ["fio", "--name=churn", f"--filename={mnt.disk('c')}", "--rw=randwrite", "--bs=4k",
+           "--direct=1", "--ioengine=psync", "--numjobs=24", "--size=2M", "--offset_increment=2M",
+           "--verify=crc32c", "--verify_fatal=1", "--group_reporting"]
+    rss = []
+    for _ in range(3):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "err= 0" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+        time.sleep(2.5)  # the reaper frees the states of exited workers every 2 s
+        rss.append(rss_kb())
+    assert bmount._pid_alive(mnt.pid)
+    assert rss[-1] - rss[0] < 8 * 1024, f"daemon RSS keeps growing: {rss} kB"
+
+
+def CLI_ARGS(state):
+    return [*CLI, "--state", str(state.path)]
+
+
+def test_allow_other_and_foreground(state, root):
+    disks.create(state, "d", 8 * MiB)
+    mp = root / "mnt"
+    mp.mkdir()
+    p = subprocess.Popen([*CLI_ARGS(state), "mount", str(mp), "--foreground", "--allow-other"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: bmount.FSTYPE in bmount.mounts_at(str(mp)) and (mp / "disks" / "d").exists(),
+                 10, "foreground mount")
+        st = os.stat(mp / "disks" / "d")
+        import grp
+        assert oct(st.st_mode & 0o777) == oct(0o660)
+        assert st.st_gid == grp.getgrnam("disk").gr_gid
+        assert "allow_other" in open("/proc/self/mountinfo").read()
+        (m,) = bc_json(state, "status")["mounts"]
+        assert m["allowOther"] is True and m["pid"] == p.pid
+        p.send_signal(2)  # Ctrl-C
+        out, err = p.communicate(timeout=20)
+        assert p.returncode == 0, err
+        assert "mounted" in err and "Traceback" not in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert not bmount.mounts_at(str(mp))
+    assert bc_json(state, "status")["mounts"] == []
