@@ -73,6 +73,7 @@ verify=crc32c
 do_verify=1
 verify_fatal=1
 verify_backlog=64
+verify_state_save=0
 group_reporting=0
 numjobs=2
 size={size}
@@ -108,7 +109,7 @@ def test_fio_verify_crc32c(state, mnt, root):
     job.write_text(FIO_JOB.format(disk=mnt.disk("f"), engine="libaio", depth=8, size="16M",
                                   seq_off=32 * MiB, small_off=80 * MiB))
     r = subprocess.run(["fio", "--output-format=json", str(job)], capture_output=True, text=True,
-                       timeout=240)
+                       timeout=240, cwd=root)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(r.stdout[r.stdout.index("{"):])
     names = sorted(j["jobname"] for j in res["jobs"])
@@ -266,10 +267,10 @@ def test_many_concurrent_clients_churn_worker_threads_safely(state, mnt, root):
 
     cmd = ["fio", "--name=churn", f"--filename={mnt.disk('c')}", "--rw=randwrite", "--bs=4k",
            "--direct=1", "--ioengine=psync", "--numjobs=24", "--size=2M", "--offset_increment=2M",
-           "--verify=crc32c", "--verify_fatal=1", "--group_reporting"]
+           "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--group_reporting"]
     rss = []
     for _ in range(3):
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root)
         assert r.returncode == 0 and "err= 0" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
         time.sleep(2.5)  # the reaper frees the states of exited workers every 2 s
         rss.append(rss_kb())
