@@ -161,10 +161,10 @@ class VaultApp:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "blockcrypt-vault"
+    app: VaultApp  # set on the subclass made by serve()
 
     def version_string(self):
         return self.server_version
-    app: VaultApp  # set on the subclass made by make_server
 
     # -- plumbing ---------------------------------------------------------------------------
     def log_message(self, fmt, *args):  # the audit log is the access log
@@ -234,7 +234,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             try:  # name the operation in the audit record even when auth fails
                 r, route_err = route(self.app.ops, self.command, path), None
-                fields.update(operation=r.operation, key=r.key, version=r.version)
+                fields.update(operation=r.operation, key=(r.key or "")[:128], version=(r.version or "")[:64])
             except ApiError as e:
                 r, route_err = None, e
             ident = self._authenticate(fields, headers)
