@@ -14,7 +14,9 @@ purge of keys whose retention has lapsed (:meth:`KeyOps.sweep`).
 
 Caveats: EC and symmetric (``oct``) keys, sign/verify, backup/restore, release
 and rotation policies are not offered (blockcrypt only needs RSA key
-wrapping); RSA1_5 is refused. Unlike some Azure clients' local checks, a
+wrapping); RSA1_5 is refused. Decrypted private keys and unwrapped values are
+Python ``bytes`` that cannot be wiped; they are dropped as soon as the call
+returns, and never logged. Unlike some Azure clients' local checks, a
 disabled, expired or not-yet-valid key refuses *every* crypto operation here,
 unwrap included (that is the revocation lever for disks). Lists are returned
 in one page (``nextLink`` null).

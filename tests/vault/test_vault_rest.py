@@ -309,3 +309,14 @@ def test_garbage_over_tls_gets_json_error(v, client):
         assert head.split(b" ")[1] in (b"400", b"414"), out[:200]
         assert json.loads(body)["error"]["code"] in ("BadRequest", "BadParameter", "RequestUriTooLong")
     assert client.list_keys() is not None  # still serving
+
+
+def test_tokens_expire_after_their_ttl(vault_factory):
+    short = vault_factory(serve_args=("--token-ttl-seconds", "5"), name="short-ttl")
+    tok = admin_token(short)
+    assert raw(short, "GET", "/keys?api-version=7.5", token=tok)[0] == 200
+    time.sleep(6)
+    status, h, body = raw(short, "GET", "/keys?api-version=7.5", token=tok)
+    assert status == 401 and "expired" in body["error"]["message"] and "www-authenticate" in h
+    c = VaultClient.for_admin(short.dir)  # a client simply fetches a new token
+    assert c.list_keys() == []
