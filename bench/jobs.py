@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .util import CLOCK_TICKS_PER_S, BenchError, cpu_seconds, drop_caches, host_cpu_ticks, run
+from .util import (CLOCK_TICKS_PER_S, BenchError, cpu_seconds, drop_caches, host_cpu_ticks, run,
+                   wait_quiet)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -121,13 +122,16 @@ def parse_fio(text: str, job: Job) -> dict:
 
 
 def run_fio(job: Job, target: Path, size_bytes: int, runtime_s: float, ramp_s: float,
-            daemon_pid: int | None, *, cold: bool = True, profile_path: Path | None = None) -> dict:
-    """Drop caches, run one fio job, return its metric plus the daemon's CPU time.
+            daemon_pid: int | None, *, cold: bool = True, profile_path: Path | None = None,
+            quiet_wait_s: float = 0.0) -> dict:
+    """Drop caches, wait (up to `quiet_wait_s`) for an idle host, run one fio job; return its
+    metric plus the daemon's CPU time.
 
     With `profile_path`, py-spy samples the daemon during the job (collapsed stacks).
     """
     if cold:
         drop_caches()
+    waited_s, pre_busy_pct = wait_quiet(quiet_wait_s)
     with tempfile.NamedTemporaryFile(prefix="fio-", suffix=".json") as out:
         cmd = fio_command(job, target, size_bytes, runtime_s, ramp_s, Path(out.name))
         timeout_s = 600 + 4 * (runtime_s + ramp_s)
@@ -145,6 +149,8 @@ def run_fio(job: Job, target: Path, size_bytes: int, runtime_s: float, ramp_s: f
         result = parse_fio(Path(out.name).read_text(errors="replace"), job)
     daemon_cpu_s = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
     result["elapsed_s"] = elapsed_s
+    result["quiet_wait_s"] = waited_s
+    result["pre_job_host_busy_pct"] = pre_busy_pct if pre_busy_pct >= 0 else None
     result["daemon_cpu_s"] = daemon_cpu_s
     gib = result["io_bytes"] / GiB
     # ramp_time I/O is not in io_bytes but its CPU is in daemon_cpu_s: a slight overestimate.

@@ -294,6 +294,36 @@ def render_markdown(raw: dict, plots: list[str], raw_json_name: str) -> str:
 
 
 # --------------------------------------------------------------------- plots
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def draw_plots_anywhere(raw: dict, out_dir: Path) -> list[Path]:
+    """draw_plots here, or with the system python (Debian's python3-matplotlib) if this
+    interpreter has no matplotlib; ImportError when neither has it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return draw_plots(raw, out_dir)
+    if not os.path.exists(SYSTEM_PYTHON) or os.path.realpath(SYSTEM_PYTHON) == os.path.realpath(sys.executable):
+        raise ImportError("matplotlib")
+    import json
+    import tempfile
+    repo = str(Path(__file__).resolve().parents[1])
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+            "from bench.report import draw_plots; "
+            "print(json.dumps([str(p) for p in draw_plots(json.load(open(sys.argv[2])), Path(sys.argv[3]))]))")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(raw, f)
+        f.flush()
+        proc = subprocess.run([SYSTEM_PYTHON, "-c", code, repo, f.name, str(out_dir)],
+                              capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise ImportError("matplotlib")
+    return [Path(p) for p in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
 def _short(v: float) -> str:
     if v >= 10000:
         return f"{v / 1000:.0f}k"
@@ -317,7 +347,7 @@ def draw_plots(raw: dict, out_dir: Path) -> list[Path]:
     def grouped(fname, title, ylabel, jobs, names, getter, hlines=(), fmt=None, log_scale=False):
         if not jobs or not names:
             return
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(jobs) + 2), 3.8))
+        fig, ax = plt.subplots(figsize=(max(7.0, 1.5 * len(jobs) + 3.5), 3.8))
         width = 0.8 / len(names)
         for i, n in enumerate(names):
             xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(jobs))]
@@ -332,7 +362,6 @@ def draw_plots(raw: dict, out_dir: Path) -> list[Path]:
                                 xytext=(0, 2), textcoords="offset points")
         for y, text in hlines:
             ax.axhline(y, color="grey", lw=0.8, ls="--")
-            ax.annotate(text, (len(jobs) - 0.5, y), ha="right", va="bottom", fontsize=7, color="grey")
         if log_scale:
             ax.set_yscale("log")
         ax.set_xticks(range(len(jobs)))
@@ -340,7 +369,7 @@ def draw_plots(raw: dict, out_dir: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.margins(y=0.18)
-        ax.legend(fontsize=7, ncol=min(len(names), 3), loc="upper right", frameon=False)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         ax.spines[["top", "right"]].set_visible(False)
         fig.tight_layout()
         path = out_dir / fname
@@ -370,7 +399,8 @@ def draw_plots(raw: dict, out_dir: Path) -> list[Path]:
         for m in mine:
             lookup = {(r["job"], o): r["ratios"][o] for r in rows if r["system"] == m for o in r["ratios"]}
             label = next(s["label"] for s in systems if s["name"] == m)
-            grouped(f"ratios-{m}.png", f"{label}: ratio to each system (1.0 = equal; higher is better)",
+            grouped(f"ratios-{m}.png", f"{label}: ratio to each system (higher is better); "
+                    f"dashed: targets {TARGET_VS_NULL}x null, {TARGET_VS_PEER}x peers",
                     "ratio", raw["jobs"], others, lambda o, j: lookup.get((j["name"], o)),
                     hlines=[(TARGET_VS_NULL, "0.9 (vs null)"), (TARGET_VS_PEER, "1.0 (vs peers)")],
                     fmt="{:.2f}")

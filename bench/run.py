@@ -37,8 +37,11 @@ from bench.util import BenchError, need_tool  # noqa: E402
 
 MODES = {
     # file size, seconds per random job, ramp seconds, repetitions, openssl speed seconds
-    "quick": {"size_bytes": 256 << 20, "runtime_s": 2.0, "ramp_s": 0.0, "reps": 1, "openssl_s": 1},
-    "full": {"size_bytes": 2 << 30, "runtime_s": 10.0, "ramp_s": 0.0, "reps": 3, "openssl_s": 3},
+    # and how long to wait before each job for other work on the host to stop
+    "quick": {"size_bytes": 256 << 20, "runtime_s": 2.0, "ramp_s": 0.0, "reps": 1, "openssl_s": 1,
+              "quiet_wait_s": 0.0},
+    "full": {"size_bytes": 2 << 30, "runtime_s": 10.0, "ramp_s": 0.0, "reps": 3, "openssl_s": 3,
+             "quiet_wait_s": 20.0},
 }
 DEFAULT_WORKDIR = Path("/var/tmp/blockcrypt-bench")
 OUT_DIR = HERE / "out"
@@ -66,6 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--size", help="file size per system, e.g. 512M (overrides the mode)")
     p.add_argument("--runtime", type=float, help="seconds per random job (overrides the mode)")
     p.add_argument("--reps", type=int, help="repetitions per job (overrides the mode)")
+    p.add_argument("--quiet-wait", type=float, metavar="S",
+                   help="before each job wait up to S seconds for the host to be idle (full: 20, quick: 0)")
     pub = p.add_mutually_exclusive_group()
     pub.add_argument("--publish", action="store_true", default=None,
                      help="also write bench/RESULTS.md, results.json and PNGs (default: unfiltered full runs)")
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.runtime <= 0:
                 raise BenchError("--runtime must be greater than zero")
             cfg["runtime_s"] = args.runtime
+        if args.quiet_wait is not None:
+            cfg["quiet_wait_s"] = max(0.0, args.quiet_wait)
         if args.reps is not None:
             if args.reps < 1:
                 raise BenchError("--reps must be at least 1")
@@ -168,15 +175,18 @@ def main(argv: list[str] | None = None) -> int:
                     spy = (args.py_spy.absolute() / f"{s.name}-{job.name}-r{rep}.txt"
                            if args.py_spy and s.role == "blockcrypt" else None)
                     r = jobs_mod.run_fio(job, s.target, cfg["size_bytes"], cfg["runtime_s"],
-                                         cfg["ramp_s"], s.daemon_pid, profile_path=spy)
+                                         cfg["ramp_s"], s.daemon_pid, profile_path=spy,
+                                         quiet_wait_s=cfg["quiet_wait_s"])
                     if spy is not None:
                         r["profile"] = str(spy)
                         log(profile.summary_text(spy, top_n=12))
                     r.update({"system": s.name, "job": job.name, "rep": rep})
                     runs.append(r)
                     cpu = f"{r['cpu_s_per_gib']:.2f} CPU s/GiB" if r["cpu_s_per_gib"] is not None else ""
+                    noise = (f"  (other load {r['foreign_cpu_pct']:.0f}%)"
+                             if (r.get("foreign_cpu_pct") or 0) >= 10 else "")
                     log(f"  [{rep}/{cfg['reps']}] {job.name:<14} {s.name:<10} "
-                        f"{r['value']:>10,.1f} {job.unit:<5} {cpu}")
+                        f"{r['value']:>10,.1f} {job.unit:<5} {cpu}{noise}")
         raw = {
             "schema": 1,
             "command": "bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -240,9 +250,10 @@ def write_outputs(raw: dict, args, started: dt.datetime, publish: bool) -> Path:
     plots: list[Path] = []
     if not args.no_plots:
         try:
-            plots = report.draw_plots(raw, out_dir)
+            plots = report.draw_plots_anywhere(raw, out_dir)
         except ImportError:
-            raw["plot_error"] = "matplotlib is not installed (pip install '.[bench]')"
+            raw["plot_error"] = ("matplotlib is not installed (apt-get install python3-matplotlib, "
+                                 "or .venv/bin/pip install '.[bench]')")
             log(f"bench: warning: {raw['plot_error']}; no plots")
     (out_dir / "raw.json").write_text(json.dumps(raw, indent=1) + "\n")
     (out_dir / "RESULTS.md").write_text(report.render_markdown(raw, [p.name for p in plots], "raw.json"))

@@ -47,6 +47,7 @@ class System:
         self.dir = Path(workdir).absolute() / self.name
         self.target: Path | None = None
         self.daemon_pid: int | None = None
+        self.owned = False  # set once setup has claimed self.dir: teardown touches nothing before
 
     # -- to override -------------------------------------------------------
     def check(self) -> None:
@@ -74,13 +75,15 @@ class System:
 
     def fresh_dir(self) -> None:
         self.check_free()
+        self.owned = True
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, mode=0o700)
 
     def remove_dir(self) -> None:
-        if self.dir.exists() and not any(is_mounted(mp) for mp in self.mount_points()):
+        if self.owned and self.dir.exists() and not any(is_mounted(mp) for mp in self.mount_points()):
             shutil.rmtree(self.dir, ignore_errors=True)
+        self.owned = False
 
     def info(self) -> dict:
         return {"name": self.name, "label": self.label, "role": self.role,
@@ -133,6 +136,8 @@ class _DaemonSystem(System):
         return lines[-1] if lines else "(empty)"
 
     def _stop(self, mountpoint: Path, terminate_first: bool) -> None:
+        if self._proc is None:
+            return  # never started: whatever is mounted there is not ours
         if self._proc is not None and terminate_first and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -308,8 +313,8 @@ class BlockcryptSystem(System):
         self.mnt.mkdir()
         self.cli("init", *self.init_args)
         self.cli("disk", "create", self.disk_name, "--size", str(size_bytes), *self.disk_create_args)
+        self._mounted = True  # the mount point was free: from here on, whatever is there is ours
         pid = self._mount()
-        self._mounted = True
         wait_until(lambda: is_mounted(self.mnt), MOUNT_TIMEOUT_S, f"{self.label} mount")
         self.target = self.mnt / "disks" / self.disk_name
         wait_until(self.target.exists, MOUNT_TIMEOUT_S, f"{self.label} disk file {self.target}")
@@ -340,7 +345,7 @@ class BlockcryptSystem(System):
 
     def teardown(self) -> None:
         pid = self.daemon_pid
-        if self._mounted or is_mounted(self.mnt):
+        if self._mounted:
             try:
                 self.cli("umount", str(self.mnt), timeout_s=60, check=False)
             except BenchError:

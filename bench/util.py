@@ -167,3 +167,26 @@ def first_line(cmd: list[str]) -> str:
         return "unknown"
     text = (proc.stdout or proc.stderr).decode(errors="replace").strip()
     return text.splitlines()[0] if text else "unknown"
+
+
+def host_busy_pct(window_s: float = 0.5) -> float:
+    """Share of all CPUs busy over the next `window_s` seconds."""
+    b0, t0 = host_cpu_ticks()
+    time.sleep(window_s)
+    b1, t1 = host_cpu_ticks()
+    return 100.0 * (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def wait_quiet(max_wait_s: float, busy_pct: float = 10.0, window_s: float = 0.5) -> tuple[float, float]:
+    """Wait until the host is nearly idle (our daemons are idle between jobs).
+
+    Returns (seconds waited, busy % of the last window); gives up after `max_wait_s`.
+    """
+    if max_wait_s <= 0:
+        return 0.0, -1.0
+    t0 = time.monotonic()
+    while True:
+        pct = host_busy_pct(window_s)
+        waited = time.monotonic() - t0
+        if pct <= busy_pct or waited >= max_wait_s:
+            return waited, pct
