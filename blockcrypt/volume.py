@@ -18,7 +18,7 @@ import threading
 from contextlib import contextmanager
 
 from .backing import LocalFileBacking, is_enospc
-from .crypto import ALG_NULL, NullCipher, open_sector_cipher
+from .crypto import NullCipher, open_sector_cipher
 from .disks import unwrap_layer
 from .errors import CorruptHeader, NoSpace, OutOfRange, ReadOnly
 from .format import ROLE_DATA, read_header, sector_span

@@ -4,12 +4,13 @@ import pytest
 
 from blockcrypt import des
 from blockcrypt.state import State
-from support.vaultproc import make_vault
+from support.vaultproc import VaultProcess, make_vault
 
 
 @pytest.fixture(scope="module")
 def vault(tmp_path_factory):
-    v = make_vault(tmp_path_factory.mktemp("cmk") / "vault", "--retention-days", "7", "--purge-protection").start()
+    v = VaultProcess(make_vault(tmp_path_factory.mktemp("cmk") / "vault", "--retention-days", "7",
+                                "--purge-protection")).start()
     yield v
     v.stop()
 

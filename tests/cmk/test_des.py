@@ -8,7 +8,7 @@ import pytest
 from blockcrypt import des, disks
 from blockcrypt.errors import (AlreadyExists, KeyAccessDenied, KeyDeleted, KeyDisabled, Refused)
 from blockcrypt.volume import Volume
-from support.vaultproc import make_vault
+from support.vaultproc import VaultProcess, make_vault
 
 
 def _write_read(state, name, data=b"customer data" * 300):
@@ -31,7 +31,7 @@ def test_des_create_and_cmk_disk(state, vault, des_rec, key_name):
 
 
 def test_refuses_vault_without_purge_protection(state, tmp_path):
-    v = make_vault(tmp_path / "soft", "--retention-days", "7").start()
+    v = VaultProcess(make_vault(tmp_path / "soft", "--retention-days", "7")).start()
     try:
         v.key("create", "k")
         with pytest.raises(Refused, match="no purge protection"):

@@ -5,78 +5,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import requests
 from azure.core.credentials import AccessToken
 
-REPO = Path(__file__).resolve().parents[2]
-PY = sys.executable
-
-
-def vault_cli(*args, check=True, env=None, timeout=60):
-    """Run `python -m blockcrypt.vault.cli ARGS`; returns CompletedProcess (text)."""
-    p = subprocess.run([PY, "-m", "blockcrypt.vault.cli", *map(str, args)], cwd=REPO, capture_output=True,
-                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
-    if check and p.returncode != 0:
-        raise AssertionError(f"vault {' '.join(map(str, args))} failed ({p.returncode}): {p.stderr}{p.stdout}")
-    return p
-
-
-class VaultProcess:
-    def __init__(self, vault_dir: Path, extra=()):
-        self.dir = Path(vault_dir)
-        self.extra = tuple(extra)
-        self.proc = None
-        self.url = None
-
-    def start(self, timeout_s: float = 20.0, listen: str = "127.0.0.1:0"):
-        log = open(self.dir.parent / f"serve-{self.dir.name}.log", "ab")
-        self.proc = subprocess.Popen([PY, "-m", "blockcrypt.vault.cli", "serve", "--dir", str(self.dir),
-                                      "--listen", listen, *self.extra], cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=log)
-        deadline = time.monotonic() + timeout_s
-        line = b""
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line.startswith(b"vault listening on "):
-                self.url = line.decode().split()[-1]
-                return self
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        raise AssertionError(f"vault serve did not start: {line!r}")
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc and self.proc.stdout:
-            self.proc.stdout.close()
-        self.proc = None
-
-    def admin(self) -> dict:
-        return json.loads((self.dir / "admin.json").read_text())
-
-
-def make_vault(path: Path, *args) -> Path:
-    vault_cli("init", "--dir", path, *args)
-    return path
+from support.vaultproc import REPO, PY, VaultProcess, make_vault, vault_cli  # noqa: F401
 
 
 class VaultTokenCredential:
