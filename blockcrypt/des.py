@@ -302,4 +302,4 @@ def move_disk_to_des(st, disk_name: str, des_name: str):
 def refuse_back_to_platform(disk_name: str, des_name: str):
     raise Refused(f"disk {disk_name!r} is encrypted with a customer-managed key (disk encryption set "
                   f"{des_name!r}), which cannot be turned off; copy it to a new disk instead: "
-                  f"`blockcrypt disk copy {disk_name} NEW_NAME`")
+                  f"`blockcrypt disk copy {disk_name} NEW_NAME --des ''` (a platform-key copy)")
