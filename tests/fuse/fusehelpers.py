@@ -3,7 +3,7 @@ devices, and a teardown that always unmounts and detaches, even when a test
 fails half-way (the fixtures in conftest.py use them).
 
 Everything is real: /dev/fuse, fusermount, losetup, mkfs.ext4, fio, qemu-img.
-A test that needs a missing tool skips with the tool's name.
+A test whose tool is missing fails and names it (scripts/install-deps.sh installs them all).
 
 Caveat: needs root (loop devices, mount); tests run serially.
 """
@@ -28,9 +28,10 @@ CLI = [sys.executable, "-m", "blockcrypt.cli"]
 
 
 def need(*tools):
-    for t in tools:
-        if shutil.which(t) is None:
-            pytest.skip(f"{t} is not installed (scripts/install-deps.sh installs it)")
+    """Fail (not skip: only a missing /dev/fuse skips) when a tool the test drives is missing."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: run scripts/install-deps.sh (make deps)")
 
 
 def sh(*cmd, check=True, **kw):
