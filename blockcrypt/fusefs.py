@@ -583,6 +583,19 @@ class _Fuse(fuse.FUSE):
         data = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))).cast("B")
         return self.operations("write", None, data, offset, fip.contents.fh)
 
+    # with flag_nopath, setattr on an open file (fchmod, fchown, futimens) has no path either;
+    # fusepy decodes these paths unconditionally
+    def chmod(self, path, mode):
+        return self.operations("chmod", self._decode_optional_path(path), mode)
+
+    def chown(self, path, uid, gid):
+        return self.operations("chown", self._decode_optional_path(path), uid, gid)
+
+    def utimens(self, path, buf):
+        if path is None:
+            return 0  # accepted and ignored, as with a path
+        return super().utimens(path, buf)
+
     def ioctl(self, path, cmd, arg, fip, flags, data):
         # fusepy decodes the path unconditionally; with flag_nopath it is NULL here
         return self.operations("ioctl", self._decode_optional_path(path), cmd, arg, fip.contents.fh,

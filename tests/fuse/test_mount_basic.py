@@ -134,6 +134,18 @@ def test_refused_operations_answer_eperm(state, mnt):
     with pytest.raises(PermissionError):
         os.mkdir(mnt.mp / "disks" / "dir")
     os.utime(p)  # accepted, ignored
+    fd = os.open(p, os.O_RDWR)
+    try:  # the same through a file descriptor (no path reaches the daemon)
+        os.utime(fd)
+        os.ftruncate(fd, 8 * MiB)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, MiB)
+        with pytest.raises(PermissionError):
+            os.fchmod(fd, 0o644)
+        with pytest.raises(PermissionError):
+            os.fchown(fd, 1, 1)
+    finally:
+        os.close(fd)
     assert os.stat(p).st_size == 8 * MiB
 
 
