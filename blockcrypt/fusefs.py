@@ -218,6 +218,8 @@ class DiskFS(fuse.Operations):
             self._err_log_t[key] = now
             log.warning("%s %s: %s -> %s", op, od.name if od else (args[0] if args else ""), msg,
                         errno.errorcode.get(code, code))
+            if od is not None:
+                self._changed()  # `status` shows the error count (as often as this line is logged)
 
     def _count_error(self, op, args, code: int, msg: str):
         od = None
