@@ -353,6 +353,9 @@ def test_bad_request_never_takes_the_mount_down(state, mnt):
                 os.pwrite(fd, b"x", off)
             assert ei.value.errno != errno.EINVAL
         assert os.pread(fd, 10, 1 << 40) == b""
+        (m,) = bc_json(state, "status")["mounts"]
+        (d,) = m["disks"]
+        assert d["errors"] >= 1 and d["lastError"]["errno"] == "EFBIG", d
         with pytest.raises(OSError):
             os.listxattr(mnt.disk("d"))
             os.getxattr(mnt.disk("d"), "user.x")
