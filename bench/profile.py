@@ -2,7 +2,8 @@
 
     python -m bench.profile FILE [FILE...]    # top functions, self and inclusive
 
-Self time is the innermost Python frame of a sample (time in a C extension or a
+Only samples taken inside a FUSE request (below fusepy's callback wrapper)
+count. Self time is the innermost Python frame of a sample (time in a C extension or a
 system call shows up as the Python function that called it); inclusive time
 counts a function once per sample that has it anywhere on its stack.
 
@@ -20,8 +21,15 @@ from pathlib import Path
 _THREAD = re.compile(r"^(thread \(|process \d+)")
 
 
-def parse(path: Path) -> tuple[Counter, Counter, int]:
-    """(self samples, inclusive samples, total samples) per 'function (file)'."""
+REQUEST_FRAME = "FUSE._wrapper (fuse.py)"  # every FUSE request enters Python here
+
+
+def parse(path: Path, requests_only: bool = True) -> tuple[Counter, Counter, int]:
+    """(self samples, inclusive samples, total samples) per 'function (file)'.
+
+    `requests_only` keeps the samples taken inside a FUSE request (below fusepy's
+    callback wrapper) and drops background threads and libfuse's own loop.
+    """
     self_c: Counter = Counter()
     incl_c: Counter = Counter()
     total = 0
@@ -31,7 +39,7 @@ def parse(path: Path) -> tuple[Counter, Counter, int]:
             continue
         n = int(count)
         frames = [f for f in stack.split(";") if f and not _THREAD.match(f)]
-        if not frames:
+        if not frames or (requests_only and REQUEST_FRAME not in frames):
             continue
         total += n
         self_c[frames[-1]] += n
@@ -62,7 +70,9 @@ def summary_text(path: Path, top_n: int = 15) -> str:
         return f"profile {path}: unreadable ({e.strerror})"
     if not total:
         return f"profile {path}: no samples"
-    lines = [f"profile {Path(path).name}: {total} busy samples"]
+    _, _, everything = parse(path, requests_only=False)
+    lines = [f"profile {Path(path).name}: {total} samples inside FUSE requests "
+             f"({everything - total} elsewhere: libfuse loop, background threads)"]
     by_area: Counter = Counter()
     for f, n in self_c.items():
         by_area[area(f)] += n

@@ -246,9 +246,12 @@ def render_markdown(raw: dict, plots: list[str], raw_json_name: str) -> str:
 
     foreign = [r["foreign_cpu_pct"] for r in raw["runs"] if r.get("foreign_cpu_pct") is not None]
     if foreign:
-        L.append(f"Background load (CPU used by other processes during the jobs, share of all "
-                 f"{env.get('cpus', '?')} CPUs): median {statistics.median(foreign):.0f} %, "
-                 f"worst {max(foreign):.0f} %. Above ~10 % the figures carry that noise.\n")
+        retried = sum(1 for r in raw["runs"] if r.get("attempts", 1) > 1)
+        L.append(f"Background load (CPU used by other processes during the kept measurements, share "
+                 f"of all {env.get('cpus', '?')} CPUs): median {statistics.median(foreign):.0f} %, "
+                 f"worst {max(foreign):.0f} %; {retried} of {len(raw['runs'])} measurements were "
+                 f"repeated because other work disturbed them (up to {cfg.get('retries', 0)} retries, "
+                 f"the least disturbed attempt kept).\n")
 
     daemons = [s["name"] for s in systems if s["role"] != "reference"]
     if daemons:
