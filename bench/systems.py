@@ -214,10 +214,20 @@ class QemuLuks(_DaemonSystem):
         secret.write_text(secrets.token_hex(16))
         secret.chmod(0o600)
         obj = f"secret,id=sec0,file={secret},format=raw"
-        run(["qemu-img", "create", "-q", "-f", "luks", "--object", obj,
-             "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,"
-                   "hash-alg=sha256,iter-time=100",
-             str(image), str(size_bytes)])
+        create = ["qemu-img", "create", "-q", "-f", "luks", "--object", obj,
+                  "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,"
+                        "hash-alg=sha256,iter-time=100",
+                  str(image), str(size_bytes)]
+        for attempt in range(3):
+            # qemu times PBKDF2 with the thread's CPU clock and gives up ("Unable to get
+            # accurate CPU usage") when a busy host starves it: try again
+            try:
+                run(create)
+                break
+            except BenchError as e:
+                if "accurate CPU usage" not in str(e) or attempt == 2:
+                    raise
+                image.unlink(missing_ok=True)
         export.touch()
         self._start(["qemu-storage-daemon", "--object", obj,
                      "--blockdev", f"driver=file,node-name=file0,filename={image}",
