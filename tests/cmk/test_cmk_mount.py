@@ -1,0 +1,175 @@
+"""Customer-managed keys end to end: a real vault over HTTPS, a real FUSE mount, loop device and ext4.
+
+DES, disk, mkfs, files; rotate; remount, contents intact; disable the key -> EIO within the check
+interval plus one second and the on-revoke hook ran; enable -> back; delete -> unavailable;
+recover -> back; policy removed -> unavailable; purge refused under purge protection; a vault
+killed and restarted within the grace period -> no I/O error; the audit shows every wrap and
+unwrap with the disk id.
+"""
+import errno
+import json
+import mmap
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuse"))
+from fusehelpers import Mount, bc_json, cleanup_tree, loopdev, mounted_fs, need, sh  # noqa: E402
+
+from blockcrypt import des  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is absent")
+
+INTERVAL_S = 1.0
+BOUND_S = INTERVAL_S + 1.0
+
+
+def direct_io(path, write: bool, off: int = 1 << 20) -> int:
+    """One 4 KiB O_DIRECT request (no page cache in the way) on a path (opened for it) or an
+    open fd (a VM that keeps its disk open): 0 or the errno."""
+    buf = mmap.mmap(-1, 4096)
+    if isinstance(path, int):
+        fd, own = path, False
+    else:
+        own = True
+        try:
+            fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_DIRECT)
+        except OSError as e:
+            return e.errno
+    try:
+        if write:
+            buf.write(os.urandom(4096))
+            os.pwritev(fd, [buf], off)
+        else:
+            os.preadv(fd, [buf], off)
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        if own:
+            os.close(fd)
+        buf.close()
+
+
+def until(pred, timeout_s):
+    """Seconds until pred() holds (polling every 20 ms), or None at the timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if pred():
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    return None
+
+
+@pytest.fixture
+def root(tmp_path):
+    yield tmp_path
+    cleanup_tree(tmp_path)
+
+
+def disk_states(state) -> dict:
+    out = {}
+    for m in bc_json(state, "status")["mounts"]:
+        for d in m.get("disks", []):
+            out[d["name"]] = d
+    return out
+
+
+def test_cmk_end_to_end(root, state, vault, key_name):
+    need("losetup", "mkfs.ext4", "fsck.ext4")
+    hook_out = root / "hook.txt"
+    hook = root / "on-revoke.sh"
+    hook.write_text(f"#!/bin/sh\necho \"$1 $BLOCKCRYPT_REASON\" >> {hook_out}\n")
+    hook.chmod(0o755)
+    state.catalog.set_setting("key_check_interval", str(INTERVAL_S))
+    state.catalog.set_setting("key_grace_period", "30")
+    state.catalog.set_setting("on_revoke", str(hook))
+    rec_des = des.create(state, "des1", f"{vault.url}/keys/{key_name}", vault_dir=str(vault.dir), grant=True)
+    des.create_disk(state, "cmk1", 128 << 20, "des1")
+    des.create_disk(state, "ultra", 16 << 20, "des1", revocation="on-restart")
+    mp = root / "mnt"
+    mp.mkdir()
+    m = Mount(state, mp).start()
+
+    # ext4 on the CMK disk, files, then a key rotation and a remount
+    files = {f"f{i}.bin": os.urandom(50_000 + i) for i in range(20)}
+    with loopdev(m.disk("cmk1")) as dev:
+        sh("mkfs.ext4", "-q", "-F", dev)
+        with mounted_fs(dev, root / "fs") as fs:
+            for n, data in files.items():
+                (fs / n).write_bytes(data)
+            sh("sync")
+    new_kid = vault.key("rotate", key_name)["key"]["kid"]
+    r = des.rotate(state, "des1")
+    assert r["activeKey"] == new_kid and sorted(r["rewrapped"]) == ["cmk1", "ultra"]
+    m.restart()
+    with loopdev(m.disk("cmk1")) as dev:
+        assert sh("fsck.ext4", "-n", "-f", dev, check=False).returncode == 0
+        with mounted_fs(dev, root / "fs") as fs:
+            assert {n: (fs / n).read_bytes() for n in files} == files
+    raw = Path(state.catalog.get_disk("cmk1").path).read_bytes()
+    assert all(data[:4096] not in raw for data in files.values())
+
+    # both disks held open, like running VMs: the key monitor, not open(), must stop the I/O
+    disk = os.open(m.disk("cmk1"), os.O_RDWR | os.O_DIRECT)
+    ultra = os.open(m.disk("ultra"), os.O_RDWR | os.O_DIRECT)
+    assert direct_io(disk, True) == 0 and direct_io(ultra, True) == 0
+
+    # disable -> EIO within the bound; the hook ran; status says why; the on-restart disk keeps serving
+    vault.key("disable", key_name)
+    t = until(lambda: direct_io(disk, True) == errno.EIO, BOUND_S + 2)
+    assert t is not None and t <= BOUND_S, f"I/O still served {t} s after disable"
+    assert direct_io(disk, False) == errno.EIO
+    assert direct_io(ultra, True) == 0  # on-restart: the running "VM" keeps its disk
+    assert direct_io(m.disk("cmk1"), False) == errno.EIO  # and a new open of cmk1 fails too
+    assert until(lambda: hook_out.exists() and "cmk1 KeyDisabled" in hook_out.read_text(), 5) is not None
+    st = disk_states(state)["cmk1"]
+    assert st["state"] == "KeyUnavailable" and st["keyError"]["reason"] == "KeyDisabled"
+
+    # enable -> back at the next check
+    vault.key("enable", key_name)
+    assert until(lambda: direct_io(disk, True) == 0, BOUND_S + 1) is not None
+    # delete -> unavailable; recover -> back
+    vault.key("delete", key_name)
+    assert until(lambda: direct_io(disk, True) == errno.EIO, BOUND_S + 1) is not None
+    assert disk_states(state)["cmk1"]["keyError"]["reason"] == "KeyDeleted"
+    purge = vault.key("purge", key_name, check=False)
+    assert purge.returncode != 0  # purge protection holds
+    vault.key("recover", key_name)
+    assert until(lambda: direct_io(disk, True) == 0, BOUND_S + 2) is not None
+    # the identity loses its access -> unavailable; access back -> serving
+    ident = rec_des.identity["name"]
+    vault.cli("policy", "set", "--identity", ident, "--permissions", "get")
+    assert until(lambda: direct_io(disk, True) == errno.EIO, BOUND_S + 1) is not None
+    assert disk_states(state)["cmk1"]["keyError"]["reason"] == "KeyAccessDenied"
+    vault.cli("policy", "set", "--identity", ident, "--permissions", "get,wrapKey,unwrapKey")
+    assert until(lambda: direct_io(disk, True) == 0, BOUND_S + 1) is not None
+
+    # a vault that is down is not a revocation: I/O goes on from the cached key within the grace period
+    vault.stop()
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 * INTERVAL_S + 1:
+            assert direct_io(disk, True) == 0
+            assert direct_io(disk, False) == 0
+            time.sleep(0.1)
+    finally:
+        vault.restart()
+    assert direct_io(disk, True) == 0
+
+    # the audit names the disk on the wraps and unwraps
+    disk_id = state.catalog.get_disk("cmk1").disk_id
+    events = [json.loads(line) for line in vault.cli("audit", "--key", key_name, "--json").stdout.splitlines()
+              if line.strip()]
+    ops = [e["operation"] for e in events if e.get("disk_id") == disk_id]
+    assert any("Unwrap" in o for o in ops) and any(o.endswith("Wrap") or "WrapKey" in o for o in ops), ops
+    key_events = [json.loads(x) for x in (state.path / "logs" / "key-events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in key_events if e.get("disk") == "cmk1"]
+    assert kinds.count("KeyRevoked") >= 3 and kinds.count("KeyRestored") >= 3
+    assert any(e["event"] == "KeyRevokedServingUntilRestart" and e["disk"] == "ultra" for e in key_events)
+    os.close(ultra)
+    os.close(disk)
+    m.stop()
