@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .util import (CLOCK_TICKS_PER_S, BenchError, cpu_seconds, drop_caches, host_cpu_ticks, run,
+from .util import (CLOCK_TICKS_PER_S, BenchError, cpu_times, drop_caches, host_cpu_ticks, run,
                    wait_quiet)
 
 MiB = 1 << 20
@@ -138,16 +138,17 @@ def run_fio(job: Job, target: Path, size_bytes: int, runtime_s: float, ramp_s: f
         spy = start_py_spy(daemon_pid, profile_path) if profile_path and daemon_pid else None
         try:
             kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu0, host0, t0 = cpu_seconds(daemon_pid), host_cpu_ticks(), time.monotonic()
+            cpu0, host0, t0 = cpu_times(daemon_pid), host_cpu_ticks(), time.monotonic()
             run(cmd, timeout_s=timeout_s)
             elapsed_s = time.monotonic() - t0
-            cpu1, host1 = cpu_seconds(daemon_pid), host_cpu_ticks()
+            cpu1, host1 = cpu_times(daemon_pid), host_cpu_ticks()
             kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         finally:
             if spy is not None:
                 stop_py_spy(spy)
         result = parse_fio(Path(out.name).read_text(errors="replace"), job)
-    daemon_cpu_s = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    daemon_user_s = (cpu1[0] - cpu0[0]) if cpu0 is not None and cpu1 is not None else None
+    daemon_cpu_s = (sum(cpu1) - sum(cpu0)) if cpu0 is not None and cpu1 is not None else None
     result["elapsed_s"] = elapsed_s
     result["quiet_wait_s"] = waited_s
     result["pre_job_host_busy_pct"] = pre_busy_pct if pre_busy_pct >= 0 else None
@@ -155,13 +156,14 @@ def run_fio(job: Job, target: Path, size_bytes: int, runtime_s: float, ramp_s: f
     gib = result["io_bytes"] / GiB
     # ramp_time I/O is not in io_bytes but its CPU is in daemon_cpu_s: a slight overestimate.
     result["cpu_s_per_gib"] = (daemon_cpu_s / gib) if daemon_cpu_s is not None and gib > 0 else None
-    busy, total = host1[0] - host0[0], host1[1] - host0[1]
+    busy, user, total = (host1[i] - host0[i] for i in range(3))
     result["host_cpu_busy_pct"] = 100.0 * busy / total if total else None
     fio_cpu_s = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
     result["fio_cpu_s"] = fio_cpu_s
-    # CPU used by anything else on the host (other work, kernel threads): noise in the figures
-    host_busy_s = busy / CLOCK_TICKS_PER_S
-    result["foreign_cpu_s"] = max(0.0, host_busy_s - fio_cpu_s - (daemon_cpu_s or 0.0))
+    # User-mode CPU of every other process on the host: noise in the figures. System time is
+    # left out because kernel threads doing our own writeback and I/O completion land there.
+    result["foreign_cpu_s"] = max(0.0, user / CLOCK_TICKS_PER_S - kids1.ru_utime + kids0.ru_utime
+                                  - (daemon_user_s or 0.0))
     result["foreign_cpu_pct"] = (100.0 * result["foreign_cpu_s"] / (elapsed_s * (os.cpu_count() or 1))
                                  if elapsed_s > 0 else None)
     return result

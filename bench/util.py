@@ -127,8 +127,8 @@ def stop_pid(pid: int | None, timeout_s: float = 5) -> None:
             time.sleep(0.05)
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """utime + stime of a process (all its threads), in seconds; None when unknown."""
+def cpu_times(pid: int | None) -> tuple[float, float] | None:
+    """(user, system) seconds of a process (all its threads); None when unknown."""
     if not pid:
         return None
     try:
@@ -137,16 +137,23 @@ def cpu_seconds(pid: int | None) -> float | None:
     except OSError:
         return None
     # after the comm field: state is [0], utime is field 14 overall -> [11], stime [12]
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    return int(fields[11]) / CLOCK_TICKS_PER_S, int(fields[12]) / CLOCK_TICKS_PER_S
 
 
-def host_cpu_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole host from /proc/stat; busy is user + nice + system
-    (interrupt time, which our own I/O causes, and hypervisor steal are left out)."""
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of a process (all its threads), in seconds; None when unknown."""
+    t = cpu_times(pid)
+    return None if t is None else t[0] + t[1]
+
+
+def host_cpu_ticks() -> tuple[int, int, int]:
+    """(busy, user, total) jiffies of the whole host from /proc/stat: busy is user + nice +
+    system, user is user + nice (interrupt time, which our own I/O causes, and hypervisor
+    steal are left out)."""
     with open("/proc/stat", encoding="ascii") as f:
         vals = [int(v) for v in f.readline().split()[1:]]
     total = sum(vals[:8])
-    return vals[0] + vals[1] + vals[2], total
+    return vals[0] + vals[1] + vals[2], vals[0] + vals[1], total
 
 
 def drop_caches() -> None:
@@ -171,9 +178,9 @@ def first_line(cmd: list[str]) -> str:
 
 def host_busy_pct(window_s: float = 0.5) -> float:
     """Share of all CPUs busy over the next `window_s` seconds."""
-    b0, t0 = host_cpu_ticks()
+    b0, _, t0 = host_cpu_ticks()
     time.sleep(window_s)
-    b1, t1 = host_cpu_ticks()
+    b1, _, t1 = host_cpu_ticks()
     return 100.0 * (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
 
