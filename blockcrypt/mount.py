@@ -21,7 +21,8 @@ flushes and closes every disk. A mount whose daemon died (kill -9) is cleaned
 with a lazy unmount by ``umount`` and automatically by the next ``mount`` on
 that mount point.
 
-Caveats: one live mount per state directory (two daemons would each hold
+Caveats: one live mount per state directory, enforced by an flock on
+``STATE/run/mount.lock`` that the daemon holds for its life (two daemons would each hold
 their own Volume on the same disk file and their read-modify-write locks
 would not see each other); a null-cipher mount (``--bench-null-cipher``)
 writes PLAINTEXT into the disk files and is for benchmarks on scratch disks
@@ -30,6 +31,7 @@ only (it is labelled in ``status`` and in the log).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -160,6 +162,31 @@ class Registry:
         return out
 
 
+LOCK_NAME = "mount.lock"
+
+
+def _take_state_lock(state) -> int | None:
+    """An exclusive flock on STATE/run/mount.lock, held by the daemon for its whole life (the
+    kernel drops it when the process dies, even by kill -9). None when another daemon holds it."""
+    d = Path(state.path) / "run"
+    d.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _state_locked(state) -> bool:
+    fd = _take_state_lock(state)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def _live(entry: dict) -> bool:
     """The entry's daemon still runs (and its pid was not reused by something else)."""
     pid = entry.get("pid")
@@ -229,6 +256,9 @@ def mount(state, mountpoint: str, *, foreground: bool = False, allow_other: bool
         if _live(e):
             raise Busy(f"state directory {state.path} is already mounted at {e.get('mountpoint')} "
                        f"(pid {e.get('pid')}); one mount per state directory")
+    if _state_locked(state):
+        raise Busy(f"state directory {state.path} is already mounted by another daemon "
+                   f"(see `blockcrypt status`); one mount per state directory")
     _check_fuse()
     _check_mountpoint(reg, mp)
     mount_id = secrets.token_hex(4)
@@ -392,6 +422,10 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
     _setup_logging(lp, log_to_stderr)
     log.info("mount %s starting: %s at %s (pid %d)%s", mount_id, st.path, mp, os.getpid(),
              " with the NULL cipher: benchmarks only, data NOT encrypted" if null_cipher else "")
+    lock_fd = _take_state_lock(st)  # kept open (and locked) until this process ends
+    if lock_fd is None:
+        raise Busy(f"state directory {st.path} is already mounted by another daemon; "
+                   f"one mount per state directory")
     reg = Registry(st)
     entry = {"id": mount_id, "pid": os.getpid(), "mountpoint": mp, "state": str(st.path),
              "started": time.time(), "log": str(lp), "allowOther": allow_other,
@@ -441,6 +475,7 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         ops.close_all()
         reg.remove(mount_id)
         log.info("mount %s stopped", mount_id)
+        os.close(lock_fd)
 
 
 def _start_plugins(ops, st) -> list:

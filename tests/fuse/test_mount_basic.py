@@ -369,3 +369,14 @@ def test_bad_request_never_takes_the_mount_down(state, mnt):
         assert f.read(4) == bytes(4)
     log = open(mnt.info["log"]).read()
     assert "returning errno.EINVAL" not in log
+
+
+def test_one_daemon_per_state_even_without_the_registry(state, mnt, root):
+    """The state lock holds even when the registry file is gone (a full or damaged state fs)."""
+    for p in (state.path / "run").glob("mount-*.json"):
+        p.unlink()
+    other = root / "other"
+    other.mkdir()
+    r = bc(state, "mount", other, check=False)
+    assert r.returncode != 0 and "already mounted" in r.stderr, r.stderr
+    assert not bmount.mounts_at(str(other))
