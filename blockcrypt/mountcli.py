@@ -93,7 +93,11 @@ def status_cmd(ctx, as_json):
         if not disks:
             click.echo("  no open disks")
         for d in disks:
-            if d.get("state") == "open":
+            if d.get("keyError"):
+                k = d["keyError"]
+                click.echo(f"  disk {d['name']}  {d.get('state')}  {k.get('reason')}: {k.get('message')}  "
+                           f"{d.get('openHandles', 0)} handle(s)")
+            elif d.get("state") == "open":
                 err = d.get("lastError")
                 click.echo(f"  disk {d['name']}  open  {d['openHandles']} handle(s)  {d['cipher']}  "
                            f"{d['sizeBytes']} bytes{'  read-only' if d.get('readOnly') else ''}"
