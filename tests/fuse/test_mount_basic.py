@@ -32,6 +32,15 @@ def test_layout_modes_and_sizes(state, mnt):
     assert os.stat(mnt.disk("b")).st_size == 8 * MiB
     with open(mnt.disk("a"), "rb") as f:
         assert f.read(MiB) == bytes(MiB)  # a new disk reads as zeros
+    data = os.urandom(3000)
+    fd = os.open(mnt.disk("b"), os.O_RDWR)  # 512-byte sectors: unaligned write, read back
+    try:
+        assert os.pwrite(fd, data, 700) == 3000
+        assert os.pread(fd, 4096, 0) == bytes(700) + data + bytes(396)
+    finally:
+        os.close(fd)
+    raw = backing_path(state, "b").read_bytes()
+    assert data[:32] not in raw
     with pytest.raises(FileNotFoundError):
         os.stat(mnt.mp / "disks" / "nope")
     with pytest.raises(FileNotFoundError):
