@@ -252,13 +252,11 @@ def mount(state, mountpoint: str, *, foreground: bool = False, allow_other: bool
     blocks until unmounted (foreground)."""
     mp = os.path.realpath(mountpoint)
     reg = Registry(state)
-    for e in reg.entries():
-        if _live(e):
-            raise Busy(f"state directory {state.path} is already mounted at {e.get('mountpoint')} "
-                       f"(pid {e.get('pid')}); one mount per state directory")
-    if _state_locked(state):
-        raise Busy(f"state directory {state.path} is already mounted by another daemon "
-                   f"(see `blockcrypt status`); one mount per state directory")
+    if _state_locked(state):  # the daemon's flock is the authority; the registry only informs
+        live = [e for e in reg.entries() if _live(e)]
+        where = f" at {live[0].get('mountpoint')} (pid {live[0].get('pid')})" if live else ""
+        raise Busy(f"state directory {state.path} is already mounted{where}; "
+                   f"one mount per state directory")
     _check_fuse()
     _check_mountpoint(reg, mp)
     mount_id = secrets.token_hex(4)
