@@ -335,6 +335,17 @@ def _failure_line(lp: Path, mount_id: str) -> str | None:
     return None
 
 
+def _loops_on(mp: str) -> list[str]:
+    """Loop devices whose backing file is under ``mp`` (as ``losetup -l -J`` names them)."""
+    try:
+        p = subprocess.run(["losetup", "-l", "-J"], capture_output=True, text=True, timeout=10)
+        devs = json.loads(p.stdout or "{}").get("loopdevices", [])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return []
+    return [d["name"] for d in devs
+            if (d.get("back-file") or "").replace(" (deleted)", "").startswith(mp.rstrip("/") + "/")]
+
+
 def _lazy_unmount(mp: str) -> None:
     fm = shutil.which("fusermount") or shutil.which("fusermount3")
     cmds = ([[fm, "-u", "-z", mp]] if fm else []) + [["umount", "-l", mp]]
@@ -371,8 +382,12 @@ def umount(state, mountpoint: str, *, timeout_s: float = UMOUNT_TIMEOUT_S) -> di
                 err = _unmount(mp)
             if err is not None:
                 if "busy" in err.lower():
-                    raise Busy(f"{mp} is busy: a disk file is still open (a loop device? see "
-                               f"`losetup -a`); close or detach it first")
+                    loops = _loops_on(mp)
+                    if loops:
+                        raise Busy(f"{mp} is busy: loop device(s) {', '.join(loops)} use its disk files; "
+                                   f"unmount what is on them and detach them (`losetup -d`) first")
+                    raise Busy(f"{mp} is busy: a disk file is still open; close it first "
+                               f"(`fuser -m {mp}` shows who holds it)")
                 raise MountError(f"cannot unmount {mp}: {err}")
         else:
             _lazy_unmount(mp)  # the daemon is gone: nothing left to flush

@@ -308,3 +308,14 @@ def test_allow_other_and_foreground(state, root):
             p.wait()
     assert not bmount.mounts_at(str(mp))
     assert bc_json(state, "status")["mounts"] == []
+
+
+def test_umount_names_the_loop_device_that_keeps_it_busy(state, mnt):
+    disks.create(state, "l", 16 * MiB)
+    wait_for(lambda: mnt.disk("l").exists(), what="disk listed")
+    with loopdev(mnt.disk("l")) as dev:
+        r = bc(state, "umount", mnt.mp, check=False)
+        assert r.returncode != 0 and dev in r.stderr and "losetup -d" in r.stderr, r.stderr
+        assert bmount._pid_alive(mnt.pid)
+    bc(state, "umount", mnt.mp)
+    assert not bmount._pid_alive(mnt.pid)
