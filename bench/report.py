@@ -253,7 +253,8 @@ def render_markdown(raw: dict, plots: list[str], raw_json_name: str) -> str:
                  f"repeated because other work disturbed them (up to {cfg.get('retries', 0)} retries, "
                  f"the least disturbed attempt kept).\n")
 
-    daemons = [s["name"] for s in systems if s["role"] != "reference"]
+    daemons = [s["name"] for s in systems
+               if any(r["system"] == s["name"] and r.get("cpu_s_per_gib") is not None for r in raw["runs"])]
     if daemons:
         L.append("## Daemon CPU seconds per GiB moved (median; lower is better)\n")
         L.append("| job | " + " | ".join(label[n] for n in daemons) + " |")
@@ -391,7 +392,8 @@ def draw_plots(raw: dict, out_dir: Path) -> list[Path]:
     io = [j for j in raw["jobs"] if j["family"] == "iops"]
     grouped("throughput.png", "Sequential throughput, MiB/s (higher is better)", "MiB/s", tp, all_names, med)
     grouped("iops.png", "Random I/O, IOPS (higher is better)", "IOPS", io, all_names, med)
-    daemons = [s["name"] for s in systems if s["role"] != "reference"]
+    daemons = [s["name"] for s in systems
+               if any(r["system"] == s["name"] and r.get("cpu_s_per_gib") is not None for r in raw["runs"])]
     grouped("cpu.png", "Daemon CPU seconds per GiB moved (lower is better)", "CPU s / GiB",
             raw["jobs"], daemons, cpu, fmt="{:.2g}", log_scale=True)
 

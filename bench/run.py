@@ -89,7 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def pick(spec: str | None, table: dict, what: str) -> list[str]:
     if not spec:
-        return list(table)
+        return [n for n, v in table.items() if getattr(v, "default", True)]
     names = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [n for n in names if n not in table]
     if unknown:

@@ -41,6 +41,7 @@ class System:
     label = ""             # what tables and plots show
     role = "peer"          # "reference" | "blockcrypt" | "peer"
     encrypted = True
+    default = True         # part of a run without --systems
     summary = ""           # one line for RESULTS.md
 
     def __init__(self, workdir: Path):
@@ -156,6 +157,38 @@ class _DaemonSystem(System):
                     pass
         self._proc = None
         self.daemon_pid = None
+
+
+class FusepyFloor(_DaemonSystem):
+    """bench/fusepy_floor.py: fusepy + libfuse 2 with nothing of ours in the request path."""
+
+    name, label, role, encrypted, default = "fusepy", "fusepy floor", "reference", False, False
+    summary = ("bench/fusepy_floor.py: the thinnest fusepy server (pread/pwrite, no locks, no "
+               "crypto), same FUSE options as blockcrypt: the floor of the fusepy/libfuse 2 stack")
+
+    def mount_points(self) -> list[Path]:
+        return [self.dir / "mnt"]
+
+    def version(self) -> str:
+        try:
+            from importlib.metadata import version
+            return f"fusepy {version('fusepy')}"
+        except Exception:  # noqa: BLE001 - informational
+            return ""
+
+    def setup(self, size_bytes: int) -> None:
+        self.fresh_dir()
+        backing, mnt = self.dir / "backing.img", self.dir / "mnt"
+        mnt.mkdir()
+        with open(backing, "wb") as f:
+            f.truncate(size_bytes)
+        script = Path(__file__).resolve().parent / "fusepy_floor.py"
+        self._start([sys.executable, str(script), str(backing), str(mnt)], mnt, "fusepy floor mount")
+        self.target = mnt / "disk"
+
+    def teardown(self) -> None:
+        self._stop(self.dir / "mnt", terminate_first=False)
+        self.remove_dir()
 
 
 class Gocryptfs(_DaemonSystem):
@@ -383,7 +416,7 @@ class BlockcryptSingle(BlockcryptSystem):
 
 
 # Run order and the keys accepted by --systems.
-SYSTEMS: list[type[System]] = [RawFile, BlockcryptNull, BlockcryptSingle, Gocryptfs, QemuLuks]
+SYSTEMS: list[type[System]] = [RawFile, FusepyFloor, BlockcryptNull, BlockcryptSingle, Gocryptfs, QemuLuks]
 
 
 def by_name() -> dict[str, type[System]]:

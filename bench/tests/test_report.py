@@ -107,7 +107,8 @@ def test_parse_fio_garbage_is_a_bench_error():
 def test_filters_and_sizes():
     from bench import systems
     assert run.pick("qsd,raw", systems.by_name(), "system") == ["raw", "qsd"]
-    with pytest.raises(run.BenchError, match="unknown system nope; choose from raw, null"):
+    assert run.pick(None, systems.by_name(), "system") == ["raw", "null", "single", "gocryptfs", "qsd"]
+    with pytest.raises(run.BenchError, match="unknown system nope; choose from raw, fusepy, null"):
         run.pick("raw,nope", systems.by_name(), "system")
     assert run.parse_size_arg("512M") == 512 << 20
     assert run.parse_size_arg("2GiB") == 2 << 30

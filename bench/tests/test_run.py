@@ -77,12 +77,12 @@ def test_unaligned_requests_are_512_aligned_and_never_4k_aligned(tmp_path):
 
 @pytest.mark.skipif(not HAVE_PEERS, reason="needs gocryptfs and qemu-storage-daemon (install-deps --bench)")
 def test_every_system_measures_and_tears_down(tmp_path):
-    p = _bench(tmp_path, "--jobs", "rand_write,seq_read", "--size", "32M", "--runtime", "0.5", "--json",
-               timeout=400)
+    p = _bench(tmp_path, "--systems", "raw,fusepy,null,single,gocryptfs,qsd", "--jobs", "rand_write,seq_read",
+               "--size", "32M", "--runtime", "0.5", "--json", timeout=400)
     assert p.returncode == 0, p.stderr
     raw = json.loads((Path(json.loads(p.stdout)["out_dir"]) / "raw.json").read_text())
     seen = {(r["system"], r["job"]) for r in raw["runs"] if r["value"] > 0}
-    assert seen == {(s, j) for s in ("raw", "null", "single", "gocryptfs", "qsd")
+    assert seen == {(s, j) for s in ("raw", "fusepy", "null", "single", "gocryptfs", "qsd")
                     for j in ("rand_write", "seq_read")}
     for r in raw["runs"]:
         if r["system"] == "raw":
@@ -99,7 +99,7 @@ def test_unknown_system_is_one_line(tmp_path):
     p = _bench(tmp_path, "--systems", "raw,zfs")
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
-        "bench: error: unknown system zfs; choose from raw, null, single, gocryptfs, qsd"]
+        "bench: error: unknown system zfs; choose from raw, fusepy, null, single, gocryptfs, qsd"]
 
 
 def test_fio_missing_is_one_line(tmp_path):
