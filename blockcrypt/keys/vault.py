@@ -124,13 +124,6 @@ class VaultKeyProvider(KekProvider):
             raise KeyIntegrityError(key_id=wrapped.kek_id, msg="the wrapped key belongs to another disk or layer")
         return plain[:DEK_BYTES]
 
-    def rewrap(self, wrapped: WrappedKey, context: bytes, to_ref: str, disk_id: str | None = None) -> WrappedKey:
-        dek = self.unwrap(wrapped, context, disk_id=disk_id)
-        try:
-            return self.wrap(to_ref, dek, context, disk_id=disk_id)
-        finally:
-            del dek
-
 
 def write_secret(state, des_id: str, doc: dict) -> Path:
     from .platform import atomic_write
