@@ -175,3 +175,19 @@ def test_no_key_material_in_any_output(sdir):
     secrets += [v["key"] for v in store["versions"]]
     for s in secrets:
         assert all(s not in o for o in outs)
+
+
+def test_catalog_from_before_des_columns_is_upgraded(sdir):
+    """A catalog made before disk encryption sets existed keeps working (columns added on open)."""
+    import sqlite3
+    run(sdir, "disk", "create", "old", "--size", "1M")
+    db = sqlite3.connect(sdir / "catalog.db")
+    db.executescript("""
+        CREATE TABLE disks_v1 AS SELECT name, disk_id, size, sector_size, path, kind, read_only,
+                                        encryption_type, created FROM disks;
+        DROP TABLE disks; ALTER TABLE disks_v1 RENAME TO disks; DROP TABLE des;
+    """)
+    db.close()
+    show = json.loads(run(sdir, "disk", "show", "old", "--json").stdout)
+    assert show["revocation"] == "immediate" and show["health"] == "Healthy"
+    assert json.loads(run(sdir, "des", "list", "--json").stdout) == []

@@ -402,7 +402,17 @@ def test_eight_threads_on_one_cipher(sector_size):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert errors == []
-    assert len(native._all) == 1 + 8  # one libcrypto context per thread (and the constructor's)
+    assert 1 <= native.pool_size <= 8  # at most one libcrypto context per concurrent caller
+
+
+def test_context_pool_does_not_grow_with_thread_churn():
+    """A FUSE daemon's worker threads come and go: contexts are pooled, not kept per thread."""
+    native = NativeXts(bytes(range(64)), 4096)
+    for _ in range(200):
+        t = threading.Thread(target=native.encrypt, args=(bytes(4096), 7))
+        t.start()
+        t.join()
+    assert native.pool_size == 1
 
 
 def test_wipe_races_calls_in_flight():

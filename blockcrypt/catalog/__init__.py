@@ -108,7 +108,27 @@ class Catalog:
                 raise StateError(path=str(self.db_path), why=f"catalog cannot be opened ({e})") from None
             c.row_factory = sqlite3.Row
             self._local.conn = c
+            if not self._migrated:
+                self._migrate(c)
         return c
+
+    #: columns added to tables after their first release: (table, column, declaration)
+    ADDED_COLUMNS = (("disks", "des", "TEXT"), ("disks", "revocation", "TEXT NOT NULL DEFAULT 'immediate'"))
+
+    def _migrate(self, c: sqlite3.Connection) -> None:
+        """Bring an older catalog up to this schema (new tables, new columns); idempotent."""
+        try:
+            have = {r["name"] for r in c.execute("PRAGMA table_info(disks)").fetchall()}
+            if have:
+                c.executescript(SCHEMA)
+                for table, col, decl in self.ADDED_COLUMNS:
+                    if col not in have:
+                        c.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+        except sqlite3.Error as e:
+            raise StateError(path=str(self.db_path), why=f"catalog cannot be upgraded ({e})") from None
+        self._migrated = True
+
+    _migrated = False
 
     def create(self) -> None:
         self._conn().executescript(SCHEMA)

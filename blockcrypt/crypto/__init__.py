@@ -6,8 +6,8 @@ and a null cipher (benchmarks only), all with the same small interface::
     pt = c.decrypt(ct, sector_no)      # all-zero ciphertext sectors -> zeros
     c.wipe()
 
-Caveats: the native context is not thread-safe by itself, so
-:class:`NativeXts` keeps one context per thread; ``wipe`` forgets all of them.
+Caveats: a native context serves one call at a time, so :class:`NativeXts`
+keeps a pool of them (as many as concurrent requests); ``wipe`` wipes them all.
 """
 from __future__ import annotations
 
@@ -37,7 +37,11 @@ def _check(key: bytes, sector_size: int) -> None:
 
 
 class NativeXts:
-    """AES-256-XTS over the C core; one libcrypto context per calling thread."""
+    """AES-256-XTS over the C core, with a pool of libcrypto contexts.
+
+    A request takes an idle context (or makes one) and gives it back, so the pool
+    grows to the highest number of concurrent requests, not with thread churn (a
+    FUSE daemon's worker threads come and go)."""
 
     algorithm = ALG_XTS
 
@@ -47,27 +51,42 @@ class NativeXts:
         self.sector_size = sector_size
         self._key = bytearray(key)
         self._lock = threading.Lock()
-        self._all: list = []
-        self._local = threading.local()
+        self._all: list = []      # every context made (wiped together)
+        self._idle: list = []     # contexts not in use; list.pop/append are atomic under the GIL
         self._wiped = False
-        self._ctx()  # validate the key now (equal halves etc.)
+        self._idle.append(self._new())  # validate the key now (equal halves etc.)
 
-    def _ctx(self):
-        ctx = getattr(self._local, "ctx", None)
-        if ctx is None:
-            with self._lock:
-                if self._wiped:
-                    raise ValueError("cipher is wiped")
-                ctx = self._mod.XtsContext(bytes(self._key), self.sector_size)
-                self._all.append(ctx)
-            self._local.ctx = ctx
-        return ctx
+    def _new(self):
+        with self._lock:
+            if self._wiped:
+                raise ValueError("cipher is wiped")
+            ctx = self._mod.XtsContext(bytes(self._key), self.sector_size)
+            self._all.append(ctx)
+            return ctx
+
+    def _take(self):
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self._new()
 
     def encrypt(self, data, sector_no: int) -> bytes:
-        return self._ctx().encrypt(data, sector_no)
+        ctx = self._take()
+        try:
+            return ctx.encrypt(data, sector_no)
+        finally:
+            self._idle.append(ctx)
 
     def decrypt(self, data, sector_no: int) -> bytes:
-        return self._ctx().decrypt(data, sector_no)
+        ctx = self._take()
+        try:
+            return ctx.decrypt(data, sector_no)
+        finally:
+            self._idle.append(ctx)
+
+    @property
+    def pool_size(self) -> int:
+        return len(self._all)
 
     def wipe(self) -> None:
         with self._lock:
@@ -75,9 +94,9 @@ class NativeXts:
             for ctx in self._all:
                 ctx.wipe()
             self._all.clear()
+            self._idle.clear()
             for i in range(len(self._key)):
                 self._key[i] = 0
-        self._local = threading.local()
 
 
 class ReferenceXts:
