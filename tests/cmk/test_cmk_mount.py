@@ -10,16 +10,13 @@ import errno
 import json
 import mmap
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuse"))
-from fusehelpers import Mount, bc_json, cleanup_tree, loopdev, mounted_fs, need, sh  # noqa: E402
-
-from blockcrypt import des  # noqa: E402
+from blockcrypt import des
+from support.fusehelpers import Mount, bc_json, cleanup_tree, loopdev, mounted_fs, need, sh
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is absent")
 

@@ -11,7 +11,7 @@ import pytest
 
 from blockcrypt.state import State
 
-from fusehelpers import Mount, assert_clean_logs, cleanup_tree
+from support.fusehelpers import Mount, assert_clean_logs, cleanup_tree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NO_FUSE = "/dev/fuse is absent: the FUSE integration tests need a FUSE-capable host"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import signal
@@ -15,7 +14,7 @@ import pytest
 from blockcrypt import disks
 from blockcrypt import mount as bmount
 
-from fusehelpers import Mount, backing_path, bc, bc_json, need, sh, wait_for
+from support.fusehelpers import Mount, backing_path, bc, bc_json, need, sh, wait_for
 
 MiB = 1 << 20
 

@@ -18,9 +18,8 @@ import pytest
 from blockcrypt import disks
 from blockcrypt import mount as bmount
 from blockcrypt.state import State
-from blockcrypt.volume import Volume
 
-from fusehelpers import (CLI, Mount, assert_clean_logs, backing_path, bc, bc_json, cleanup_tree, loopdev,
+from support.fusehelpers import (CLI, Mount, assert_clean_logs, backing_path, bc, bc_json, cleanup_tree, loopdev,
                        mounted_fs, need, sh, wait_for)
 
 MiB = 1 << 20
