@@ -170,3 +170,29 @@ def test_cmk_end_to_end(root, state, vault, key_name):
     os.close(ultra)
     os.close(disk)
     m.stop()
+
+
+def test_auto_rotation_in_a_running_mount(root, state, vault, key_name):
+    """--auto-rotate: the mount daemon picks up the vault's newest key version within the interval."""
+    state.catalog.set_setting("auto_rotate_interval", "1")
+    state.catalog.set_setting("key_check_interval", "0.5")
+    des.create(state, "auto", f"{vault.url}/keys/{key_name}", vault_dir=str(vault.dir), grant=True,
+               auto_rotate=True)
+    des.create_disk(state, "a1", 8 << 20, "auto")
+    mp = root / "mnt"
+    mp.mkdir()
+    m = Mount(state, mp).start()
+    try:
+        fd = os.open(m.disk("a1"), os.O_RDWR | os.O_DIRECT)
+        try:
+            assert direct_io(fd, True) == 0
+            new_kid = vault.key("rotate", key_name)["key"]["kid"]
+            from blockcrypt.disks import read_disk_header
+            t = until(lambda: read_disk_header(state.catalog.get_disk("a1")).layers[0].kek_id == new_kid, 10)
+            assert t is not None, "the daemon did not re-wrap under the new version"
+            assert state.catalog.get_des("auto").active_key == new_kid
+            assert direct_io(fd, True) == 0 and direct_io(fd, False) == 0
+        finally:
+            os.close(fd)
+    finally:
+        m.stop()
