@@ -27,7 +27,7 @@
  *
  * Caveats: one context serves one thread at a time (the EVP context is stateful;
  * a per-context lock serialises callers and makes wipe() safe against a call in
- * flight); the Python side keeps one context per thread. A sector range that
+ * flight); the Python side keeps a pool of contexts. A sector range that
  * would run past sector 2**64-1 is refused rather than wrapped. The direct IV
  * path relies on a deprecated OpenSSL 3 accessor returning the provider's IV
  * buffer; the self-test falls back to the documented path if that ever changes,
