@@ -10,7 +10,7 @@ What is checked here:
   sector counts, start sectors up to 2**64-1, both sector sizes, both directions,
   bytes/bytearray/memoryview inputs (also unaligned views);
 * the all-zero ciphertext sector rule, argument validation, use after wipe, and
-  correctness with 8 threads on one NativeXts and with a wipe racing calls in flight.
+  correctness with 8 threads on one NativeXts (pooled contexts) and with a wipe racing calls in flight.
 
 Caveats: the vector files are data from NIST and IEEE (see tests/vectors/README.md).
 There are no timed assertions; speed is measured by bench/xts_speed.py.
