@@ -39,13 +39,28 @@
 #include <Python.h>
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 #include <openssl/evp.h>
 #include <openssl/crypto.h>
 
 #define XTS_KEY_BYTES 64
 #define XTS_TWEAK_BYTES 16
+/* Requests of at least this many bytes (and 2+ sectors) are split in two halves: the
+ * calling thread does the first, the context's helper thread the second, each with its
+ * own EVP contexts. 0 disables. See docs/CRYPTO.md for the measurement behind it. */
+#define XTS_SPLIT_THRESHOLD_BYTES 0
+/* How long each side busy-waits for the other before sleeping on the condvar: the
+ * helper for the next job after finishing one, the caller for the helper's half. */
+#define XTS_SPLIT_SPIN_US 0
+/* the caller's busy-wait for the helper's last chunk before sleeping */
+#define XTS_SPLIT_CALLER_SPIN_US 200
+/* the unit of work the two threads claim from a split request */
+#define XTS_SPLIT_CHUNK_BYTES (16 * 1024)
 
 /* One direction of XTS with the key set once. iv_slot, when not NULL, is the IV
  * buffer inside the provider's cipher context: writing the tweak there replaces
@@ -57,6 +72,33 @@ typedef struct {
     int encrypt;
 } xts_dir;
 
+/* The helper thread of a context and its one job slot. The helper touches no Python
+ * object and holds no GIL; it only reads `in` and writes `out` of the caller's buffers
+ * while the caller waits for it, under the context's lock. */
+enum { JOB_IDLE, JOB_POSTED, JOB_RUNNING, JOB_DONE, JOB_STOP };
+
+typedef struct {
+    pthread_t thread;
+    pid_t owner_pid;   /* the helper exists in this process only (not after fork) */
+    int running;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;  /* state changed */
+    atomic_int state;
+    xts_dir enc;        /* the helper's own EVP contexts: never shared with the caller */
+    xts_dir dec;
+    /* the job, written by the caller before JOB_POSTED, read by the helper after it */
+    int encrypt;
+    const unsigned char *in;
+    unsigned char *out;
+    size_t sectors;
+    size_t chunk_sectors;
+    atomic_size_t next_chunk; /* the next chunk to claim, by either thread */
+    uint64_t sector_no;
+    uint32_t sector_size;
+    int rc;                   /* the helper's result */
+    unsigned spin_us;
+} xts_helper;
+
 typedef struct {
     PyObject_HEAD
     xts_dir enc;
@@ -64,7 +106,13 @@ typedef struct {
     uint32_t sector_size;
     int initialised;
     PyThread_type_lock lock;
+    Py_ssize_t split_threshold; /* bytes; 0 = never split */
+    xts_helper helper;
 } XtsContext;
+
+/* calls inside the sector loop, process-wide: a request is split only when it is the
+ * only one, since with other requests in flight the cores are busy anyway */
+static atomic_int xts_calls_in_flight;
 
 static int all_zero(const unsigned char *p, size_t n)
 {
@@ -129,6 +177,178 @@ static int xts_run(const xts_dir *d, const unsigned char *in, unsigned char *out
     }
     OPENSSL_cleanse(iv, sizeof iv);
     return rc;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Busy-wait up to spin_us for `state` to leave `from`; returns the state seen. */
+static int spin_while(atomic_int *state, int from, unsigned spin_us)
+{
+    int st = atomic_load_explicit(state, memory_order_acquire);
+    if (st != from || spin_us == 0)
+        return st;
+    uint64_t deadline = now_ns() + (uint64_t)spin_us * 1000u;
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            cpu_relax();
+            st = atomic_load_explicit(state, memory_order_acquire);
+            if (st != from)
+                return st;
+        }
+        if (now_ns() >= deadline)
+            return st;
+    }
+}
+
+static void helper_set_state(xts_helper *h, int st)
+{
+    pthread_mutex_lock(&h->mu);
+    atomic_store_explicit(&h->state, st, memory_order_release);
+    pthread_cond_broadcast(&h->cv);
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* Wait, spinning first, until the state is no longer `from`; returns the new state. */
+static int helper_wait_while(xts_helper *h, int from, unsigned spin_us)
+{
+    int st = spin_while(&h->state, from, spin_us);
+    if (st != from)
+        return st;
+    pthread_mutex_lock(&h->mu);
+    while ((st = atomic_load_explicit(&h->state, memory_order_acquire)) == from)
+        pthread_cond_wait(&h->cv, &h->mu);
+    pthread_mutex_unlock(&h->mu);
+    return st;
+}
+
+/* Claim chunks of the posted job until none are left. Returns 0 or -EIO. */
+static int split_work(xts_helper *h, const xts_dir *d)
+{
+    int rc = 0;
+    for (;;) {
+        size_t first = atomic_fetch_add_explicit(&h->next_chunk, 1, memory_order_relaxed) * h->chunk_sectors;
+        if (first >= h->sectors)
+            return rc;
+        size_t count = h->sectors - first < h->chunk_sectors ? h->sectors - first : h->chunk_sectors;
+        size_t off = first * h->sector_size;
+        if (rc == 0)
+            rc = xts_run(d, h->in + off, h->out + off, count * h->sector_size, h->sector_no + first,
+                         h->sector_size);
+    }
+}
+
+static void *helper_main(void *arg)
+{
+    xts_helper *h = arg;
+    for (;;) {
+        int st = helper_wait_while(h, JOB_IDLE, h->spin_us);
+        if (st == JOB_STOP)
+            break;
+        int posted = JOB_POSTED;
+        if (st != JOB_POSTED ||
+            !atomic_compare_exchange_strong_explicit(&h->state, &posted, JOB_RUNNING, memory_order_acq_rel,
+                                                     memory_order_acquire)) {
+            if (posted == JOB_STOP)
+                break;
+            /* the caller did the whole job itself and took it back: wait for the next */
+            if (atomic_load_explicit(&h->state, memory_order_acquire) == JOB_IDLE)
+                continue;
+            helper_wait_while(h, atomic_load_explicit(&h->state, memory_order_acquire), h->spin_us);
+            continue;
+        }
+        h->rc = split_work(h, h->encrypt ? &h->enc : &h->dec);
+        helper_set_state(h, JOB_DONE);
+        /* wait for the caller to collect (JOB_IDLE) or to stop us */
+        if (helper_wait_while(h, JOB_DONE, h->spin_us) == JOB_STOP)
+            break;
+    }
+    return NULL;
+}
+
+/* Start the helper thread if it is not running in this process. Called under the
+ * context's lock. Returns 0 or -errno (the caller then runs unsplit). */
+static int helper_start(xts_helper *h)
+{
+    pid_t pid = getpid();
+    if (h->running && h->owner_pid == pid)
+        return 0;
+    /* never started, or started in a parent process before fork: in the child the
+     * thread does not exist and the mutex may be in any state, so start afresh */
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->cv, NULL);
+    atomic_store(&h->state, JOB_IDLE);
+    h->running = 0;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    int err = pthread_create(&h->thread, &attr, helper_main, h);
+    pthread_attr_destroy(&attr);
+    if (err != 0)
+        return -err;
+    h->running = 1;
+    h->owner_pid = pid;
+    return 0;
+}
+
+/* Stop and join the helper thread, if it runs in this process. Under the context's
+ * lock (or in dealloc), so no split call is in flight. */
+static void helper_stop(xts_helper *h)
+{
+    if (h->running && h->owner_pid == getpid()) {
+        helper_set_state(h, JOB_STOP);
+        pthread_join(h->thread, NULL);
+        pthread_cond_destroy(&h->cv);
+        pthread_mutex_destroy(&h->mu);
+    }
+    h->running = 0;
+}
+
+/* One request over both threads. The request is cut into chunks that the caller and
+ * the helper claim from a shared counter, each with its own EVP context, so a helper
+ * that wakes late (an idle vCPU can take tens of µs) costs nothing: the caller just
+ * does more chunks. If the helper never picked the job up, the caller takes it back.
+ * Under the context's lock. */
+static int xts_run_split(xts_helper *h, int encrypt, const xts_dir *mine, const unsigned char *in,
+                         unsigned char *out, size_t len, uint64_t sector_no, uint32_t sector_size)
+{
+    size_t sectors = len / sector_size;
+    size_t chunk = XTS_SPLIT_CHUNK_BYTES / sector_size;
+    if (chunk > sectors / 2)
+        chunk = sectors / 2; /* at least two chunks, so small (test) requests split too */
+    if (chunk == 0)
+        chunk = 1;
+    h->encrypt = encrypt;
+    h->in = in;
+    h->out = out;
+    h->sectors = sectors;
+    h->chunk_sectors = chunk;
+    h->sector_no = sector_no; /* no overflow: the range was checked by the caller */
+    h->sector_size = sector_size;
+    h->rc = 0;
+    atomic_store_explicit(&h->next_chunk, 0, memory_order_relaxed);
+    helper_set_state(h, JOB_POSTED);
+    int rc = split_work(h, mine);
+    int posted = JOB_POSTED;
+    if (atomic_compare_exchange_strong_explicit(&h->state, &posted, JOB_IDLE, memory_order_acq_rel,
+                                                memory_order_acquire))
+        return rc; /* the helper never started: it will find JOB_IDLE and go back to sleep */
+    if (posted == JOB_RUNNING) /* the helper is inside its last chunk: microseconds */
+        helper_wait_while(h, JOB_RUNNING, XTS_SPLIT_CALLER_SPIN_US);
+    int hrc = h->rc;
+    helper_set_state(h, JOB_IDLE);
+    return rc != 0 ? rc : hrc;
 }
 
 static void xts_dir_close(xts_dir *d)
@@ -212,6 +432,9 @@ static int check_key(const Py_buffer *key)
 
 static void xts_free_ctx(XtsContext *self)
 {
+    helper_stop(&self->helper); /* first: it may hold pointers to its contexts */
+    xts_dir_close(&self->helper.enc);
+    xts_dir_close(&self->helper.dec);
     xts_dir_close(&self->enc);
     xts_dir_close(&self->dec);
     self->sector_size = 0;
@@ -219,11 +442,14 @@ static void xts_free_ctx(XtsContext *self)
 
 static int XtsContext_init(XtsContext *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"key", "sector_size", "direct_iv", NULL};
+    static char *kwlist[] = {"key", "sector_size", "direct_iv", "split_threshold", "split_spin_us", NULL};
     Py_buffer key;
     unsigned int sector_size = 4096;
     int direct_iv = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|I$p", kwlist, &key, &sector_size, &direct_iv))
+    Py_ssize_t split_threshold = XTS_SPLIT_THRESHOLD_BYTES;
+    int spin_us = XTS_SPLIT_SPIN_US;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|I$pni", kwlist, &key, &sector_size, &direct_iv,
+                                     &split_threshold, &spin_us))
         return -1;
     int rc = -1;
     if (self->initialised) {
@@ -238,6 +464,14 @@ static int XtsContext_init(XtsContext *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "sector_size must be 512 or 4096");
         goto out;
     }
+    if (split_threshold < 0) {
+        PyErr_SetString(PyExc_ValueError, "split_threshold must be >= 0 (0: never split)");
+        goto out;
+    }
+    if (spin_us < 0 || spin_us > 10000) {
+        PyErr_SetString(PyExc_ValueError, "split_spin_us must be in 0..10000");
+        goto out;
+    }
     if (self->lock == NULL)
         self->lock = PyThread_allocate_lock();
     xts_free_ctx(self); /* a previous failed __init__ may have left contexts behind */
@@ -248,6 +482,15 @@ static int XtsContext_init(XtsContext *self, PyObject *args, PyObject *kwds)
     int err = xts_dir_open(&self->enc, key.buf, 1, direct_iv);
     if (err == 0)
         err = xts_dir_open(&self->dec, key.buf, 0, direct_iv);
+    if (err == 0 && split_threshold > 0) {
+        /* the helper's own contexts, on the same IV path as the caller's */
+        err = xts_dir_open(&self->helper.enc, key.buf, 1, self->enc.iv_slot != NULL);
+        if (err == 0)
+            err = xts_dir_open(&self->helper.dec, key.buf, 0, self->dec.iv_slot != NULL);
+        if (err == 0 && ((self->helper.enc.iv_slot == NULL) != (self->enc.iv_slot == NULL) ||
+                         (self->helper.dec.iv_slot == NULL) != (self->dec.iv_slot == NULL)))
+            err = -EIO; /* the self-test gave another answer the second time: never seen */
+    }
     if (err == -ENOMEM) {
         PyErr_NoMemory();
         goto out;
@@ -256,6 +499,8 @@ static int XtsContext_init(XtsContext *self, PyObject *args, PyObject *kwds)
         goto out;
     }
     self->sector_size = sector_size;
+    self->split_threshold = split_threshold;
+    self->helper.spin_us = (unsigned)spin_us;
     self->initialised = 1;
     rc = 0;
 out:
@@ -319,11 +564,17 @@ static PyObject *xts_call(XtsContext *self, PyObject *const *args, Py_ssize_t na
     PyThread_acquire_lock(self->lock, WAIT_LOCK);
     /* read the context under the lock: wipe() may have freed it meanwhile */
     const xts_dir *d = encrypt ? &self->enc : &self->dec;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+    int alone = atomic_fetch_add(&xts_calls_in_flight, 1) == 0;
     if (d->evp == NULL)
         rc = -EBADF;
+    else if (alone && sectors >= 2 && self->split_threshold > 0 && data.len >= self->split_threshold &&
+             self->helper.enc.evp != NULL && helper_start(&self->helper) == 0)
+        rc = xts_run_split(&self->helper, encrypt, d, data.buf, out, (size_t)data.len, sector_no,
+                           sector_size);
     else
-        rc = xts_run(d, data.buf, (unsigned char *)PyBytes_AS_STRING(result), (size_t)data.len,
-                     sector_no, sector_size);
+        rc = xts_run(d, data.buf, out, (size_t)data.len, sector_no, sector_size);
+    atomic_fetch_sub(&xts_calls_in_flight, 1);
     PyThread_release_lock(self->lock);
     Py_END_ALLOW_THREADS
     if (rc == -EBADF) {
@@ -386,6 +637,18 @@ static PyMethodDef XtsContext_methods[] = {
     {NULL}
 };
 
+static PyObject *XtsContext_get_split_threshold(XtsContext *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->split_threshold);
+}
+
+static PyObject *XtsContext_get_split_helper_running(XtsContext *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->helper.running && self->helper.owner_pid == getpid());
+}
+
 static PyObject *XtsContext_get_direct_iv(XtsContext *self, void *closure)
 {
     (void)closure;
@@ -397,6 +660,12 @@ static PyGetSetDef XtsContext_getset[] = {
     {"direct_iv", (getter)XtsContext_get_direct_iv, NULL,
      "True if tweaks are written straight into the cipher's IV (self-tested), False if "
      "every sector re-inits the IV through EVP_CipherInit_ex", NULL},
+    {"split_threshold", (getter)XtsContext_get_split_threshold, NULL,
+     "requests of at least this many bytes (2+ sectors, no other call in flight) are split "
+     "over the calling thread and a helper thread; 0 = never", NULL},
+    {"split_helper_running", (getter)XtsContext_get_split_helper_running, NULL,
+     "True while the helper thread exists (started by the first split request, stopped by wipe)",
+     NULL},
     {NULL}
 };
 
@@ -519,5 +788,7 @@ PyMODINIT_FUNC PyInit__native(void)
         return NULL;
     }
     PyModule_AddIntConstant(m, "XTS_KEY_BYTES", XTS_KEY_BYTES);
+    PyModule_AddIntConstant(m, "XTS_SPLIT_THRESHOLD_BYTES", XTS_SPLIT_THRESHOLD_BYTES);
+    PyModule_AddIntConstant(m, "XTS_SPLIT_SPIN_US", XTS_SPLIT_SPIN_US);
     return m;
 }

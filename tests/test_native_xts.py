@@ -10,7 +10,11 @@ What is checked here:
   sector counts, start sectors up to 2**64-1, both sector sizes, both directions,
   bytes/bytearray/memoryview inputs (also unaligned views);
 * the all-zero ciphertext sector rule, argument validation, use after wipe, and
-  correctness with 8 threads on one NativeXts (pooled contexts) and with a wipe racing calls in flight.
+  correctness with 8 threads on one NativeXts (pooled contexts) and with a wipe racing calls in flight;
+* the split path (a request shared by the calling thread and the context's helper
+  thread): the sector-API known answers, the differential tests and the zero rule run
+  with the split threshold forced to 1 byte, so every multi-sector request splits, on
+  both IV paths; the helper starts lazily and stops on wipe; wipe races split calls.
 
 Caveats: the vector files are data from NIST and IEEE (see tests/vectors/README.md).
 There are no timed assertions; speed is measured by bench/xts_speed.py.
@@ -91,6 +95,11 @@ IV_PATHS = [
 ]
 
 
+# unsplit, and split with the threshold forced to 1 byte: every multi-sector request is
+# shared by the caller and the helper thread (chunks of at most half the request)
+SPLITS = [pytest.param(0, id="unsplit"), pytest.param(1, id="split")]
+
+
 def test_vector_files_are_complete():
     # 1000 vectors per file; 400 at 384 bits + 200 at 256 bits are whole bytes
     assert len(NIST_HEX) == 600 and len(NIST_SEQ) == 600
@@ -124,20 +133,28 @@ def test_nist_xts_aes256_sequence_number(v, direct_iv):
         assert _native.xts_raw(key, ct, False, sector_no=seq, direct_iv=direct_iv) == pt
 
 
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("direct_iv", IV_PATHS)
 @pytest.mark.parametrize("v", IEEE, ids=lambda v: v["title"].split()[-1])
-def test_ieee1619_through_the_sector_api(v, direct_iv):
+def test_ieee1619_through_the_sector_api(v, direct_iv, split):
     key, tweak, pt, ct = v["Key"], v["Nonce"], v["In"], v["Out"]
     sector_no = int.from_bytes(tweak, "little")
     assert len(pt) == 512 and sector_no <= U64_MAX
-    ctx = _native.XtsContext(key, 512, direct_iv=direct_iv)
+    ctx = _native.XtsContext(key, 512, direct_iv=direct_iv, split_threshold=split)
     assert ctx.direct_iv is direct_iv
     assert ctx.encrypt(pt, sector_no) == ct
     assert ctx.decrypt(ct, sector_no) == pt
-    cipher = NativeXts(key, 512)
+    cipher = NativeXts(key, 512, split_threshold=split)
     assert cipher.encrypt(pt, sector_no) == ct
     assert cipher.decrypt(ct, sector_no) == pt
     assert _native.xts_raw(key, pt, True, tweak=tweak, direct_iv=direct_iv) == ct
+    if sector_no > 0:
+        # the vector as the second sector of a two-sector request: with split=1 the
+        # helper thread computes it, with its own EVP context
+        prev = ReferenceXts(key, 512).encrypt(pt, sector_no - 1)
+        assert ctx.encrypt(pt + pt, sector_no - 1) == prev + ct
+        assert ctx.decrypt(prev + ct, sector_no - 1) == pt + pt
+        assert not split or ctx.split_helper_running
 
 
 # --------------------------------------------------------------------------- differential
@@ -165,14 +182,16 @@ def _views(data: bytes):
     }
 
 
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("direct_iv", IV_PATHS)
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
 @pytest.mark.parametrize("seed", range(4))
-def test_native_matches_reference(sector_size, seed, direct_iv):
+def test_native_matches_reference(sector_size, seed, direct_iv, split):
     rng = random.Random(seed * 1000 + sector_size)
     key = rng.randbytes(64)
     ref = ReferenceXts(key, sector_size)
-    native = NativeXts(key, sector_size) if direct_iv else _native.XtsContext(key, sector_size, direct_iv=False)
+    native = (NativeXts(key, sector_size, split_threshold=split) if direct_iv
+              else _native.XtsContext(key, sector_size, direct_iv=False, split_threshold=split))
     for _ in range(3):
         count = rng.randint(1, 64)
         plain = rng.randbytes(count * sector_size)
@@ -187,13 +206,14 @@ def test_native_matches_reference(sector_size, seed, direct_iv):
             assert native.decrypt(junk, sector_no) == ref.decrypt(junk, sector_no)
 
 
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("direct_iv", IV_PATHS)
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
-def test_sector_loop_equals_single_units(sector_size, direct_iv):
+def test_sector_loop_equals_single_units(sector_size, direct_iv, split):
     # each sector of a multi-sector request is the one-unit transform at its own tweak,
     # and the two ways of setting the tweak agree
     key = os.urandom(64)
-    ctx = _native.XtsContext(key, sector_size, direct_iv=direct_iv)
+    ctx = _native.XtsContext(key, sector_size, direct_iv=direct_iv, split_threshold=split)
     start = 2**64 - 5
     plain = os.urandom(5 * sector_size)
     ct = ctx.encrypt(plain, start)
@@ -222,10 +242,11 @@ def test_inputs_are_not_modified_and_outputs_are_fresh():
 
 # --------------------------------------------------------------------------- the zero-sector rule
 
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("sector_size", SECTOR_SIZES)
-def test_all_zero_ciphertext_sectors_read_as_zeros(sector_size):
+def test_all_zero_ciphertext_sectors_read_as_zeros(sector_size, split):
     key = os.urandom(64)
-    native, ref = NativeXts(key, sector_size), ReferenceXts(key, sector_size)
+    native, ref = NativeXts(key, sector_size, split_threshold=split), ReferenceXts(key, sector_size)
     zero = bytes(sector_size)
     # a hole decrypts to zeros, anywhere in a request
     assert native.decrypt(zero * 3, 2**40) == zero * 3
@@ -237,6 +258,15 @@ def test_all_zero_ciphertext_sectors_read_as_zeros(sector_size):
     assert got[sector_size:2 * sector_size] == zero
     # sector 12 holds what was encrypted at sector 11, so it decrypts to noise, like the reference
     assert got[2 * sector_size:] == ref.decrypt(ct[sector_size:], 12)
+    # holes in both halves of a split request, and in the first/last sector of each
+    for holes in ({0, 5}, {3, 4}, {7}, set(range(8))):
+        plain8 = os.urandom(8 * sector_size)
+        ct8 = bytearray(native.encrypt(plain8, 2**35))
+        want = bytearray(plain8)
+        for h in holes:
+            ct8[h * sector_size:(h + 1) * sector_size] = zero
+            want[h * sector_size:(h + 1) * sector_size] = zero
+        assert native.decrypt(ct8, 2**35) == want, holes
     # zero plaintext encrypts to non-zero ciphertext (the rule is for reads of holes only)
     enc_zero = native.encrypt(zero, 5)
     assert enc_zero != zero and enc_zero == ref.encrypt(zero, 5)
@@ -415,11 +445,13 @@ def test_context_pool_does_not_grow_with_thread_churn():
     assert native.pool_size == 1
 
 
-def test_wipe_races_calls_in_flight():
-    # a revocation wipes the key while readers are inside the C loop: every call
-    # either completes with the right answer or raises ValueError; nothing crashes
+@pytest.mark.parametrize("split", [pytest.param(0, id="unsplit"), pytest.param(4096, id="split")])
+def test_wipe_races_calls_in_flight(split):
+    # a revocation wipes the key while readers are inside the C loop (with split: while
+    # the helper thread works on the same request): every call either completes with
+    # the right answer or raises ValueError; nothing crashes, the helper is stopped
     key = os.urandom(64)
-    ctx = _native.XtsContext(key, 4096)
+    ctx = _native.XtsContext(key, 4096, split_threshold=split, split_spin_us=50)
     plain = os.urandom(1 << 20)
     ct = ReferenceXts(key, 4096).encrypt(plain, 2**33)
     started = threading.Barrier(5)
@@ -444,6 +476,104 @@ def test_wipe_races_calls_in_flight():
         t.join(timeout=120)
     assert "WRONG" not in outcomes
     assert outcomes.count("wiped") == 4
+    assert not ctx.split_helper_running
+
+
+# --------------------------------------------------------------------------- the split path
+
+def test_split_defaults_and_validation():
+    ctx = _native.XtsContext(KEY, 4096)
+    assert ctx.split_threshold == _native.XTS_SPLIT_THRESHOLD_BYTES >= 0
+    assert not ctx.split_helper_running  # started lazily, by the first split request
+    for bad in ({"split_threshold": -1}, {"split_spin_us": -1}, {"split_spin_us": 10**6}):
+        with pytest.raises(ValueError, match="split_"):
+            _native.XtsContext(KEY, 4096, **bad)
+    assert NativeXts(KEY, 4096, split_threshold=0)._idle[0].split_threshold == 0
+
+
+def test_split_threshold_and_helper_lifecycle():
+    key = os.urandom(64)
+    ref = ReferenceXts(key, 4096)
+    ctx = _native.XtsContext(key, 4096, split_threshold=3 * 4096)
+    two = os.urandom(2 * 4096)
+    assert ctx.encrypt(two, 9) == ref.encrypt(two, 9)
+    assert ctx.encrypt(os.urandom(4096), 9) and not ctx.split_helper_running  # below the threshold
+    big = os.urandom(64 * 4096)
+    assert ctx.encrypt(big, 2**40) == ref.encrypt(big, 2**40)
+    assert ctx.split_helper_running
+    for spin_us in (0, 1, 200):  # the helper asleep, barely awake, spinning between calls
+        c = _native.XtsContext(key, 4096, split_threshold=1, split_spin_us=spin_us)
+        for n in range(30):
+            assert c.decrypt(c.encrypt(big, n), n) == big
+        assert c.encrypt(big, 5) == ref.encrypt(big, 5)
+        c.wipe()
+        assert not c.split_helper_running
+    ctx.wipe()
+    assert not ctx.split_helper_running
+    with pytest.raises(ValueError, match="wiped"):
+        ctx.encrypt(big, 0)
+    # a context dropped while its helper runs is joined in dealloc (no leak, no crash)
+    c = _native.XtsContext(key, 4096, split_threshold=1)
+    c.encrypt(big, 0)
+    before = threading.active_count()
+    del c
+    assert threading.active_count() == before  # the helper is not a Python thread either way
+
+
+def test_split_helper_threads_are_stopped_on_wipe():
+    def task_count() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    key = os.urandom(64)
+    base = task_count()
+    ctxs = [_native.XtsContext(key, 4096, split_threshold=1) for _ in range(3)]
+    for c in ctxs:
+        c.encrypt(os.urandom(8 * 4096), 0)
+    assert task_count() == base + 3
+    for c in ctxs:
+        c.wipe()
+    assert task_count() == base
+    c = _native.XtsContext(key, 4096, split_threshold=1)
+    c.encrypt(os.urandom(8 * 4096), 0)
+    del c
+    assert task_count() == base
+
+
+def test_split_contexts_under_concurrency():
+    # many threads, each with split contexts in a NativeXts pool: a request splits only
+    # when it is alone in the C loop; answers are right either way
+    key = os.urandom(64)
+    native, ref = NativeXts(key, 512, split_threshold=1), ReferenceXts(key, 512)
+    cases = []
+    for count in (2, 3, 17, 64, 256):
+        plain = os.urandom(count * 512)
+        cases.append((plain, 2**32 - 7, ref.encrypt(plain, 2**32 - 7)))
+    errors: list[str] = []
+
+    def hammer(tid: int) -> None:
+        local = random.Random(tid)
+        for _ in range(200):
+            plain, sector_no, ct = local.choice(cases)
+            if native.encrypt(plain, sector_no) != ct or native.decrypt(ct, sector_no) != plain:
+                errors.append(f"thread {tid}: mismatch")
+
+    threads = [threading.Thread(target=hammer, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    native.wipe()
+
+
+def test_split_from_environment(monkeypatch):
+    monkeypatch.setenv("BLOCKCRYPT_XTS_SPLIT_BYTES", "8192")
+    monkeypatch.setenv("BLOCKCRYPT_XTS_SPLIT_SPIN_US", "7")
+    assert NativeXts(KEY, 4096)._idle[0].split_threshold == 8192
+    assert NativeXts(KEY, 4096, split_threshold=0)._idle[0].split_threshold == 0
+    monkeypatch.setenv("BLOCKCRYPT_XTS_SPLIT_BYTES", "lots")
+    with pytest.raises(ValueError, match="BLOCKCRYPT_XTS_SPLIT_BYTES must be an integer"):
+        NativeXts(KEY, 4096)
 
 
 # --------------------------------------------------------------------------- platform AEAD layer

@@ -8,9 +8,13 @@ and a null cipher (benchmarks only), all with the same small interface::
 
 Caveats: a native context serves one call at a time, so :class:`NativeXts`
 keeps a pool of them (as many as concurrent requests); ``wipe`` wipes them all.
+A large request on a context may also run on that context's helper thread (see
+``split_threshold``); the environment variables ``BLOCKCRYPT_XTS_SPLIT_BYTES`` and
+``BLOCKCRYPT_XTS_SPLIT_SPIN_US`` override the C defaults, for benchmarks.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 from ..errors import NativeMissing
@@ -41,13 +45,30 @@ class NativeXts:
 
     A request takes an idle context (or makes one) and gives it back, so the pool
     grows to the highest number of concurrent requests, not with thread churn (a
-    FUSE daemon's worker threads come and go)."""
+    FUSE daemon's worker threads come and go).
+
+    ``split_threshold`` (bytes, 0 = never) and ``split_spin_us``: a request of at
+    least that size, when no other request is in the C loop, is shared between the
+    calling thread and the context's helper thread (docs/CRYPTO.md, "Splitting a
+    request over two cores"). None takes ``BLOCKCRYPT_XTS_SPLIT_BYTES`` /
+    ``BLOCKCRYPT_XTS_SPLIT_SPIN_US`` from the environment, else the C default."""
 
     algorithm = ALG_XTS
 
-    def __init__(self, key: bytes, sector_size: int = 4096):
+    def __init__(self, key: bytes, sector_size: int = 4096, *, split_threshold: int | None = None,
+                 split_spin_us: int | None = None):
         _check(key, sector_size)
         self._mod = _native()
+        self._split = {}
+        for kw, value, env in (("split_threshold", split_threshold, "BLOCKCRYPT_XTS_SPLIT_BYTES"),
+                               ("split_spin_us", split_spin_us, "BLOCKCRYPT_XTS_SPLIT_SPIN_US")):
+            if value is None and os.environ.get(env, "").strip():
+                try:
+                    value = int(os.environ[env])
+                except ValueError:
+                    raise ValueError(f"{env} must be an integer, not {os.environ[env]!r}") from None
+            if value is not None:
+                self._split[kw] = value
         self.sector_size = sector_size
         self._key = bytearray(key)
         self._lock = threading.Lock()
@@ -60,7 +81,7 @@ class NativeXts:
         with self._lock:
             if self._wiped:
                 raise ValueError("cipher is wiped")
-            ctx = self._mod.XtsContext(bytes(self._key), self.sector_size)
+            ctx = self._mod.XtsContext(bytes(self._key), self.sector_size, **self._split)
             self._all.append(ctx)
             return ctx
 
