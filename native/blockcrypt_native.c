@@ -40,6 +40,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
@@ -193,8 +194,11 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* Busy-wait up to spin_us for `state` to leave `from`; returns the state seen. */
-static int spin_while(atomic_int *state, int from, unsigned spin_us)
+/* Busy-wait up to spin_us for `state` to leave `from`; returns the state seen. With
+ * `idle`, give up early as soon as any request is inside the sector loop without
+ * having posted to us: the cores are busy with work that is not ours, and a spinning
+ * helper would only take a CPU from it. */
+static int spin_while(atomic_int *state, int from, unsigned spin_us, int idle)
 {
     int st = atomic_load_explicit(state, memory_order_acquire);
     if (st != from || spin_us == 0)
@@ -209,6 +213,16 @@ static int spin_while(atomic_int *state, int from, unsigned spin_us)
         }
         if (now_ns() >= deadline)
             return st;
+        if (idle && atomic_load_explicit(&xts_calls_in_flight, memory_order_relaxed) > 0) {
+            /* maybe our own caller between counting itself and posting: look once more */
+            for (int i = 0; i < 256; i++) {
+                cpu_relax();
+                if ((st = atomic_load_explicit(state, memory_order_acquire)) != from)
+                    return st;
+            }
+            return st;
+        }
+        sched_yield(); /* let anything else runnable on this CPU go first (~0.5 µs) */
     }
 }
 
@@ -221,9 +235,9 @@ static void helper_set_state(xts_helper *h, int st)
 }
 
 /* Wait, spinning first, until the state is no longer `from`; returns the new state. */
-static int helper_wait_while(xts_helper *h, int from, unsigned spin_us)
+static int helper_wait_while(xts_helper *h, int from, unsigned spin_us, int idle)
 {
-    int st = spin_while(&h->state, from, spin_us);
+    int st = spin_while(&h->state, from, spin_us, idle);
     if (st != from)
         return st;
     pthread_mutex_lock(&h->mu);
@@ -253,7 +267,7 @@ static void *helper_main(void *arg)
 {
     xts_helper *h = arg;
     for (;;) {
-        int st = helper_wait_while(h, JOB_IDLE, h->spin_us);
+        int st = helper_wait_while(h, JOB_IDLE, h->spin_us, 1);
         if (st == JOB_STOP)
             break;
         int posted = JOB_POSTED;
@@ -265,13 +279,13 @@ static void *helper_main(void *arg)
             /* the caller did the whole job itself and took it back: wait for the next */
             if (atomic_load_explicit(&h->state, memory_order_acquire) == JOB_IDLE)
                 continue;
-            helper_wait_while(h, atomic_load_explicit(&h->state, memory_order_acquire), h->spin_us);
+            helper_wait_while(h, atomic_load_explicit(&h->state, memory_order_acquire), h->spin_us, 0);
             continue;
         }
         h->rc = split_work(h, h->encrypt ? &h->enc : &h->dec);
         helper_set_state(h, JOB_DONE);
         /* wait for the caller to collect (JOB_IDLE) or to stop us */
-        if (helper_wait_while(h, JOB_DONE, h->spin_us) == JOB_STOP)
+        if (helper_wait_while(h, JOB_DONE, h->spin_us, 0) == JOB_STOP)
             break;
     }
     return NULL;
@@ -345,7 +359,7 @@ static int xts_run_split(xts_helper *h, int encrypt, const xts_dir *mine, const 
                                                 memory_order_acquire))
         return rc; /* the helper never started: it will find JOB_IDLE and go back to sleep */
     if (posted == JOB_RUNNING) /* the helper is inside its last chunk: microseconds */
-        helper_wait_while(h, JOB_RUNNING, XTS_SPLIT_CALLER_SPIN_US);
+        helper_wait_while(h, JOB_RUNNING, XTS_SPLIT_CALLER_SPIN_US, 0);
     int hrc = h->rc;
     helper_set_state(h, JOB_IDLE);
     return rc != 0 ? rc : hrc;
