@@ -187,7 +187,7 @@ def split_main(args) -> int:
     med = {k: statistics.median(v) for k, v in samples.items()}
     case_names = list(dict.fromkeys(c for _, c in samples))
     result = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu": cpu_model(), "cpus": os.cpu_count(), "openssl": _native.openssl_version(),
         "split_threshold": args.split_threshold, "runs": args.runs,
         "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2),
@@ -260,7 +260,7 @@ def volume_main(args) -> int:
         for k in ("BLOCKCRYPT_XTS_SPLIT_BYTES", "BLOCKCRYPT_XTS_SPLIT_SPIN_US"):
             os.environ.pop(k, None)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    result = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    result = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "request_bytes": req, "disk_bytes": size, "runs": args.runs, "caches_dropped": dropped,
               "loadavg_after": round(os.getloadavg()[0], 2),
               "us_per_request": {f"{n} | {d}": round(v, 2) for (n, d), v in med.items()},
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, decrypt) in cases.items()
     }
     result = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu": cpu_model(),
         "pinned_cpu": cpu,
         "openssl": _native.openssl_version(),
