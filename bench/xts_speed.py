@@ -18,6 +18,8 @@ Ratios are native / openssl for the same direction. Target: 1 MiB encrypt >= 90 
                                                    # threads vs unsplit, and the handoff latency
     .venv/bin/python bench/xts_speed.py --volume DIR   # the same through blockcrypt.volume.Volume,
                                                    # null cipher vs XTS unsplit vs split
+    .venv/bin/python bench/xts_speed.py --fuse DIR     # fio 1M O_DIRECT through `blockcrypt mount`,
+                                                   # null cipher vs XTS unsplit vs split (root, fio)
 
 Caveats: a benchmark, not a test. On a shared VM the figures still move by several
 per cent (neighbours share caches and the physical core), which is why runs are
@@ -278,6 +280,67 @@ def volume_main(args) -> int:
     return 0
 
 
+def fuse_main(args) -> int:
+    """fio through the FUSE mount: `blockcrypt --state S mount M [--bench-null-cipher]`, one
+    state dir per cipher under DIR (kept for the next run), mounted in turn; the split is
+    set for the daemon through BLOCKCRYPT_XTS_SPLIT_BYTES/_SPIN_US. Per repetition and
+    variant: fio --rw=write --end_fsync=1, then --rw=read, bs=1M, direct=1, size=1G,
+    time_based --fuse-seconds, numjobs=1, page cache dropped before each job. Medians of
+    --runs interleaved repetitions; ratios are XTS / null."""
+    import subprocess as sp
+
+    bc = shutil.which("blockcrypt") or os.path.join(os.path.dirname(sys.executable), "blockcrypt")
+    root = os.path.abspath(args.fuse)
+    variants = {"null": None, "xts unsplit": {"BLOCKCRYPT_XTS_SPLIT_BYTES": "0"}}
+    for spin in args.split_spin_us:
+        variants[f"xts split spin {spin}"] = {"BLOCKCRYPT_XTS_SPLIT_BYTES": str(args.split_threshold),
+                                             "BLOCKCRYPT_XTS_SPLIT_SPIN_US": str(spin)}
+    mp = os.path.join(root, "mnt")
+    os.makedirs(mp, exist_ok=True)
+    for kind in ("null", "xts"):
+        sd = os.path.join(root, f"state-{kind}")
+        if not os.path.exists(sd):
+            sp.run([bc, "--state", sd, "init"], check=True, capture_output=True)
+            sp.run([bc, "--state", sd, "disk", "create", "d", "--size", "2G"], check=True, capture_output=True)
+    samples: dict[tuple[str, str], list[float]] = {}
+    loads = []
+    for _ in range(args.runs):
+        for name, env in variants.items():
+            sd = os.path.join(root, "state-null" if env is None else "state-xts")
+            cmd = [bc, "--state", sd, "mount", mp] + (["--bench-null-cipher"] if env is None else [])
+            sp.run(cmd, check=True, capture_output=True, env={**os.environ, **(env or {})})
+            try:
+                loads.append(os.getloadavg()[0])
+                for rw in ("write", "read"):
+                    _drop_caches()
+                    fio = ["fio", "--name=j", f"--filename={mp}/disks/d", f"--rw={rw}", "--bs=1M", "--direct=1",
+                           "--size=1G", f"--runtime={args.fuse_seconds}", "--time_based=1", "--numjobs=1",
+                           "--ioengine=psync", "--output-format=json"] + (["--end_fsync=1"] if rw == "write" else [])
+                    out = json.loads(sp.run(fio, check=True, capture_output=True, text=True).stdout)
+                    samples.setdefault((name, rw), []).append(out["jobs"][0][rw]["bw_bytes"] / 1e6)
+            finally:
+                sp.run([bc, "--state", sd, "umount", mp], capture_output=True)
+            if not args.json:
+                print(f"{name}: " + ", ".join(f"{rw} {samples[(name, rw)][-1]:.0f} MB/s" for rw in ("write", "read"))
+                      + f"  (load {loads[-1]:.2f})", file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    result = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "runs": args.runs,
+              "loadavg_at_mounts": [round(x, 2) for x in loads],
+              "median_mb_s": {f"{n} | {rw}": round(v) for (n, rw), v in med.items()},
+              "ratio_to_null": {f"{n} | {rw}": round(v / med[("null", rw)], 3) for (n, rw), v in med.items()},
+              "samples_mb_s": {f"{n} | {rw}": [round(x) for x in v] for (n, rw), v in samples.items()}}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for rw in ("write", "read"):
+        print(f"fio {rw}: " + ", ".join(f"{n} {med[(n, rw)]:.0f} MB/s"
+                                       + ("" if n == "null" else f" ({med[(n, rw)] / med[('null', rw)]:.2f}x)")
+                                       for n in variants))
+    if max(loads) > 1.5:
+        print(f"warning: load average up to {max(loads):.2f} at mount time: other work shared the 2 CPUs")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per figure; the median is reported (5)")
@@ -296,17 +359,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--volume", metavar="DIR", default=None,
                     help="instead: 128 KiB Volume.write/Volume.read on a disk made under DIR, null cipher "
                          "vs XTS unsplit vs split (drops the page cache: needs root)")
+    ap.add_argument("--fuse", metavar="DIR", default=None,
+                    help="instead: fio 1M O_DIRECT read/write through `blockcrypt mount` with state dirs "
+                         "under DIR, null cipher vs XTS unsplit vs split (root, fio)")
+    ap.add_argument("--fuse-seconds", type=int, default=15, help="fio runtime per job for --fuse (15)")
     ap.add_argument("--volume-mib", type=int, default=256, help="disk size for --volume (256 MiB)")
     ap.add_argument("--split-threshold", type=int, default=65536,
-                    help="split threshold in bytes for --split/--volume (65536)")
-    ap.add_argument("--split-spin-us", type=int, nargs="+", default=[0, 100],
-                    help="helper spin times to compare for --split/--volume (0 100)")
+                    help="split threshold in bytes for --split/--volume/--fuse (65536)")
+    ap.add_argument("--split-spin-us", type=int, nargs="+", default=[0, 1000],
+                    help="helper spin times to compare for --split/--volume/--fuse (0 1000)")
     args = ap.parse_args(argv)
 
     if args.split:
         return split_main(args)
     if args.volume:
         return volume_main(args)
+    if args.fuse:
+        return fuse_main(args)
     if shutil.which("openssl") is None:
         print("xts_speed: the `openssl` command is missing (apt-get install openssl)", file=sys.stderr)
         return 2
