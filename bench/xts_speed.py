@@ -319,7 +319,7 @@ def fuse_main(args) -> int:
                     out = json.loads(sp.run(fio, check=True, capture_output=True, text=True).stdout)
                     samples.setdefault((name, rw), []).append(out["jobs"][0][rw]["bw_bytes"] / 1e6)
             finally:
-                sp.run([bc, "--state", sd, "umount", mp], capture_output=True)
+                sp.run([bc, "--state", sd, "umount", mp], capture_output=True, check=False)
             if not args.json:
                 print(f"{name}: " + ", ".join(f"{rw} {samples[(name, rw)][-1]:.0f} MB/s" for rw in ("write", "read"))
                       + f"  (load {loads[-1]:.2f})", file=sys.stderr)
