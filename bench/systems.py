@@ -26,6 +26,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .util import (BenchError, is_mounted, need_tool, pid_alive, run, stop_pid, unmount,
@@ -247,20 +248,23 @@ class QemuLuks(_DaemonSystem):
         secret.write_text(secrets.token_hex(16))
         secret.chmod(0o600)
         obj = f"secret,id=sec0,file={secret},format=raw"
-        create = ["qemu-img", "create", "-q", "-f", "luks", "--object", obj,
-                  "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,"
-                        "hash-alg=sha256,iter-time=100",
-                  str(image), str(size_bytes)]
-        for attempt in range(3):
+        attempts = 5
+        for attempt in range(attempts):
             # qemu times PBKDF2 with the thread's CPU clock and gives up ("Unable to get
-            # accurate CPU usage") when a busy host starves it: try again
+            # accurate CPU usage") when a busy host starves it: try again, with a longer
+            # iter-time (only unlock time grows)
+            create = ["qemu-img", "create", "-q", "-f", "luks", "--object", obj,
+                      "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,"
+                            f"hash-alg=sha256,iter-time={100 * (attempt + 1)}",
+                      str(image), str(size_bytes)]
             try:
                 run(create)
                 break
             except BenchError as e:
-                if "accurate CPU usage" not in str(e) or attempt == 2:
+                if "accurate CPU usage" not in str(e) or attempt == attempts - 1:
                     raise
                 image.unlink(missing_ok=True)
+                time.sleep(0.5)
         export.touch()
         self._start(["qemu-storage-daemon", "--object", obj,
                      "--blockdev", f"driver=file,node-name=file0,filename={image}",
