@@ -25,26 +25,42 @@ from .format import ROLE_DATA, read_header, sector_span
 
 
 class RangeLock:
-    """Exclusive locks on half-open sector ranges; disjoint ranges do not wait for each other."""
+    """Exclusive locks on half-open sector ranges; disjoint ranges do not wait for each other.
+
+    ``acquire`` returns a token for ``release``; the uncontended path is one lock
+    round trip and a scan of the (short) list of ranges held now."""
 
     def __init__(self):
         self._cv = threading.Condition(threading.Lock())
         self._held: list[tuple[int, int]] = []
+        self._waiting = 0
+
+    def acquire(self, start: int, end: int) -> tuple[int, int]:
+        item = (start, end)
+        with self._cv:
+            held = self._held
+            while held and any(s < end and start < e for s, e in held):
+                self._waiting += 1
+                try:
+                    self._cv.wait()
+                finally:
+                    self._waiting -= 1
+            held.append(item)
+        return item
+
+    def release(self, item: tuple[int, int]) -> None:
+        with self._cv:
+            self._held.remove(item)
+            if self._waiting:
+                self._cv.notify_all()
 
     @contextmanager
     def hold(self, start: int, end: int):
-        cv = self._cv
-        with cv:
-            while any(s < end and start < e for s, e in self._held):
-                cv.wait()
-            item = (start, end)
-            self._held.append(item)
+        item = self.acquire(start, end)
         try:
             yield
         finally:
-            with cv:
-                self._held.remove(item)
-                cv.notify_all()
+            self.release(item)
 
 
 class _KeyGone:
@@ -149,8 +165,12 @@ class Volume:
         length = min(length, size - plain_off)
         ss = self.sector_size
         first, count = sector_span(plain_off, length, ss)
-        with self._locks.hold(first, first + count):
+        locks = self._locks
+        token = locks.acquire(first, first + count)
+        try:
             ct = self._backing.read_at(self.data_off + first * ss, count * ss)
+        finally:
+            locks.release(token)
         pt = self._cipher.decrypt(ct, first)
         head = plain_off - first * ss
         if head == 0 and length == len(pt):
@@ -181,7 +201,9 @@ class Volume:
         end = head + n
         aligned = head == 0 and end % ss == 0
         ct = self._cipher.encrypt(data, first) if aligned else None
-        with self._locks.hold(first, first + count):
+        locks = self._locks
+        token = locks.acquire(first, first + count)
+        try:
             if ct is None:
                 buf = bytearray(count * ss)
                 if head:
@@ -196,6 +218,8 @@ class Volume:
                 if is_enospc(e):
                     raise NoSpace(name=self.name) from None
                 raise
+        finally:
+            locks.release(token)
         return n
 
     def discard(self, plain_off: int, length: int) -> None:
