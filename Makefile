@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STATE   ?= $(CURDIR)/demo-state
 
-.PHONY: all deps venv build test demo demo-clean bench bench-quick clean
+.PHONY: all deps test-deps venv build test demo demo-clean bench bench-quick clean
 
 all: build
 
@@ -19,9 +19,13 @@ venv: $(VPY)
 
 # Editable install builds native/ into blockcrypt/_native*.so in place.
 build: deps venv
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,bench]'
 
-test: build
+# The tests include the benchmark harness (bench/tests), which drives the peers.
+test-deps:
+	bash scripts/install-deps.sh --bench
+
+test: test-deps build
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 demo: build
