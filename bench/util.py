@@ -45,16 +45,8 @@ def run(cmd: list[str], *, timeout_s: float = 120, check: bool = True,
 
 
 def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1:i + 4]) == 3 and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    from blockcrypt.mount import _unescape  # one parser of /proc/self/mountinfo escapes
+    return _unescape(field)
 
 
 def mount_points() -> dict[str, str]:
