@@ -248,9 +248,10 @@ def _des_of_key(st, h: Header) -> str | None:
     layer = h.layer(ROLE_DATA)
     if layer is None or layer.provider != "vault":
         return None
+    from .keys.vault import parse_key_url
+    base, name, _version = parse_key_url(layer.kek_id)
     for d in st.catalog.list_des():
-        base_name = d.key_url.split("/keys/")[0] + "/keys/" + d.key_url.split("/keys/")[1].split("/")[0]
-        if layer.kek_id.startswith(base_name + "/") or layer.kek_id in (d.active_key, *d.previous_keys):
+        if parse_key_url(d.key_url)[:2] == (base, name):
             return d.name
     return None
 

@@ -250,10 +250,9 @@ def _write_copy(fd: int, h: Header, magic: bytes, off: int) -> None:
     os.fsync(fd)
 
 
-def read_header(fd: int, name_hint: str = "?", repair: bool = False) -> Header:
-    """Read both copies; return the newest valid one. Optionally rewrite a bad or stale copy."""
-    results = {}
-    errors = {}
+def _parse_copies(fd: int, name_hint: str) -> tuple[dict, dict]:
+    """Both copies: ({label: Header} for the valid ones, {label: why} for the damaged ones)."""
+    results, errors = {}, {}
     for label, magic, off in (("A", MAGIC_A, COPY_A_OFF), ("B", MAGIC_B, COPY_B_OFF)):
         try:
             results[label] = unpack(_pread_full(fd, COPY_MAX, off), magic)
@@ -261,6 +260,12 @@ def read_header(fd: int, name_hint: str = "?", repair: bool = False) -> Header:
             raise UnsupportedFormat(name=name_hint, why=e.kw["why"]) from None
         except (ValueError, struct.error, UnicodeDecodeError) as e:
             errors[label] = str(e)
+    return results, errors
+
+
+def read_header(fd: int, name_hint: str = "?", repair: bool = False) -> Header:
+    """Read both copies; return the newest valid one. Optionally rewrite a bad or stale copy."""
+    results, errors = _parse_copies(fd, name_hint)
     if not results:
         raise CorruptHeader(name=name_hint,
                             why=f"both header copies are damaged (A: {errors['A']}; B: {errors['B']})")
@@ -283,10 +288,8 @@ def write_header(fd: int, h: Header) -> Header:
 
 def header_copy_state(fd: int) -> dict:
     """Which copies are valid, for `disk check` and tests: {"A": seqno|None, "B": seqno|None}."""
-    out = {}
-    for label, magic, off in (("A", MAGIC_A, COPY_A_OFF), ("B", MAGIC_B, COPY_B_OFF)):
-        try:
-            out[label] = unpack(_pread_full(fd, COPY_MAX, off), magic).seqno
-        except Exception:
-            out[label] = None
-    return out
+    try:
+        results, _ = _parse_copies(fd, "?")
+    except UnsupportedFormat:
+        return {"A": None, "B": None}
+    return {label: (results[label].seqno if label in results else None) for label in ("A", "B")}

@@ -191,3 +191,13 @@ def test_audit_names_the_disk_on_wrap_and_unwrap(state, vault, des_rec, key_name
     assert any("Wrap" in o and "Unwrap" not in o for o in ops), ops
     assert any("Unwrap" in o for o in ops), ops
     assert all(e.get("identity") == des_rec.identity["name"] for e in mine)
+
+
+def test_catalog_rebuild_finds_the_des_of_a_cmk_disk(state, vault, des_rec):
+    des.create_disk(state, "c1", 1 << 20, "des1")
+    disks.create(state, "p1", 1 << 20)
+    with state.catalog.transaction() as c:
+        c.execute("DELETE FROM disks")
+    r = disks.rebuild_catalog(state)
+    assert r["disks"] == ["c1", "p1"]
+    assert state.catalog.get_disk("c1").des == "des1" and state.catalog.get_disk("p1").des is None
