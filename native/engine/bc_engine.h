@@ -1,0 +1,155 @@
+/*
+ * bc_engine.h — the blockcrypt volume engine: one open disk in C.
+ *
+ * An open disk (struct bc_volume) is a storage backend (the backing-store seam,
+ * struct bc_storage_ops), a stack of sector layers (struct bc_layer_ops: AES-256-XTS
+ * today, a null layer for benchmarks, an AEAD layer with per-sector metadata next),
+ * range locks over sectors, read-modify-write of partial sectors, holes that read as
+ * zeros, discard/zero-range, flush, a revocation gate and per-disk counters.
+ *
+ * Byte geometry (all offsets are backing-store offsets, see docs/FORMAT.md):
+ *
+ *   sector n of the data area   at  data_off + n * sector_size
+ *   metadata of sector n        at  meta_off + n * meta_bytes   (meta_bytes = sum over layers)
+ *
+ * Layers: layer 0 is the outermost (customer) layer. On write, plaintext goes
+ * through layer 0, then 1, ... and the result is stored; on read the reverse.
+ * Each layer encrypts whole sectors in place and may produce meta_bytes of
+ * per-sector metadata (nonce + tag for an AEAD layer); the engine stores and
+ * fetches that metadata and hands each layer its own slice.
+ *
+ * Holes: a sector whose stored bytes are all zero (and whose metadata, if any, is
+ * all zero) reads as zeros without decryption; this is how a new disk reads as
+ * zeros and how discard works (the backing range is punched).
+ *
+ * Concurrency: every call may come from any thread at once. Requests on disjoint
+ * sector ranges run in parallel; overlapping ones serialize (range lock over the
+ * touched sectors, for reads and writes). No allocation on the request path: each
+ * thread keeps a scratch buffer of BC_MAX_REQUEST bytes (+ metadata) made on its
+ * first request.
+ *
+ * Revocation gate: bc_volume_revoke() waits for requests in flight to leave, wipes
+ * and destroys every layer (key bytes zeroed), and records (err, reason); every
+ * later request returns -err without touching a layer or the storage.
+ * bc_volume_set_layers() installs a fresh stack (key back) and opens the gate.
+ *
+ * Errors: every function returns 0 (or a byte count) on success and -errno on
+ * failure: -EIO storage/unknown, -EBADMSG a layer found a sector tampered with,
+ * -EROFS write to a read-only volume, -EFBIG a write that starts at or past the
+ * end, -ENOSPC the backing store is full, the gate's err once revoked.
+ *
+ * Caveats: the engine holds no policy: geometry and keys come from the caller
+ * (Python parses the header and unwraps the DEKs). It never prints or logs.
+ */
+#ifndef BC_ENGINE_H
+#define BC_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define BC_MAX_REQUEST (1u << 20)   /* largest read/write handed to the engine in one call */
+#define BC_MAX_LAYERS 4
+#define BC_REASON_MAX 256
+
+/* ---- the storage seam --------------------------------------------------------------
+ * Synchronous, thread-safe calls on one backing object. A remote store (librbd's
+ * rbd_read2/rbd_write2/rbd_discard/rbd_flush, or librados objects) implements the
+ * same table; asynchronous backends complete inside the call (the FUSE session is
+ * multi-threaded, so concurrency comes from the callers' threads). */
+struct bc_storage_ops {
+    const char *name;                                                    /* "local" */
+    /* read len bytes at off; bytes past the end of the store read as zeros */
+    int (*read_at)(void *ctx, void *buf, size_t len, uint64_t off);
+    int (*write_at)(void *ctx, const void *buf, size_t len, uint64_t off);
+    int (*punch)(void *ctx, uint64_t off, uint64_t len);                 /* may be -EOPNOTSUPP */
+    int (*flush)(void *ctx);                                             /* durable on return */
+    int (*get_size)(void *ctx, uint64_t *size_bytes);
+    int (*set_size)(void *ctx, uint64_t size_bytes);
+    int (*blocks_used)(void *ctx, uint64_t *blocks_512);                 /* space really used */
+    void (*close)(void *ctx);
+};
+
+/* The local sparse file backend. cache: BC_CACHE_BUFFERED (page cache) or
+ * BC_CACHE_NONE (O_DIRECT on the backing file, as QEMU's cache=none; requests the
+ * engine makes are sector-aligned, buffers page-aligned). */
+enum { BC_CACHE_BUFFERED = 0, BC_CACHE_NONE = 1 };
+int bc_storage_local_open(const char *path, int writable, int cache,
+                          const struct bc_storage_ops **ops, void **ctx);
+
+/* ---- sector layers ------------------------------------------------------------------ */
+struct bc_layer_ops {
+    const char *name;           /* "aes-xts-plain64", "null", ... */
+    size_t meta_bytes;          /* per-sector metadata this layer stores (0 for XTS) */
+    /* in place over nsectors whole sectors starting at sector_no; meta points at this
+     * layer's slice of sector 0's metadata and advances by meta_stride per sector */
+    int (*encrypt)(void *ctx, uint8_t *buf, size_t nsectors, uint64_t sector_no,
+                   uint8_t *meta, size_t meta_stride);
+    int (*decrypt)(void *ctx, uint8_t *buf, size_t nsectors, uint64_t sector_no,
+                   const uint8_t *meta, size_t meta_stride);             /* -EBADMSG on a bad tag */
+    void (*destroy)(void *ctx);                                          /* wipes key bytes */
+};
+
+struct bc_layer {
+    const struct bc_layer_ops *ops;
+    void *ctx;
+};
+
+/* AES-256-XTS, dm-crypt aes-xts-plain64 (tweak = LE64 sector number). key: 64 bytes,
+ * the halves must differ. The key is copied into locked memory; the caller wipes its copy. */
+int bc_layer_xts_new(const uint8_t *key, size_t key_len, uint32_t sector_size, struct bc_layer *out);
+/* No encryption at all (benchmarks only). */
+int bc_layer_null_new(uint32_t sector_size, struct bc_layer *out);
+
+/* ---- the volume ------------------------------------------------------------------- */
+struct bc_volume_params {
+    uint64_t size_bytes;        /* logical size, a multiple of sector_size */
+    uint32_t sector_size;       /* 512 or 4096 */
+    uint64_t data_off;          /* backing offset of sector 0 */
+    uint64_t meta_off;          /* backing offset of sector 0's metadata (when any layer has some) */
+    int read_only;
+};
+
+struct bc_stats {
+    uint64_t reads, writes, discards, flushes, errors;
+    uint64_t bytes_read, bytes_written;
+    uint64_t lat_us_hist[32];   /* request latency: bucket i counts 2^(i-1) < us <= 2^i (0: <= 1 us) */
+};
+
+struct bc_volume;
+
+/* Takes ownership of the storage (closed by the last unref) and of the layers. */
+int bc_volume_open(const struct bc_volume_params *p, const struct bc_storage_ops *sops, void *sctx,
+                   const struct bc_layer *layers, size_t nlayers, struct bc_volume **out);
+void bc_volume_ref(struct bc_volume *v);
+void bc_volume_unref(struct bc_volume *v);      /* the last one flushes (if writable) and closes */
+
+ssize_t bc_volume_read(struct bc_volume *v, void *buf, size_t len, uint64_t off);   /* short at the end */
+ssize_t bc_volume_write(struct bc_volume *v, const void *buf, size_t len, uint64_t off); /* clipped at the end */
+int bc_volume_discard(struct bc_volume *v, uint64_t off, uint64_t len);     /* holes; partial edges zeroed */
+int bc_volume_zero_range(struct bc_volume *v, uint64_t off, uint64_t len);
+int bc_volume_flush(struct bc_volume *v);
+int bc_volume_resize(struct bc_volume *v, uint64_t new_size_bytes);         /* logical size only */
+uint64_t bc_volume_size(const struct bc_volume *v);
+uint32_t bc_volume_sector_size(const struct bc_volume *v);
+int bc_volume_read_only(const struct bc_volume *v);
+int bc_volume_blocks_used(struct bc_volume *v, uint64_t *blocks_512);
+
+/* The revocation gate. After revoke returns, no request returns plaintext and
+ * every new one fails with -err. reason is copied (a one-line text, no key bytes). */
+int bc_volume_revoke(struct bc_volume *v, int err, const char *reason);
+/* 0 while serving; else the gate's err, with the reason copied into buf. */
+int bc_volume_gate(struct bc_volume *v, char *reason_buf, size_t reason_len);
+/* Replace the layer stack (a restored key) and open the gate; old layers are destroyed. */
+int bc_volume_set_layers(struct bc_volume *v, const struct bc_layer *layers, size_t nlayers);
+
+void bc_volume_stats(struct bc_volume *v, struct bc_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

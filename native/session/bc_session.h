@@ -1,0 +1,102 @@
+/*
+ * bc_session.h — the FUSE session in C on libfuse 3's low-level API.
+ *
+ * Serves the same tree as the fusepy front end:
+ *
+ *   MOUNTPOINT/            0755 dir (inode 1)
+ *     disks/               0755 dir (inode 2)
+ *       <name>             regular file of the disk's size; mode from the disk table
+ *
+ * The disk table is pushed by the control plane (Python) with bc_session_set_disk /
+ * bc_session_remove_disk; it never calls into the control plane during a data
+ * request (read, write, fsync, fallocate). Two hooks reach the control plane, both
+ * outside data requests:
+ *
+ *   open_disk  on open() of a disk that has no open volume: returns a volume
+ *              (bc_volume_ref'd for the session) or -errno (the open fails with it);
+ *              at most one call per disk at a time, other disks do not wait.
+ *   closed     after the last handle of a disk is released and its volume unref'd
+ *              (the session flushed it first).
+ *   lookup_miss on a lookup of an unknown name: the control plane may refresh the
+ *              table (rate-limited by the caller) before the session answers ENOENT.
+ *
+ * Semantics: truncate to the current size succeeds, to another size EPERM; chmod,
+ * chown, create, unlink, rename, mkdir, mknod, symlink, link EPERM; utimens accepted;
+ * fallocate PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE go to the volume, mode 0 inside the
+ * disk is a no-op, past the end EPERM, other modes EOPNOTSUPP; fsync/fdatasync ->
+ * bc_volume_flush; no xattrs (ENOSYS); statfs of the state directory; st_blocks from
+ * bc_volume_blocks_used (or the table's value when not open). Writes starting at or
+ * past the end: EFBIG; a write straddling the end is clipped.
+ *
+ * Transport: multi-threaded session loop, requests up to 1 MiB (max_write/max_read,
+ * FUSE_MAX_PAGES), FUSE_CAP_ASYNC_DIO, no per-request allocation (each worker thread
+ * owns a 1 MiB read buffer), writes served from libfuse's buffer.
+ *
+ * Caveats: one session per mount point; the caller runs bc_session_loop in a thread
+ * of its own and stops it with bc_session_exit (or an unmount).
+ */
+#ifndef BC_SESSION_H
+#define BC_SESSION_H
+
+#include <stdint.h>
+#include <sys/types.h>
+#include "../engine/bc_engine.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct bc_session;
+
+struct bc_session_hooks {
+    void *arg;
+    int (*open_disk)(void *arg, const char *name, struct bc_volume **out);
+    void (*closed)(void *arg, const char *name);
+    void (*lookup_miss)(void *arg, const char *name);
+};
+
+struct bc_session_opts {
+    const char *mountpoint;
+    const char *statfs_path;      /* statfs answers for this directory (the state directory) */
+    int allow_other;              /* -o allow_other (and default_permissions) */
+    int max_threads;              /* worker threads (0: libfuse default) */
+    uint32_t max_request_bytes;   /* 0: 1 MiB */
+    int debug;                    /* libfuse debug output on stderr */
+};
+
+/* One disk as the tree shows it. volume may be NULL (not open yet). */
+struct bc_disk_entry {
+    const char *name;
+    uint64_t size_bytes;
+    uint32_t mode;                /* 0600/0400/0660/0440 */
+    uint32_t uid, gid;
+    int read_only;
+    const char *backing_path;     /* for st_blocks/times while not open */
+};
+
+int bc_session_new(const struct bc_session_opts *opts, const struct bc_session_hooks *hooks,
+                   struct bc_session **out);         /* mounts; -errno with a message on stderr */
+int bc_session_loop(struct bc_session *s);          /* blocks until unmounted or exit */
+void bc_session_exit(struct bc_session *s);         /* from any thread or a signal handler */
+void bc_session_destroy(struct bc_session *s);      /* unmounts, unrefs every volume */
+
+/* The disk table (any thread, while the loop runs). set_disk adds or updates (size,
+ * mode); a size change of an open disk is applied to its volume too. remove_disk:
+ * the name vanishes; open handles keep working until released. */
+int bc_session_set_disk(struct bc_session *s, const struct bc_disk_entry *e);
+int bc_session_remove_disk(struct bc_session *s, const char *name);
+
+/* State of one disk for `status`: open handles, the volume (ref'd, or NULL), errors
+ * answered and the last one. Returns -ENOENT for an unknown name. */
+struct bc_disk_state {
+    uint32_t handles;
+    uint64_t errors;
+    int last_errno;
+    struct bc_volume *volume;     /* caller unrefs */
+};
+int bc_session_disk_state(struct bc_session *s, const char *name, struct bc_disk_state *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
