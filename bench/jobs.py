@@ -1,16 +1,18 @@
 """The fio job matrix and one measured fio run (with the daemon's CPU time).
 
-Every job uses ioengine=psync, direct=1 (O_DIRECT, as QEMU opens a disk with
-cache=none), one file of the run's size, and group_reporting, so the JSON has one
-aggregate per job. Sequential jobs make one pass over the whole file (the read
-pass starts from a cold cache); random jobs are time based.
+Every job uses direct=1 (O_DIRECT, as QEMU opens a disk with cache=none), one
+file of the run's size, and group_reporting, so the JSON has one aggregate per
+job; all but seq_write_aio (libaio, iodepth 4) use ioengine=psync. Sequential
+jobs make one pass over the whole file (the read pass starts from a cold cache);
+random jobs are time based. Before every measured job the same ColdStart runs
+for every system (drop caches, settle, prefault).
 
 The 512-byte job writes at offsets 512 + k * 4096: every request is 512-byte
 aligned and none is 4 KiB aligned, so a 4 KiB-sector disk must read-modify-write
 each one (fio: offset=512, blockalign=4k, bs=512, size = file size - 4 KiB).
 
 Caveats: psync means queue depth 1 per fio job, so parallelism comes only from
-numjobs; the page cache of the *backing* file still serves the FUSE daemons
+numjobs (and iodepth in seq_write_aio); the page cache of the *backing* file still serves the FUSE daemons
 after the first touch within a job (caches are dropped only between jobs).
 """
 from __future__ import annotations
@@ -26,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .util import (CLOCK_TICKS_PER_S, BenchError, cpu_times, drop_caches, host_cpu_ticks, run,
-                   wait_quiet)
+from .util import (CLOCK_TICKS_PER_S, BenchError, cpu_times, drop_caches, host_cpu_ticks,
+                   prefault_anon, prefault_pagecache, reported_kib, run, wait_quiet)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -42,6 +44,11 @@ class Job:
     fio: dict = field(default_factory=dict)
     time_based: bool = True
     size_trim_bytes: int = 0  # fio size = file size - this (room for offset=)
+    pattern: str = "random"   # "sequential" or "random": which peer target applies
+
+    @property
+    def ioengine(self) -> str:
+        return self.fio.get("ioengine", "psync")
 
     @property
     def unit(self) -> str:
@@ -50,9 +57,12 @@ class Job:
 
 JOBS: list[Job] = [
     Job("seq_write", "seq write 1 MiB", "throughput", "write",
-        {"rw": "write", "bs": "1M", "end_fsync": "1"}, time_based=False),
+        {"rw": "write", "bs": "1M", "end_fsync": "1"}, time_based=False, pattern="sequential"),
+    Job("seq_write_aio", "seq write 1 MiB libaio QD4", "throughput", "write",
+        {"rw": "write", "bs": "1M", "ioengine": "libaio", "iodepth": "4", "end_fsync": "1"},
+        time_based=False, pattern="sequential"),
     Job("seq_read", "seq read 1 MiB (cold)", "throughput", "read",
-        {"rw": "read", "bs": "1M"}, time_based=False),
+        {"rw": "read", "bs": "1M"}, time_based=False, pattern="sequential"),
     Job("rand_read", "rand read 4 KiB", "iops", "read",
         {"rw": "randread", "bs": "4k", "numjobs": "1"}),
     Job("rand_read_2j", "rand read 4 KiB x2 jobs", "iops", "read",
@@ -65,6 +75,59 @@ JOBS: list[Job] = [
     Job("mixed_16k", "randrw 70/30 16 KiB x2 jobs", "iops", "both",
         {"rw": "randrw", "rwmixread": "70", "bs": "16k", "numjobs": "2"}),
 ]
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    """What happens between dropping the caches and starting a job, identical for every
+    system: drop caches, wait `settle_s`, then fault in and free `prefault_mib` MiB of
+    anonymous memory or page cache. On a VM with free page reporting the host takes freed
+    memory back; how much of it a job must fault in again otherwise depends on how long
+    after drop_caches it starts (docs/BENCHMARKS.md, "Free page reporting")."""
+
+    settle_s: float = 0.0
+    prefault: str = "none"        # "none" | "anon" | "pagecache"
+    prefault_mib: int = 0
+
+    def __post_init__(self):
+        if self.prefault not in PREFAULT_KINDS:
+            raise BenchError(f"unknown prefault kind {self.prefault!r}; choose from {', '.join(PREFAULT_KINDS)}")
+        if self.settle_s < 0 or self.prefault_mib < 0:
+            raise BenchError("settle and prefault sizes cannot be negative")
+
+    @property
+    def label(self) -> str:
+        pre = f", prefault {self.prefault_mib} MiB {self.prefault}" if self.prefault != "none" else ""
+        return f"drop_caches, settle {self.settle_s:g} s{pre}"
+
+    def apply(self, scratch_dir: Path | None = None) -> dict:
+        """Do it; returns how much memory the guest reported to the host meanwhile (MiB)."""
+        drop_caches()
+        r0 = reported_kib()
+        if self.settle_s > 0:
+            time.sleep(self.settle_s)
+        r1 = reported_kib()
+        if self.prefault == "anon":
+            prefault_anon(self.prefault_mib)
+        elif self.prefault == "pagecache":
+            base = Path(scratch_dir) if scratch_dir is not None else Path("/var/tmp")
+            prefault_pagecache(base / f".bench-prefault-{os.getpid()}", self.prefault_mib)
+        return {"settle_reported_mib": (r1 - r0) / 1024 if r0 is not None and r1 is not None else None}
+
+
+PREFAULT_KINDS = ("none", "anon", "pagecache")
+NO_CONTROL = ColdStart()                 # what the runner did before (drop_caches, start at once)
+DEFAULT_COLD_START = ColdStart(settle_s=0.0)  # set from docs/BENCHMARKS.md's measurement
+
+
+def parse_prefault(text: str) -> tuple[str, int]:
+    """'anon:1024' -> ('anon', 1024); 'none' -> ('none', 0)."""
+    kind, _, mib = text.partition(":")
+    if kind == "none" and not mib:
+        return "none", 0
+    if kind not in PREFAULT_KINDS or not mib.isdigit():
+        raise BenchError(f"bad --prefault {text!r}; use none, anon:MIB or pagecache:MIB")
+    return kind, int(mib)
 
 
 def by_name() -> dict[str, Job]:
@@ -122,26 +185,31 @@ def parse_fio(text: str, job: Job) -> dict:
 
 
 def run_fio(job: Job, target: Path, size_bytes: int, runtime_s: float, ramp_s: float,
-            daemon_pid: int | None, *, cold: bool = True, profile_path: Path | None = None,
-            quiet_wait_s: float = 0.0) -> dict:
-    """Drop caches, wait (up to `quiet_wait_s`) for an idle host, run one fio job; return its
-    metric plus the daemon's CPU time.
+            daemon_pid: int | None, *, cold: ColdStart | bool = True, profile_path: Path | None = None,
+            quiet_wait_s: float = 0.0, scratch_dir: Path | None = None) -> dict:
+    """Wait (up to `quiet_wait_s`) for an idle host, apply the cold start (drop caches,
+    settle, prefault; `cold=True` is DEFAULT_COLD_START, False skips it), run one fio job;
+    return its metric plus the daemon's CPU time.
 
     With `profile_path`, py-spy samples the daemon during the job (collapsed stacks).
     """
-    if cold:
-        drop_caches()
+    # the quiet wait comes first, so the settle time is the same for every job and system
     waited_s, pre_busy_pct = wait_quiet(quiet_wait_s)
+    if cold is True:
+        cold = DEFAULT_COLD_START
+    cold_info = cold.apply(scratch_dir) if cold else {}
     with tempfile.NamedTemporaryFile(prefix="fio-", suffix=".json") as out:
         cmd = fio_command(job, target, size_bytes, runtime_s, ramp_s, Path(out.name))
         timeout_s = 600 + 4 * (runtime_s + ramp_s)
         spy = start_py_spy(daemon_pid, profile_path) if profile_path and daemon_pid else None
         try:
             kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            rep0 = reported_kib()
             cpu0, host0, t0 = cpu_times(daemon_pid), host_cpu_ticks(), time.monotonic()
             run(cmd, timeout_s=timeout_s)
             elapsed_s = time.monotonic() - t0
             cpu1, host1 = cpu_times(daemon_pid), host_cpu_ticks()
+            rep1 = reported_kib()
             kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         finally:
             if spy is not None:
@@ -150,6 +218,8 @@ def run_fio(job: Job, target: Path, size_bytes: int, runtime_s: float, ramp_s: f
     daemon_user_s = (cpu1[0] - cpu0[0]) if cpu0 is not None and cpu1 is not None else None
     daemon_cpu_s = (sum(cpu1) - sum(cpu0)) if cpu0 is not None and cpu1 is not None else None
     result["elapsed_s"] = elapsed_s
+    result.update(cold_info)
+    result["job_reported_mib"] = (rep1 - rep0) / 1024 if rep0 is not None and rep1 is not None else None
     result["quiet_wait_s"] = waited_s
     result["pre_job_host_busy_pct"] = pre_busy_pct if pre_busy_pct >= 0 else None
     result["daemon_cpu_s"] = daemon_cpu_s

@@ -76,6 +76,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"{DISTURBED_PCT:.0f}%% of the CPUs (full: 2, quick: 0)")
     p.add_argument("--quiet-wait", type=float, metavar="S",
                    help="before each job wait up to S seconds for the host to be idle (full: 20, quick: 0)")
+    p.add_argument("--settle", type=float, metavar="S",
+                   help="seconds to wait after drop_caches before each job "
+                        f"(default {jobs_mod.DEFAULT_COLD_START.settle_s:g}; docs/BENCHMARKS.md)")
+    p.add_argument("--prefault", metavar="KIND:MIB",
+                   help="after the settle, fault in and free this much memory: none, anon:MIB or "
+                        f"pagecache:MIB (default {jobs_mod.DEFAULT_COLD_START.prefault}:"
+                        f"{jobs_mod.DEFAULT_COLD_START.prefault_mib})")
     pub = p.add_mutually_exclusive_group()
     pub.add_argument("--publish", action="store_true", default=None,
                      help="also write bench/RESULTS.md, results.json and PNGs (default: unfiltered full runs)")
@@ -111,17 +118,32 @@ def parse_size_arg(text: str) -> int:
     return size
 
 
-def preflight(selected: list[systems_mod.System], workdir: Path) -> None:
+def preflight(selected: list[systems_mod.System], workdir: Path
+              ) -> tuple[list[systems_mod.System], dict[str, str]]:
+    """Check the host and every system; returns the systems this build can run and
+    {name: reason} for the others, each skipped with a one-line note (e.g. the native
+    front end's variants before it lands)."""
     if os.geteuid() != 0:
         raise BenchError("run as root (sudo make bench): the runner drops caches and mounts FUSE file systems")
     need_tool("fio", "install it: apt-get install fio (or bash scripts/install-deps.sh)")
     if not os.path.exists("/dev/fuse") and any(s.role != "reference" for s in selected):
         raise BenchError("/dev/fuse is missing; load the fuse module (modprobe fuse)")
+    kept, skipped = [], {}
     for s in selected:
+        reason = s.unsupported()
+        if reason:
+            log(f"bench: skipping {s.name}: {reason}")
+            skipped[s.name] = reason
+        else:
+            kept.append(s)
+    if not kept:
+        raise BenchError("none of the selected systems can run with this build")
+    for s in kept:
         s.check()
-    for s in selected:
+    for s in kept:
         s.check_free()
     workdir.mkdir(parents=True, exist_ok=True)
+    return kept, skipped
 
 
 def _raise_interrupt(signum, frame):
@@ -150,21 +172,30 @@ def main(argv: list[str] | None = None) -> int:
             if args.reps < 1:
                 raise BenchError("--reps must be at least 1")
             cfg["reps"] = args.reps
+        cold = jobs_mod.DEFAULT_COLD_START
+        if args.settle is not None or args.prefault is not None:
+            kind, mib = (jobs_mod.parse_prefault(args.prefault) if args.prefault is not None
+                         else (cold.prefault, cold.prefault_mib))
+            cold = jobs_mod.ColdStart(settle_s=cold.settle_s if args.settle is None else args.settle,
+                                      prefault=kind, prefault_mib=mib)
+        cfg["cold_start"] = cold
         sys_names = pick(args.systems, systems_mod.by_name(), "system")
         job_names = pick(args.jobs, jobs_mod.by_name(), "job")
         workdir = args.workdir.absolute()
         selected = [systems_mod.by_name()[n](workdir) for n in sys_names]
         jobs = [jobs_mod.by_name()[n] for n in job_names]
-        preflight(selected, workdir)
+        selected, skipped = preflight(selected, workdir)
         filtered = bool(args.systems or args.jobs or args.size or args.runtime or args.reps
-                        or args.py_spy or args.retries is not None or args.quiet_wait is not None)
+                        or args.py_spy or args.retries is not None or args.quiet_wait is not None
+                        or args.settle is not None or args.prefault is not None)
         if args.py_spy and not (Path(sys.executable).parent / "py-spy").exists():
             raise BenchError("--py-spy needs py-spy in the venv: .venv/bin/pip install py-spy")
         publish = args.publish if args.publish is not None else (args.mode == "full" and not filtered)
 
         started = dt.datetime.now(dt.timezone.utc)
         log(f"bench: mode {args.mode}, {len(selected)} system(s) x {len(jobs)} job(s) x "
-            f"{cfg['reps']} rep(s), file {cfg['size_bytes'] >> 20} MiB, work dir {workdir}")
+            f"{cfg['reps']} rep(s), file {cfg['size_bytes'] >> 20} MiB, work dir {workdir}; "
+            f"before each job: {cold.label}")
         env = report.environment(workdir, REPO, cfg["openssl_s"])
 
         for s in selected:
@@ -200,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
             "command": "bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "mode": args.mode,
             "started": started.strftime("%Y-%m-%d %H:%M"),
-            "config": {**cfg, "ioengine": "psync", "direct": 1},
+            "config": {**cfg, "ioengine": "psync", "direct": 1, "cold_start": cold.label},
             "environment": env,
             "systems": [s.info() for s in selected],
             "jobs": [{"name": j.name, "label": j.label, "family": j.family, "unit": j.unit,
-                      "direction": j.direction, "fio": j.fio, "time_based": j.time_based} for j in jobs],
+                      "direction": j.direction, "fio": j.fio, "time_based": j.time_based,
+                      "pattern": j.pattern, "ioengine": j.ioengine} for j in jobs],
             "runs": runs,
+            "skipped": skipped,
         }
     except (BenchError, Interrupted, KeyboardInterrupt) as e:
         teardown(selected)
@@ -243,7 +276,8 @@ def measure(job, s, cfg: dict, spy: Path | None) -> dict:
     attempts = []
     for _ in range(1 + cfg.get("retries", 0)):
         r = jobs_mod.run_fio(job, s.target, cfg["size_bytes"], cfg["runtime_s"], cfg["ramp_s"],
-                             s.daemon_pid, profile_path=spy, quiet_wait_s=cfg["quiet_wait_s"])
+                             s.daemon_pid, profile_path=spy, quiet_wait_s=cfg["quiet_wait_s"],
+                             cold=cfg.get("cold_start", True), scratch_dir=s.dir.parent)
         attempts.append(r)
         if (r.get("foreign_cpu_pct") or 0.0) <= DISTURBED_PCT:
             break

@@ -52,6 +52,10 @@ class System:
         self.owned = False  # set once setup has claimed self.dir: teardown touches nothing before
 
     # -- to override -------------------------------------------------------
+    def unsupported(self) -> str | None:
+        """Why this build cannot run the system (the runner skips it and says so), or None."""
+        return None
+
     def check(self) -> None:
         """Raise BenchError if a tool is missing; runs before anything is set up."""
 
@@ -192,6 +196,79 @@ class FusepyFloor(_DaemonSystem):
         self.remove_dir()
 
 
+FLOOR_SOURCE = Path(__file__).resolve().parent / "floor" / "passthrough_ll.c"
+FLOOR_BUILD_DIR = Path(__file__).resolve().parent / "out" / "floor"   # git-ignored
+
+
+def build_floor(build_dir: Path = FLOOR_BUILD_DIR) -> Path:
+    """Compile bench/floor/passthrough_ll.c (gcc, libfuse 3) unless an up-to-date binary
+    exists; returns its path. The binary goes in place atomically (a concurrent run sees
+    either the old one or the new one)."""
+    exe = build_dir / "passthrough_ll"
+    if exe.exists() and exe.stat().st_mtime >= FLOOR_SOURCE.stat().st_mtime:
+        return exe
+    need_tool("gcc", "install it: apt-get install gcc")
+    need_tool("pkg-config", "install it: apt-get install pkg-config")
+    flags = run(["pkg-config", "--cflags", "--libs", "fuse3"], check=False)
+    if flags.returncode != 0:
+        raise BenchError("libfuse 3 development files not found (pkg-config fuse3); "
+                         "install them: apt-get install libfuse3-dev")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    tmp = build_dir / f".passthrough_ll.{os.getpid()}"
+    try:
+        run(["gcc", "-O2", "-g", "-Wall", "-Wextra", "-std=gnu11", "-o", str(tmp), str(FLOOR_SOURCE),
+             *flags.stdout.decode().split()], timeout_s=120)
+        os.replace(tmp, exe)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return exe
+
+
+class CFloor(_DaemonSystem):
+    """bench/floor/passthrough_ll.c: a bare libfuse 3 low-level server, the transport floor."""
+
+    name, label, role, encrypted = "c-floor", "C libfuse 3 floor", "reference", False
+    summary = ("bench/floor/passthrough_ll.c: a bare libfuse 3 low-level passthrough server "
+               "(multi-threaded, 1 MiB requests, async direct I/O, pread/pwrite on the backing "
+               "file, no locks, no crypto): the floor of blockcrypt's native session")
+    direct = False  # O_DIRECT on the backing file
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.exe: Path | None = None
+
+    def check(self) -> None:
+        self.exe = build_floor()
+
+    def mount_points(self) -> list[Path]:
+        return [self.dir / "mnt"]
+
+    def version(self) -> str:
+        return "libfuse " + first_line(["pkg-config", "--modversion", "fuse3"])
+
+    def setup(self, size_bytes: int) -> None:
+        self.fresh_dir()
+        backing, mnt = self.dir / "backing.img", self.dir / "mnt"
+        mnt.mkdir()
+        with open(backing, "wb") as f:
+            f.truncate(size_bytes)
+        exe = self.exe or build_floor()
+        self._start([str(exe), *(["--direct"] if self.direct else []), str(backing), "disk", str(mnt)],
+                    mnt, f"{self.label} mount")
+        self.target = mnt / "disks" / "disk"
+
+    def teardown(self) -> None:
+        self._stop(self.dir / "mnt", terminate_first=False)
+        self.remove_dir()
+
+
+class CFloorDirect(CFloor):
+    name, label, default = "c-floor-direct", "C libfuse 3 floor, O_DIRECT backing", False
+    summary = ("the C floor with its backing file opened O_DIRECT: the floor of "
+               "`blockcrypt mount --backing-cache none`")
+    direct = True
+
+
 class Gocryptfs(_DaemonSystem):
     """gocryptfs (AES-256-GCM, 4 KiB blocks, defaults), one file inside the mount."""
 
@@ -314,14 +391,43 @@ def find_fuse_daemon(mountpoint: Path) -> int | None:
     return candidates[0][1] if candidates else None
 
 
+_MOUNT_HELP: dict[str, str] = {}
+
+
+def mount_help(cli: str) -> str:
+    """`blockcrypt mount --help` (cached per CLI path); BenchError if the command fails."""
+    if cli not in _MOUNT_HELP:
+        proc = run([cli, "mount", "--help"], check=False, timeout_s=60)
+        text = (proc.stdout + proc.stderr).decode(errors="replace")
+        if proc.returncode != 0:
+            raise BenchError("`blockcrypt mount` is not available in this build "
+                             f"({text.strip().splitlines()[-1] if text.strip() else 'no output'})")
+        _MOUNT_HELP[cli] = text
+    return _MOUNT_HELP[cli]
+
+
 class BlockcryptSystem(System):
-    """blockcrypt through its CLI: a state of its own, one disk, a detached mount."""
+    """blockcrypt through its CLI: a state of its own, one disk, a detached mount.
+
+    `frontend` is "native" (the C libfuse 3 session) or "fusepy"; `backing_cache` is
+    "buffered" or "none" (O_DIRECT on the backing file). The CLI options for them
+    (`--frontend`, `--backing-cache`) are passed only when the build has them; a system
+    that needs an option the build lacks is skipped (unsupported()) rather than failing.
+    Without `--frontend` the build has only the fusepy front end, and `null`/`single`
+    measure that.
+    """
 
     role = "blockcrypt"
     disk_name = "bench"
     init_args: list[str] = []
     disk_create_args: list[str] = []
     mount_args: list[str] = []
+    frontend: str | None = None        # None: the build's default front end
+    backing_cache: str | None = None   # None: the build's default (buffered)
+    null_cipher = False
+    # which systems this one is compared with when they are in the run (report.py)
+    baseline: str | None = None        # the same path with the null cipher
+    floor: str | None = None           # the bare transport it sits on
 
     def __init__(self, workdir: Path):
         super().__init__(workdir)
@@ -330,16 +436,53 @@ class BlockcryptSystem(System):
         self._cli: str | None = None
         self._mounted = False
 
+    def _help(self) -> str:
+        self._cli = self._cli or blockcrypt_cli()
+        return mount_help(self._cli)
+
+    def has_native(self) -> bool:
+        """The build has the native front end (`blockcrypt mount --frontend`)."""
+        return "--frontend" in self._help()
+
+    def effective_frontend(self) -> str:
+        if self.frontend is not None:
+            return self.frontend
+        return "native" if self.has_native() else "fusepy"
+
+    def all_mount_args(self) -> list[str]:
+        args = []
+        if self.null_cipher:
+            args.append("--bench-null-cipher")
+        if self.has_native():
+            args += ["--frontend", self.effective_frontend()]
+        if self.backing_cache is not None:
+            args += ["--backing-cache", self.backing_cache]
+        return args + list(self.mount_args)
+
+    def unsupported(self) -> str | None:
+        help_text = self._help()
+        if self.frontend is not None and "--frontend" not in help_text:
+            return ("`blockcrypt mount` has no --frontend option in this build "
+                    "(the native front end has not landed)")
+        if self.backing_cache is not None and "--backing-cache" not in help_text:
+            return "`blockcrypt mount` has no --backing-cache option in this build"
+        return None
+
     def check(self) -> None:
-        self._cli = blockcrypt_cli()
-        proc = run([self._cli, "mount", "--help"], check=False, timeout_s=60)
-        text = (proc.stdout + proc.stderr).decode(errors="replace")
-        if proc.returncode != 0:
-            raise BenchError("`blockcrypt mount` is not available in this build "
-                             f"({text.strip().splitlines()[-1] if text.strip() else 'no output'})")
-        for flag in self.mount_args:
+        text = self._help()
+        for flag in self.all_mount_args():
             if flag.startswith("--") and flag not in text:
                 raise BenchError(f"`blockcrypt mount` has no {flag} option in this build")
+
+    def info(self) -> dict:
+        d = super().info()
+        try:
+            d["frontend"] = self.effective_frontend()
+        except BenchError:
+            d["frontend"] = self.frontend or "unknown"
+        d.update({"backing_cache": self.backing_cache or "buffered", "null_cipher": self.null_cipher,
+                  "baseline": self.baseline, "floor": self.floor})
+        return d
 
     def mount_points(self) -> list[Path]:
         return [self.mnt]
@@ -373,7 +516,7 @@ class BlockcryptSystem(System):
         # inherited descriptors open, and reading a pipe would then never end.
         out_path, err_path = self.dir / "mount.json", self.dir / "mount.log"
         cmd = [self._cli or blockcrypt_cli(), "--state", str(self.state), "mount", str(self.mnt),
-               "--json", *self.mount_args]
+               "--json", *self.all_mount_args()]
         with open(out_path, "wb") as out, open(err_path, "ab") as err:
             try:
                 rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -410,17 +553,58 @@ class BlockcryptSystem(System):
 
 class BlockcryptNull(BlockcryptSystem):
     name, label, encrypted = "null", "blockcrypt null cipher", False
-    summary = "blockcrypt mount --bench-null-cipher: the same FUSE path, no encryption"
-    mount_args = ["--bench-null-cipher"]
+    summary = ("blockcrypt mount --bench-null-cipher: the same path as `single` (the default "
+               "front end: native once it exists), no encryption")
+    null_cipher = True
+    floor = "c-floor"
 
 
 class BlockcryptSingle(BlockcryptSystem):
     name, label = "single", "blockcrypt single layer"
-    summary = "blockcrypt, one aes-xts-plain64 layer, platform-managed key"
+    summary = ("blockcrypt mount, one aes-xts-plain64 layer, platform-managed key, the default "
+               "front end (native once it exists, `--frontend native`)")
+    baseline, floor = "null", "c-floor"
+
+
+class BlockcryptSingleDirect(BlockcryptSystem):
+    name, label = "single-direct", "blockcrypt single layer, O_DIRECT backing"
+    summary = "blockcrypt mount --frontend native --backing-cache none: XTS, O_DIRECT on the backing file"
+    frontend, backing_cache = "native", "none"
+    baseline, floor = "null-direct", "c-floor-direct"
+
+
+class BlockcryptNullDirect(BlockcryptSystem):
+    name, label, encrypted, default = "null-direct", "blockcrypt null cipher, O_DIRECT backing", False, False
+    summary = "blockcrypt mount --frontend native --backing-cache none --bench-null-cipher"
+    frontend, backing_cache, null_cipher = "native", "none", True
+    floor = "c-floor-direct"
+
+
+class BlockcryptFusepySingle(BlockcryptSystem):
+    name, label = "fusepy-single", "blockcrypt single layer, fusepy front end"
+    summary = "blockcrypt mount --frontend fusepy: XTS through the old fusepy/libfuse 2 front end"
+    frontend = "fusepy"
+    baseline, floor = "fusepy-null", "fusepy"
+
+
+class BlockcryptFusepyNull(BlockcryptSystem):
+    name, label, encrypted, default = "fusepy-null", "blockcrypt null cipher, fusepy front end", False, False
+    summary = "blockcrypt mount --frontend fusepy --bench-null-cipher"
+    frontend, null_cipher = "fusepy", True
+    floor = "fusepy"
+
+
+class BlockcryptFusepySingleDirect(BlockcryptSystem):
+    name, label, default = ("fusepy-single-direct", "blockcrypt single layer, fusepy front end, "
+                            "O_DIRECT backing", False)
+    summary = "blockcrypt mount --frontend fusepy --backing-cache none"
+    frontend, backing_cache = "fusepy", "none"
 
 
 # Run order and the keys accepted by --systems.
-SYSTEMS: list[type[System]] = [RawFile, FusepyFloor, BlockcryptNull, BlockcryptSingle, Gocryptfs, QemuLuks]
+SYSTEMS: list[type[System]] = [RawFile, CFloor, CFloorDirect, FusepyFloor, BlockcryptNull, BlockcryptSingle,
+                               BlockcryptNullDirect, BlockcryptSingleDirect, BlockcryptFusepyNull,
+                               BlockcryptFusepySingle, BlockcryptFusepySingleDirect, Gocryptfs, QemuLuks]
 
 
 def by_name() -> dict[str, type[System]]:

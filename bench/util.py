@@ -45,7 +45,12 @@ def run(cmd: list[str], *, timeout_s: float = 120, check: bool = True,
 
 
 def _unescape_mountinfo(field: str) -> str:
-    from blockcrypt.mount import _unescape  # one parser of /proc/self/mountinfo escapes
+    # one parser of /proc/self/mountinfo escapes: blockcrypt's (blockcrypt/mount/daemon.py
+    # since the package layout, blockcrypt/mount.py before it)
+    try:
+        from blockcrypt.mount.daemon import _unescape
+    except ImportError:
+        from blockcrypt.mount import _unescape
     return _unescape(field)
 
 
@@ -156,6 +161,53 @@ def drop_caches() -> None:
             f.write("3\n")
     except OSError as e:
         raise BenchError(f"cannot drop caches ({e.strerror}); run as root") from None
+
+
+REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def reported_kib() -> int | None:
+    """KiB of free memory the guest has reported to the host so far (free page reporting),
+    or None on a kernel that does not export the counter."""
+    try:
+        return int(REPORTED_KIB.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def prefault_anon(mib: int) -> None:
+    """Fault in `mib` MiB of anonymous memory (MAP_POPULATE) and free it again at once, so the
+    next allocations reuse pages the host has backed instead of ones it has taken back."""
+    import mmap
+    if mib <= 0:
+        return
+    m = mmap.mmap(-1, mib << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+    try:
+        if not getattr(mmap, "MAP_POPULATE", 0):  # touch one byte per page
+            for off in range(0, mib << 20, mmap.PAGESIZE):
+                m[off] = 1
+    finally:
+        m.close()
+
+
+def prefault_pagecache(path: Path, mib: int) -> None:
+    """Pull `mib` MiB of page cache in (reading a sparse scratch file) and drop it again
+    (POSIX_FADV_DONTNEED), the page-cache counterpart of prefault_anon."""
+    if mib <= 0:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, mib << 20)
+        chunk = 1 << 20
+        for off in range(0, mib << 20, chunk):
+            os.pread(fd, chunk, off)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def first_line(cmd: list[str]) -> str:
