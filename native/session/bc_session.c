@@ -1035,11 +1035,11 @@ int bc_session_new(const struct bc_session_opts *opts, const struct bc_session_h
     if (req < 65536)
         req = 65536;
     s->max_req = req & ~4095u;
-    s->mountpoint = strdup(opts->mountpoint);
+    s->mountpoint = realpath(opts->mountpoint, NULL);   /* the waker may run after a chdir */
     s->statfs_path = strdup(opts->statfs_path ? opts->statfs_path : "/");
     s->efd = eventfd(0, EFD_CLOEXEC);
     if (s->mountpoint == NULL || s->statfs_path == NULL || s->efd < 0 ||
-        asprintf(&s->wake_path, "%s/%s", opts->mountpoint, WAKE_NAME) < 0) {
+        asprintf(&s->wake_path, "%s/%s", s->mountpoint, WAKE_NAME) < 0) {
         s->wake_path = NULL;
         free_session(s);
         return -ENOMEM;
@@ -1060,7 +1060,7 @@ int bc_session_new(const struct bc_session_opts *opts, const struct bc_session_h
         return -EINVAL;
     }
     errno = 0;
-    if (fuse_session_mount(s->se, opts->mountpoint) != 0) {
+    if (fuse_session_mount(s->se, s->mountpoint) != 0) {
         int e = errno && errno != ENOENT ? errno : EIO;
         fprintf(stderr, "blockcrypt: cannot mount %s: %s\n", opts->mountpoint, strerror(e));
         fuse_session_destroy(s->se);
