@@ -1,7 +1,12 @@
 """Turn a run (raw.json) into medians, ratios, RESULTS.md and PNG plots; collect the environment.
 
-Targets checked (docs/BENCHMARKS.md): every encrypted blockcrypt system at
->= 0.9x the null cipher and >= 1.0x each peer on every job.
+Targets checked (docs/BENCHMARKS.md, /work/shared/DESIGN.md): on every job the
+single-layer disk at >= 0.9x the same path with the null cipher, >= 0.85x the bare
+C libfuse 3 floor, >= 1.5x gocryptfs and qemu-storage-daemon on random jobs and
+>= 1.2x on sequential ones, no more daemon CPU per GiB than gocryptfs; and rand
+read 4 KiB with 2 jobs >= 1.6x the same with 1 job. `targets()` is that table for
+the `single` system; `comparisons()` gives the ratios of every encrypted
+blockcrypt system against its own null cipher, its floor and each peer.
 
 Caveats: ratios are of medians, not medians of ratios; with one repetition
 (quick mode) a ratio can move by the run-to-run noise of either side. Plots need
@@ -20,7 +25,11 @@ from pathlib import Path
 from .util import first_line, mount_points
 
 TARGET_VS_NULL = 0.9
-TARGET_VS_PEER = 1.0
+TARGET_VS_FLOOR = 0.85
+TARGET_VS_PEER_RANDOM = 1.5
+TARGET_VS_PEER_SEQUENTIAL = 1.2
+TARGET_SCALING_2J = 1.6       # rand read 4 KiB, 2 jobs / 1 job
+TARGET_CPU_VS_GOCRYPTFS = 1.0  # daemon CPU s/GiB, single / gocryptfs: at most
 PLOT_DPI = 80
 
 
@@ -113,6 +122,7 @@ def environment(workdir: Path, repo: Path, openssl_seconds: int) -> dict:
         "openssl_speed_aes_256_xts_4096": openssl_speed(openssl_seconds),
         "fusepy": _pkg_version("fusepy"),
         "libfuse2": first_line(["dpkg-query", "-W", "-f", "${Version}", "libfuse2"]),
+        "libfuse3": first_line(["dpkg-query", "-W", "-f", "${Version}", "libfuse3-3"]),
         "backing_fs": _fs_of(workdir),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "git": _git(repo),
@@ -144,29 +154,119 @@ def _ratio(summary: dict, a: str, b: str, job: str) -> float | None:
     return num / den if den else None
 
 
+def _pattern(job: dict) -> str:
+    """'sequential' or 'random' (raw.json before the field: by the job's name)."""
+    return job.get("pattern") or ("sequential" if job["name"].startswith("seq") else "random")
+
+
+def peer_target(job: dict) -> float:
+    return TARGET_VS_PEER_SEQUENTIAL if _pattern(job) == "sequential" else TARGET_VS_PEER_RANDOM
+
+
+def _baseline_and_floor(sysinfo: dict, names: set) -> tuple[str | None, str | None]:
+    """The null-cipher system and the floor this system is compared with, if in the run.
+    Runs recorded before systems named them: `null`, no floor."""
+    if "baseline" in sysinfo or "floor" in sysinfo:
+        base, floor = sysinfo.get("baseline"), sysinfo.get("floor")
+    else:
+        base, floor = "null", None
+    return (base if base in names else None), (floor if floor in names else None)
+
+
 def comparisons(raw: dict) -> list[dict]:
-    """One row per (encrypted blockcrypt system, job): ratios to null and to every peer, target flags."""
+    """One row per (encrypted blockcrypt system, job): ratios to its null cipher, its floor
+    and every peer, the target of each, and the misses."""
     summary = raw["summary"]
     systems = raw["systems"]
     names = {s["name"] for s in systems}
-    mine = [s["name"] for s in systems if s["role"] == "blockcrypt" and s["encrypted"]]
     peers = [s["name"] for s in systems if s["role"] == "peer"]
     rows = []
-    for sysname in mine:
+    for sysinfo in systems:
+        if sysinfo["role"] != "blockcrypt" or not sysinfo["encrypted"]:
+            continue
+        sysname = sysinfo["name"]
+        base, floor = _baseline_and_floor(sysinfo, names)
         for job in raw["jobs"]:
-            row = {"system": sysname, "job": job["name"], "ratios": {}, "missed": []}
-            if "null" in names:
-                r = _ratio(summary, sysname, "null", job["name"])
-                row["ratios"]["null"] = r
-                if r is not None and r < TARGET_VS_NULL:
-                    row["missed"].append(f"null ({r:.2f} < {TARGET_VS_NULL})")
-            for peer in peers:
-                r = _ratio(summary, sysname, peer, job["name"])
-                row["ratios"][peer] = r
-                if r is not None and r < TARGET_VS_PEER:
-                    row["missed"].append(f"{peer} ({r:.2f} < {TARGET_VS_PEER})")
+            row = {"system": sysname, "job": job["name"], "ratios": {}, "targets": {}, "missed": [],
+                   "baseline": base, "floor": floor}
+            others = ([(base, TARGET_VS_NULL)] if base else []) + ([(floor, TARGET_VS_FLOOR)] if floor else []) \
+                + [(peer, peer_target(job)) for peer in peers]
+            for other, target in others:
+                r = _ratio(summary, sysname, other, job["name"])
+                row["ratios"][other] = r
+                row["targets"][other] = target
+                if r is not None and r < target:
+                    row["missed"].append(f"{other} ({r:.2f} < {target})")
             rows.append(row)
     return rows
+
+
+def _system(raw: dict, name: str) -> dict | None:
+    return next((s for s in raw["systems"] if s["name"] == name), None)
+
+
+def targets(raw: dict, system: str = "single") -> list[dict]:
+    """The design's target table for one system (default the single-layer disk): one row
+    per target, a cell per job where it applies, and whether the row is met (None: no data)."""
+    summary = raw["summary"]
+    me = _system(raw, system)
+    if me is None or system not in summary:
+        return []
+    names = {s["name"] for s in raw["systems"]}
+    label = {s["name"]: s["label"] for s in raw["systems"]}
+    base, floor = _baseline_and_floor(me, names)
+    rows = []
+
+    def ratio_row(key: str, other: str | None, what: str, goal_of, goal_text: str, get=_ratio, at_most=False):
+        cells = {}
+        if other is not None:
+            for job in raw["jobs"]:
+                v = get(summary, system, other, job["name"])
+                if v is None:
+                    continue
+                goal = goal_of(job)
+                cells[job["name"]] = {"value": v, "goal": goal, "met": v <= goal if at_most else v >= goal}
+        rows.append({"key": key, "label": what, "versus": other, "goal": goal_text, "cells": cells,
+                     "met": all(c["met"] for c in cells.values()) if cells else None})
+
+    ratio_row("vs_null", base, f"vs {label.get(base, 'null cipher (same path)')}",
+              lambda j: TARGET_VS_NULL, f"≥ {TARGET_VS_NULL}×")
+    ratio_row("vs_floor", floor, f"vs {label.get(floor, 'C libfuse 3 floor')}",
+              lambda j: TARGET_VS_FLOOR, f"≥ {TARGET_VS_FLOOR}×")
+    for peer in ("gocryptfs", "qsd"):
+        ratio_row(f"vs_{peer}", peer if peer in names else None, f"vs {label.get(peer, peer)}", peer_target,
+                  f"≥ {TARGET_VS_PEER_RANDOM}× random, ≥ {TARGET_VS_PEER_SEQUENTIAL}× sequential")
+
+    def cpu_ratio(summ, a, b, job):
+        try:
+            num, den = summ[a][job]["cpu_s_per_gib"], summ[b][job]["cpu_s_per_gib"]
+        except KeyError:
+            return None
+        return num / den if num is not None and den else None
+
+    ratio_row("cpu_vs_gocryptfs", "gocryptfs" if "gocryptfs" in names else None,
+              "daemon CPU s/GiB / gocryptfs's", lambda j: TARGET_CPU_VS_GOCRYPTFS,
+              f"≤ {TARGET_CPU_VS_GOCRYPTFS}×", get=cpu_ratio, at_most=True)
+
+    try:
+        scaling = summary[system]["rand_read_2j"]["median"] / summary[system]["rand_read"]["median"]
+    except (KeyError, ZeroDivisionError):
+        scaling = None
+    rows.append({"key": "scaling_2j", "label": "rand read 4 KiB: 2 jobs / 1 job", "versus": None,
+                 "goal": f"≥ {TARGET_SCALING_2J}", "value": scaling,
+                 "cells": {}, "met": None if scaling is None else scaling >= TARGET_SCALING_2J})
+    return rows
+
+
+def _verdict(row: dict) -> str:
+    if row["met"] is None:
+        return "–"
+    if row["met"]:
+        return "met"
+    cells = row["cells"]
+    if cells:
+        return f"missed ({sum(1 for c in cells.values() if not c['met'])} of {len(cells)})"
+    return "missed"
 
 
 def _fmt(v: float | None, unit: str = "") -> str:
@@ -203,26 +303,76 @@ def render_markdown(raw: dict, plots: list[str], raw_json_name: str) -> str:
              f"Method and how to read this: [docs/BENCHMARKS.md](../docs/BENCHMARKS.md). "
              f"Raw data: `{raw_json_name}`.\n")
 
+    jl = {j["name"]: j["label"] for j in jobs}
+    trows = targets(raw)
+    if trows:
+        me = _system(raw, "single")
+        fe = me.get("frontend")
+        L.append("## Targets\n")
+        L.append(f"**{me['label']}**" + (f" ({fe} front end)" if fe else "")
+                 + (", not the native front end: it had not landed in this build" if fe == "fusepy" else "")
+                 + f" against the design's targets; a cell is the ratio of medians, **bold** = missed, "
+                   f"– = a system of the row was not in the run.\n")
+        tjobs = [j for j in jobs if any(j["name"] in r["cells"] for r in trows)]
+        L.append("| target | goal | " + " | ".join(j["label"] for j in tjobs) + " | |")
+        L.append("|---|---|" + "---:|" * len(tjobs) + "---|")
+        for r in trows:
+            if r["key"] == "scaling_2j":
+                continue
+            cells = []
+            for j in tjobs:
+                c = r["cells"].get(j["name"])
+                cells.append("–" if c is None else (f"{c['value']:.2f}" if c["met"] else f"**{c['value']:.2f}**"))
+            L.append(f"| {r['label']} | {r['goal']} | " + " | ".join(cells) + f" | {_verdict(r)} |")
+        L.append("")
+        sc = next(r for r in trows if r["key"] == "scaling_2j")
+        L.append("| target | goal | value | |")
+        L.append("|---|---|---:|---|")
+        v = "–" if sc["value"] is None else (f"{sc['value']:.2f}" if sc["met"] else f"**{sc['value']:.2f}**")
+        L.append(f"| {sc['label']} | {sc['goal']} | {v} | {_verdict(sc)} |")
+        L.append("")
+        met = sum(1 for r in trows if r["met"])
+        known = sum(1 for r in trows if r["met"] is not None)
+        L.append(f"Targets met: {met} of {known} measured ({len(trows) - known} without data).\n")
+
     rows = comparisons(raw)
     if rows:
-        L.append("## Targets\n")
-        L.append(f"Each encrypted blockcrypt system against the null cipher (target ≥ {TARGET_VS_NULL}×) "
-                 f"and each peer (target ≥ {TARGET_VS_PEER}×); **bold** = target missed.\n")
+        L.append("## Ratios\n")
+        L.append(f"Each encrypted blockcrypt system against the same path with the null cipher "
+                 f"(target ≥ {TARGET_VS_NULL}×), its floor (≥ {TARGET_VS_FLOOR}×) and each peer "
+                 f"(≥ {TARGET_VS_PEER_RANDOM}× random, ≥ {TARGET_VS_PEER_SEQUENTIAL}× sequential); "
+                 f"**bold** = target missed.\n")
         peers = [s["name"] for s in systems if s["role"] == "peer"]
-        others = (["null"] if any(s["name"] == "null" for s in systems) else []) + peers
-        L.append("| system | job | " + " | ".join(f"vs {label[o]}" for o in others) + " |")
-        L.append("|---|---|" + "---:|" * len(others))
-        jl = {j["name"]: j["label"] for j in jobs}
+        cols = ([("baseline", "vs its null cipher")] if any(r["baseline"] for r in rows) else []) \
+            + ([("floor", "vs its floor")] if any(r["floor"] for r in rows) else []) \
+            + [(p, f"vs {label[p]}") for p in peers]
+        L.append("| system | job | " + " | ".join(c[1] for c in cols) + " |")
+        L.append("|---|---|" + "---:|" * len(cols))
         for row in rows:
-            cells = [_fmt_ratio(row["ratios"].get(o), TARGET_VS_NULL if o == "null" else TARGET_VS_PEER)
-                     for o in others]
+            cells = []
+            for key, _ in cols:
+                other = row.get(key) if key in ("baseline", "floor") else key
+                if other is None:
+                    cells.append("–")
+                    continue
+                cells.append(_fmt_ratio(row["ratios"].get(other), row["targets"].get(other, 0)))
             L.append(f"| {label[row['system']]} | {jl[row['job']]} | " + " | ".join(cells) + " |")
         missed = [r for r in rows if r["missed"]]
         L.append("")
         if missed:
-            L.append("Missed: " + "; ".join(f"{jl[r['job']]} vs " + ", ".join(r["missed"]) for r in missed) + ".\n")
+            L.append("Missed: " + "; ".join(f"{label[r['system']]}, {jl[r['job']]} vs " + ", ".join(r["missed"])
+                                           for r in missed) + ".\n")
         else:
             L.append("All targets met on every job.\n")
+        if any(r["floor"] for r in rows) or any(r["baseline"] for r in rows):
+            pairs = sorted({(r["system"], r["baseline"], r["floor"]) for r in rows}, key=lambda t: t[0])
+            L.append("Pairs: " + "; ".join(
+                f"{label[a]} — null cipher: {label.get(b, '–') if b else '–'}, floor: "
+                f"{label.get(f, '–') if f else '–'}" for a, b, f in pairs) + ".\n")
+
+    if raw.get("skipped"):
+        L.append("Skipped (this build cannot run them): " + "; ".join(
+            f"`{n}` ({why})" for n, why in raw["skipped"].items()) + ".\n")
 
     names = [s["name"] for s in systems]
     L.append("## Results (median)\n")
@@ -284,14 +434,15 @@ def render_markdown(raw: dict, plots: list[str], raw_json_name: str) -> str:
              f"load average at start {', '.join(str(x) for x in env.get('loadavg_at_start', []))}")
     L.append(f"- fio: {env['fio']}; gocryptfs: {env['gocryptfs']}")
     L.append(f"- qemu-storage-daemon: {env['qemu_storage_daemon']}")
-    L.append(f"- Python {env['python']}; fusepy {env['fusepy']}; libfuse2 {env['libfuse2']}")
+    L.append(f"- Python {env['python']}; fusepy {env['fusepy']}; libfuse2 {env['libfuse2']}; "
+             f"libfuse3 {env.get('libfuse3', 'unknown')}")
     if ossl.get("mb_per_s"):
         L.append(f"- {env['openssl']}: `{ossl['command']}` = {ossl['mb_per_s']:,.0f} MB/s "
                  f"({ossl['mib_per_s']:,.0f} MiB/s) on one core")
     else:
         L.append(f"- {env['openssl']}: speed figure unavailable")
-    L.append(f"- fio settings: ioengine={cfg['ioengine']}, direct={cfg['direct']}, caches dropped "
-             f"before every job; setup (mounts + prefill) took {raw.get('setup_s', 0):.0f} s, "
+    L.append(f"- fio settings: ioengine={cfg['ioengine']} (libaio for the QD4 job), direct={cfg['direct']}; "
+             f"before every job: {cfg.get('cold_start', 'drop_caches')}; setup (mounts + prefill) took {raw.get('setup_s', 0):.0f} s, "
              f"the whole run {raw.get('total_s', 0):.0f} s")
     L.append("")
     return "\n".join(L)
@@ -405,8 +556,11 @@ def draw_plots(raw: dict, out_dir: Path) -> list[Path]:
             lookup = {(r["job"], o): r["ratios"][o] for r in rows if r["system"] == m for o in r["ratios"]}
             label = next(s["label"] for s in systems if s["name"] == m)
             grouped(f"ratios-{m}.png", f"{label}: ratio to each system (higher is better); "
-                    f"dashed: targets {TARGET_VS_NULL}x null, {TARGET_VS_PEER}x peers",
+                    f"dashed: targets {TARGET_VS_NULL}x null, {TARGET_VS_FLOOR}x floor, "
+                    f"{TARGET_VS_PEER_SEQUENTIAL}x/{TARGET_VS_PEER_RANDOM}x peers",
                     "ratio", raw["jobs"], others, lambda o, j: lookup.get((j["name"], o)),
-                    hlines=[(TARGET_VS_NULL, "0.9 (vs null)"), (TARGET_VS_PEER, "1.0 (vs peers)")],
+                    hlines=[(TARGET_VS_NULL, "vs null"), (TARGET_VS_FLOOR, "vs floor"),
+                            (TARGET_VS_PEER_SEQUENTIAL, "vs peers, sequential"),
+                            (TARGET_VS_PEER_RANDOM, "vs peers, random")],
                     fmt="{:.2f}")
     return paths

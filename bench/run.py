@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f", published to {HERE / 'RESULTS.md'}" if publish else ""))
     if args.json:
         print(json.dumps({"summary": raw["summary"], "comparisons": report.comparisons(raw),
+                          "targets": report.targets(raw), "skipped": raw.get("skipped", {}),
                           "out_dir": str(out_dir)}, indent=2))
     else:
         print_summary(raw)
@@ -342,6 +343,12 @@ def print_summary(raw: dict) -> None:
         ratios = ", ".join(f"vs {o} {r:.2f}" for o, r in row["ratios"].items() if r is not None)
         flag = "  MISSED: " + "; ".join(row["missed"]) if row["missed"] else ""
         print(f"{label[row['system']]} {row['job']}: {ratios}{flag}")
+    for row in report.targets(raw):
+        if row["key"] == "scaling_2j":
+            value = "–" if row["value"] is None else f"{row['value']:.2f}"
+        else:
+            value = ", ".join(f"{j} {c['value']:.2f}" for j, c in row["cells"].items()) or "no data"
+        print(f"target single {row['label']} ({row['goal']}): {value}: {report._verdict(row)}")
 
 
 if __name__ == "__main__":

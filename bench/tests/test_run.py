@@ -77,12 +77,12 @@ def test_unaligned_requests_are_512_aligned_and_never_4k_aligned(tmp_path):
 
 @pytest.mark.skipif(not HAVE_PEERS, reason="needs gocryptfs and qemu-storage-daemon (install-deps --bench)")
 def test_every_system_measures_and_tears_down(tmp_path):
-    p = _bench(tmp_path, "--systems", "raw,fusepy,null,single,gocryptfs,qsd", "--jobs", "rand_write,seq_read",
-               "--size", "32M", "--runtime", "0.5", "--json", timeout=400)
+    p = _bench(tmp_path, "--systems", "raw,c-floor,fusepy,null,single,gocryptfs,qsd",
+               "--jobs", "rand_write,seq_read", "--size", "32M", "--runtime", "0.5", "--json", timeout=400)
     assert p.returncode == 0, p.stderr
     raw = json.loads((Path(json.loads(p.stdout)["out_dir"]) / "raw.json").read_text())
     seen = {(r["system"], r["job"]) for r in raw["runs"] if r["value"] > 0}
-    assert seen == {(s, j) for s in ("raw", "fusepy", "null", "single", "gocryptfs", "qsd")
+    assert seen == {(s, j) for s in ("raw", "c-floor", "fusepy", "null", "single", "gocryptfs", "qsd")
                     for j in ("rand_write", "seq_read")}
     for r in raw["runs"]:
         if r["system"] == "raw":
@@ -91,7 +91,9 @@ def test_every_system_measures_and_tears_down(tmp_path):
             assert r["daemon_cpu_s"] is not None and r["cpu_s_per_gib"] > 0, r
     comps = json.loads(p.stdout)["comparisons"]
     assert {c["job"] for c in comps if c["system"] == "single"} == {"rand_write", "seq_read"}
-    assert set(comps[0]["ratios"]) == {"null", "gocryptfs", "qsd"}
+    assert set(comps[0]["ratios"]) == {"null", "c-floor", "gocryptfs", "qsd"}
+    targets = {t["key"]: t for t in json.loads(p.stdout)["targets"]}
+    assert set(targets["vs_floor"]["cells"]) == {"rand_write", "seq_read"}
     assert _leftovers(tmp_path / "w") == ([], [])
 
 
@@ -99,7 +101,8 @@ def test_unknown_system_is_one_line(tmp_path):
     p = _bench(tmp_path, "--systems", "raw,zfs")
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
-        "bench: error: unknown system zfs; choose from raw, fusepy, null, single, gocryptfs, qsd"]
+        "bench: error: unknown system zfs; choose from raw, c-floor, c-floor-direct, fusepy, null, single, "
+        "null-direct, single-direct, fusepy-null, fusepy-single, fusepy-single-direct, gocryptfs, qsd"]
 
 
 def test_fio_missing_is_one_line(tmp_path):
@@ -166,3 +169,94 @@ def test_ctrl_c_tears_everything_down(tmp_path):
     assert "interrupted; everything torn down" in err
     assert _leftovers(workdir) == ([], [])
     assert not (workdir / "gocryptfs").exists() and not (workdir / "single").exists()
+
+
+def _floor_mount(tmp_path, *flags, size=8 << 20):
+    """Start the C floor (built on first use) on a fresh backing file; (proc, backing, disk file)."""
+    from bench import systems
+    exe = systems.build_floor()
+    backing, mnt = tmp_path / "backing.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(backing, "wb") as f:
+        f.truncate(size)
+    log = open(tmp_path / "floor.log", "wb")
+    proc = subprocess.Popen([str(exe), *flags, str(backing), "vm1", str(mnt)], stdout=log, stderr=log)
+    log.close()
+    deadline = time.monotonic() + 20
+    while not is_mounted(mnt) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert is_mounted(mnt), (tmp_path / "floor.log").read_text()
+    return proc, backing, mnt
+
+
+def _floor_stop(proc, mnt):
+    subprocess.run(["umount", str(mnt)], check=False)
+    proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("flags", [(), ("--direct",)], ids=["buffered", "direct"])
+def test_c_floor_serves_the_backing_file(tmp_path, flags):
+    proc, backing, mnt = _floor_mount(tmp_path, *flags)
+    disk = mnt / "disks" / "vm1"
+    try:
+        assert os.listdir(mnt) == ["disks"] and os.listdir(mnt / "disks") == ["vm1"]
+        assert disk.stat().st_size == 8 << 20
+        data = os.urandom(2 << 20)
+        # O_DIRECT 2 MiB write from an aligned buffer, as fio does: the kernel may send 1 MiB requests
+        import mmap
+        buf = mmap.mmap(-1, len(data))
+        buf.write(data)
+        fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
+        try:
+            assert os.pwritev(fd, [buf], 1 << 20) == len(data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with open(disk, "r+b") as f:  # an unaligned buffered write (read-modify-write in the page cache)
+            f.seek(512 * 3 + 7)
+            f.write(b"floor")
+        with open(backing, "rb") as f:
+            f.seek(1 << 20)
+            assert f.read(len(data)) == data
+            f.seek(512 * 3 + 7)
+            assert f.read(5) == b"floor"
+        # discard reaches the backing file: the range becomes a hole
+        blocks = os.stat(backing).st_blocks
+        subprocess.run(["fallocate", "--punch-hole", "--offset", str(1 << 20), "--length", str(2 << 20),
+                        str(disk)], check=True)
+        assert os.stat(backing).st_blocks <= blocks - (2 << 20) // 512
+        with open(disk, "rb") as f:
+            f.seek(1 << 20)
+            assert f.read(1 << 20) == bytes(1 << 20)
+        p = subprocess.run(["truncate", "-s", "4M", str(disk)], capture_output=True, text=True)
+        assert p.returncode != 0 and "not permitted" in p.stderr
+        assert os.stat(backing).st_size == 8 << 20
+    finally:
+        _floor_stop(proc, mnt)
+    log = (tmp_path / "floor.log").read_text()
+    assert "max_write 1048576, max_read 1048576, async_dio on" in log
+    assert "largest write 1048576" in log  # 1 MiB requests really arrived (max_pages negotiated)
+
+
+def test_unsupported_variants_are_skipped_not_fatal(tmp_path, monkeypatch):
+    """Before `blockcrypt mount --frontend` exists the front-end variants are skipped with a
+    note and the rest of the run goes on."""
+    from bench import run as run_mod, systems
+    monkeypatch.setattr(systems, "_MOUNT_HELP", {systems.blockcrypt_cli(): "Usage: mount --json\n"})
+    selected = [systems.RawFile(tmp_path / "w"), systems.BlockcryptFusepySingle(tmp_path / "w")]
+    kept, skipped = run_mod.preflight(selected, tmp_path / "w")
+    assert [s.name for s in kept] == ["raw"]
+    assert skipped == {"fusepy-single": "`blockcrypt mount` has no --frontend option in this build "
+                                        "(the native front end has not landed)"}
+    with pytest.raises(run_mod.BenchError, match="none of the selected systems can run"):
+        run_mod.preflight(selected[1:], tmp_path / "w")
+
+
+def test_cold_start_settles_and_prefaults(tmp_path):
+    cold = jobs.ColdStart(settle_s=0.3, prefault="pagecache", prefault_mib=16)
+    t0 = time.monotonic()
+    info = cold.apply(tmp_path)
+    assert time.monotonic() - t0 >= 0.3
+    assert "settle_reported_mib" in info
+    assert list(tmp_path.iterdir()) == []  # the scratch file is gone
+    jobs.ColdStart(prefault="anon", prefault_mib=16).apply()
