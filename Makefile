@@ -26,6 +26,7 @@ test-deps:
 	bash scripts/install-deps.sh --bench
 
 test: test-deps build
+	$(MAKE) -C native test sanitize
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 demo: build

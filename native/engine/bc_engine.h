@@ -122,7 +122,8 @@ struct bc_stats {
 
 struct bc_volume;
 
-/* Takes ownership of the storage (closed by the last unref) and of the layers. */
+/* Takes ownership of the storage (closed by the last unref) and of the layers. On
+ * failure nothing is taken: the caller still closes the storage and destroys the layers. */
 int bc_volume_open(const struct bc_volume_params *p, const struct bc_storage_ops *sops, void *sctx,
                    const struct bc_layer *layers, size_t nlayers, struct bc_volume **out);
 void bc_volume_ref(struct bc_volume *v);
@@ -144,7 +145,9 @@ int bc_volume_blocks_used(struct bc_volume *v, uint64_t *blocks_512);
 int bc_volume_revoke(struct bc_volume *v, int err, const char *reason);
 /* 0 while serving; else the gate's err, with the reason copied into buf. */
 int bc_volume_gate(struct bc_volume *v, char *reason_buf, size_t reason_len);
-/* Replace the layer stack (a restored key) and open the gate; old layers are destroyed. */
+/* Replace the layer stack (a restored key) and open the gate; old layers are destroyed.
+ * The new stack must have the same total meta_bytes (-EINVAL, and the caller keeps the
+ * layers, otherwise). */
 int bc_volume_set_layers(struct bc_volume *v, const struct bc_layer *layers, size_t nlayers);
 
 void bc_volume_stats(struct bc_volume *v, struct bc_stats *out);
