@@ -35,13 +35,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from blockcrypt import des, disks  # noqa: E402
-from blockcrypt.state import State  # noqa: E402
-from blockcrypt.units import parse_size  # noqa: E402
+from blockcrypt.control import des, disks  # noqa: E402
+from blockcrypt.control import rotation
+from blockcrypt.control.state import State  # noqa: E402
+from blockcrypt._util.units import parse_size  # noqa: E402
 
 
 def vault_cli(*args):
-    p = subprocess.run([sys.executable, "-m", "blockcrypt.vault.cli", *map(str, args)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "blockcrypt", "vault", *map(str, args)], capture_output=True,
                        text=True, cwd=REPO)
     if p.returncode:
         raise SystemExit(f"vault {' '.join(map(str, args))}: {p.stderr.strip()}")
@@ -52,7 +53,7 @@ class Vault:
     def __init__(self, d: Path):
         self.dir = d
         vault_cli("init", "--dir", d, "--purge-protection", "--retention-days", "7")
-        self.proc = subprocess.Popen([sys.executable, "-m", "blockcrypt.vault.cli", "serve", "--dir", str(d),
+        self.proc = subprocess.Popen([sys.executable, "-m", "blockcrypt", "vault", "serve", "--dir", str(d),
                                       "--listen", "127.0.0.1:0"], cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
         line = self.proc.stdout.readline().decode()
@@ -87,7 +88,7 @@ def bench_rotation(root: Path, vault: Vault, n_disks: int, size: int) -> dict:
     for i in range(n_disks):
         disks.create(pst, f"p{i:04d}", size)
     t0 = time.perf_counter()
-    pr = disks.rotate_platform_key(pst)
+    pr = rotation.rotate_platform_key(pst)
     t_platform = time.perf_counter() - t0
     assert len(pr["rewrapped"]) == n_disks
     used = sum(f.stat().st_blocks * 512 for f in (st.path / "disks").glob("*.img"))

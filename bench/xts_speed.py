@@ -220,9 +220,9 @@ def volume_main(args) -> int:
     read and written through the page cache, as the FUSE daemon does)."""
     import tempfile
 
-    from blockcrypt import disks
-    from blockcrypt.state import State
-    from blockcrypt.volume import Volume
+    from blockcrypt.control import disks
+    from blockcrypt.control.state import State
+    from blockcrypt.control.disks import open_volume
 
     req = 128 * 1024
     size = args.volume_mib * MIB
@@ -247,7 +247,7 @@ def volume_main(args) -> int:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-                with Volume.open(st, "bench", null_cipher=split is None) as vol:
+                with open_volume(st, "bench", null_cipher=split is None) as vol:
                     dropped &= _drop_caches()
                     t = time.perf_counter()
                     for off in range(0, size, req):

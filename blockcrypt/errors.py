@@ -91,6 +91,12 @@ class StateError(BlockcryptError):
     exit_code = 10
 
 
+class MountError(BlockcryptError):
+    """{msg}"""
+
+    exit_code = 13
+
+
 class NativeMissing(BlockcryptError):
     """the native extension blockcrypt._native is not built ({why}); build it with `make build` (or `pip install -e .`)"""
 
@@ -204,3 +210,46 @@ class KeyStoreError(KeyError_):
     def __init__(self, msg=None, **kw):
         kw.setdefault("key_id", "platform")
         super().__init__(msg, **kw)
+
+
+# --- the key vault -------------------------------------------------------------------
+
+class VaultRequestError(BlockcryptError):
+    """vault: {msg}"""
+
+    exit_code = 40
+
+    def __init__(self, msg: str, *, status: int = 0, code: str = "", inner: str | None = None):
+        super().__init__(msg)
+        self.status, self.code, self.inner = status, code, inner
+
+
+class VaultApiError(BlockcryptError):
+    """{msg}"""
+
+    exit_code = 41
+
+    def __init__(self, status: int, code: str, msg: str, inner: str | None = None):
+        super().__init__(msg)
+        self.status = status
+        self.code = code
+        self.inner = inner
+
+    def body(self) -> dict:
+        """The Azure-shaped error body the vault service answers with."""
+        err = {"code": self.code, "message": str(self)}
+        if self.inner:
+            err["innererror"] = {"code": self.inner}
+        return {"error": err}
+
+
+class TokenInvalid(BlockcryptError):
+    """{msg}"""
+
+    exit_code = 42
+
+
+class AuditBroken(BlockcryptError):
+    """audit log BROKEN at record {seq}: {why}"""
+
+    exit_code = 22

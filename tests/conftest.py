@@ -3,7 +3,7 @@
 tests/ is on sys.path (pytest rootdir conftest), so `support` imports as a package."""
 import pytest
 
-from blockcrypt.state import State
+from blockcrypt.control.state import State
 
 
 @pytest.fixture

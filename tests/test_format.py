@@ -5,21 +5,23 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from blockcrypt import disks
+from blockcrypt.control import disks
 from blockcrypt.errors import CorruptHeader, UnsupportedFormat
 from blockcrypt.format import header as hdr
+from blockcrypt.format import headerio, layout, roles
+from blockcrypt.storage import LocalFileBacking
 from blockcrypt.format import header_copy_state, read_header, sector_span
-from blockcrypt.volume import Volume
+from blockcrypt.control.disks import open_volume
 
 
-def _fd(rec, flags=os.O_RDWR):
-    return os.open(rec.path, flags)
+def _fd(rec, writable=True):
+    return LocalFileBacking(rec.path, writable)
 
 
 def test_header_roundtrip():
     h = hdr.Header(disk_id=hdr.Header.new_id(), name="d", size=1 << 30, sector_size=512,
                    layers=(hdr.Layer(1, "platform", "platform/7", "A256GCM", "aes-xts-plain64",
-                                     b"w" * 92, hdr.binding_digest(b"x" * 16, 1)),), seqno=5)
+                                     b"w" * 92, roles.binding_digest(b"x" * 16, 1)),), seqno=5)
     raw = hdr.pack(h, hdr.MAGIC_A)
     assert hdr.unpack(raw, hdr.MAGIC_A) == h
     with pytest.raises(ValueError):
@@ -39,9 +41,9 @@ def test_every_flipped_byte_is_detected():
 def test_new_disk_is_sparse_and_reads_zeros(state):
     rec = disks.create(state, "d", 64 << 20)
     st = os.stat(rec.path)
-    assert st.st_size == hdr.DATA_OFFSET + (64 << 20)
+    assert st.st_size == layout.DATA_OFFSET + (64 << 20)
     assert st.st_blocks * 512 <= 256 * 1024  # only the two header copies are allocated
-    with Volume.open(state, "d") as v:
+    with open_volume(state, "d") as v:
         assert v.read(0, 1 << 20) == bytes(1 << 20)
         assert v.read((64 << 20) - 10, 100) == bytes(10)
 
@@ -52,7 +54,7 @@ def test_data_area_is_plain_aes_xts_plain64(state, tmp_path):
         name = f"d{ss}"
         rec = disks.create(state, name, 4 << 20, sector_size=ss)
         data = os.urandom(3 * ss)
-        with Volume.open(state, name) as v:
+        with open_volume(state, name) as v:
             v.write(5 * ss, data)
         key = tmp_path / f"{name}.key"
         disks.dump_key(state, name, str(key))
@@ -62,37 +64,37 @@ def test_data_area_is_plain_aes_xts_plain64(state, tmp_path):
         assert data not in raw
         for i in range(3):
             sector_no = 5 + i
-            ct = raw[hdr.DATA_OFFSET + sector_no * ss:hdr.DATA_OFFSET + (sector_no + 1) * ss]
+            ct = raw[layout.DATA_OFFSET + sector_no * ss:layout.DATA_OFFSET + (sector_no + 1) * ss]
             dec = Cipher(algorithms.AES(dek), modes.XTS(sector_no.to_bytes(16, "little"))).decryptor()
             assert dec.update(ct) + dec.finalize() == data[i * ss:(i + 1) * ss]
 
 
 def test_one_damaged_copy_is_recovered(state):
     rec = disks.create(state, "d", 1 << 20)
-    with Volume.open(state, "d") as v:
+    with open_volume(state, "d") as v:
         v.write(0, b"keep me" * 100)
-    for off in (hdr.COPY_A_OFF, hdr.COPY_B_OFF):
+    for off in (layout.COPY_A_OFF, layout.COPY_B_OFF):
         fd = _fd(rec)
-        os.pwrite(fd, os.urandom(200), off + 40)  # scribble over one copy
+        os.pwrite(fd.fd, os.urandom(200), off + 40)  # scribble over one copy
         assert None in header_copy_state(fd).values()
-        os.close(fd)
-        with Volume.open(state, "d") as v:  # opens from the other copy and repairs
+        fd.close()
+        with open_volume(state, "d") as v:  # opens from the other copy and repairs
             assert v.read(0, 700) == b"keep me" * 100
         fd = _fd(rec)
         assert None not in header_copy_state(fd).values()
-        os.close(fd)
+        fd.close()
 
 
 def test_both_copies_damaged_is_corrupt_and_other_disks_work(state):
     rec = disks.create(state, "bad", 1 << 20)
     disks.create(state, "good", 1 << 20)
     fd = _fd(rec)
-    os.pwrite(fd, bytes(100), hdr.COPY_A_OFF)
-    os.pwrite(fd, bytes(100), hdr.COPY_B_OFF)
-    os.close(fd)
+    os.pwrite(fd.fd, bytes(100), layout.COPY_A_OFF)
+    os.pwrite(fd.fd, bytes(100), layout.COPY_B_OFF)
+    fd.close()
     with pytest.raises(CorruptHeader, match="both header copies are damaged"):
-        Volume.open(state, "bad")
-    with Volume.open(state, "good") as v:
+        open_volume(state, "bad")
+    with open_volume(state, "good") as v:
         v.write(0, b"x")
         assert v.read(0, 1) == b"x"
 
@@ -105,32 +107,32 @@ def test_torn_write_of_copy_a_falls_back_to_b(state):
     good = read_header(fd)
     newer = good.evolve(size=3 << 20, seqno=good.seqno + 1)
     raw = hdr.pack(newer, hdr.MAGIC_A)
-    os.pwrite(fd, raw[: len(raw) // 2], hdr.COPY_A_OFF)  # torn
+    os.pwrite(fd.fd, raw[: len(raw) // 2], layout.COPY_A_OFF)  # torn
     assert read_header(fd).size == 2 << 20
     # a crash after A but before B: A is newer and wins
-    hdr._write_copy(fd, newer, hdr.MAGIC_A, hdr.COPY_A_OFF)
+    headerio._write_copy(fd, newer, hdr.MAGIC_A, layout.COPY_A_OFF)
     assert read_header(fd).size == 3 << 20
-    os.close(fd)
+    fd.close()
 
 
 def test_unknown_required_feature_refuses(state):
     rec = disks.create(state, "d", 1 << 20)
     fd = _fd(rec)
     h = read_header(fd)
-    for magic, off in ((hdr.MAGIC_A, hdr.COPY_A_OFF), (hdr.MAGIC_B, hdr.COPY_B_OFF)):
-        os.pwrite(fd, hdr.pack(h.evolve(required_features=1 << 40), magic), off)
-    os.close(fd)
+    for magic, off in ((hdr.MAGIC_A, layout.COPY_A_OFF), (hdr.MAGIC_B, layout.COPY_B_OFF)):
+        os.pwrite(fd.fd, hdr.pack(h.evolve(required_features=1 << 40), magic), off)
+    fd.close()
     with pytest.raises(UnsupportedFormat, match="unknown required feature"):
-        Volume.open(state, "d")
+        open_volume(state, "d")
 
 
 def test_unknown_compat_feature_is_ignored(state):
     rec = disks.create(state, "d", 1 << 20)
     fd = _fd(rec)
     h = read_header(fd)
-    os.pwrite(fd, hdr.pack(h.evolve(compat_features=1 << 40, seqno=h.seqno + 1), hdr.MAGIC_A), 0)
-    os.close(fd)
-    Volume.open(state, "d").close()
+    os.pwrite(fd.fd, hdr.pack(h.evolve(compat_features=1 << 40, seqno=h.seqno + 1), hdr.MAGIC_A), 0)
+    fd.close()
+    open_volume(state, "d").close()
 
 
 def test_wrapped_key_moved_to_another_disk_does_not_unwrap(state):
@@ -139,21 +141,21 @@ def test_wrapped_key_moved_to_another_disk_does_not_unwrap(state):
     fa, fb = _fd(a), _fd(b)
     ha, hb = read_header(fa), read_header(fb)
     # graft a's layer (wrapped DEK and binding) onto b
-    hdr.write_header(fb, hb.evolve(layers=ha.layers))
-    os.close(fa)
-    os.close(fb)
+    headerio.write_header(fb, hb.evolve(layers=ha.layers))
+    fa.close()
+    fb.close()
     with pytest.raises(CorruptHeader, match="bound to another disk"):
-        Volume.open(state, "b")
+        open_volume(state, "b")
     # and with b's binding digest but a's blob, the AEAD refuses
     fb = _fd(b)
     layer = ha.layers[0]
     forged = hdr.Layer(layer.role, layer.provider, layer.kek_id, layer.wrap_alg, layer.data_alg,
-                       layer.wrapped_dek, hdr.binding_digest(hb.disk_id, 1))
-    hdr.write_header(fb, read_header(fb).evolve(layers=(forged,)))
-    os.close(fb)
+                       layer.wrapped_dek, roles.binding_digest(hb.disk_id, 1))
+    headerio.write_header(fb, read_header(fb).evolve(layers=(forged,)))
+    fb.close()
     from blockcrypt.errors import KeyIntegrityError
     with pytest.raises(KeyIntegrityError):
-        Volume.open(state, "b")
+        open_volume(state, "b")
 
 
 @pytest.mark.parametrize("off,length,ss,expect", [

@@ -4,12 +4,14 @@ import os
 
 import pytest
 
-from blockcrypt import disks
+from blockcrypt.control import disks
+from blockcrypt.keys import envelope
+from blockcrypt.control import rotation
 from blockcrypt.errors import KeyIntegrityError, KeyStoreError, StateError
 from blockcrypt.format import binding_context
-from blockcrypt.keys.platform import PlatformKeyStore
-from blockcrypt.state import State
-from blockcrypt.volume import Volume
+from blockcrypt.keys.providers.platform import PlatformKeyStore
+from blockcrypt.control.state import State
+from blockcrypt.control.disks import open_volume
 
 
 def test_store_created_private(state):
@@ -71,7 +73,7 @@ def test_key_bytes_never_in_messages(state):
 def _contents(state, names):
     out = {}
     for n in names:
-        with Volume.open(state, n) as v:
+        with open_volume(state, n) as v:
             out[n] = v.read(0, 3 * 4096 + 7)
     return out
 
@@ -79,7 +81,7 @@ def _contents(state, names):
 def _fill(state, names):
     for n in names:
         disks.create(state, n, 4 << 20)
-        with Volume.open(state, n) as v:
+        with open_volume(state, n) as v:
             v.write(100, os.urandom(3 * 4096))
 
 
@@ -88,7 +90,7 @@ def test_rotation_rewraps_without_rewriting_data(state):
     _fill(state, names)
     before = _contents(state, names)
     data_before = {n: open(state.catalog.get_disk(n).path, "rb").read()[1 << 20:] for n in names}
-    r = disks.rotate_platform_key(state)
+    r = rotation.rotate_platform_key(state)
     assert r["version"] == 2 and sorted(r["rewrapped"]) == names and r["retired"] == [1]
     for n in names:
         h = disks.read_disk_header(state.catalog.get_disk(n))
@@ -114,11 +116,11 @@ def test_rotation_interrupted_at_each_step(state, crash_at):
             raise Crash
 
     with pytest.raises(Crash):
-        disks.rotate_platform_key(state, on_step=on_step)
+        rotation.rotate_platform_key(state, on_step=on_step)
     # every disk opens, whatever the point of the crash
     assert _contents(state, names) == before
     # running it again finishes the same rotation (no second new version)
-    r = disks.rotate_platform_key(state)
+    r = rotation.rotate_platform_key(state)
     assert r["version"] == 2
     for n in names:
         assert disks.read_disk_header(state.catalog.get_disk(n)).layers[0].kek_id == "platform/2"
@@ -130,19 +132,21 @@ def test_rotation_interrupted_at_each_step(state, crash_at):
 def test_rotation_crash_inside_header_write(state):
     """Copy A written under the new key, crash before copy B: the disk still opens."""
     from blockcrypt.format import header as hdr
+    from blockcrypt.format import headerio, layout
+    from blockcrypt.storage import LocalFileBacking
     _fill(state, ["a"])
     before = _contents(state, ["a"])
     store = PlatformKeyStore(state.path / "keys")
     store.begin_rotation()
     rec = state.catalog.get_disk("a")
-    fd = os.open(rec.path, os.O_RDWR)
-    h = hdr.read_header(fd)
+    fd = LocalFileBacking(rec.path)
+    h = headerio.read_header(fd)
     p = state.keys.get("platform")
-    wk = p.rewrap(disks.wrapped_of(h.layers[0]), binding_context(h.disk_id, 1), "platform/2")
-    newer = h.with_layer(disks.layer_from(1, wk, h.disk_id)).evolve(seqno=h.seqno + 1)
+    wk = p.rewrap(envelope.wrapped_of(h.layers[0]), binding_context(h.disk_id, 1), "platform/2")
+    newer = h.with_layer(envelope.layer_from(1, wk, h.disk_id)).evolve(seqno=h.seqno + 1)
     raw = hdr.pack(newer, hdr.MAGIC_A)
-    os.pwrite(fd, raw[:60], hdr.COPY_A_OFF)  # torn copy A
-    os.close(fd)
+    os.pwrite(fd.fd, raw[:60], layout.COPY_A_OFF)  # torn copy A
+    fd.close()
     assert _contents(state, ["a"]) == before
-    disks.rotate_platform_key(state)
+    rotation.rotate_platform_key(state)
     assert _contents(state, ["a"]) == before

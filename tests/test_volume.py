@@ -5,9 +5,10 @@ import threading
 
 import pytest
 
-from blockcrypt import disks
+from blockcrypt.control import disks
 from blockcrypt.errors import OutOfRange, ReadOnly
-from blockcrypt.volume import RangeLock, Volume
+from blockcrypt.control.disks import open_layer, open_volume
+from blockcrypt.volume import RangeLock
 
 
 @pytest.mark.parametrize("ss", [512, 4096])
@@ -16,7 +17,7 @@ def test_random_ranges_match_model(state, ss):
     disks.create(state, "d", size, sector_size=ss)
     model = bytearray(size)
     rng = random.Random(ss)
-    with Volume.open(state, "d") as v:
+    with open_volume(state, "d") as v:
         for _ in range(400):
             off = rng.randrange(size)
             n = rng.randrange(1, min(3 * ss, size - off) + 1)
@@ -27,13 +28,13 @@ def test_random_ranges_match_model(state, ss):
             else:
                 assert v.read(off, n) == bytes(model[off:off + n])
         assert v.read(0, size) == bytes(model)
-    with Volume.open(state, "d") as v:  # persists across reopen
+    with open_volume(state, "d") as v:  # persists across reopen
         assert v.read(0, size) == bytes(model)
 
 
 def test_eof_and_bounds(state):
     disks.create(state, "d", 8192)
-    with Volume.open(state, "d") as v:
+    with open_volume(state, "d") as v:
         assert v.read(8000, 1000) == bytes(192)
         assert v.read(8192, 10) == b""
         with pytest.raises(OutOfRange):
@@ -50,7 +51,7 @@ def test_concurrent_unaligned_writers_match_model(state):
     n_threads = 8
     stripe = 96  # bytes: many stripes per sector, so neighbours share sectors
     model = bytearray(size)
-    with Volume.open(state, "d") as v:
+    with open_volume(state, "d") as v:
         def worker(t):
             rng = random.Random(t)
             for _ in range(300):
@@ -73,7 +74,7 @@ def test_concurrent_readers_and_writers_on_disjoint_sectors(state):
     size = 2 << 20
     disks.create(state, "d", size)
     errors = []
-    with Volume.open(state, "d") as v:
+    with open_volume(state, "d") as v:
         def worker(t):
             rng = random.Random(t)
             base = t * (size // 4)
@@ -125,7 +126,7 @@ def test_range_lock_excludes_overlaps_only():
 
 def test_discard_punches_and_reads_zeros(state):
     rec = disks.create(state, "d", 8 << 20)
-    with Volume.open(state, "d") as v:
+    with open_volume(state, "d") as v:
         v.write(0, os.urandom(8 << 20))
         v.flush()
         used = v.blocks_used()
@@ -138,7 +139,7 @@ def test_discard_punches_and_reads_zeros(state):
 
 def test_read_only_disk_refuses_writes(state):
     disks.create(state, "img", 1 << 20, kind="image", read_only=True)
-    with Volume.open(state, "img") as v:
+    with open_volume(state, "img") as v:
         assert v.read(0, 10) == bytes(10)
         with pytest.raises(ReadOnly):
             v.write(0, b"x")
@@ -146,7 +147,7 @@ def test_read_only_disk_refuses_writes(state):
 
 def test_resize_seen_by_open_volume(state):
     disks.create(state, "d", 1 << 20)
-    with Volume.open(state, "d") as v:
+    with open_volume(state, "d") as v:
         disks.resize(state, "d", 2 << 20)
         assert v.size == 1 << 20
         v.refresh()
@@ -157,7 +158,7 @@ def test_resize_seen_by_open_volume(state):
 
 def test_wiped_after_close(state):
     disks.create(state, "d", 1 << 20)
-    v = Volume.open(state, "d")
+    v = open_volume(state, "d")
     v.close()
     with pytest.raises(ValueError):
         v._cipher.encrypt(bytes(4096), 0)
@@ -166,7 +167,7 @@ def test_wiped_after_close(state):
 def test_revoke_stops_io_and_restore_resumes(state):
     from blockcrypt.errors import KeyDisabled
     disks.create(state, "d", 1 << 20)
-    with Volume.open(state, "d") as v:
+    with open_volume(state, "d") as v:
         v.write(0, b"before")
         v.revoke(KeyDisabled(key_id="platform/1"))
         assert isinstance(v.key_error, KeyDisabled)
@@ -174,6 +175,6 @@ def test_revoke_stops_io_and_restore_resumes(state):
             v.read(0, 6)
         with pytest.raises(KeyDisabled):
             v.write(0, b"x" * 4096)
-        v.restore(state)
+        v.restore(open_layer(state, v.header()))
         assert v.key_error is None
         assert v.read(0, 6) == b"before"

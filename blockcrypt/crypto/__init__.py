@@ -1,183 +1,23 @@
-"""Sector ciphers: the native AES-256-XTS core, a pure-`cryptography` reference
-and a null cipher (benchmarks only), all with the same small interface::
+"""Sector layers behind one interface (base.py): the native AES-256-XTS core
+(xts.py), the native XChaCha20-Poly1305 core (aead.py), `cryptography`
+references for tests (reference.py) and a null layer for benchmarks (null.py)::
 
     c = open_sector_cipher("aes-xts-plain64", key, sector_size)
     ct = c.encrypt(plain, sector_no)   # whole sectors -> bytes
     pt = c.decrypt(ct, sector_no)      # all-zero ciphertext sectors -> zeros
     c.wipe()
 
-Caveats: a native context serves one call at a time, so :class:`NativeXts`
-keeps a pool of them (as many as concurrent requests); ``wipe`` wipes them all.
-A large request on a context may also run on that context's helper thread (see
-``split_threshold``); the environment variables ``BLOCKCRYPT_XTS_SPLIT_BYTES`` and
-``BLOCKCRYPT_XTS_SPLIT_SPIN_US`` override the C defaults, for benchmarks.
+Caveat: nothing here imports FUSE, the CLI, SQLite or an SDK (the layering test says so).
 """
 from __future__ import annotations
 
-import os
-import threading
-
-from ..errors import NativeMissing
-
-XTS_KEY_BYTES = 64
-SECTOR_SIZES = (512, 4096)
-ALG_XTS = "aes-xts-plain64"
-ALG_NULL = "null"
+from .base import ALG_AEAD, ALG_NULL, ALG_XTS, SECTOR_SIZES, SectorLayer  # noqa: F401
+from .null import NullCipher
+from .reference import ReferenceXts  # noqa: F401
+from .xts import XTS_KEY_BYTES, NativeXts  # noqa: F401
 
 
-def _native():
-    try:
-        from .. import _native  # type: ignore[attr-defined]
-    except ImportError as e:  # pragma: no cover - exercised by the CLI error test
-        raise NativeMissing(why=str(e)) from None
-    return _native
-
-
-def _check(key: bytes, sector_size: int) -> None:
-    if len(key) != XTS_KEY_BYTES:
-        raise ValueError(f"XTS key must be {XTS_KEY_BYTES} bytes")
-    if sector_size not in SECTOR_SIZES:
-        raise ValueError("sector_size must be 512 or 4096")
-
-
-class NativeXts:
-    """AES-256-XTS over the C core, with a pool of libcrypto contexts.
-
-    A request takes an idle context (or makes one) and gives it back, so the pool
-    grows to the highest number of concurrent requests, not with thread churn (a
-    FUSE daemon's worker threads come and go).
-
-    ``split_threshold`` (bytes, 0 = never) and ``split_spin_us``: a request of at
-    least that size, when no other request is in the C loop, is shared between the
-    calling thread and the context's helper thread (docs/CRYPTO.md, "Splitting a
-    request over two cores"). None takes ``BLOCKCRYPT_XTS_SPLIT_BYTES`` /
-    ``BLOCKCRYPT_XTS_SPLIT_SPIN_US`` from the environment, else the C default."""
-
-    algorithm = ALG_XTS
-
-    def __init__(self, key: bytes, sector_size: int = 4096, *, split_threshold: int | None = None,
-                 split_spin_us: int | None = None):
-        _check(key, sector_size)
-        self._mod = _native()
-        self._split = {}
-        for kw, value, env in (("split_threshold", split_threshold, "BLOCKCRYPT_XTS_SPLIT_BYTES"),
-                               ("split_spin_us", split_spin_us, "BLOCKCRYPT_XTS_SPLIT_SPIN_US")):
-            if value is None and os.environ.get(env, "").strip():
-                try:
-                    value = int(os.environ[env])
-                except ValueError:
-                    raise ValueError(f"{env} must be an integer, not {os.environ[env]!r}") from None
-            if value is not None:
-                self._split[kw] = value
-        self.sector_size = sector_size
-        self._key = bytearray(key)
-        self._lock = threading.Lock()
-        self._all: list = []      # every context made (wiped together)
-        self._idle: list = []     # contexts not in use; list.pop/append are atomic under the GIL
-        self._wiped = False
-        self._idle.append(self._new())  # validate the key now (equal halves etc.)
-
-    def _new(self):
-        with self._lock:
-            if self._wiped:
-                raise ValueError("cipher is wiped")
-            ctx = self._mod.XtsContext(bytes(self._key), self.sector_size, **self._split)
-            self._all.append(ctx)
-            return ctx
-
-    def _take(self):
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return self._new()
-
-    def encrypt(self, data, sector_no: int) -> bytes:
-        ctx = self._take()
-        try:
-            return ctx.encrypt(data, sector_no)
-        finally:
-            self._idle.append(ctx)
-
-    def decrypt(self, data, sector_no: int) -> bytes:
-        ctx = self._take()
-        try:
-            return ctx.decrypt(data, sector_no)
-        finally:
-            self._idle.append(ctx)
-
-    @property
-    def pool_size(self) -> int:
-        return len(self._all)
-
-    def wipe(self) -> None:
-        with self._lock:
-            self._wiped = True
-            for ctx in self._all:
-                ctx.wipe()
-            self._all.clear()
-            self._idle.clear()
-            for i in range(len(self._key)):
-                self._key[i] = 0
-
-
-class ReferenceXts:
-    """The same transform in pure `cryptography`: the oracle for tests."""
-
-    algorithm = ALG_XTS
-
-    def __init__(self, key: bytes, sector_size: int = 4096):
-        _check(key, sector_size)
-        self._key = bytes(key)
-        self.sector_size = sector_size
-
-    def _run(self, data, sector_no: int, encrypt: bool) -> bytes:
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-        data = bytes(data)
-        if len(data) % self.sector_size:
-            raise ValueError("length is not a multiple of the sector size")
-        out = bytearray()
-        zero = bytes(self.sector_size)
-        for i in range(len(data) // self.sector_size):
-            chunk = data[i * self.sector_size:(i + 1) * self.sector_size]
-            if not encrypt and chunk == zero:
-                out += zero
-                continue
-            tweak = (sector_no + i).to_bytes(16, "little")
-            c = Cipher(algorithms.AES(self._key), modes.XTS(tweak))
-            op = c.encryptor() if encrypt else c.decryptor()
-            out += op.update(chunk) + op.finalize()
-        return bytes(out)
-
-    def encrypt(self, data, sector_no: int) -> bytes:
-        return self._run(data, sector_no, True)
-
-    def decrypt(self, data, sector_no: int) -> bytes:
-        return self._run(data, sector_no, False)
-
-    def wipe(self) -> None:
-        self._key = b""
-
-
-class NullCipher:
-    """No encryption at all. Benchmarks only: the mount refuses it without an explicit flag."""
-
-    algorithm = ALG_NULL
-
-    def __init__(self, key: bytes = b"", sector_size: int = 4096):
-        self.sector_size = sector_size
-
-    def encrypt(self, data, sector_no: int) -> bytes:
-        return bytes(data)
-
-    def decrypt(self, data, sector_no: int) -> bytes:
-        return bytes(data)
-
-    def wipe(self) -> None:
-        pass
-
-
-def open_sector_cipher(algorithm: str, key: bytes, sector_size: int):
+def open_sector_cipher(algorithm: str, key: bytes, sector_size: int) -> SectorLayer:
     if algorithm == ALG_XTS:
         return NativeXts(key, sector_size)
     if algorithm == ALG_NULL:

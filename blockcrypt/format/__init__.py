@@ -1,15 +1,10 @@
-"""On-disk format: the header (header.py) and the sector offset math.
+"""On-disk format: the header (header.py: pure pack/parse), its copies over a
+backing (headerio.py), every offset translation (layout.py) and layer roles
+with the DEK binding (roles.py).
 
-Caveat: nothing here imports FUSE, the CLI or any key provider.
+Caveat: nothing here imports FUSE, the CLI, SQLite or any key provider.
 """
-from .header import (  # noqa: F401
-    DATA_OFFSET, FORMAT_VERSION, ROLE_DATA, ROLE_PLATFORM, ROLE_NAMES, Header, Layer,
-    binding_context, binding_digest, read_header, write_header, header_copy_state,
-)
-
-
-def sector_span(plain_off: int, length: int, sector_size: int) -> tuple[int, int]:
-    """First sector and sector count covering [plain_off, plain_off + length)."""
-    first = plain_off // sector_size
-    last = (plain_off + length + sector_size - 1) // sector_size
-    return first, last - first
+from .header import FORMAT_VERSION, Header, Layer  # noqa: F401
+from .headerio import header_copy_state, read_header, write_header  # noqa: F401
+from .layout import DATA_OFFSET, Layout, sector_span  # noqa: F401
+from .roles import ROLE_DATA, ROLE_INFRA, ROLE_NAMES, binding_context, binding_digest  # noqa: F401

@@ -39,49 +39,33 @@ number: a torn copy fails its checksum and the other copy is used, so a header
 write is atomic. On open, the valid copy with the highest sequence number wins
 and a damaged or stale copy is rewritten from it (when opened writable).
 
-Caveat: this module is pure format: it reads and writes bytes through a file
-descriptor and knows nothing of keys beyond the opaque wrapped blobs.
+Caveat: this module is pure format: bytes in, bytes out (headerio.py reads
+and writes the copies through a backing store); it knows nothing of keys
+beyond the opaque wrapped blobs.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import uuid
 from dataclasses import dataclass, field, replace
 
-from ..errors import CorruptHeader, UnsupportedFormat
+from ..errors import UnsupportedFormat
+from .layout import COPY_MAX, DATA_OFFSET
+from .roles import ROLE_NAMES
 
 FORMAT_VERSION = 1
 MAGIC_A = b"BLKCRYA\x01"
 MAGIC_B = b"BLKCRYB\x01"
-COPY_A_OFF = 0
-COPY_B_OFF = 512 * 1024
-COPY_MAX = 64 * 1024
-DATA_OFFSET = 1024 * 1024
-HEADER_AREA = DATA_OFFSET
 
 #: required feature bits this version understands (none yet)
 KNOWN_REQUIRED = 0
 KIND_CODES = {"disk": 0, "snapshot": 1, "image": 2}
 KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 
-ROLE_DATA = 1        # the AES-256-XTS layer (platform or customer key)
-ROLE_PLATFORM = 2    # the inner platform layer of double encryption
-ROLE_NAMES = {ROLE_DATA: "data", ROLE_PLATFORM: "platform"}
 
 _FIXED = struct.Struct("<8sHHIQQQ16sQIIQBBH")
 assert _FIXED.size == 84
-
-
-def binding_digest(disk_id: bytes, role: int) -> bytes:
-    """The context a wrapped DEK is bound to: this disk and this layer role."""
-    return hashlib.sha256(b"blockcrypt/v1/binding\0" + disk_id + bytes([role])).digest()
-
-
-def binding_context(disk_id: bytes, role: int) -> bytes:
-    """Associated data for the KEK wrap (AEAD AAD, or a digest inside the wrapped plaintext)."""
-    return b"blockcrypt/v1/dek\0" + disk_id + bytes([role])
 
 
 @dataclass(frozen=True)
@@ -236,60 +220,3 @@ def unpack(buf: bytes, magic: bytes) -> Header:
                   kind=KIND_NAMES[kind], read_only=bool(flags & 1), layers=tuple(layers),
                   seqno=seqno, required_features=req, compat_features=compat,
                   data_offset=data_offset)
-
-
-def _pread_full(fd: int, n: int, off: int) -> bytes:
-    buf = os.pread(fd, n, off)
-    return buf + bytes(n - len(buf))
-
-
-def _write_copy(fd: int, h: Header, magic: bytes, off: int) -> None:
-    raw = pack(h, magic)
-    # zero the rest of a previous, longer copy so no stale bytes linger
-    os.pwrite(fd, raw + bytes(COPY_MAX - len(raw)), off)
-    os.fsync(fd)
-
-
-def _parse_copies(fd: int, name_hint: str) -> tuple[dict, dict]:
-    """Both copies: ({label: Header} for the valid ones, {label: why} for the damaged ones)."""
-    results, errors = {}, {}
-    for label, magic, off in (("A", MAGIC_A, COPY_A_OFF), ("B", MAGIC_B, COPY_B_OFF)):
-        try:
-            results[label] = unpack(_pread_full(fd, COPY_MAX, off), magic)
-        except UnsupportedFormat as e:
-            raise UnsupportedFormat(name=name_hint, why=e.kw["why"]) from None
-        except (ValueError, struct.error, UnicodeDecodeError) as e:
-            errors[label] = str(e)
-    return results, errors
-
-
-def read_header(fd: int, name_hint: str = "?", repair: bool = False) -> Header:
-    """Read both copies; return the newest valid one. Optionally rewrite a bad or stale copy."""
-    results, errors = _parse_copies(fd, name_hint)
-    if not results:
-        raise CorruptHeader(name=name_hint,
-                            why=f"both header copies are damaged (A: {errors['A']}; B: {errors['B']})")
-    best = max(results.values(), key=lambda h: h.seqno)
-    if repair:
-        if "A" not in results or results["A"].seqno != best.seqno:
-            _write_copy(fd, best, MAGIC_A, COPY_A_OFF)
-        if "B" not in results or results["B"].seqno != best.seqno:
-            _write_copy(fd, best, MAGIC_B, COPY_B_OFF)
-    return best
-
-
-def write_header(fd: int, h: Header) -> Header:
-    """Write a new version of the header atomically (A then B); returns it with its seqno."""
-    new = replace(h, seqno=h.seqno + 1)
-    _write_copy(fd, new, MAGIC_A, COPY_A_OFF)
-    _write_copy(fd, new, MAGIC_B, COPY_B_OFF)
-    return new
-
-
-def header_copy_state(fd: int) -> dict:
-    """Which copies are valid, for `disk check` and tests: {"A": seqno|None, "B": seqno|None}."""
-    try:
-        results, _ = _parse_copies(fd, "?")
-    except UnsupportedFormat:
-        return {"A": None, "B": None}
-    return {label: (results[label].seqno if label in results else None) for label in ("A", "B")}

@@ -1,25 +1,50 @@
-"""The explicit registry of KEK providers: classes declare ``NAME`` and register.
+"""The registry of KEK providers: a static table of built-ins, plus entry points.
 
-Caveat: optional providers (vault, PKCS#11, KMS) import their SDKs lazily in
-their own modules, so importing the registry never needs them.
+A provider is named by the string recorded in each disk header's layer
+(``platform``, ``vault``); the table maps it to ``module:Class``. Third-party
+providers declare an entry point in the group ``blockcrypt.key_providers``
+(``name = "package.module:Class"``); a built-in name cannot be taken over.
+
+Caveat: provider modules are imported on first use, so importing the registry
+never imports a provider's SDK, and providers never import the registry.
 """
 from __future__ import annotations
+
+import importlib
+from importlib import metadata
 
 from ..errors import NotFound
 from .base import KekProvider
 
-_CLASSES: dict[str, type[KekProvider]] = {}
+#: provider name (as in disk headers) -> "module:Class"
+BUILTIN = {
+    "platform": "blockcrypt.keys.providers.platform:PlatformKeyProvider",
+    "vault": "blockcrypt.keys.providers.akv:AkvKeyProvider",
+}
+ENTRY_POINT_GROUP = "blockcrypt.key_providers"
 
 
-def register(cls: type[KekProvider]) -> type[KekProvider]:
-    if not cls.NAME:
-        raise TypeError(f"{cls.__name__} has no NAME")
-    _CLASSES[cls.NAME] = cls
-    return cls
+def _entry_points() -> dict[str, str]:
+    try:
+        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except Exception:  # a broken distribution must not stop the built-ins
+        return {}
+    return {ep.name: ep.value for ep in eps if ep.name not in BUILTIN}
 
 
 def provider_names() -> list[str]:
-    return sorted(_CLASSES)
+    return sorted({*BUILTIN, *_entry_points()})
+
+
+def provider_class(name: str) -> type[KekProvider]:
+    target = BUILTIN.get(name) or _entry_points().get(name)
+    if target is None:
+        raise NotFound(kind="key provider", name=name)
+    module, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, KekProvider)):
+        raise TypeError(f"{target} is not a KekProvider")
+    return cls
 
 
 class ProviderRegistry:
@@ -32,13 +57,5 @@ class ProviderRegistry:
     def get(self, name: str) -> KekProvider:
         inst = self._instances.get(name)
         if inst is None:
-            cls = _CLASSES.get(name)
-            if cls is None:
-                raise NotFound(kind="key provider", name=name)
-            inst = self._instances[name] = cls(self._state)
+            inst = self._instances[name] = provider_class(name)(self._state)
         return inst
-
-
-# built-in providers register themselves on import
-from . import platform as _platform  # noqa: E402,F401
-from . import vault as _vault  # noqa: E402,F401  (imports its SDK lazily)

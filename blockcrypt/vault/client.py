@@ -39,30 +39,14 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
-from ..errors import (BlockcryptError, KeyAccessDenied, KeyDeleted, KeyDisabled, KeyExpired, KeyIntegrityError,
+from .._util.b64 import b64u_decode, b64u_encode
+from .._util.clock import iso_z
+from ..errors import (BlockcryptError, VaultRequestError, KeyAccessDenied, KeyDeleted, KeyDisabled, KeyExpired, KeyIntegrityError,
                       KeyPurged, KeyUnavailable, StateError)
 
 DEFAULT_API_VERSION = "7.5"
 DEFAULT_TIMEOUT_SECONDS = 15.0
 TOKEN_REFRESH_MARGIN_SECONDS = 60
-
-
-class VaultRequestError(BlockcryptError):
-    """vault: {msg}"""
-
-    exit_code = 40
-
-    def __init__(self, msg: str, *, status: int = 0, code: str = "", inner: str | None = None):
-        super().__init__(msg)
-        self.status, self.code, self.inner = status, code, inner
-
-
-def _b64u(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-
-def _unb64u(s: str) -> bytes:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
 class VaultClient:
@@ -187,7 +171,7 @@ class VaultClient:
         if e.status == 404:
             try:
                 d = self.call("GET", f"/deletedkeys/{name}")
-                until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(d.get("scheduledPurgeDate", 0))))
+                until = iso_z(d.get("scheduledPurgeDate", 0))
                 return KeyDeleted(key_id=key_id, recoverable_until=until)
             except VaultRequestError as e2:
                 if e2.status == 403:
@@ -225,23 +209,23 @@ class VaultClient:
              disk_id: str | None = None) -> tuple[str, bytes]:
         """Returns (kid with version, wrapped bytes)."""
         try:
-            doc = self.call("POST", f"/keys/{name}/{version or ''}/wrapkey", {"alg": alg, "value": _b64u(plaintext)},
+            doc = self.call("POST", f"/keys/{name}/{version or ''}/wrapkey", {"alg": alg, "value": b64u_encode(plaintext)},
                             disk_id=disk_id)
         except VaultRequestError as e:
             raise (self._key_error(e, name, version) or e) from None
-        return doc["kid"], _unb64u(doc["value"])
+        return doc["kid"], b64u_decode(doc["value"])
 
     def unwrap(self, name: str, version: str | None, wrapped: bytes, *, alg: str = "RSA-OAEP-256",
                disk_id: str | None = None) -> bytes:
         try:
-            doc = self.call("POST", f"/keys/{name}/{version or ''}/unwrapkey", {"alg": alg, "value": _b64u(wrapped)},
+            doc = self.call("POST", f"/keys/{name}/{version or ''}/unwrapkey", {"alg": alg, "value": b64u_encode(wrapped)},
                             disk_id=disk_id)
         except VaultRequestError as e:
             err = self._key_error(e, name, version)
             if err is None and e.status == 400:
                 err = KeyIntegrityError(key_id=f"{self.url}/keys/{name}/{version or ''}", msg=str(e))
             raise (err or e) from None
-        return _unb64u(doc["value"])
+        return b64u_decode(doc["value"])
 
     # -- admin -------------------------------------------------------------------------------
     def create_key(self, name: str, *, kty: str = "RSA", key_size: int = 2048, key_ops=None, tags=None,

@@ -2,8 +2,8 @@
 a blockcrypt state directory, and a DES on a vault key."""
 import pytest
 
-from blockcrypt import des
-from blockcrypt.state import State
+from blockcrypt.control import des
+from blockcrypt.control.state import State
 from support.vaultproc import VaultProcess, make_vault
 
 

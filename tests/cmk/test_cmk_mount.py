@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from blockcrypt import des
+from blockcrypt.control import des
 from support.fusehelpers import Mount, bc_json, cleanup_tree, loopdev, mounted_fs, need, sh
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is absent")
@@ -187,7 +187,7 @@ def test_auto_rotation_in_a_running_mount(root, state, vault, key_name):
         try:
             assert direct_io(fd, True) == 0
             new_kid = vault.key("rotate", key_name)["key"]["kid"]
-            from blockcrypt.disks import read_disk_header
+            from blockcrypt.control.disks import read_disk_header
             t = until(lambda: read_disk_header(state.catalog.get_disk("a1")).layers[0].kek_id == new_kid, 10)
             assert t is not None, "the daemon did not re-wrap under the new version"
             assert state.catalog.get_des("auto").active_key == new_kid

@@ -5,16 +5,17 @@ import os
 
 import pytest
 
-from blockcrypt import des, disks
+from blockcrypt.control import des, disks
+from blockcrypt.control import copy as diskcopy
 from blockcrypt.errors import (AlreadyExists, KeyAccessDenied, KeyDeleted, KeyDisabled, Refused)
-from blockcrypt.volume import Volume
+from blockcrypt.control.disks import open_volume
 from support.vaultproc import VaultProcess, make_vault
 
 
 def _write_read(state, name, data=b"customer data" * 300):
-    with Volume.open(state, name) as v:
+    with open_volume(state, name) as v:
         v.write(4096 * 3 + 11, data)
-    with Volume.open(state, name) as v:
+    with open_volume(state, name) as v:
         assert v.read(4096 * 3 + 11, len(data)) == data
 
 
@@ -75,24 +76,24 @@ def test_refuses_non_rsa_sizes_and_limits(state, vault, des_rec, key_name):
 
 def test_move_platform_disk_to_des_and_never_back(state, vault, des_rec):
     disks.create(state, "p", 4 << 20)
-    with Volume.open(state, "p") as v:
+    with open_volume(state, "p") as v:
         v.write(0, b"platform first")
     path = state.catalog.get_disk("p").path
     data_before = open(path, "rb").read()[1 << 20:]
     rec = des.move_disk_to_des(state, "p", "des1")
     assert rec.encryption_type == "EncryptionAtRestWithCustomerKey"
     assert open(path, "rb").read()[1 << 20:] == data_before  # no data rewritten
-    with Volume.open(state, "p") as v:
+    with open_volume(state, "p") as v:
         assert v.read(0, 14) == b"platform first"
     with pytest.raises(Refused, match="disk copy"):
         des.refuse_back_to_platform("p", "des1")
     # the way back is a copy to a new platform-key disk
-    copy = disks.copy(state, "p", "p2", des="")
+    copy = diskcopy.copy(state, "p", "p2", des="")
     assert copy.encryption_type == "EncryptionAtRestWithPlatformKey"
-    with Volume.open(state, "p2") as v:
+    with open_volume(state, "p2") as v:
         assert v.read(0, 14) == b"platform first"
     # a copy of a CMK disk keeps the CMK by default
-    assert disks.copy(state, "p", "p3").des == "des1"
+    assert diskcopy.copy(state, "p", "p3").des == "des1"
 
 
 def test_rotation_rewraps_all_disks_without_rewriting_data(state, vault, des_rec, key_name):
@@ -157,12 +158,12 @@ def test_key_states_reach_the_data_plane(state, vault, des_rec, key_name):
     _write_read(state, "d")
     vault.key("disable", key_name)
     with pytest.raises(KeyDisabled):
-        Volume.open(state, "d")
+        open_volume(state, "d")
     vault.key("enable", key_name)
     _write_read(state, "d")
     vault.key("delete", key_name)
     with pytest.raises(KeyDeleted, match="recoverable until"):
-        Volume.open(state, "d")
+        open_volume(state, "d")
     p = vault.key("purge", key_name, check=False)
     assert p.returncode != 0 and "purge" in (p.stderr + p.stdout).lower()  # purge protection holds
     vault.key("recover", key_name)
@@ -176,14 +177,14 @@ def test_key_states_reach_the_data_plane(state, vault, des_rec, key_name):
     ident = des_rec.identity["name"]
     vault.cli("policy", "set", "--identity", ident, "--permissions", "get")
     with pytest.raises(KeyAccessDenied):
-        Volume.open(state, "d")
+        open_volume(state, "d")
     vault.cli("policy", "set", "--identity", ident, "--permissions", "get,wrapKey,unwrapKey")
     _write_read(state, "d")
 
 
 def test_audit_names_the_disk_on_wrap_and_unwrap(state, vault, des_rec, key_name):
     rec = des.create_disk(state, "audited", 1 << 20, "des1")
-    Volume.open(state, "audited").close()
+    open_volume(state, "audited").close()
     p = vault.cli("audit", "--key", key_name, "--json")
     events = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
     mine = [e for e in events if rec.disk_id in json.dumps(e)]

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from blockcrypt.state import State
+from blockcrypt.control.state import State
 
 from support.fusehelpers import Mount, assert_clean_logs, cleanup_tree
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from blockcrypt import disks
-from blockcrypt import mount as bmount
+from blockcrypt.control import disks
+from blockcrypt.mount import daemon as bmount
 
 from support.fusehelpers import Mount, backing_path, bc, bc_json, need, sh, wait_for
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from blockcrypt import disks
-from blockcrypt import mount as bmount
-from blockcrypt.state import State
+from blockcrypt.control import disks
+from blockcrypt.mount import daemon as bmount
+from blockcrypt.control.state import State
 
 from support.fusehelpers import (CLI, Mount, assert_clean_logs, backing_path, bc, bc_json, cleanup_tree, loopdev,
                        mounted_fs, need, sh, wait_for)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from blockcrypt import mount as bmount
-from blockcrypt.state import State
+from blockcrypt.mount import daemon as bmount
+from blockcrypt.control.state import State
 
 CLI = [sys.executable, "-m", "blockcrypt.cli"]
 

@@ -15,8 +15,8 @@ PY = sys.executable
 
 
 def vault_cli(*args, check=True, env=None, timeout=60):
-    """Run `python -m blockcrypt.vault.cli ARGS`; returns CompletedProcess (text)."""
-    p = subprocess.run([PY, "-m", "blockcrypt.vault.cli", *map(str, args)], cwd=REPO, capture_output=True,
+    """Run `python -m blockcrypt vault ARGS`; returns CompletedProcess (text)."""
+    p = subprocess.run([PY, "-m", "blockcrypt", "vault", *map(str, args)], cwd=REPO, capture_output=True,
                        text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check and p.returncode != 0:
         raise AssertionError(f"vault {' '.join(map(str, args))} failed ({p.returncode}): {p.stderr}{p.stdout}")
@@ -32,7 +32,7 @@ class VaultProcess:
 
     def start(self, timeout_s: float = 20.0, listen: str = "127.0.0.1:0"):
         log = open(self.dir.parent / f"serve-{self.dir.name}.log", "ab")
-        self.proc = subprocess.Popen([PY, "-m", "blockcrypt.vault.cli", "serve", "--dir", str(self.dir),
+        self.proc = subprocess.Popen([PY, "-m", "blockcrypt", "vault", "serve", "--dir", str(self.dir),
                                       "--listen", listen, *self.extra], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=log)
         deadline = time.monotonic() + timeout_s

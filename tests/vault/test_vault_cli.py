@@ -11,8 +11,8 @@ import time
 import pytest
 
 from blockcrypt.vault.client import VaultClient
-from blockcrypt.vault.keyops import KeyOps
-from blockcrypt.vault.store import Store
+from blockcrypt.vault.server.keyops import KeyOps
+from blockcrypt.vault.server.store import Store
 from vault_helpers import VaultProcess, make_vault, vault_cli
 
 
@@ -21,7 +21,7 @@ def _one_line_error(p, code=None):
     if code is not None:
         assert p.returncode == code, (p.returncode, p.stderr)
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(("error: ", "Error: ")), p.stderr
+    assert len(lines) == 1 and lines[0].startswith("blockcrypt: error: "), p.stderr
     assert "Traceback" not in p.stderr
     return lines[0]
 
@@ -91,7 +91,7 @@ def test_identity_and_policy(shared_vault):
     kid, wrapped = app.wrap("cli-pol", None, b"k" * 32)
     assert app.unwrap("cli-pol", None, wrapped) == b"k" * 32
     from blockcrypt.errors import KeyAccessDenied
-    from blockcrypt.vault.client import VaultRequestError
+    from blockcrypt.errors import VaultRequestError
     assert app.get_key("cli-pol")["key"]["kid"] == kid
     with pytest.raises(VaultRequestError) as ei:
         app.rotate_key("cli-pol")

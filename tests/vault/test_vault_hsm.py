@@ -60,7 +60,8 @@ def test_rsa_hsm_keys_live_in_the_token(tmp_path, softhsm):
         w = cc.wrap_key(KeyWrapAlgorithm.rsa_oaep, DEK)
         assert cc.unwrap_key(KeyWrapAlgorithm.rsa_oaep, w.encrypted_key).key == DEK
         # SoftHSM2 has no OAEP with SHA-256: refused both ways, so nothing is wrapped that cannot be unwrapped
-        from blockcrypt.vault.client import VaultClient, VaultRequestError
+        from blockcrypt.errors import VaultRequestError
+        from blockcrypt.vault.client import VaultClient
         from blockcrypt.errors import KeyIntegrityError
         admin = VaultClient.for_admin(d)
         with pytest.raises(VaultRequestError) as ei:

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from blockcrypt.vault import identities
+from blockcrypt.vault.server import identities
 from blockcrypt.vault.client import VaultClient
-from blockcrypt.vault.store import Store
+from blockcrypt.vault.server.store import Store
 from vault_helpers import vault_cli
 from vault_helpers import admin_token, plain_http, raw
 

@@ -1,0 +1,470 @@
+"""The `blockcrypt` command line (click): the group, the disk, platform-key, catalog,
+des and config commands, and the one error boundary (``main``).
+
+Every command takes ``--json`` for scripts. Errors from the blockcrypt
+hierarchy print one line on stderr (``blockcrypt: error: ...``) and exit with
+the error's exit code; no traceback reaches the user. The mount commands
+(cli/mount.py) and the vault group (cli/vault.py) join the group here.
+
+Caveat: this is a front end: it calls control/ and formats results; it holds
+no policy of its own.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from .._util.units import format_size, parse_size
+from ..errors import BlockcryptError, UsageError
+from .options import Ctx, emit, json_opt, pass_ctx
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state", "state_path", envvar="BLOCKCRYPT_STATE", type=click.Path(),
+              help="state directory (default: $BLOCKCRYPT_STATE or /var/lib/blockcrypt)")
+@click.version_option(__version__, prog_name="blockcrypt")
+@click.pass_context
+def cli(ctx, state_path):
+    """Encrypted virtual disks: AES-256-XTS sectors, per-disk keys, FUSE disk files."""
+    ctx.obj = Ctx(state_path)
+
+
+@cli.command()
+@json_opt
+@pass_ctx
+def init(c: Ctx, as_json):
+    """Create the state directory with its platform key store and catalog."""
+    from ..control.state import State
+    st = State.init(c.state_path)
+    emit({"state": str(st.path), "platformKeyStore": str(st.path / "keys")}, as_json,
+         f"initialised {st.path}")
+
+
+# --- disks ---------------------------------------------------------------------------
+
+def disk_json(st, rec) -> dict:
+    from ..control.disks import encryption_type, read_disk_header
+    out = {
+        "name": rec.name, "id": rec.disk_id, "kind": rec.kind, "sizeBytes": rec.size,
+        "size": format_size(rec.size), "sectorSize": rec.sector_size, "readOnly": rec.read_only,
+        "path": rec.path, "created": rec.created,
+        "encryption": {"type": rec.encryption_type},
+    }
+    try:
+        h = read_disk_header(rec)
+    except BlockcryptError as e:
+        out["health"] = "Corrupt"
+        out["error"] = str(e)
+        return out
+    out["health"] = "Healthy"
+    out["revocation"] = rec.revocation
+    out["encryption"] = {"type": encryption_type(h), "cipher": h.cipher,
+                         "layers": [l.to_json() for l in h.layers]}
+    if rec.des:
+        from ..format import ROLE_DATA
+        kid = h.layer(ROLE_DATA).kek_id
+        des_rec = st.catalog.find_des(rec.des)
+        out["encryption"]["diskEncryptionSetId"] = des_rec.des_id if des_rec else None
+        out["encryption"]["diskEncryptionSetName"] = rec.des
+        out["encryption"]["keyUrl"] = kid
+        out["encryption"]["keyVersion"] = kid.rsplit("/", 1)[-1]
+    out["header"] = {"formatVersion": 1, "sequence": h.seqno}
+    return out
+
+
+@cli.group()
+def disk():
+    """Create, list, show, resize and delete disks."""
+
+
+def _size_arg(value):
+    return parse_size(value)
+
+
+@disk.command("create")
+@click.argument("name")
+@click.option("--size", required=True, help="size with K/M/G/T, e.g. 10G")
+@click.option("--sector-size", type=click.Choice(["512", "4096"]), default="4096", show_default=True)
+@click.option("--des", "des_name", help="disk encryption set: wrap the DEK with its customer-managed key")
+@click.option("--revocation", type=click.Choice(["immediate", "on-restart"]), default="immediate",
+              show_default=True, help="when a revoked customer key stops this disk's I/O")
+@json_opt
+@pass_ctx
+def disk_create(c: Ctx, name, size, sector_size, des_name, revocation, as_json):
+    """Create a disk under a fresh DEK, wrapped by the platform key or a DES's customer key."""
+    from ..control import des, disks
+    if des_name:
+        rec = des.create_disk(c.state, name, parse_size(size), des_name, int(sector_size), revocation)
+    else:
+        rec = disks.create(c.state, name, parse_size(size), int(sector_size), revocation=revocation)
+    emit(disk_json(c.state, rec), as_json,
+         f"created disk {rec.name} ({format_size(rec.size)}, id {rec.disk_id})")
+
+
+@disk.command("list")
+@json_opt
+@pass_ctx
+def disk_list(c: Ctx, as_json):
+    """List disks."""
+    recs = c.state.catalog.list_disks()
+    if as_json:
+        emit([{"name": r.name, "id": r.disk_id, "kind": r.kind, "sizeBytes": r.size,
+               "sectorSize": r.sector_size, "encryption": {"type": r.encryption_type}}
+              for r in recs], True)
+        return
+    if not recs:
+        click.echo("no disks")
+        return
+    w = max(len(r.name) for r in recs)
+    click.echo(f"{'NAME':<{w}}  {'SIZE':>8}  SECTOR  ENCRYPTION")
+    for r in recs:
+        click.echo(f"{r.name:<{w}}  {format_size(r.size):>8}  {r.sector_size:>6}  {r.encryption_type}")
+
+
+@disk.command("show")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def disk_show(c: Ctx, name, as_json):
+    """Show a disk, its encryption type and key layers (never key bytes)."""
+    d = disk_json(c.state, c.state.catalog.get_disk(name))
+    if as_json:
+        emit(d, True)
+        return
+    for k in ("name", "id", "kind", "size", "sectorSize", "readOnly", "path", "created", "health"):
+        click.echo(f"{k:<12} {d[k]}")
+    click.echo(f"{'encryption':<12} {d['encryption']['type']}")
+    for l in d["encryption"].get("layers", []):
+        click.echo(f"  layer {l['role']}: {l['algorithm']} key {l['keyId']} ({l['provider']}, {l['wrapAlgorithm']})")
+    if "error" in d:
+        click.echo(f"{'error':<12} {d['error']}")
+
+
+@disk.command("resize")
+@click.argument("name")
+@click.option("--size", required=True, help="new size (grow only)")
+@json_opt
+@pass_ctx
+def disk_resize(c: Ctx, name, size, as_json):
+    """Grow a disk (mounted disk files change size without a remount)."""
+    from ..control import disks
+    rec = disks.resize(c.state, name, parse_size(size))
+    emit(disk_json(c.state, rec), as_json, f"resized disk {name} to {format_size(rec.size)}")
+
+
+@disk.command("update")
+@click.argument("name")
+@click.option("--des", "des_name", help="move a platform-key disk to this disk encryption set (re-wrap only)")
+@click.option("--platform-key", is_flag=True, help="(refused for customer-key disks: use `disk copy`)")
+@click.option("--revocation", type=click.Choice(["immediate", "on-restart"]))
+@json_opt
+@pass_ctx
+def disk_update(c: Ctx, name, des_name, platform_key, revocation, as_json):
+    """Change a disk's key: platform key -> DES; never back (copy the disk instead)."""
+    from ..control import des
+    rec = c.state.catalog.get_disk(name)
+    if platform_key:
+        if rec.des:
+            des.refuse_back_to_platform(name, rec.des)
+    if des_name:
+        rec = des.move_disk_to_des(c.state, name, des_name)
+    if revocation:
+        c.state.catalog.update_disk(name, revocation=revocation)
+        rec = c.state.catalog.get_disk(name)
+    emit(disk_json(c.state, rec), as_json, f"updated disk {name}: {rec.encryption_type}"
+         + (f" (DES {rec.des})" if rec.des else "") + f", revocation {rec.revocation}")
+
+
+@disk.command("copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--des", "des_name", default=None,
+              help="DES of the copy (default: the source's); --des '' for a platform key")
+@json_opt
+@pass_ctx
+def disk_copy(c: Ctx, src, dst, des_name, as_json):
+    """Copy a disk's data to a new disk with a new DEK."""
+    from ..control.copy import copy
+
+    def progress(done, total):
+        if not as_json:
+            click.echo(f"\r  copied {format_size(done)} of {format_size(total)}", nl=False, err=True)
+
+    rec = copy(c.state, src, dst, des=des_name, progress=progress)
+    if not as_json:
+        click.echo("", err=True)
+    emit(disk_json(c.state, c.state.catalog.get_disk(rec.name)), as_json, f"copied {src} to {dst}")
+
+
+@disk.command("delete")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def disk_delete(c: Ctx, name, as_json):
+    """Delete a disk and its file (its key dies with it)."""
+    from ..control import disks
+    rec = disks.delete(c.state, name)
+    emit({"deleted": rec.name, "id": rec.disk_id}, as_json, f"deleted disk {rec.name}")
+
+
+@disk.command("dump-key")
+@click.argument("name")
+@click.option("--out", required=True, type=click.Path(), help="new file to write the 64-byte DEK to (0600)")
+@click.option("--yes-i-understand", "yes", is_flag=True,
+              help="confirm: whoever holds this file can read the disk without blockcrypt")
+@json_opt
+@pass_ctx
+def disk_dump_key(c: Ctx, name, out, yes, as_json):
+    """Emergency export of a disk's DEK, to open its data area with cryptsetup (docs/FORMAT.md)."""
+    if not yes:
+        raise UsageError("dump-key writes the disk's raw key to a file; pass --yes-i-understand to do it")
+    from ..control import disks
+    rec = c.state.catalog.get_disk(name)
+    disks.dump_key(c.state, name, out)
+    iv = " --iv-large-sectors" if rec.sector_size != 512 else ""
+    line = (f"cryptsetup open --type plain -c aes-xts-plain64 -s 512 --sector-size {rec.sector_size}{iv} "
+            f"--offset 2048 --key-file {out} --keyfile-size 64 {rec.path} {name}")
+    emit({"name": name, "keyFile": out, "cryptsetup": line}, as_json,
+         f"wrote the DEK of {name} to {out} (mode 0600). Open the data area with:\n  {line}")
+
+
+@disk.command("check")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def disk_check(c: Ctx, name, as_json):
+    """Check both header copies of a disk; repair a damaged copy from the good one."""
+    from ..control.disks import check_headers
+    r = check_headers(c.state.catalog.get_disk(name))
+    before, repaired = r["before"], r["repaired"]
+    emit({"name": name, **r}, as_json,
+         f"{name}: header copies A={before['A']} B={before['B']}" +
+         (f"; repaired {', '.join(repaired)}" if repaired else "; both intact"))
+
+
+# --- platform keys ---------------------------------------------------------------------
+
+@cli.group("platform-key")
+def platform_key():
+    """Platform-managed key store."""
+
+
+@platform_key.command("list")
+@json_opt
+@pass_ctx
+def pk_list(c: Ctx, as_json):
+    """List platform key versions (never key bytes)."""
+    from ..keys.providers.platform import PlatformKeyStore
+    vs = PlatformKeyStore(c.state.path / "keys").versions()
+    emit(vs, as_json, "\n".join(f"platform/{v['version']}  {v['created']}{'  current' if v['current'] else ''}"
+                                for v in vs))
+
+
+@platform_key.command("rotate")
+@json_opt
+@pass_ctx
+def pk_rotate(c: Ctx, as_json):
+    """Add a platform key version and re-wrap every disk's DEK (no data rewritten)."""
+    from ..control.rotation import rotate_platform_key
+
+    def progress(step, detail):
+        if not as_json and detail:
+            click.echo(f"  re-wrapping {detail}", err=True)
+
+    r = rotate_platform_key(c.state, on_step=progress)
+    emit(r, as_json, f"platform key now platform/{r['version']}: re-wrapped {len(r['rewrapped'])} disk(s), "
+                     f"retired {len(r['retired'])} old version(s)")
+
+
+@cli.group()
+def catalog():
+    """The catalog of disks."""
+
+
+@catalog.command("rebuild")
+@json_opt
+@pass_ctx
+def catalog_rebuild(c: Ctx, as_json):
+    """Rebuild the catalog from the disk headers."""
+    from ..control.disks import rebuild_catalog
+    r = rebuild_catalog(c.state)
+    emit(r, as_json, f"catalog rebuilt: {len(r['disks'])} disk(s)"
+                     + (f", {len(r['unreadable'])} unreadable" if r["unreadable"] else ""))
+
+
+# --- disk encryption sets -----------------------------------------------------------------
+
+@cli.group("des")
+def des_group():
+    """Disk encryption sets: customer-managed keys in a key vault."""
+
+
+def _des_text(d: dict) -> str:
+    lines = [f"{'name':<12} {d['name']}", f"{'id':<12} {d['id']}", f"{'type':<12} {d['type']}",
+             f"{'active key':<12} {d['activeKey']['keyUrl']}",
+             f"{'auto-rotate':<12} {d['rotationToLatestKeyVersionEnabled']}",
+             f"{'identity':<12} {d['identity']['name']} ({d['identity']['clientId']})",
+             f"{'disks':<12} {', '.join(d['disks']) or '-'}"]
+    if d["previousKeys"]:
+        lines.append(f"{'rotating from':<12} {', '.join(k['keyUrl'] for k in d['previousKeys'])}")
+    return "\n".join(lines)
+
+
+@des_group.command("create")
+@click.argument("name")
+@click.option("--key-url", required=True, help="https://HOST:PORT/keys/K[/VERSION]")
+@click.option("--type", "enc_type", default="EncryptionAtRestWithCustomerKey", show_default=True)
+@click.option("--auto-rotate", is_flag=True, help="follow the key's newest version")
+@click.option("--vault-dir", type=click.Path(), help="the vault's directory (a vault on this host): "
+              "the DES identity is created there")
+@click.option("--identity-file", type=click.Path(), help="an identity made by the vault admin "
+              "(`blockcrypt vault identity create NAME --json`)")
+@click.option("--ca", "ca_file", type=click.Path(), help="CA certificate of the vault (default: VAULT_DIR/ca.pem)")
+@click.option("--grant", is_flag=True, help="also grant get, wrapKey, unwrapKey in the vault at --vault-dir")
+@json_opt
+@pass_ctx
+def des_create(c: Ctx, name, key_url, enc_type, auto_rotate, vault_dir, identity_file, ca_file, grant, as_json):
+    """Create a disk encryption set and its vault identity; probe its access."""
+    from ..control import des
+    rec = des.create(c.state, name, key_url, enc_type=enc_type, auto_rotate=auto_rotate, vault_dir=vault_dir,
+                     identity_file=identity_file, ca_file=ca_file, grant=grant)
+    emit(des.to_json(c.state, rec), as_json, f"created disk encryption set {name} (key {rec.active_key}); "
+         f"identity {rec.identity.get('name')} has get, wrapKey, unwrapKey")
+
+
+@des_group.command("list")
+@json_opt
+@pass_ctx
+def des_list(c: Ctx, as_json):
+    """List disk encryption sets."""
+    from ..control import des
+    items = [des.to_json(c.state, r) for r in c.state.catalog.list_des()]
+    emit(items, as_json, "\n".join(f"{d['name']}  {d['activeKey']['keyUrl']}  disks: {len(d['disks'])}"
+                                    for d in items) or "no disk encryption sets")
+
+
+@des_group.command("show")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def des_show(c: Ctx, name, as_json):
+    """Show a disk encryption set (previousKeys while a rotation runs)."""
+    from ..control import des
+    d = des.to_json(c.state, c.state.catalog.get_des(name))
+    emit(d, as_json, _des_text(d))
+
+
+@des_group.command("update")
+@click.argument("name")
+@click.option("--key-url", help="a new version of the same key: re-wrap every disk's DEK under it")
+@click.option("--auto-rotate/--no-auto-rotate", default=None)
+@json_opt
+@pass_ctx
+def des_update(c: Ctx, name, key_url, auto_rotate, as_json):
+    """Rotate a DES to a new key version (no data rewritten) or change auto-rotation."""
+    from ..control import des
+
+    def progress(step, detail):
+        if not as_json and step == "rewrap":
+            click.echo(f"  re-wrapping {detail}", err=True)
+
+    r = des.update(c.state, name, key_url=key_url, auto_rotate=auto_rotate, on_step=progress)
+    emit({**r, "des": des.to_json(c.state, c.state.catalog.get_des(name))}, as_json,
+         f"updated {name}: re-wrapped {len(r.get('rewrapped', []))} disk(s)")
+
+
+@des_group.command("rotate")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def des_rotate(c: Ctx, name, as_json):
+    """Re-wrap every DEK under the key's newest version (or finish an interrupted rotation)."""
+    from ..control import des
+    r = des.rotate(c.state, name)
+    emit(r, as_json, f"{name}: key {r['activeKey']}, re-wrapped {len(r['rewrapped'])} disk(s)")
+
+
+@des_group.command("delete")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def des_delete(c: Ctx, name, as_json):
+    """Delete a disk encryption set (refused while disks use it)."""
+    from ..control import des
+    rec = des.delete(c.state, name)
+    emit({"deleted": rec.name, "id": rec.des_id}, as_json,
+         f"deleted disk encryption set {name}; its vault identity {rec.identity.get('name')} "
+         "can now be removed by the vault admin")
+
+
+@cli.group("config")
+def config_group():
+    """Catalog settings: max_des, key_check_interval, key_grace_period, auto_rotate_interval, on_revoke."""
+
+
+@config_group.command("set")
+@click.argument("key")
+@click.argument("value")
+@pass_ctx
+def config_set(c: Ctx, key, value):
+    """Set a catalog setting (running mounts pick it up at their next check)."""
+    from ..control import settings
+    click.echo(f"{key} = {settings.set_(c.state, key, value)}")
+
+
+@config_group.command("get")
+@click.argument("key", required=False)
+@json_opt
+@pass_ctx
+def config_get(c: Ctx, key, as_json):
+    """Show one setting, or all of them."""
+    from ..control import settings
+    keys = [settings.setting(key).name] if key else list(settings.SETTINGS)
+    vals = {k: settings.get_text(c.state, k) for k in keys}
+    if as_json:
+        emit(vals, True)
+    elif key:
+        click.echo(vals[key])
+    else:
+        click.echo("\n".join(f"{k} = {v}    # {settings.SETTINGS[k].help}" for k, v in vals.items()))
+
+
+# --- the other command sets ----------------------------------------------------------------
+
+def _attach() -> None:
+    from .mount import mount_cmd, status_cmd, umount_cmd
+    from .vault import vault
+    for cmd in (mount_cmd, umount_cmd, status_cmd, vault):
+        cli.add_command(cmd)
+
+
+_attach()
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="blockcrypt", standalone_mode=False)
+        return 0
+    except BlockcryptError as e:
+        click.echo(f"blockcrypt: error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("blockcrypt: aborted", err=True)
+        return 130
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        click.echo(f"blockcrypt: error: {e.format_message()}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("blockcrypt: interrupted", err=True)
+        return 130
+    except OSError as e:
+        click.echo(f"blockcrypt: error: {e.strerror or e}{(': ' + e.filename) if e.filename else ''}", err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""`blockcrypt mount`, `blockcrypt umount` and `blockcrypt status` (click commands).
+
+Each takes the state directory from the group's context object.
+
+Caveat: a front end only; the logic lives in blockcrypt.mount.daemon.
+"""
+from __future__ import annotations
+
+import time
+
+import click
+
+from .options import emit, json_opt
+
+
+def _state(ctx: click.Context):
+    return ctx.find_object(object).state
+
+
+@click.command("mount")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--foreground", "-f", is_flag=True, help="serve in this process until unmounted (logs on stderr)")
+@click.option("--allow-other", is_flag=True,
+              help="let other users reach the mount; disk files become root:disk 0660")
+@click.option("--bench-null-cipher", is_flag=True,
+              help="BENCHMARKS ONLY: serve disks WITHOUT encryption (writes plaintext into the disk files)")
+@json_opt
+@click.pass_context
+def mount_cmd(ctx, mountpoint, foreground, allow_other, bench_null_cipher, as_json):
+    """Mount every disk of the catalog as MOUNTPOINT/disks/<name>."""
+    from ..mount import daemon as mount
+    st = _state(ctx)
+    if bench_null_cipher:
+        click.echo("blockcrypt: WARNING: --bench-null-cipher serves disks WITHOUT encryption; "
+                   "use scratch disks only", err=True)
+    r = mount.mount(st, mountpoint, foreground=foreground, allow_other=allow_other,
+                    null_cipher=bench_null_cipher)
+    if foreground:
+        return
+    emit(r, as_json, f"mounted {st.path} at {r['mountpoint']} (id {r['id']}, pid {r['pid']}); "
+                      f"disks are in {r['mountpoint']}/disks/, log in {r['log']}")
+
+
+@click.command("umount")
+@click.argument("mountpoint", type=click.Path())
+@json_opt
+@click.pass_context
+def umount_cmd(ctx, mountpoint, as_json):
+    """Flush every open disk and unmount MOUNTPOINT."""
+    from ..mount import daemon as mount
+    r = mount.umount(_state(ctx), mountpoint)
+    emit(r, as_json, f"unmounted {r['mountpoint']}")
+
+
+def _age(t) -> str:
+    if not isinstance(t, (int, float)):
+        return "?"
+    s = int(time.time() - t)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+@click.command("status")
+@json_opt
+@click.pass_context
+def status_cmd(ctx, as_json):
+    """List the mounts of this state directory and the state of each open disk."""
+    from ..mount import daemon as mount
+    st = _state(ctx)
+    mounts = mount.status(st)
+    if as_json:
+        emit({"state": str(st.path), "mounts": mounts}, True, "")
+        return
+    if not mounts:
+        click.echo(f"no mounts of {st.path}")
+        return
+    for m in mounts:
+        cipher = m.get("cipher", "?")
+        click.echo(f"mount {m['id']}  {m['state']}  pid {m.get('pid')}  up {_age(m.get('started'))}  "
+                   f"{m.get('mountpoint')}  cipher {cipher}"
+                   + ("  allow-other" if m.get("allowOther") else ""))
+        disks = m.get("disks") or []
+        if not disks:
+            click.echo("  no open disks")
+        for d in disks:
+            if d.get("keyError"):
+                k = d["keyError"]
+                click.echo(f"  disk {d['name']}  {d.get('state')}  {k.get('reason')}: {k.get('message')}  "
+                           f"{d.get('openHandles', 0)} handle(s)")
+            elif d.get("state") == "open":
+                err = d.get("lastError")
+                click.echo(f"  disk {d['name']}  open  {d['openHandles']} handle(s)  {d['cipher']}  "
+                           f"{d['sizeBytes']} bytes{'  read-only' if d.get('readOnly') else ''}"
+                           f"  errors {d.get('errors', 0)}"
+                           + (f" (last: {err['errno']} {err['message']})" if err else ""))
+            else:
+                e = d.get("error") or {}
+                click.echo(f"  disk {d['name']}  {d.get('state')}  {e.get('errno', '')} {e.get('message', '')}")

@@ -1,0 +1,385 @@
+"""The ``vault`` click group: init, serve, identity, policy, audit (local, on
+the vault directory) and key (over HTTPS as the admin identity made at init).
+
+The main group adds it as ``blockcrypt vault``. Every command takes ``--dir``
+(or ``BLOCKCRYPT_VAULT_DIR``); every listing/showing command takes ``--json``.
+
+Caveats: identity, policy and audit commands open ``vault.db`` directly and so
+must run on the vault's host as a user who can read the directory; changes
+take effect on the running service at its next request. A failure reaches the
+one error boundary (cli/main.py): one line ``blockcrypt: error: ...``, the error's exit code.
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+from .._util.clock import iso_z
+from ..errors import AuditBroken, UsageError
+from .options import emit as _emit
+from .options import json_opt as JSON_OPTION
+
+DIR_OPTION = click.option("--dir", "vault_dir", required=True, envvar="BLOCKCRYPT_VAULT_DIR",
+                          type=click.Path(file_okay=False), help="vault directory (or BLOCKCRYPT_VAULT_DIR)")
+
+
+def friendly(fn):
+    """ValueError from argument parsing below click (permissions, URLs) is a usage error."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return wrapper
+
+
+def _ts(t) -> str:
+    return "-" if t in (None, "") else iso_z(t)
+
+
+@click.group()
+def vault():
+    """The key vault: Azure Key Vault keys API over HTTPS."""
+
+
+@vault.command("init")
+@DIR_OPTION
+@click.option("--sku", type=click.Choice(["standard", "premium"]), default="standard", show_default=True)
+@click.option("--retention-days", type=int, default=90, show_default=True, help="soft-delete retention, 7..90")
+@click.option("--purge-protection", is_flag=True, help="refuse purges until the retention period lapses")
+@click.option("--san", multiple=True, help="extra host name or IP for the server certificate")
+@click.option("--cert", "cert_file", type=click.Path(dir_okay=False), help="use this server certificate chain (PEM)")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False), help="... and this private key (PEM)")
+@JSON_OPTION
+@friendly
+def init_cmd(vault_dir, sku, retention_days, purge_protection, san, cert_file, key_file, as_json):
+    """Create a vault: store, master key, CA + server certificate, admin identity."""
+    from ..vault.admin import init_vault
+    creds = init_vault(vault_dir, sku=sku, retention_days=retention_days, purge_protection=purge_protection,
+                       sans=tuple(san), cert_file=cert_file, key_file=key_file)
+    info = {"dir": vault_dir, "sku": sku, "retention_days": retention_days, "purge_protection": purge_protection,
+            "tenant_id": creds["tenant_id"], "admin_client_id": creds["client_id"],
+            "admin_credentials": f"{vault_dir}/admin.json", "ca": f"{vault_dir}/ca.pem"}
+    _emit(info, as_json, f"vault created in {vault_dir} (sku {sku}, retention {retention_days} days, purge "
+                         f"protection {'on' if purge_protection else 'off'}); admin credentials in "
+                         f"{vault_dir}/admin.json, CA in {vault_dir}/ca.pem")
+
+
+@vault.command("serve")
+@DIR_OPTION
+@click.option("--listen", required=True, help="HOST:PORT to listen on (port 0 picks a free port)")
+@click.option("--token-ttl-seconds", type=click.IntRange(5, 86400), default=600, show_default=True)
+@click.option("--public-url", help="base URL clients use, if not https://LISTEN")
+@click.option("--hsm-module", envvar="BLOCKCRYPT_VAULT_HSM_MODULE", help="PKCS#11 module for RSA-HSM keys (premium)")
+@click.option("--hsm-token", envvar="BLOCKCRYPT_VAULT_HSM_TOKEN", help="PKCS#11 token label")
+@click.option("--hsm-pin-file", envvar="BLOCKCRYPT_VAULT_HSM_PIN_FILE", type=click.Path(dir_okay=False),
+              help="file holding the token user PIN")
+@click.option("--verbose", is_flag=True)
+@friendly
+def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_token, hsm_pin_file, verbose):
+    """Serve the vault over HTTPS until SIGTERM/SIGINT (prints and writes its URL to serve.json)."""
+    from ..vault.server.service import parse_listen, serve
+    parse_listen(listen)
+    hsm = None
+    if hsm_module:
+        from ..vault.server.hsm_keys import open_hsm
+        if not hsm_token or not hsm_pin_file:
+            raise UsageError("--hsm-module needs --hsm-token and --hsm-pin-file")
+        hsm = open_hsm(hsm_module, hsm_token, hsm_pin_file)
+    serve(vault_dir, listen, token_ttl_seconds=token_ttl_seconds, public_url=public_url, hsm=hsm, verbose=verbose)
+
+
+# -- identities and policies --------------------------------------------------------------
+
+def _local_audit(store, operation: str, detail: str) -> None:
+    from ..vault.server import audit
+    with store.tx() as c:
+        audit.append(c, {"identity": "local", "operation": operation, "status": 200, "result": "ok",
+                         "detail": detail})
+
+
+@vault.group("identity")
+def identity_grp():
+    """Identities (client id + secret) that get bearer tokens from the vault."""
+
+
+@identity_grp.command("create")
+@click.argument("name")
+@DIR_OPTION
+@JSON_OPTION
+@friendly
+def identity_create(name, vault_dir, as_json):
+    """Create an identity; its secret is shown once, here."""
+    from ..vault.server.identities import create_identity
+    from ..vault.server.store import open_store
+    store = open_store(vault_dir)
+    try:
+        ident = create_identity(store, name)
+        _local_audit(store, "IdentityCreate", f"{name} {ident['client_id']}")
+        ident["tenant_id"] = store.config.tenant_id
+    finally:
+        store.close()
+    _emit(ident, as_json, f"identity {name}\nclient_id: {ident['client_id']}\nclient_secret: "
+                          f"{ident['client_secret']}\ntenant_id: {ident['tenant_id']}\n"
+                          "(the secret is shown only now; it is stored hashed)")
+
+
+@identity_grp.command("list")
+@DIR_OPTION
+@JSON_OPTION
+@friendly
+def identity_list(vault_dir, as_json):
+    from ..vault.server.identities import list_identities
+    from ..vault.server.store import open_store
+    store = open_store(vault_dir)
+    try:
+        rows = list_identities(store)
+    finally:
+        store.close()
+    lines = [f"{r['name']:<20} {r['client_id']}  "
+             f"{'admin (all)' if r['admin'] else ','.join(r['permissions']) or '(no permissions)'}" for r in rows]
+    _emit(rows, as_json, "\n".join(lines))
+
+
+@identity_grp.command("delete")
+@click.argument("name")
+@DIR_OPTION
+@friendly
+def identity_delete(name, vault_dir):
+    from ..vault.server.identities import delete_identity
+    from ..vault.server.store import open_store
+    store = open_store(vault_dir)
+    try:
+        ident = delete_identity(store, name)
+        _local_audit(store, "IdentityDelete", f"{ident['name']} {ident['client_id']}")
+    finally:
+        store.close()
+    click.echo(f"identity {ident['name']} deleted; its tokens no longer work")
+
+
+@vault.group("policy")
+def policy_grp():
+    """Access policies: key permissions per identity."""
+
+
+@policy_grp.command("set")
+@click.option("--identity", required=True, help="identity name or client id")
+@click.option("--permissions", required=True, help="comma list, e.g. get,wrapKey,unwrapKey (or all, or '')")
+@DIR_OPTION
+@JSON_OPTION
+@friendly
+def policy_set(identity, permissions, vault_dir, as_json):
+    from ..vault.server.policies import parse_permissions, set_policy
+    from ..vault.server.store import open_store
+    perms = parse_permissions(permissions)
+    store = open_store(vault_dir)
+    try:
+        out = set_policy(store, identity, perms)
+        _local_audit(store, "PolicySet", f"{out['name']} {','.join(perms) or '(none)'}")
+    finally:
+        store.close()
+    _emit(out, as_json, f"identity {out['name']}: {','.join(perms) or '(no permissions)'}")
+
+
+@policy_grp.command("show")
+@click.option("--identity", required=True)
+@DIR_OPTION
+@JSON_OPTION
+@friendly
+def policy_show(identity, vault_dir, as_json):
+    from ..vault.server.identities import find_identity
+    from ..vault.server.policies import PERMISSIONS, permissions_of
+    from ..vault.server.store import open_store
+    store = open_store(vault_dir)
+    try:
+        ident = find_identity(store, identity)
+        perms = list(PERMISSIONS) if ident["admin"] else sorted(permissions_of(store, ident["client_id"]))
+    finally:
+        store.close()
+    _emit({**ident, "permissions": perms}, as_json, f"identity {ident['name']}: {','.join(perms) or '(none)'}")
+
+
+# -- audit ----------------------------------------------------------------------------------
+
+@vault.group("audit", invoke_without_command=True)
+@click.option("--dir", "vault_dir", envvar="BLOCKCRYPT_VAULT_DIR", type=click.Path(file_okay=False),
+              help="vault directory (or BLOCKCRYPT_VAULT_DIR)")
+@click.option("--key", "key_name", help="only records about this key")
+@click.option("--limit", type=click.IntRange(1), help="only the last N records")
+@JSON_OPTION
+@click.pass_context
+@friendly
+def audit_grp(ctx, vault_dir, key_name, limit, as_json):
+    """Show the audit log (or `audit verify` to check its hash chain)."""
+    ctx.obj = {"vault_dir": vault_dir, "as_json": as_json}
+    if ctx.invoked_subcommand is not None:
+        return
+    if not vault_dir:
+        raise UsageError("missing --dir (or BLOCKCRYPT_VAULT_DIR)")
+    from ..vault.server import audit
+    from ..vault.server.store import open_store
+    store = open_store(vault_dir)
+    try:
+        recs = audit.records(store, key=key_name, limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        for r in recs:
+            click.echo(json.dumps(r, sort_keys=True))
+        return
+    for r in recs:
+        kv = r.get("key", "") + ("/" + r["version"] if r.get("version") else "")
+        ctx_s = f" disk={r['disk_id']}" if r.get("disk_id") else ""
+        click.echo(f"{r.get('seq'):>6} {r.get('time', '-')} {r.get('identity', '-'):<14} "
+                   f"{r.get('operation', '-'):<18} {kv or '-':<48} {r.get('status', '-')} "
+                   f"{r.get('result', '-')}{ctx_s}")
+
+
+@audit_grp.command("verify")
+@click.option("--dir", "vault_dir", envvar="BLOCKCRYPT_VAULT_DIR", type=click.Path(file_okay=False),
+              help="vault directory (or BLOCKCRYPT_VAULT_DIR)")
+@JSON_OPTION
+@click.pass_context
+@friendly
+def audit_verify(ctx, vault_dir, as_json):
+    """Check the hash chain; names the first edited, removed or reordered record."""
+    vault_dir = vault_dir or (ctx.obj or {}).get("vault_dir")
+    if not vault_dir:
+        raise UsageError("missing --dir (or BLOCKCRYPT_VAULT_DIR)")
+    from ..vault.server import audit
+    from ..vault.server.store import open_store
+    store = open_store(vault_dir)
+    try:
+        res = audit.verify(store)
+    finally:
+        store.close()
+    as_json = as_json or (ctx.obj or {}).get("as_json")
+    if as_json:
+        click.echo(json.dumps(res, sort_keys=True))
+    elif res["ok"]:
+        click.echo(f"audit log intact: {res['records']} records, head {res['head']}")
+    if not res["ok"]:
+        raise AuditBroken(seq=res["bad_seq"], why=res["why"])
+
+
+# -- keys over HTTPS --------------------------------------------------------------------------
+
+def _client(vault_dir, url):
+    from ..vault.client import VaultClient
+    return VaultClient.for_admin(vault_dir, url)
+
+
+URL_OPTION = click.option("--url", help="vault URL (default: the running vault's serve.json)")
+
+
+def _key_line(b: dict) -> str:
+    k, a = b.get("key", {}), b.get("attributes", {})
+    state = "enabled" if a.get("enabled") else "disabled"
+    extra = ""
+    if a.get("nbf"):
+        extra += f" nbf={_ts(a['nbf'])}"
+    if a.get("exp"):
+        extra += f" exp={_ts(a['exp'])}"
+    if b.get("deletedDate"):
+        extra += f" deleted={_ts(b['deletedDate'])} purge={_ts(b['scheduledPurgeDate'])}"
+    n_bits = len(k.get("n", "")) * 6 // 8 * 8 if k.get("n") else 0
+    size = f" {((n_bits + 1023) // 1024) * 1024}-bit" if n_bits else ""
+    return f"{k.get('kid', b.get('kid', '?'))} {k.get('kty', '')}{size} {state}{extra}"
+
+
+@vault.group("key")
+def key_grp():
+    """Keys, over HTTPS as the vault's admin identity."""
+
+
+@key_grp.command("create")
+@click.argument("name")
+@click.option("--kty", type=click.Choice(["RSA", "RSA-HSM"]), default="RSA", show_default=True)
+@click.option("--size", "size_bits", type=int, default=2048, show_default=True, help="2048, 3072 or 4096")
+@click.option("--tag", multiple=True, help="NAME=VALUE (repeatable)")
+@click.option("--disabled", is_flag=True, help="create the key disabled")
+@DIR_OPTION
+@URL_OPTION
+@JSON_OPTION
+@friendly
+def key_create(name, kty, size_bits, tag, disabled, vault_dir, url, as_json):
+    tags = {}
+    for t in tag:
+        k, sep, v = t.partition("=")
+        if not sep or not k:
+            raise UsageError(f"--tag must be NAME=VALUE, not {t!r}")
+        tags[k] = v
+    b = _client(vault_dir, url).create_key(name, kty=kty, key_size=size_bits, tags=tags, enabled=not disabled)
+    _emit(b, as_json, _key_line(b))
+
+
+@key_grp.command("list")
+@click.option("--deleted", is_flag=True, help="list soft-deleted keys instead")
+@DIR_OPTION
+@URL_OPTION
+@JSON_OPTION
+@friendly
+def key_list(deleted, vault_dir, url, as_json):
+    c = _client(vault_dir, url)
+    items = c.list_deleted() if deleted else c.list_keys()
+    lines = []
+    for it in items:
+        a = it.get("attributes", {})
+        line = f"{it['kid'].rsplit('/', 1)[-1]:<32} {'enabled' if a.get('enabled') else 'disabled'}"
+        if deleted:
+            line += f" deleted={_ts(it.get('deletedDate'))} purge={_ts(it.get('scheduledPurgeDate'))}"
+        lines.append(line)
+    _emit(items, as_json, "\n".join(lines) if lines else "(no keys)")
+
+
+@key_grp.command("show")
+@click.argument("name")
+@click.option("--version", help="a version (default: the current one)")
+@click.option("--versions", "all_versions", is_flag=True, help="list every version")
+@DIR_OPTION
+@URL_OPTION
+@JSON_OPTION
+@friendly
+def key_show(name, version, all_versions, vault_dir, url, as_json):
+    c = _client(vault_dir, url)
+    if all_versions:
+        items = c.list_versions(name)
+        _emit(items, as_json, "\n".join(
+            f"{it['kid']} {'enabled' if it['attributes'].get('enabled') else 'disabled'} "
+            f"created={_ts(it['attributes'].get('created'))}" for it in items))
+        return
+    b = c.call("GET", f"/keys/{name}/{version or ''}")
+    _emit(b, as_json, _key_line(b))
+
+
+def _simple(cmd_name: str, help_text: str, fn, with_version: bool = False):
+    @click.argument("name")
+    @DIR_OPTION
+    @URL_OPTION
+    @JSON_OPTION
+    @friendly
+    def cmd(name, vault_dir, url, as_json, version=None):
+        b = fn(_client(vault_dir, url), name, version)
+        if b is None:
+            _emit({"name": name, "purged": True}, as_json, f"key {name} purged")
+        else:
+            _emit(b, as_json, _key_line(b))
+    cmd.__doc__ = help_text
+    if with_version:
+        cmd = click.option("--version", help="a version (default: the current one)")(cmd)
+    key_grp.command(cmd_name)(cmd)
+
+
+_simple("rotate", "Make a new current version of the key.", lambda c, n, v: c.rotate_key(n))
+_simple("disable", "Disable the key (every operation on it is refused).",
+        lambda c, n, v: c.update_key(n, v, enabled=False), with_version=True)
+_simple("enable", "Enable the key.", lambda c, n, v: c.update_key(n, v, enabled=True), with_version=True)
+_simple("delete", "Soft-delete the key (recoverable until its scheduled purge date).",
+        lambda c, n, v: c.delete_key(n))
+_simple("recover", "Recover a soft-deleted key.", lambda c, n, v: c.recover_key(n))
+_simple("purge", "Purge a soft-deleted key for good (refused under purge protection).",
+        lambda c, n, v: c.purge_key(n))
+

@@ -1,0 +1,291 @@
+"""Disk encryption sets (DES): customer-managed keys for disks, as in the seeds.
+
+A DES names a vault key (``https://HOST:PORT/keys/K`` for "latest", or a
+version), an encryption type, and a vault identity that the vault admin grants
+get, wrapKey and unwrapKey. Disks created with ``--des`` get a DEK wrapped by
+that key (keys/providers/akv.py); ``disk update --des`` moves a platform-key disk to a
+DES by re-wrapping its DEK (never back: copy the disk instead).
+
+Rotation re-wraps every DEK of the DES under the new key version; no data is
+rewritten. It is crash-safe like the platform rotation: the target version is
+recorded first (``active_key``, with the old one in ``previous_keys``), each
+header is rewritten atomically, and ``previous_keys`` is cleared last; the
+vault keeps old key versions, so a crash leaves every disk openable and the
+next ``des rotate``/``des update``/auto-rotation pass finishes the job.
+
+Creation refuses, each with one clear line: a vault without soft delete and
+purge protection, a key that is not RSA 2048/3072/4096, an identity that
+cannot get, wrapKey and unwrapKey (found by a probe), and more DES than the
+catalog allows (``max_des``, default 50).
+
+Caveat: the identity's secret is kept in STATE/keys/des/<des id>.json (0600).
+Creating the identity needs the vault's directory (``--vault-dir``, a vault on
+this host); for a remote vault the vault admin creates it and hands over the
+file printed by ``blockcrypt vault identity create NAME --json``
+(``--identity-file``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from .._util.b64 import b64u_decode
+from .._util.clock import now_iso
+from ..catalog import DesRecord, check_name
+from ..errors import AlreadyExists, KeyError_, Refused, UsageError
+from ..format import ROLE_DATA
+from ..keys.providers.akv import parse_key_url, secret_path, write_secret
+from . import disks, settings
+from .rotation import rewrap_disks
+
+TYPES = (disks.TYPE_CMK,)
+RSA_SIZES = (2048, 3072, 4096)
+NEEDED = ("get", "wrapKey", "unwrapKey")
+
+
+def max_des(st) -> int:
+    return settings.get(st, "max_des")
+
+
+def grant_line(identity_name: str) -> str:
+    return f"blockcrypt vault policy set --identity {identity_name} --permissions get,wrapKey,unwrapKey --dir VAULT_DIR"
+
+
+def _key_bits(jwk: dict) -> int:
+    try:
+        raw = b64u_decode(jwk.get("n", ""))
+    except ValueError:
+        return 0
+    return len(raw.lstrip(b"\0")) * 8
+
+
+def check_vault_key(doc: dict, key_url: str) -> None:
+    """Refuse keys and vaults a DES cannot use (from a GET key answer)."""
+    attrs = doc.get("attributes", {})
+    level = attrs.get("recoveryLevel", "")
+    if "Purgeable" in level or not level.startswith(("Recoverable", "CustomizedRecoverable")):
+        raise Refused(f"the vault of {key_url} has no purge protection (recoveryLevel {level or 'unknown'}): "
+                      "a disk encryption set needs soft delete and purge protection "
+                      "(`blockcrypt vault init --purge-protection`)")
+    jwk = doc.get("key", {})
+    if jwk.get("kty") not in ("RSA", "RSA-HSM") or _key_bits(jwk) not in RSA_SIZES:
+        raise Refused(f"key {key_url} is {jwk.get('kty')} {_key_bits(jwk) if jwk.get('n') else ''}".rstrip()
+                      + ": a disk encryption set needs an RSA key of 2048, 3072 or 4096 bits")
+
+
+def probe(client, key_url: str) -> str:
+    """get + wrapKey + unwrapKey with the DES identity; returns the versioned kid."""
+    _, name, version = parse_key_url(key_url)
+    doc = client.get_key(name, version)
+    check_vault_key(doc, key_url)
+    sample = os.urandom(32)
+    kid, blob = client.wrap(name, version, sample)
+    if client.unwrap(name, kid.rsplit("/", 1)[-1], blob) != sample:
+        raise Refused(f"key {key_url}: the vault's wrap/unwrap round trip failed")
+    return doc["key"]["kid"]
+
+
+def _identity(st, name: str, vault_dir: str | None, identity_file: str | None) -> tuple[dict, str, bool]:
+    """(public identity, secret, created_now). Reuses a pending identity of an earlier attempt."""
+    pending = Path(st.path) / "keys" / "des" / f"pending-{name}.json"
+    if identity_file:
+        try:
+            doc = json.loads(Path(identity_file).read_text())
+            secret = doc["client_secret"]
+            ident = {"name": doc.get("name", ""), "client_id": doc["client_id"], "tenant_id": doc["tenant_id"]}
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"cannot read identity file {identity_file}: need client_id, client_secret and "
+                             f"tenant_id ({e.__class__.__name__})") from None
+        return ident, secret, False
+    if not vault_dir:
+        raise UsageError("give --vault-dir (a vault on this host: the DES identity is created there) "
+                         "or --identity-file (from `blockcrypt vault identity create NAME --json`)")
+    if pending.exists():
+        doc = json.loads(pending.read_text())
+        return {k: doc[k] for k in ("name", "client_id", "tenant_id")}, doc["client_secret"], False
+    from ..vault.server import identities
+    from ..vault.server.store import open_store
+    store = open_store(vault_dir)
+    try:
+        made = identities.create_identity(store, f"des-{name}-{uuid.uuid4().hex[:8]}")
+        tenant = store.config.tenant_id
+    finally:
+        store.close()
+    doc = {"name": made["name"], "client_id": made["client_id"], "client_secret": made["client_secret"],
+           "tenant_id": tenant}
+    write_secret(st, f"pending-{name}", doc)
+    return {k: doc[k] for k in ("name", "client_id", "tenant_id")}, doc["client_secret"], True
+
+
+def create(st, name: str, key_url: str, *, enc_type: str = disks.TYPE_CMK, auto_rotate: bool = False,
+           vault_dir: str | None = None, identity_file: str | None = None, ca_file: str | None = None,
+           grant: bool = False) -> DesRecord:
+    from ..vault.client import VaultClient
+
+    check_name("disk encryption set", name)
+    if enc_type not in TYPES:
+        raise UsageError(f"unsupported encryption type {enc_type!r} (one of {', '.join(TYPES)})")
+    base, _key, version = parse_key_url(key_url)
+    if st.catalog.find_des(name) is not None:
+        raise AlreadyExists(kind="disk encryption set", name=name)
+    limit = max_des(st)
+    if len(st.catalog.list_des()) >= limit:
+        raise Refused(f"this catalog already has {limit} disk encryption sets, its limit "
+                      "(`blockcrypt config set max_des N` to change it)")
+    if auto_rotate and version:
+        raise UsageError("--auto-rotate needs a key URL without a version (it follows the newest version)")
+    if ca_file is None and vault_dir:
+        ca_file = str(Path(vault_dir) / "ca.pem")
+    ident, secret, _made = _identity(st, name, vault_dir, identity_file)
+    if grant:
+        if not vault_dir:
+            raise UsageError("--grant needs --vault-dir (it sets the access policy in that vault)")
+        from ..vault.server import policies
+        from ..vault.server.store import open_store
+        store = open_store(vault_dir)
+        try:
+            policies.set_policy(store, ident["name"], list(NEEDED))
+        finally:
+            store.close()
+    client = VaultClient(base, tenant_id=ident["tenant_id"], client_id=ident["client_id"],
+                         client_secret=secret, ca_file=ca_file)
+    try:
+        kid = probe(client, key_url)
+    except KeyError_ as e:
+        if e.reason == "KeyAccessDenied":
+            raise Refused(f"identity {ident['name'] or ident['client_id']} cannot get, wrapKey and unwrapKey "
+                          f"{key_url} ({e}); the vault admin must run: {grant_line(ident['name'] or ident['client_id'])}"
+                          f" -- then run this command again") from None
+        raise
+    des_id = uuid.uuid4().hex
+    write_secret(st, des_id, {"client_secret": secret})
+    rec = DesRecord(name, des_id, key_url, kid, (), enc_type, auto_rotate, ident, ca_file, now_iso())
+    try:
+        st.catalog.insert_des(rec)
+    except BaseException:
+        secret_path(st, des_id).unlink(missing_ok=True)
+        raise
+    (Path(st.path) / "keys" / "des" / f"pending-{name}.json").unlink(missing_ok=True)
+    return rec
+
+
+def delete(st, name: str) -> DesRecord:
+    rec = st.catalog.get_des(name)
+    users = st.catalog.disks_of_des(name)
+    if users:
+        raise Refused(f"disk encryption set {name!r} is used by {len(users)} disk(s) "
+                      f"({', '.join(d.name for d in users[:5])}); delete or copy them first")
+    st.catalog.delete_des(name)
+    secret_path(st, rec.des_id).unlink(missing_ok=True)
+    st.keys.get("vault").forget(rec.des_id)
+    return rec
+
+
+def to_json(st, rec: DesRecord) -> dict:
+    return {
+        "name": rec.name, "id": rec.des_id, "type": rec.type, "created": rec.created,
+        "activeKey": {"keyUrl": rec.active_key, "sourceKeyUrl": rec.key_url},
+        "previousKeys": [{"keyUrl": k} for k in rec.previous_keys],
+        "rotationToLatestKeyVersionEnabled": rec.auto_rotate,
+        "identity": {"name": rec.identity.get("name"), "clientId": rec.identity.get("client_id"),
+                     "tenantId": rec.identity.get("tenant_id")},
+        "disks": [d.name for d in st.catalog.disks_of_des(rec.name)],
+    }
+
+
+# --- rotation ------------------------------------------------------------------------------
+
+def rotate(st, name: str, target_kid: str | None = None, on_step=None) -> dict:
+    """Re-wrap every DEK of the DES under ``target_kid`` (default: the pending or newest version)."""
+    step = on_step or (lambda s, d=None: None)
+    rec = st.catalog.get_des(name)
+    prov = st.keys.get("vault")
+    if target_kid is None:
+        target_kid = rec.active_key if rec.previous_keys else prov.latest_version(rec)
+    if target_kid != rec.active_key:
+        step("begin", target_kid)
+        prev = tuple(dict.fromkeys((*rec.previous_keys, rec.active_key)))
+        st.catalog.update_des(name, active_key=target_kid, previous_keys=prev)
+
+    def plan(h, layer):
+        if layer.role == ROLE_DATA and layer.provider == "vault" and layer.kek_id != target_kid:
+            return "vault", target_kid
+        return None
+
+    rewrapped, _, _ = rewrap_disks(st, st.catalog.disks_of_des(name), plan, step)
+    step("finish", None)
+    st.catalog.update_des(name, previous_keys=())
+    return {"des": name, "activeKey": target_kid, "rewrapped": rewrapped}
+
+
+def update(st, name: str, *, key_url: str | None = None, auto_rotate: bool | None = None, on_step=None) -> dict:
+    rec = st.catalog.get_des(name)
+    result = {"des": name, "rewrapped": []}
+    if auto_rotate is not None:
+        if auto_rotate and parse_key_url(key_url or rec.key_url)[2]:
+            raise UsageError("--auto-rotate needs a key URL without a version")
+        st.catalog.update_des(name, auto_rotate=auto_rotate)
+    if key_url is not None:
+        base, key, _v = parse_key_url(key_url)
+        if (base, key) != parse_key_url(rec.key_url)[:2]:
+            raise Refused("a disk encryption set keeps its vault key; give a new version of "
+                          f"{parse_key_url(rec.key_url)[0]}/keys/{parse_key_url(rec.key_url)[1]}")
+        client = st.keys.get("vault").client_for(rec)
+        kid = probe(client, key_url)
+        st.catalog.update_des(name, key_url=key_url)
+        result = rotate(st, name, kid, on_step=on_step)
+    elif rec.previous_keys:
+        result = rotate(st, name, on_step=on_step)
+    return result
+
+
+def auto_rotate_pass(st) -> list[dict]:
+    """One pass of auto-rotation: every DES that follows its key's newest version and is behind."""
+    done = []
+    for rec in st.catalog.list_des():
+        if rec.previous_keys:
+            done.append(rotate(st, rec.name))
+            continue
+        if not rec.auto_rotate:
+            continue
+        latest = st.keys.get("vault").latest_version(rec)
+        if latest != rec.active_key:
+            done.append(rotate(st, rec.name, latest))
+    return done
+
+
+# --- disks on a DES -----------------------------------------------------------------------------
+
+def create_disk(st, name: str, size: int, des_name: str, sector_size: int = 4096,
+                revocation: str = "immediate"):
+    rec = st.catalog.get_des(des_name)
+    return disks.create(st, name, size, sector_size, provider="vault", kek_ref=rec.active_key,
+                        des=des_name, revocation=revocation)
+
+
+def move_disk_to_des(st, disk_name: str, des_name: str):
+    """A platform-key disk moves to a DES: its DEK is re-wrapped by the vault key; no data rewritten."""
+    drec = st.catalog.get_disk(disk_name)
+    des = st.catalog.get_des(des_name)
+    if drec.des == des_name:
+        return drec
+    if drec.des is not None:
+        raise Refused(f"disk {disk_name!r} already uses disk encryption set {drec.des!r}; "
+                      "use `des update` to rotate its key, or `disk copy` to a new disk")
+
+    def plan(h, layer):
+        return ("vault", des.active_key) if layer.role == ROLE_DATA else None
+
+    _, _, headers = rewrap_disks(st, [drec], plan)
+    new = headers[disk_name]
+    with st.catalog.transaction() as c:
+        st.catalog.update_disk(disk_name, c, des=des_name, encryption_type=disks.encryption_type(new))
+    return st.catalog.get_disk(disk_name)
+
+
+def refuse_back_to_platform(disk_name: str, des_name: str):
+    raise Refused(f"disk {disk_name!r} is encrypted with a customer-managed key (disk encryption set "
+                  f"{des_name!r}), which cannot be turned off; copy it to a new disk instead: "
+                  f"`blockcrypt disk copy {disk_name} NEW_NAME --des ''` (a platform-key copy)")

@@ -1,0 +1,238 @@
+"""Disk life cycle: create, delete, resize, dump the DEK, check, open a volume, rebuild the catalog.
+
+These are the operations behind ``blockcrypt disk ...``; they touch the disk
+header (format/), the key providers (keys/) and the catalog, and hand open
+volumes (volume/) to copies, checks and the mount.
+
+Caveat: header updates take the backing store's exclusive lock, so two CLI
+processes do not interleave header writes; a mounted daemon only reads headers.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from .._util.clock import now_iso
+from ..catalog import DiskRecord, check_name
+from ..crypto import NullCipher, open_sector_cipher
+from ..errors import AlreadyExists, BadSize, BlockcryptError, CorruptHeader, NoSpace, Refused, StateError, UsageError
+from ..format import ROLE_DATA, ROLE_INFRA, Header, Layout, header_copy_state, read_header, write_header
+from ..keys.envelope import DATA_ALG, unwrap_layer, wrap_new_layer
+from ..storage import LocalFileBacking, is_enospc
+from ..volume import Volume
+
+TYPE_PMK = "EncryptionAtRestWithPlatformKey"
+TYPE_CMK = "EncryptionAtRestWithCustomerKey"
+TYPE_DOUBLE = "EncryptionAtRestWithPlatformAndCustomerKeys"
+
+
+def encryption_type(h: Header) -> str:
+    data = h.layer(ROLE_DATA)
+    if h.layer(ROLE_INFRA) is not None:
+        return TYPE_DOUBLE
+    if data is not None and data.provider != "platform":
+        return TYPE_CMK
+    return TYPE_PMK
+
+
+def open_backing(path: str, name: str, writable: bool = True) -> LocalFileBacking:
+    try:
+        return LocalFileBacking(path, writable=writable)
+    except FileNotFoundError:
+        raise CorruptHeader(name=name, why=f"disk file {path} is missing") from None
+
+
+@contextmanager
+def header_backing(path: str, name: str, writable: bool = True):
+    """The disk file's backing store, exclusively locked for header updates when writable."""
+    b = open_backing(path, name, writable)
+    try:
+        if writable:
+            b.lock()
+        yield b
+    finally:
+        b.close()
+
+
+def read_disk_header(rec: DiskRecord, repair: bool = False) -> Header:
+    with header_backing(rec.path, rec.name, writable=repair) as b:
+        return read_header(b, rec.name, repair=repair)
+
+
+def check_headers(rec: DiskRecord) -> dict:
+    """Both header copies before and after repairing a damaged or stale one (`disk check`)."""
+    with header_backing(rec.path, rec.name) as b:
+        before = header_copy_state(b)
+        read_header(b, rec.name, repair=True)
+        after = header_copy_state(b)
+    return {"before": before, "after": after, "repaired": [k for k in before if before[k] != after[k]]}
+
+
+def open_layer(st, h: Header):
+    """The sector layer of header ``h`` with its DEK unwrapped (the DEK is dropped at once)."""
+    dek = unwrap_layer(st.keys, h, ROLE_DATA)
+    try:
+        return open_sector_cipher(h.layer(ROLE_DATA).data_alg, dek, h.sector_size)
+    finally:
+        del dek
+
+
+def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = False) -> Volume:
+    """Open disk ``name`` of the catalog: its backing, its header (repaired when writable), its key."""
+    rec = st.catalog.get_disk(name)
+    writable = not (read_only or rec.read_only)
+    backing = open_backing(rec.path, name, writable)
+    try:
+        header = read_header(backing, name, repair=writable)
+        if header.disk_id.hex() != rec.disk_id:
+            raise CorruptHeader(name=name, why="the disk file belongs to another disk id")
+        cipher = NullCipher(b"", header.sector_size) if null_cipher else open_layer(st, header)
+    except BaseException:
+        backing.close()
+        raise
+    return Volume(backing, header, cipher, name=rec.name, kind=rec.kind, read_only=not writable)
+
+
+def _check_size(size: int, sector_size: int) -> None:
+    if sector_size not in (512, 4096):
+        raise UsageError(f"invalid sector size {sector_size}: use 512 or 4096")
+    if size % sector_size:
+        raise BadSize(value=size, why=f"not a multiple of the sector size ({sector_size} bytes)")
+
+
+REVOCATION_POLICIES = ("immediate", "on-restart")
+
+
+def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str = "platform",
+           kek_ref: str | None = None, kind: str = "disk", read_only: bool = False,
+           des: str | None = None, revocation: str = "immediate") -> DiskRecord:
+    check_name("disk", name)
+    _check_size(size, sector_size)
+    if revocation not in REVOCATION_POLICIES:
+        raise UsageError(f"invalid revocation policy {revocation!r}: use immediate or on-restart")
+    if st.catalog.find_disk(name) is not None:
+        raise AlreadyExists(kind="disk", name=name)
+    disk_id = Header.new_id()
+    layer = wrap_new_layer(st.keys, provider, kek_ref, disk_id, ROLE_DATA)
+    h = Header(disk_id=disk_id, name=name, size=size, sector_size=sector_size, cipher=DATA_ALG,
+               kind=kind, read_only=read_only, layers=(layer,))
+    path = st.disks_dir / f"{disk_id.hex()}.img"
+    try:
+        b = LocalFileBacking(str(path), True, create_mode=0o600)
+    except OSError as e:
+        raise StateError(path=str(st.path), why=f"cannot create the disk file ({e.strerror})") from None
+    try:
+        try:
+            b.set_size(Layout(sector_size).backing_size(size))
+            write_header(b, h)
+        except OSError as e:
+            if is_enospc(e):
+                raise NoSpace(name=name) from None
+            if e.errno == errno.EFBIG:
+                raise BadSize(value=size, why="too large for the backing file system") from None
+            raise
+        finally:
+            b.close()
+        rec = DiskRecord(name, disk_id.hex(), size, sector_size, str(path), kind, read_only,
+                         encryption_type(h), now_iso(), des, revocation)
+        with st.catalog.transaction() as c:
+            st.catalog.insert_disk(rec, c)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return rec
+
+
+def delete(st, name: str) -> DiskRecord:
+    rec = st.catalog.get_disk(name)
+    with st.catalog.transaction() as c:
+        st.catalog.delete_disk(name, c)
+    Path(rec.path).unlink(missing_ok=True)
+    return rec
+
+
+def resize(st, name: str, new_size: int) -> DiskRecord:
+    rec = st.catalog.get_disk(name)
+    _check_size(new_size, rec.sector_size)
+    if rec.read_only:
+        raise Refused(f"{rec.kind} {name!r} is read-only and cannot be resized")
+    if new_size < rec.size:
+        raise Refused(f"disk {name!r} can only grow ({new_size} < current {rec.size} bytes); "
+                      "copy it to a smaller disk instead")
+    with header_backing(rec.path, name) as b:
+        h = read_header(b, name, repair=True)
+        try:
+            b.set_size(Layout.of(h).backing_size(new_size))
+        except OSError as e:
+            raise BadSize(value=new_size, why=f"the backing file cannot grow ({e.strerror})") from None
+        write_header(b, h.evolve(size=new_size))
+    with st.catalog.transaction() as c:
+        st.catalog.update_disk(name, c, size=new_size)
+    return st.catalog.get_disk(name)
+
+
+def dump_key(st, name: str, out: str) -> str:
+    """Write the data-layer DEK to a new 0600 file (the emergency way out, as with LUKS)."""
+    rec = st.catalog.get_disk(name)
+    h = read_disk_header(rec)
+    if h.layer(ROLE_INFRA) is not None:
+        raise Refused(f"disk {name!r} is double-encrypted: its data area is not plain aes-xts-plain64")
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise AlreadyExists(kind="file", name=out) from None
+    except OSError as e:
+        raise UsageError(f"cannot create {out}: {e.strerror}") from None
+    try:
+        dek = unwrap_layer(st.keys, h, ROLE_DATA)
+        os.write(fd, dek)
+        os.fsync(fd)
+        del dek
+    except BaseException:
+        os.close(fd)
+        os.unlink(out)
+        raise
+    os.close(fd)
+    return out
+
+
+def _des_of_key(st, h: Header) -> str | None:
+    """The DES whose vault key wraps this disk's DEK (for a rebuilt catalog)."""
+    layer = h.layer(ROLE_DATA)
+    if layer is None or layer.provider != "vault":
+        return None
+    from ..keys.providers.akv import parse_key_url
+    base, name, _version = parse_key_url(layer.kek_id)
+    for d in st.catalog.list_des():
+        if parse_key_url(d.key_url)[:2] == (base, name):
+            return d.name
+    return None
+
+
+# --- catalog rebuild ------------------------------------------------------------------
+
+def rebuild_catalog(st) -> dict:
+    """Rebuild the catalog from the disk headers in STATE/disks."""
+    recs, bad = [], []
+    old = {r.disk_id: r for r in st.catalog.list_disks()}
+    for path in sorted(st.disks_dir.glob("*.img")):
+        try:
+            with header_backing(str(path), path.name, writable=False) as b:
+                h = read_header(b, path.name)
+        except BlockcryptError as e:
+            bad.append({"path": str(path), "error": str(e)})
+            continue
+        prev = old.get(h.disk_id_hex)
+        created = prev.created if prev else now_iso()
+        des = prev.des if prev else _des_of_key(st, h)
+        revocation = prev.revocation if prev else "immediate"
+        recs.append(DiskRecord(h.name, h.disk_id_hex, h.size, h.sector_size, str(path), h.kind,
+                               h.read_only, encryption_type(h), created, des, revocation))
+    names = [r.name for r in recs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise Refused(f"two disk files claim the name(s) {sorted(dupes)}; move one out of {st.disks_dir}")
+    st.catalog.replace_all(recs)
+    return {"disks": sorted(r.name for r in recs), "unreadable": bad}

@@ -1,0 +1,84 @@
+"""The catalog settings: one table of name, default, validator and help.
+
+``blockcrypt config get/set`` and the mount daemon's key monitor both read it:
+``get(st, name)`` returns the typed value (a float for intervals), ``set_(st, name,
+text)`` validates and stores the canonical text.
+
+Caveat: settings live in the catalog, so a running mount reads a change at its
+next use (the key monitor re-reads them every check).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import UsageError
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError
+    return v
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise ValueError
+    return v
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    parse: Callable[[str], object]    # text -> value, ValueError when invalid
+    help: str
+    expects: str                      # what a valid value is, for the error line
+
+
+SETTINGS = {s.name: s for s in (
+    Setting("max_des", "50", _positive_int, "most disk encryption sets in this catalog",
+            "a positive whole number"),
+    Setting("key_check_interval", "60", _positive_float,
+            "seconds between key checks in a mount (revocation bound)", "a positive number"),
+    Setting("key_grace_period", "3600", _positive_float,
+            "seconds a mount serves from a cached key while the vault is unreachable", "a positive number"),
+    Setting("auto_rotate_interval", "3600", _positive_float,
+            "seconds between auto-rotation passes in a mount", "a positive number"),
+    Setting("on_revoke", "", str, "command run with the disk name when a key revocation stops a disk",
+            "a command line"),
+)}
+
+
+def setting(name: str) -> Setting:
+    s = SETTINGS.get(name)
+    if s is None:
+        raise UsageError(f"unknown setting {name!r} (one of {', '.join(SETTINGS)})")
+    return s
+
+
+def get_text(st, name: str) -> str:
+    return st.catalog.get_setting(name, setting(name).default)
+
+
+def get(st, name: str):
+    """The typed value; a stored value that no longer validates gives the default."""
+    s = setting(name)
+    try:
+        return s.parse(get_text(st, name))
+    except (TypeError, ValueError):
+        return s.parse(s.default)
+
+
+def set_(st, name: str, text: str) -> str:
+    s = setting(name)
+    try:
+        value = s.parse(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"invalid value {text!r} for {name}: {s.expects}") from None
+    canonical = str(value) if isinstance(value, int) else text.strip()
+    st.catalog.set_setting(name, canonical)
+    return canonical

@@ -1,0 +1,82 @@
+"""DEK envelopes: a new DEK, and wrap / unwrap / rewrap of one layer of a disk header.
+
+A header layer carries the wrapped DEK, the versioned KEK id it is wrapped
+under, and a digest of its binding (disk id + layer role). Every path that
+touches a wrapped DEK goes through here, so the binding is checked in one place
+and a re-wrap (rotation, or a move to another provider) is one function.
+
+Caveat: DEKs are returned as ``bytes``; callers drop them as soon as the sector
+layer holds the key. Nothing here logs.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import CorruptHeader
+from ..format import Header, Layer, binding_context, binding_digest
+from .base import WrappedKey
+
+DEK_BYTES = 64          # AES-256-XTS: two 256-bit keys
+DATA_ALG = "aes-xts-plain64"
+
+
+def new_dek() -> bytes:
+    while True:
+        dek = os.urandom(DEK_BYTES)
+        if dek[:32] != dek[32:]:  # XTS refuses equal halves
+            return dek
+
+
+def wrapped_of(layer: Layer) -> WrappedKey:
+    return WrappedKey(layer.provider, layer.kek_id, layer.wrap_alg, layer.wrapped_dek)
+
+
+def layer_from(role: int, wk: WrappedKey, disk_id: bytes, data_alg: str = DATA_ALG) -> Layer:
+    return Layer(role, wk.provider, wk.kek_id, wk.algorithm, data_alg, wk.blob, binding_digest(disk_id, role))
+
+
+def wrap_new_layer(keys, provider: str, kek_ref: str | None, disk_id: bytes, role: int,
+                   data_alg: str = DATA_ALG) -> Layer:
+    """A fresh DEK for ``role`` of disk ``disk_id``, wrapped by ``provider``'s key ``kek_ref``."""
+    prov = keys.get(provider)
+    dek = new_dek()
+    try:
+        wk = prov.wrap(kek_ref or prov.default_ref(), dek, binding_context(disk_id, role), disk_id=disk_id.hex())
+    finally:
+        del dek
+    return layer_from(role, wk, disk_id, data_alg)
+
+
+def _checked_layer(h: Header, role: int) -> Layer:
+    layer = h.layer(role)
+    if layer is None:
+        raise CorruptHeader(name=h.name, why=f"no key for layer role {role}")
+    if layer.binding != binding_digest(h.disk_id, role):
+        raise CorruptHeader(name=h.name, why="the wrapped key is bound to another disk")
+    return layer
+
+
+def unwrap_layer(keys, h: Header, role: int) -> bytes:
+    """The DEK of layer ``role`` of header ``h`` (``keys``: a ProviderRegistry)."""
+    layer = _checked_layer(h, role)
+    return keys.get(layer.provider).unwrap(wrapped_of(layer), binding_context(h.disk_id, role),
+                                           disk_id=h.disk_id_hex)
+
+
+def rewrap_layer(keys, h: Header, role: int, provider: str, to_ref: str) -> Layer:
+    """Layer ``role`` of ``h`` with its DEK re-wrapped under ``provider``'s ``to_ref``.
+
+    Within one provider this is the provider's rewrap (a vault may do it without
+    returning the DEK); across providers (platform key -> customer key) it is an
+    unwrap and a wrap."""
+    layer = _checked_layer(h, role)
+    ctx = binding_context(h.disk_id, role)
+    if provider == layer.provider:
+        wk = keys.get(provider).rewrap(wrapped_of(layer), ctx, to_ref, disk_id=h.disk_id_hex)
+    else:
+        dek = keys.get(layer.provider).unwrap(wrapped_of(layer), ctx, disk_id=h.disk_id_hex)
+        try:
+            wk = keys.get(provider).wrap(to_ref, dek, ctx, disk_id=h.disk_id_hex)
+        finally:
+            del dek
+    return layer_from(role, wk, h.disk_id, layer.data_alg)

@@ -1,0 +1,8 @@
+"""The built-in KEK providers, one module each (listed in keys/registry.py).
+
+- ``platform``  platform-managed keys: the key store in the state directory (AES-256-GCM wrap)
+- ``akv``       customer-managed RSA keys in an Azure-Key-Vault-compatible vault (RSA-OAEP-256);
+                its provider name in disk headers is ``vault``
+
+Caveat: a provider module imports its SDK lazily, so listing providers needs none of them.
+"""

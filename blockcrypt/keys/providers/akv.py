@@ -1,0 +1,133 @@
+"""Customer-managed keys in a key vault (ours, or any Azure Key Vault speaking the same REST API).
+
+A disk encryption set (DES, blockcrypt/control/des.py) names a vault key and holds a
+vault identity; this provider wraps and unwraps DEKs with that key through
+that identity:
+
+- wrap:   RSA-OAEP-256 of  DEK (64 bytes) || SHA-256(binding context) (32 bytes)
+- unwrap: RSA-OAEP-256 back; the digest must match this disk and layer role
+
+Azure's wrapKey has no associated data, so the binding travels inside the
+wrapped plaintext (96 bytes: fits RSA-2048 OAEP-SHA256, whose limit is 190).
+The versioned key id (``https://HOST:PORT/keys/NAME/VERSION``) is recorded in
+the disk header; the DES whose key it is supplies the identity. Calls carry
+the disk id (``x-blockcrypt-disk-id``) so the vault's audit names the disk.
+
+Caveats: the identity secret lives in STATE/keys/des/<des id>.json (0600);
+vault errors arrive already typed (KeyUnavailable, KeyDisabled, ...) from
+blockcrypt.vault.client, which this module imports lazily.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ..._util.fsutil import atomic_write
+from ...errors import KeyError_, KeyIntegrityError, NotFound, UsageError
+from ..base import KekProvider, KeyStatus, WrappedKey
+
+WRAP_ALG = "RSA-OAEP-256"
+DEK_BYTES = 64
+
+
+def parse_key_url(url: str) -> tuple[str, str, str | None]:
+    """https://HOST:PORT/keys/NAME[/VERSION] -> (vault base URL, key name, version or None)."""
+    parts = urlsplit(url or "")
+    segs = [s for s in parts.path.split("/") if s]
+    if parts.scheme != "https" or not parts.netloc or len(segs) not in (2, 3) or segs[0] != "keys":
+        raise UsageError(f"invalid key URL {url!r}: expected https://HOST:PORT/keys/NAME[/VERSION]")
+    return f"https://{parts.netloc}", segs[1], (segs[2] if len(segs) == 3 else None)
+
+
+def secret_path(state, des_id: str) -> Path:
+    return Path(state.path) / "keys" / "des" / f"{des_id}.json"
+
+
+def _context_digest(context: bytes) -> bytes:
+    return hashlib.sha256(b"blockcrypt/v1/cmk-binding\0" + context).digest()
+
+
+class AkvKeyProvider(KekProvider):
+    """DEKs wrapped by an RSA key in an Azure-Key-Vault-compatible vault (ours or Azure's)."""
+
+    NAME = "vault"
+
+    def __init__(self, state):
+        self.state = state
+        self._clients: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    # -- identity of the DES that owns a key ----------------------------------------------------
+    def _des_for(self, kek_ref: str):
+        base, name, _ = parse_key_url(kek_ref)
+        for d in self.state.catalog.list_des():
+            b, n, _v = parse_key_url(d.key_url)
+            if (b, n) == (base, name):
+                return d
+        raise NotFound(kind="disk encryption set for key", name=f"{base}/keys/{name}")
+
+    def client_for(self, des):
+        with self._lock:
+            c = self._clients.get(des.des_id)
+            if c is None:
+                from ...vault.client import VaultClient
+                ident = des.identity
+                secret = json.loads(secret_path(self.state, des.des_id).read_text())["client_secret"]
+                base, _, _ = parse_key_url(des.key_url)
+                c = VaultClient(base, tenant_id=ident["tenant_id"], client_id=ident["client_id"],
+                                client_secret=secret, ca_file=des.ca_file)
+                self._clients[des.des_id] = c
+            return c
+
+    def forget(self, des_id: str) -> None:
+        with self._lock:
+            self._clients.pop(des_id, None)
+
+    # -- the provider interface -------------------------------------------------------------
+    def default_ref(self) -> str:
+        raise UsageError("a customer-managed key needs a disk encryption set (--des)")
+
+    def status(self, kek_ref: str, disk_id: str | None = None) -> KeyStatus:
+        des = self._des_for(kek_ref)
+        _, name, version = parse_key_url(kek_ref)
+        try:
+            key = self.client_for(des).get_key(name, version, disk_id=disk_id)
+        except KeyError_ as e:
+            return KeyStatus(kek_ref, False, e.reason, str(e))
+        return KeyStatus(key["key"]["kid"], True)
+
+    def latest_version(self, des) -> str:
+        """The versioned kid of the key's newest version (what 'latest' means now)."""
+        _, name, _ = parse_key_url(des.key_url)
+        return self.client_for(des).get_key(name, None)["key"]["kid"]
+
+    def wrap(self, kek_ref: str, dek: bytes, context: bytes, disk_id: str | None = None) -> WrappedKey:
+        if len(dek) != DEK_BYTES:
+            raise ValueError("DEK must be 64 bytes")
+        des = self._des_for(kek_ref)
+        _, name, version = parse_key_url(kek_ref)
+        kid, blob = self.client_for(des).wrap(name, version, bytes(dek) + _context_digest(context),
+                                              alg=WRAP_ALG, disk_id=disk_id)
+        return WrappedKey(self.NAME, kid, WRAP_ALG, blob)
+
+    def unwrap(self, wrapped: WrappedKey, context: bytes, disk_id: str | None = None) -> bytes:
+        if wrapped.algorithm != WRAP_ALG:
+            raise KeyIntegrityError(key_id=wrapped.kek_id, msg=f"unexpected wrap algorithm {wrapped.algorithm}")
+        des = self._des_for(wrapped.kek_id)
+        _, name, version = parse_key_url(wrapped.kek_id)
+        plain = self.client_for(des).unwrap(name, version, wrapped.blob, alg=WRAP_ALG, disk_id=disk_id)
+        if len(plain) != DEK_BYTES + 32 or plain[DEK_BYTES:] != _context_digest(context):
+            raise KeyIntegrityError(key_id=wrapped.kek_id, msg="the wrapped key belongs to another disk or layer")
+        return plain[:DEK_BYTES]
+
+
+def write_secret(state, des_id: str, doc: dict) -> Path:
+    p = secret_path(state, des_id)
+    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(p.parent, 0o700)
+    atomic_write(p, json.dumps(doc).encode(), 0o600)
+    return p

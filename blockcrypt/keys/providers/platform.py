@@ -1,0 +1,192 @@
+"""Platform-managed keys: the default KEK provider, a versioned key store in the state directory.
+
+The store is ``STATE/keys/platform.json`` (directory 0700, file 0600, owned by
+the user running blockcrypt). It holds 256-bit platform keys by version::
+
+    {"format": 1, "current": 2, "pending_rotation": 2 | null,
+     "versions": [{"version": 1, "created": "...", "key": "<base64>"}, ...]}
+
+A DEK is wrapped with AES-256-GCM under the current version: blob = nonce(12)
+|| ciphertext || tag(16); the associated data is the binding context (disk id
+and layer role) plus the versioned KEK id, so a wrapped DEK moved to another
+disk, role or version does not unwrap.
+
+The store is rewritten atomically (temp file, fsync, rename, fsync of the
+directory). Rotation adds a version, re-wraps every disk's DEK (no data is
+rewritten) and forgets versions no disk uses any more; see rotate_platform_key()
+in blockcrypt/disks.py for the crash-safe sequence.
+
+Caveat: the platform keys are the root of trust of platform-keyed disks; they
+are stored in plaintext, protected by file permissions (like a LUKS key file).
+Put the state directory on storage you trust, or use an HSM-backed provider.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..._util.clock import now_iso
+from ..._util.fsutil import atomic_write
+from ...errors import KeyIntegrityError, KeyPurged, KeyStoreError
+from ..base import KekProvider, KeyStatus, WrappedKey
+
+STORE_NAME = "platform.json"
+WRAP_ALG = "A256GCM"
+
+
+class PlatformKeyStore:
+    """The key store file; every method re-reads it so several processes agree."""
+
+    def __init__(self, keys_dir: Path):
+        self.dir = Path(keys_dir)
+        self.path = self.dir / STORE_NAME
+
+    # -- life cycle -------------------------------------------------------------
+    def create(self) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        if self.path.exists():
+            self.load()  # validates permissions and content
+            return
+        doc = {"format": 1, "current": 1, "pending_rotation": None,
+               "versions": [self._new_version(1)]}
+        self._save(doc)
+
+    @staticmethod
+    def _new_version(version: int) -> dict:
+        return {"version": version, "created": now_iso(),
+                "key": base64.b64encode(os.urandom(32)).decode()}
+
+    def _check_perms(self) -> None:
+        for p, want in ((self.dir, 0o700), (self.path, 0o600)):
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                raise KeyStoreError(path=str(self.path),
+                                    why="missing (run `blockcrypt init` to create the state directory)") from None
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o077:
+                raise KeyStoreError(path=str(self.path),
+                                    why=f"{p} has mode {mode:04o}, too open (chmod {want:o} {p})")
+            if st.st_uid != os.geteuid():
+                raise KeyStoreError(path=str(self.path),
+                                    why=f"{p} is owned by uid {st.st_uid}, not by the user running blockcrypt")
+
+    def load(self) -> dict:
+        self._check_perms()
+        try:
+            doc = json.loads(self.path.read_bytes())
+            assert doc["format"] == 1 and doc["versions"]
+            for v in doc["versions"]:
+                if len(base64.b64decode(v["key"])) != 32:
+                    raise ValueError
+        except PermissionError:
+            raise KeyStoreError(path=str(self.path), why="not readable by this user") from None
+        except Exception:
+            raise KeyStoreError(path=str(self.path), why="unreadable or damaged") from None
+        return doc
+
+    def _save(self, doc: dict) -> None:
+        atomic_write(self.path, json.dumps(doc, indent=1).encode())
+
+    # -- queries ------------------------------------------------------------------
+    def key(self, version: int) -> bytes:
+        for v in self.load()["versions"]:
+            if v["version"] == version:
+                return base64.b64decode(v["key"])
+        raise KeyPurged(key_id=f"platform/{version}")
+
+    def current(self) -> int:
+        return self.load()["current"]
+
+    def versions(self) -> list[dict]:
+        """Public view: version numbers and dates, never key bytes."""
+        doc = self.load()
+        return [{"version": v["version"], "created": v["created"],
+                 "current": v["version"] == doc["current"]} for v in doc["versions"]]
+
+    def pending_rotation(self) -> int | None:
+        return self.load().get("pending_rotation")
+
+    # -- rotation steps (see disks.rotate_platform_key) -------------------------------
+    def begin_rotation(self) -> int:
+        """Add a new current version and mark the rotation pending; resume one if pending."""
+        doc = self.load()
+        if doc.get("pending_rotation"):
+            return doc["pending_rotation"]
+        new = max(v["version"] for v in doc["versions"]) + 1
+        doc["versions"].append(self._new_version(new))
+        doc["current"] = new
+        doc["pending_rotation"] = new
+        self._save(doc)
+        return new
+
+    def finish_rotation(self, in_use: set[int]) -> list[int]:
+        """Clear the pending mark and forget versions that no disk uses; returns the removed ones."""
+        doc = self.load()
+        keep = in_use | {doc["current"]}
+        removed = [v["version"] for v in doc["versions"] if v["version"] not in keep]
+        doc["versions"] = [v for v in doc["versions"] if v["version"] in keep]
+        doc["pending_rotation"] = None
+        self._save(doc)
+        return removed
+
+
+def parse_platform_kek_id(kek_id: str) -> int:
+    prefix, _, ver = kek_id.partition("/")
+    if prefix != "platform" or not ver.isdigit():
+        raise KeyIntegrityError(key_id=kek_id, msg="not a platform key id")
+    return int(ver)
+
+
+class PlatformKeyProvider(KekProvider):
+    """AES-256-GCM wrap under versioned platform keys from the state directory."""
+
+    NAME = "platform"
+
+    def __init__(self, state):
+        self.store = PlatformKeyStore(Path(state.path) / "keys")
+
+    def default_ref(self) -> str:
+        return "platform/latest"
+
+    def _resolve(self, kek_ref: str) -> int:
+        if kek_ref in ("platform", "platform/latest", "", None):
+            return self.store.current()
+        return parse_platform_kek_id(kek_ref)
+
+    def status(self, kek_ref: str) -> KeyStatus:
+        version = self._resolve(kek_ref)
+        kek_id = f"platform/{version}"
+        try:
+            self.store.key(version)
+        except KeyPurged as e:
+            return KeyStatus(kek_id, False, e.reason, str(e))
+        return KeyStatus(kek_id, True)
+
+    def wrap(self, kek_ref: str, dek: bytes, context: bytes, disk_id: str | None = None) -> WrappedKey:
+        version = self._resolve(kek_ref)
+        kek_id = f"platform/{version}"
+        nonce = os.urandom(12)
+        ct = AESGCM(self.store.key(version)).encrypt(nonce, bytes(dek), context + kek_id.encode())
+        return WrappedKey(self.NAME, kek_id, WRAP_ALG, nonce + ct)
+
+    def unwrap(self, wrapped: WrappedKey, context: bytes, disk_id: str | None = None) -> bytes:
+        version = parse_platform_kek_id(wrapped.kek_id)
+        if wrapped.algorithm != WRAP_ALG or len(wrapped.blob) < 12 + 16:
+            raise KeyIntegrityError(key_id=wrapped.kek_id, msg="unknown wrap algorithm or short blob")
+        key = self.store.key(version)
+        try:
+            return AESGCM(key).decrypt(wrapped.blob[:12], wrapped.blob[12:],
+                                       context + wrapped.kek_id.encode())
+        except InvalidTag:
+            raise KeyIntegrityError(key_id=wrapped.kek_id,
+                                    msg="authentication failed: wrong disk, role or key version, or tampered") from None

@@ -1,0 +1,506 @@
+"""Mount, unmount and list the FUSE daemons that serve a state directory's disks.
+
+``mount()`` checks the mount point, then either serves in the foreground or
+starts a detached daemon (``python -m blockcrypt.mount serve --daemon``: it
+forks once more, so the daemon belongs to init, starts a new session and logs
+to ``STATE/logs/mount-<id>.log``) and waits until the kernel has sent FUSE
+INIT, so that a returned ``mount()`` means a usable mount and a failed one
+gives the daemon's own one-line error.
+
+The status registry is ``STATE/run/mount-<id>.json``, one file per running
+daemon, written atomically by the daemon when it starts and whenever a disk is
+opened, closed or fails to open; the daemon removes it when it exits.
+``status()`` reads these files and checks each pid and ``/proc/self/mountinfo``,
+so a killed daemon shows up as dead (with its stale mount) instead of vanishing.
+
+``umount()`` runs ``fusermount -u`` (refused by the kernel while a file or loop
+device is still open: we say so rather than detach lazily) and waits for the
+daemon to flush, close its disks and exit. SIGTERM/SIGINT/SIGHUP to the daemon
+make libfuse leave its loop, unmount (lazily) and call ``destroy``, which
+flushes and closes every disk. A mount whose daemon died (kill -9) is cleaned
+with a lazy unmount by ``umount`` and automatically by the next ``mount`` on
+that mount point.
+
+Caveats: one live mount per state directory, enforced by an flock on
+``STATE/run/mount.lock`` that the daemon holds for its life (two daemons would each hold
+their own Volume on the same disk file and their read-modify-write locks
+would not see each other); a null-cipher mount (``--bench-null-cipher``)
+writes PLAINTEXT into the disk files and is for benchmarks on scratch disks
+only (it is labelled in ``status`` and in the log).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import BlockcryptError, Busy, MountError, UsageError
+
+log = logging.getLogger("blockcrypt.mount")
+
+#: modules the daemon starts when present: ``start_in_daemon(fs, state)`` is called once the
+#: file system object exists (before mounting) and may return a callable that stops it
+#: (e.g. the customer-managed-key checker that revokes and restores open volumes).
+DAEMON_PLUGINS = ("blockcrypt.mount.monitor",)
+
+READY_TIMEOUT_S = 30.0
+UMOUNT_TIMEOUT_S = 60.0
+BUSY_RETRY_S = 2.0
+FSTYPE = "fuse.blockcrypt"
+
+
+# --- /proc/self/mountinfo ------------------------------------------------------------
+
+def _unescape(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_at(path: str) -> list[str]:
+    """File system types mounted exactly at ``path`` (innermost last)."""
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) >= 5 and _unescape(fields[4]) == path:
+                    found.append(right.split()[0])
+    except OSError:
+        pass
+    return found
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except OSError:
+        return False
+    state = st.rpartition(")")[2].split()[0]
+    return state not in ("Z", "X")
+
+
+def _daemon_pids(mp: str) -> list[int]:
+    """Mount daemons serving ``mp`` found in /proc (for when the registry could not be written)."""
+    want = ["blockcrypt.mount", "serve", "--mountpoint", mp]
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if all(w in argv for w in want) and argv[argv.index("--mountpoint") + 1] == mp:
+            if _pid_alive(int(d)):
+                out.append(int(d))
+    return out
+
+
+# --- registry ----------------------------------------------------------------------------
+
+class Registry:
+    """``STATE/run/mount-<id>.json``: one file per mount daemon."""
+
+    def __init__(self, state):
+        self.dir = Path(state.path) / "run"
+
+    def path(self, mount_id: str) -> Path:
+        return self.dir / f"mount-{mount_id}.json"
+
+    def write(self, entry: dict) -> None:
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        p = self.path(entry["id"])
+        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry, f, indent=1, sort_keys=True)
+        os.replace(tmp, p)
+
+    def remove(self, mount_id: str) -> None:
+        try:
+            self.path(mount_id).unlink()
+        except FileNotFoundError:
+            pass
+
+    def entries(self) -> list[dict]:
+        out = []
+        if not self.dir.is_dir():
+            return out
+        for p in sorted(self.dir.glob("mount-*.json")):
+            try:
+                out.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                continue  # being replaced, or half-written by a dead daemon
+        return out
+
+
+LOCK_NAME = "mount.lock"
+
+
+def _take_state_lock(state) -> int | None:
+    """An exclusive flock on STATE/run/mount.lock, held by the daemon for its whole life (the
+    kernel drops it when the process dies, even by kill -9). None when another daemon holds it."""
+    d = Path(state.path) / "run"
+    d.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _state_locked(state) -> bool:
+    fd = _take_state_lock(state)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def _live(entry: dict) -> bool:
+    """The entry's daemon still runs (and its pid was not reused by something else)."""
+    pid = entry.get("pid")
+    if not _pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"blockcrypt" in f.read()
+    except OSError:
+        return False
+
+
+def _describe(entry: dict) -> dict:
+    mp = entry.get("mountpoint", "")
+    alive = _live(entry)
+    mounted = FSTYPE in mounts_at(mp)
+    if alive and mounted:
+        state = "running"
+    elif alive:
+        state = "starting"
+    elif mounted:
+        state = "dead (stale mount: run `blockcrypt umount " + mp + "`)"
+    else:
+        state = "dead"
+    out = dict(entry)
+    out["state"] = state
+    out.setdefault("disks", [])
+    return out
+
+
+# --- mount ---------------------------------------------------------------------------------
+
+def _check_mountpoint(reg: Registry, mp: str) -> None:
+    if not os.path.lexists(mp) and not mounts_at(mp):
+        raise UsageError(f"mount point {mp} does not exist (create the directory first)")
+    types = mounts_at(mp)
+    if types:
+        stale = [e for e in reg.entries() if e.get("mountpoint") == mp and not _live(e)]
+        if types[-1] == FSTYPE and stale:
+            log.info("cleaning the stale mount of a dead daemon at %s", mp)
+            _lazy_unmount(mp)
+            for e in stale:
+                reg.remove(e["id"])
+            if mounts_at(mp):
+                raise Busy(f"mount point {mp} is still mounted after cleaning a stale mount")
+        else:
+            raise Busy(f"mount point {mp} is already a mount point ({types[-1]}); "
+                       f"unmount it first (`blockcrypt umount {mp}`)")
+    if not os.path.isdir(mp):
+        raise UsageError(f"mount point {mp} is not a directory")
+    if os.listdir(mp):
+        raise UsageError(f"mount point {mp} is not empty")
+
+
+def _check_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module (`modprobe fuse`) or run where FUSE is available")
+
+
+def mount(state, mountpoint: str, *, foreground: bool = False, allow_other: bool = False,
+          null_cipher: bool = False, ready_timeout_s: float = READY_TIMEOUT_S) -> dict:
+    """Mount ``state``'s disks at ``mountpoint``. Returns the registry entry (background) or
+    blocks until unmounted (foreground)."""
+    mp = os.path.realpath(mountpoint)
+    reg = Registry(state)
+    if _state_locked(state):  # the daemon's flock is the authority; the registry only informs
+        live = [e for e in reg.entries() if _live(e)]
+        where = f" at {live[0].get('mountpoint')} (pid {live[0].get('pid')})" if live else ""
+        raise Busy(f"state directory {state.path} is already mounted{where}; "
+                   f"one mount per state directory")
+    _check_fuse()
+    _check_mountpoint(reg, mp)
+    mount_id = secrets.token_hex(4)
+    if foreground:
+        serve(state.path, mp, mount_id, allow_other=allow_other, null_cipher=null_cipher,
+              log_to_stderr=True)
+        return {"id": mount_id, "mountpoint": mp}
+    return _spawn(state, mp, mount_id, allow_other=allow_other, null_cipher=null_cipher,
+                  ready_timeout_s=ready_timeout_s)
+
+
+def log_path(state, mount_id: str) -> Path:
+    return Path(state.path) / "logs" / f"mount-{mount_id}.log"
+
+
+def _spawn(state, mp: str, mount_id: str, *, allow_other: bool, null_cipher: bool,
+           ready_timeout_s: float) -> dict:
+    lp = log_path(state, mount_id)
+    lp.parent.mkdir(mode=0o700, exist_ok=True)
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "blockcrypt.mount", "serve", "--daemon", "--state", str(state.path),
+           "--mountpoint", mp, "--id", mount_id, "--ready-fd", str(w)]
+    if allow_other:
+        cmd.append("--allow-other")
+    if null_cipher:
+        cmd.append("--bench-null-cipher")
+    logf = open(lp, "ab")
+    try:
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                 pass_fds=(w,), close_fds=True, start_new_session=True)
+    finally:
+        os.close(w)
+        logf.close()
+    try:
+        child.wait(timeout=ready_timeout_s)  # the intermediate process exits after its fork
+        msg = b""
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MountError(f"the mount daemon did not come up within {ready_timeout_s:.0f} s; see {lp}")
+            ready, _, _ = select.select([r], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(r, 256)
+            if not chunk:
+                break
+            msg += chunk
+            if msg.endswith(b"\n"):
+                break
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise MountError(f"the mount daemon did not start; see {lp}") from None
+    finally:
+        os.close(r)
+    if not msg.startswith(b"ready "):
+        raise MountError(_failure_line(lp, mount_id) or f"the mount daemon failed; see {lp}")
+    pid = int(msg.split()[1])
+    return {"id": mount_id, "pid": pid, "mountpoint": mp, "log": str(lp), "nullCipher": null_cipher,
+            "allowOther": allow_other}
+
+
+def _failure_line(lp: Path, mount_id: str) -> str | None:
+    try:
+        text = lp.read_text(errors="replace")
+    except OSError:
+        return None
+    start = text.rfind(f"mount {mount_id} starting")
+    lines = [l.strip() for l in text[max(start, 0):].splitlines() if l.strip()]
+    for l in lines:  # libfuse's own complaint says it best ("fuse: mountpoint is not empty")
+        if l.startswith("fuse:"):
+            return f"cannot mount: {l[5:].strip()}"
+    for l in lines:
+        if "mount failed:" in l:
+            return l.split("mount failed:", 1)[1].strip()
+    return None
+
+
+def _loops_on(mp: str) -> list[str]:
+    """Loop devices whose backing file is under ``mp`` (as ``losetup -l -J`` names them)."""
+    try:
+        p = subprocess.run(["losetup", "-l", "-J"], capture_output=True, text=True, timeout=10)
+        devs = json.loads(p.stdout or "{}").get("loopdevices", [])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return []
+    return [d["name"] for d in devs
+            if (d.get("back-file") or "").replace(" (deleted)", "").startswith(mp.rstrip("/") + "/")]
+
+
+def _lazy_unmount(mp: str) -> None:
+    fm = shutil.which("fusermount") or shutil.which("fusermount3")
+    cmds = ([[fm, "-u", "-z", mp]] if fm else []) + [["umount", "-l", mp]]
+    for cmd in cmds:
+        if subprocess.run(cmd, capture_output=True).returncode == 0:
+            return
+
+
+def _unmount(mp: str) -> str | None:
+    """Unmount now; None on success, else the tool's message."""
+    fm = shutil.which("fusermount") or shutil.which("fusermount3")
+    cmd = [fm, "-u", mp] if fm else ["umount", mp]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    return None if p.returncode == 0 else (p.stderr.strip() or f"exit status {p.returncode}")
+
+
+def umount(state, mountpoint: str, *, timeout_s: float = UMOUNT_TIMEOUT_S) -> dict:
+    """Unmount a blockcrypt mount: the daemon flushes and closes its disks and exits."""
+    mp = os.path.realpath(mountpoint)
+    reg = Registry(state)
+    entries = [e for e in reg.entries() if e.get("mountpoint") == mp]
+    types = mounts_at(mp)
+    if not types and not entries:
+        raise UsageError(f"{mp} is not a blockcrypt mount point")
+    if types and types[-1] != FSTYPE:
+        raise UsageError(f"{mp} is not a blockcrypt mount point (it is {types[-1]})")
+    pids = {e["pid"] for e in entries if _live(e)} | set(_daemon_pids(mp))
+    if types:
+        if pids:
+            err = _unmount(mp)
+            busy_until = time.monotonic() + BUSY_RETRY_S  # a just-detached loop device lets go late
+            while err is not None and "busy" in err.lower() and time.monotonic() < busy_until:
+                time.sleep(0.1)
+                err = _unmount(mp)
+            if err is not None:
+                if "busy" in err.lower():
+                    loops = _loops_on(mp)
+                    if loops:
+                        raise Busy(f"{mp} is busy: loop device(s) {', '.join(loops)} use its disk files; "
+                                   f"unmount what is on them and detach them (`losetup -d`) first")
+                    raise Busy(f"{mp} is busy: a disk file is still open; close it first "
+                               f"(`fuser -m {mp}` shows who holds it)")
+                raise MountError(f"cannot unmount {mp}: {err}")
+        else:
+            _lazy_unmount(mp)  # the daemon is gone: nothing left to flush
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _pid_alive(pid):
+            raise MountError(f"the daemon (pid {pid}) did not exit within {timeout_s:.0f} s "
+                             f"after unmounting; see its log in {Path(state.path) / 'logs'}")
+    for e in entries:
+        reg.remove(e["id"])
+    return {"mountpoint": mp, "unmounted": True, "ids": [e["id"] for e in entries]}
+
+
+def status(state) -> list[dict]:
+    """Every registered mount of this state directory, with the state of its open disks."""
+    return [_describe(e) for e in Registry(state).entries()]
+
+
+# --- the daemon ----------------------------------------------------------------------------
+
+def _setup_logging(lp: Path, to_stderr: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    h = logging.FileHandler(lp)
+    h.setFormatter(fmt)
+    root.addHandler(h)
+    if to_stderr:
+        s = logging.StreamHandler(sys.stderr)
+        s.setFormatter(fmt)
+        root.addHandler(s)
+
+
+def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null_cipher: bool = False,
+          ready_fd: int | None = None, log_to_stderr: bool = False) -> None:
+    """Run the daemon in this process until unmounted or signalled."""
+    from ..control.state import State
+    from . import fusepy_fs
+
+    st = State.open(state_path)
+    lp = log_path(st, mount_id)
+    lp.parent.mkdir(mode=0o700, exist_ok=True)
+    _setup_logging(lp, log_to_stderr)
+    log.info("mount %s starting: %s at %s (pid %d)%s", mount_id, st.path, mp, os.getpid(),
+             " with the NULL cipher: benchmarks only, data NOT encrypted" if null_cipher else "")
+    lock_fd = _take_state_lock(st)  # kept open (and locked) until this process ends
+    if lock_fd is None:
+        raise Busy(f"state directory {st.path} is already mounted by another daemon; "
+                   f"one mount per state directory")
+    reg = Registry(st)
+    entry = {"id": mount_id, "pid": os.getpid(), "mountpoint": mp, "state": str(st.path),
+             "started": time.time(), "log": str(lp), "allowOther": allow_other,
+             "nullCipher": null_cipher,
+             "cipher": "null (benchmark only, NOT ENCRYPTED)" if null_cipher else "aes-xts-plain64",
+             "disks": []}
+
+    def on_change(fs):
+        entry["disks"] = fs.disk_status()["disks"]
+        try:
+            reg.write(entry)
+        except OSError as e:
+            log.warning("cannot update the status file: %s", e)
+
+    def on_ready():
+        log.info("mounted at %s", mp)
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, f"ready {os.getpid()}\n".encode())
+                os.close(ready_fd)
+            except OSError:
+                pass
+        if log_to_stderr:
+            print(f"blockcrypt: mounted {st.path} at {mp} (id {mount_id}); Ctrl-C or "
+                  f"`blockcrypt umount {mp}` to unmount", file=sys.stderr, flush=True)
+
+    ops = fusepy_fs.DiskFS(st, null_cipher=null_cipher, allow_other=allow_other,
+                        on_change=on_change, on_ready=on_ready)
+    try:
+        reg.write(entry)
+    except OSError as e:  # a full state file system must not stop the disks from being served
+        log.warning("cannot write the status file %s: %s", reg.path(mount_id), e)
+    stops = _start_plugins(ops, st)
+    try:
+        fusepy_fs.run(ops, mp, allow_other=allow_other)
+    except BlockcryptError:
+        raise
+    except Exception as e:
+        log.error("mount failed: libfuse could not serve %s (%s: %s)", mp, type(e).__name__, e)
+        raise MountError(f"mount at {mp} failed; see {lp}") from None
+    finally:
+        for stop in stops:
+            try:
+                stop()
+            except Exception:
+                log.exception("stopping a daemon plugin failed")
+        ops.close_all()
+        reg.remove(mount_id)
+        log.info("mount %s stopped", mount_id)
+        os.close(lock_fd)
+
+
+def _start_plugins(ops, st) -> list:
+    import importlib
+    import importlib.util
+    stops = []
+    for name in DAEMON_PLUGINS:
+        try:
+            if importlib.util.find_spec(name) is None:
+                continue
+        except ImportError:
+            continue
+        mod = importlib.import_module(name)
+        start = getattr(mod, "start_in_daemon", None)
+        if start is None:
+            continue
+        stop = start(ops, st)
+        log.info("plugin %s started", name)
+        if callable(stop):
+            stops.append(stop)
+    return stops

@@ -1,0 +1,155 @@
+"""The FUSE operations object (mount/fusepy_fs.DiskFS) called directly, without a kernel.
+
+As s3ql's t3_fs_api.py does: most semantics of the mount (tree, sizes, modes,
+open/read/write/fallocate/truncate/release, the one errno boundary, the catalog
+TTL, status snapshots) are checked here in milliseconds, and tests/fuse/ checks
+that the kernel sees the same through /dev/fuse.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+import fuse
+import pytest
+
+from blockcrypt.control import disks
+from blockcrypt.format import layout
+from blockcrypt.mount import fusepy_fs
+from blockcrypt.mount.fusepy_fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DiskFS
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def fs(state):
+    disks.create(state, "a", 8 * MiB)
+    disks.create(state, "b", 4 * MiB, sector_size=512)
+    ops = DiskFS(state)
+    yield ops
+    ops.close_all()
+
+
+def _errno(fs, op, *args) -> int:
+    with pytest.raises(fuse.FuseOSError) as ei:
+        fs(op, *args)
+    return ei.value.errno
+
+
+def test_tree_sizes_and_modes(fs):
+    assert stat.S_ISDIR(fs("getattr", "/")["st_mode"])
+    assert stat.S_ISDIR(fs("getattr", "/disks")["st_mode"])
+    assert fs("readdir", "/", fusepy_fs.DiskFS._DIR_ROOT) == [".", "..", "disks"]
+    assert sorted(fs("readdir", "/disks", fusepy_fs.DiskFS._DIR_DISKS)[2:]) == ["a", "b"]
+    st = fs("getattr", "/disks/a")
+    assert stat.S_ISREG(st["st_mode"]) and stat.S_IMODE(st["st_mode"]) == 0o600
+    assert st["st_size"] == 8 * MiB
+    assert _errno(fs, "getattr", "/disks/nope") == errno.ENOENT
+    assert _errno(fs, "getattr", "/other") == errno.ENOENT
+
+
+def test_read_write_any_range_and_reopen(fs):
+    fh = fs("open", "/disks/b", os.O_RDWR)
+    assert fs("read", None, 4096, 0, fh) == bytes(4096)  # a new disk reads as zeros
+    assert fs("write", None, b"hello world", 1000, fh) == 11
+    assert fs("read", None, 20, 995, fh) == bytes(5) + b"hello world" + bytes(4)
+    fs("fsync", None, 0, fh)
+    fs("release", None, fh)
+    fh = fs("open", "/disks/b", os.O_RDONLY)
+    assert fs("read", None, 11, 1000, fh) == b"hello world"
+    fs("release", None, fh)
+
+
+def test_handles_share_one_volume_and_the_last_release_closes_it(fs):
+    h1 = fs("open", "/disks/a", os.O_RDWR)
+    h2 = fs("open", "/disks/a", os.O_RDONLY)
+    assert [d["openHandles"] for d in fs.disk_status()["disks"]] == [2]
+    fs("release", None, h1)
+    assert [d["openHandles"] for d in fs.disk_status()["disks"]] == [1]
+    fs("release", None, h2)
+    assert fs.disk_status()["disks"] == []
+
+
+def test_errno_boundary(fs, state):
+    fh = fs("open", "/disks/a", os.O_RDWR)
+    assert _errno(fs, "write", None, b"x", 8 * MiB, fh) == errno.EFBIG        # at the end
+    assert _errno(fs, "truncate", None, 4 * MiB, fh) == errno.EPERM           # resizing is disk resize
+    assert fs("truncate", None, 8 * MiB, fh) == 0                              # the same size is fine
+    assert _errno(fs, "chmod", "/disks/a", 0o644) == errno.EPERM
+    assert _errno(fs, "unlink", "/disks/a") == errno.EPERM
+    assert _errno(fs, "fallocate", None, 0x40, 0, 4096, fh) == errno.EOPNOTSUPP
+    assert _errno(fs, "open", "/disks", os.O_RDONLY) == errno.EISDIR
+    fs("release", None, fh)
+    # a corrupt header answers EIO for that disk only, and status says why
+    rec = state.catalog.get_disk("a")
+    with open(rec.path, "r+b") as f:
+        for off in (layout.COPY_A_OFF, layout.COPY_B_OFF):
+            f.seek(off)
+            f.write(bytes(200))
+    assert _errno(fs, "open", "/disks/a", os.O_RDWR) == errno.EIO
+    failed = [d for d in fs.disk_status()["disks"] if d["state"] == "failed"]
+    assert failed and failed[0]["name"] == "a" and "corrupt" in failed[0]["error"]["message"]
+    fh = fs("open", "/disks/b", os.O_RDWR)
+    assert fs("write", None, b"ok", 0, fh) == 2
+    fs("release", None, fh)
+
+
+def test_read_only_disk(state):
+    disks.create(state, "ro", 1 * MiB, read_only=True)
+    ops = DiskFS(state)
+    try:
+        assert stat.S_IMODE(ops("getattr", "/disks/ro")["st_mode"]) == 0o400
+        assert _errno(ops, "open", "/disks/ro", os.O_RDWR) == errno.EROFS
+        fh = ops("open", "/disks/ro", os.O_RDONLY)
+        assert ops("read", None, 512, 0, fh) == bytes(512)
+        ops("release", None, fh)
+    finally:
+        ops.close_all()
+
+
+def test_fallocate_punch_and_zero_range_read_zeros_and_free_blocks(fs, state):
+    fh = fs("open", "/disks/a", os.O_RDWR)
+    fs("write", None, os.urandom(2 * MiB), 0, fh)
+    fs("fsync", None, 0, fh)
+    blocks_before = fs("getattr", None, fh)["st_blocks"]
+    fs("fallocate", None, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, MiB, fh)
+    fs("fallocate", None, FALLOC_FL_ZERO_RANGE, MiB + 100, 5000, fh)
+    assert fs("read", None, MiB, 4096, fh) == bytes(MiB)
+    assert fs("read", None, 5000, MiB + 100, fh) == bytes(5000)
+    assert fs("read", None, 1, MiB + 99, fh) != b"" and fs("read", None, 4096, 0, fh) != bytes(4096)
+    assert fs("getattr", None, fh)["st_blocks"] < blocks_before - (MiB // 512) // 2
+    assert fs("fallocate", None, 0, 0, 4096, fh) == 0                       # allocate inside: no-op
+    assert _errno(fs, "fallocate", None, 0, 8 * MiB - 4096, 8192, fh) == errno.EPERM  # would grow
+    fs("release", None, fh)
+
+
+def test_catalog_changes_appear_within_the_ttl(fs, state):
+    assert _errno(fs, "getattr", "/disks/new") == errno.ENOENT
+    disks.create(state, "new", 1 * MiB)
+    time.sleep(fusepy_fs.CATALOG_MISS_TTL_S + 0.05)  # a lookup miss re-reads a listing older than this
+    assert fs("getattr", "/disks/new")["st_size"] == 1 * MiB
+    fh = fs("open", "/disks/a", os.O_RDONLY)
+    disks.resize(state, "a", 16 * MiB)
+    time.sleep(fusepy_fs.CATALOG_TTL_S + 0.05)
+    fs("readdir", "/disks", fusepy_fs.DiskFS._DIR_DISKS)  # refreshes the listing, resizes open volumes
+    assert fs("getattr", None, fh)["st_size"] == 16 * MiB
+    fs("release", None, fh)
+    disks.delete(state, "new")
+    time.sleep(fusepy_fs.CATALOG_TTL_S + 0.05)
+    assert "new" not in fs("readdir", "/disks", fusepy_fs.DiskFS._DIR_DISKS)
+
+
+def test_an_unexpected_exception_answers_eio_and_is_counted(fs, monkeypatch):
+    fh = fs("open", "/disks/a", os.O_RDWR)
+    vol = fs._handles[fh].vol
+
+    def boom(*a):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(vol, "read", boom)
+    assert _errno(fs, "read", None, 4096, 0, fh) == errno.EIO
+    d = fs.disk_status()["disks"][0]
+    assert d["errors"] == 1 and d["lastError"]["errno"] == "EIO"
+    fs("release", None, fh)
