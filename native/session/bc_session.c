@@ -407,6 +407,23 @@ static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_dat
     fuse_reply_none(req);
 }
 
+/* A volume (ref'd) of any instance of d still open, or NULL: a disk removed from the
+ * table keeps answering getattr by inode while handles are open (rare: walks the list). */
+static struct bc_volume *live_volume(struct bc_session *s, struct bc_disk *d)
+{
+    struct bc_volume *v = NULL;
+    pthread_mutex_lock(&s->life_mu);
+    for (struct bc_open *o = s->opens; o != NULL; o = o->next) {
+        if (o->disk == d) {
+            v = o->vol;
+            bc_volume_ref(v);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->life_mu);
+    return v;
+}
+
 /* Attributes of ino (through the handle's volume when fi is given). 0 or an errno. */
 static int attr_of(struct bc_session *s, fuse_ino_t ino, struct fuse_file_info *fi, struct stat *st)
 {
@@ -415,14 +432,19 @@ static int attr_of(struct bc_session *s, fuse_ino_t ino, struct fuse_file_info *
         return 0;
     }
     struct bc_handle *h = fi != NULL ? fh_of(fi) : NULL;
+    struct bc_volume *v = NULL;
     int err = 0;
     pthread_rwlock_rdlock(&s->table_lock);
     struct bc_disk *d = find_ino(s, ino);
-    if (d == NULL || (!d->present && h == NULL))
+    if (d != NULL && !d->present && h == NULL)
+        v = live_volume(s, d);   /* fstat reaches us without its handle */
+    if (d == NULL || (!d->present && h == NULL && v == NULL))
         err = ENOENT;
     else
-        disk_attr(s, d, h != NULL ? h->vol : NULL, st);
+        disk_attr(s, d, h != NULL ? h->vol : v, st);
     pthread_rwlock_unlock(&s->table_lock);
+    if (v != NULL)
+        bc_volume_unref(v);
     return err;
 }
 

@@ -558,11 +558,15 @@ def test_exit_from_another_thread_returns_loop_and_unmounts(tmp_path, vols):
         with open(s.disk("a"), "rb") as f:
             f.read(4096)
         assert mount_types(s.mp) == [FSTYPE]
+        # idle first: a late request (the async RELEASE of that file) would wake the loop
+        # by itself and hide an exit() that cannot
+        assert wait_for(lambda: s.closed == ["a"])
+        time.sleep(0.3)
         t0 = time.monotonic()
         threading.Thread(target=s.session.exit).start()
         s.thread.join(10)
         assert not s.thread.is_alive(), "loop() did not return after exit()"
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 3
         assert s.loop_error is None
         assert mount_types(s.mp) == []
         with pytest.raises(RuntimeError):
