@@ -592,6 +592,54 @@ def test_close_without_loop_unmounts(tmp_path):
     assert mount_types(mp) == []
 
 
+def test_close_while_looping_stops_the_loop_first(tmp_path, vols):
+    s = Served(tmp_path, vols)
+    try:
+        fd = os.open(s.disk("a"), os.O_RDONLY)   # a handle still open at close
+        try:
+            assert os.pread(fd, 4, 0) == bytes(4)
+            s.session.close()                   # no exit() first
+            assert not s.thread.is_alive()
+            assert s.loop_error is None
+            assert mount_types(s.mp) == []
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        # the session dropped its references: the volume still works for its owner
+        assert vols["a"].read(0, 4) == bytes(4)
+    finally:
+        s.stop()
+
+
+def test_collected_session_unmounts(tmp_path):
+    import gc
+    mp = tmp_path / "m"
+    mp.mkdir()
+    with Session(str(mp), statfs_path=str(tmp_path)) as s:
+        assert mount_types(mp) == [FSTYPE]
+    assert s.closed and mount_types(mp) == []
+    s = Session(str(mp), statfs_path=str(tmp_path), open_disk=lambda name: s)  # a cycle
+    assert mount_types(mp) == [FSTYPE]
+    del s
+    gc.collect()
+    assert mount_types(mp) == []
+
+
+def test_scandir_stat_and_readdir_of_many_disks(served, vols, tmp_path):
+    for i in range(300):
+        served.session.set_disk(f"d{i:03}", MiB * (i + 1), 0o600, 0, 0, False, None)
+    names = os.listdir(served.mp / "disks")
+    assert len(names) == 302 and len(set(names)) == 302
+    sizes = {e.name: e.stat().st_size for e in os.scandir(served.mp / "disks")}
+    assert sizes["d000"] == MiB and sizes["d299"] == 300 * MiB and sizes["a"] == SIZE
+    served.session.remove_disk("d100")
+    assert "d100" not in os.listdir(served.mp / "disks")
+    inos = {os.stat(served.disk(n)).st_ino for n in ("a", "b", "d000", "d299")}
+    assert len(inos) == 4
+
+
 def test_mount_failure_is_a_clear_oserror(tmp_path):
     with pytest.raises(FileNotFoundError) as ei:
         Session(str(tmp_path / "missing"), statfs_path=str(tmp_path))
