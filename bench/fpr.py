@@ -86,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append({"system": s.name, "policy": pname, "rep": rep, "value": r["value"],
                                  "settle_reported_mib": r.get("settle_reported_mib"),
                                  "job_reported_mib": r.get("job_reported_mib"),
+                                 "cold_start_s": r.get("cold_start_s"),
                                  "foreign_cpu_pct": r.get("foreign_cpu_pct")})
                     print(f"  [{rep}/{args.reps}] {pname:<24} {s.name:<10} {r['value']:>10,.1f} {job.unit}"
                           f"  reported settle {r.get('settle_reported_mib') or 0:,.0f} MiB, "
                           f"job {r.get('job_reported_mib') or 0:,.0f} MiB, "
+                          f"cold start {r.get('cold_start_s') or 0:.1f} s, "
                           f"other load {r.get('foreign_cpu_pct') or 0:.0f}%", file=sys.stderr, flush=True)
     except (BenchError, KeyboardInterrupt) as e:
         teardown(selected)

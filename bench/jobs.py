@@ -101,7 +101,9 @@ class ColdStart:
         return f"drop_caches, settle {self.settle_s:g} s{pre}"
 
     def apply(self, scratch_dir: Path | None = None) -> dict:
-        """Do it; returns how much memory the guest reported to the host meanwhile (MiB)."""
+        """Do it; returns how long it took and how much memory the guest reported to the
+        host during the settle (MiB)."""
+        t0 = time.monotonic()
         drop_caches()
         r0 = reported_kib()
         if self.settle_s > 0:
@@ -112,12 +114,14 @@ class ColdStart:
         elif self.prefault == "pagecache":
             base = Path(scratch_dir) if scratch_dir is not None else Path("/var/tmp")
             prefault_pagecache(base / f".bench-prefault-{os.getpid()}", self.prefault_mib)
-        return {"settle_reported_mib": (r1 - r0) / 1024 if r0 is not None and r1 is not None else None}
+        return {"cold_start_s": time.monotonic() - t0,
+                "settle_reported_mib": (r1 - r0) / 1024 if r0 is not None and r1 is not None else None}
 
 
 PREFAULT_KINDS = ("none", "anon", "pagecache")
 NO_CONTROL = ColdStart()                 # what the runner did before (drop_caches, start at once)
-DEFAULT_COLD_START = ColdStart(settle_s=0.0)  # set from docs/BENCHMARKS.md's measurement
+# the full mode's cold start (bench/run.py MODES), measured in docs/BENCHMARKS.md
+DEFAULT_COLD_START = ColdStart(settle_s=5.0, prefault="pagecache", prefault_mib=3072)
 
 
 def parse_prefault(text: str) -> tuple[str, int]:

@@ -39,11 +39,15 @@ MODES = {
     # file size, seconds per random job, ramp seconds, repetitions, openssl speed seconds
     # and how long to wait before each job for other work on the host to stop
     # and how often to repeat a measurement that other work on the host disturbed
+    # and the cold start before each job (docs/BENCHMARKS.md, "Free page reporting"):
+    # seconds to settle after drop_caches, then fault in and free page cache of the file
+    # size plus PREFAULT_MARGIN_MIB (what a daemon's backing file can take in one job)
     "quick": {"size_bytes": 256 << 20, "runtime_s": 2.0, "ramp_s": 0.0, "reps": 1, "openssl_s": 1,
-              "quiet_wait_s": 0.0, "retries": 0},
+              "quiet_wait_s": 0.0, "retries": 0, "settle_s": 2.0, "prefault": "pagecache"},
     "full": {"size_bytes": 2 << 30, "runtime_s": 10.0, "ramp_s": 0.0, "reps": 3, "openssl_s": 3,
-             "quiet_wait_s": 20.0, "retries": 2},
+             "quiet_wait_s": 20.0, "retries": 2, "settle_s": 5.0, "prefault": "pagecache"},
 }
+PREFAULT_MARGIN_MIB = 1024
 DEFAULT_WORKDIR = Path("/var/tmp/blockcrypt-bench")
 DISTURBED_PCT = 15.0  # other processes' share of all CPUs above which a measurement is retried
 OUT_DIR = HERE / "out"
@@ -78,11 +82,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="before each job wait up to S seconds for the host to be idle (full: 20, quick: 0)")
     p.add_argument("--settle", type=float, metavar="S",
                    help="seconds to wait after drop_caches before each job "
-                        f"(default {jobs_mod.DEFAULT_COLD_START.settle_s:g}; docs/BENCHMARKS.md)")
+                        "(full: 5, quick: 2; docs/BENCHMARKS.md, Free page reporting)")
     p.add_argument("--prefault", metavar="KIND:MIB",
                    help="after the settle, fault in and free this much memory: none, anon:MIB or "
-                        f"pagecache:MIB (default {jobs_mod.DEFAULT_COLD_START.prefault}:"
-                        f"{jobs_mod.DEFAULT_COLD_START.prefault_mib})")
+                        f"pagecache:MIB (default pagecache of the file size + {PREFAULT_MARGIN_MIB} MiB)")
     pub = p.add_mutually_exclusive_group()
     pub.add_argument("--publish", action="store_true", default=None,
                      help="also write bench/RESULTS.md, results.json and PNGs (default: unfiltered full runs)")
@@ -172,12 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.reps < 1:
                 raise BenchError("--reps must be at least 1")
             cfg["reps"] = args.reps
-        cold = jobs_mod.DEFAULT_COLD_START
-        if args.settle is not None or args.prefault is not None:
-            kind, mib = (jobs_mod.parse_prefault(args.prefault) if args.prefault is not None
-                         else (cold.prefault, cold.prefault_mib))
-            cold = jobs_mod.ColdStart(settle_s=cold.settle_s if args.settle is None else args.settle,
-                                      prefault=kind, prefault_mib=mib)
+        kind, mib = (jobs_mod.parse_prefault(args.prefault) if args.prefault is not None
+                     else (cfg["prefault"], (cfg["size_bytes"] >> 20) + PREFAULT_MARGIN_MIB))
+        cold = jobs_mod.ColdStart(settle_s=cfg["settle_s"] if args.settle is None else max(0.0, args.settle),
+                                  prefault=kind, prefault_mib=mib)
         cfg["cold_start"] = cold
         sys_names = pick(args.systems, systems_mod.by_name(), "system")
         job_names = pick(args.jobs, jobs_mod.by_name(), "job")
