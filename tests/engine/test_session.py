@@ -177,6 +177,14 @@ def served(tmp_path, vols):
     assert not mount_types(s.mp), "the session left its mount behind"
 
 
+def test_engine_module_is_the_expected_build():
+    """Under test_session_asan.py, BC_ENGINE_EXPECT_DIR names the sanitized build's directory."""
+    want = os.environ.get("BC_ENGINE_EXPECT_DIR")
+    if want:
+        assert os.path.dirname(os.path.realpath(engine.__file__)) == os.path.realpath(want)
+    assert hasattr(Session, "loop") and hasattr(Volume, "read")
+
+
 # ---- the tree ------------------------------------------------------------------------
 
 def test_tree_names_modes_sizes_and_fstype(served):
