@@ -98,7 +98,7 @@ class MountError(BlockcryptError):
 
 
 class NativeMissing(BlockcryptError):
-    """the native extension blockcrypt._native is not built ({why}); build it with `make build` (or `pip install -e .`)"""
+    """the native extension {module} is not built ({why}); build it with `make build` (or `pip install -e .`)"""
 
     exit_code = 11
 

@@ -125,12 +125,12 @@ def test_corrupt_header_reported(sdir):
 
 
 def test_native_missing_message(sdir):
-    """Simulate an unbuilt extension: the import of blockcrypt._native fails."""
+    """Simulate an unbuilt extension: the import of blockcrypt._engine (the volume engine) fails."""
     code = (
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'blockcrypt._native': raise ImportError('No module named blockcrypt._native')\n"
+        "        if name == 'blockcrypt._engine': raise ImportError('No module named blockcrypt._engine')\n"
         "sys.meta_path.insert(0, Block())\n"
         "from blockcrypt.cli import main\n"
         "from blockcrypt.control import disks\n"
@@ -145,7 +145,7 @@ def test_native_missing_message(sdir):
         "    print(e)\n"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert "native extension blockcrypt._native is not built" in p.stdout
+    assert "native extension blockcrypt._engine is not built" in p.stdout
     assert "make build" in p.stdout
 
 

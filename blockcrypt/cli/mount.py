@@ -22,11 +22,16 @@ def _state(ctx: click.Context):
 @click.option("--foreground", "-f", is_flag=True, help="serve in this process until unmounted (logs on stderr)")
 @click.option("--allow-other", is_flag=True,
               help="let other users reach the mount; disk files become root:disk 0660")
+@click.option("--frontend", type=click.Choice(["native", "fusepy"]), default="native", show_default=True,
+              envvar="BLOCKCRYPT_FRONTEND",
+              help="native: the libfuse 3 session in C (no Python in a request); fusepy: the simple Python one")
+@click.option("--backing-cache", type=click.Choice(["buffered", "none"]), default="buffered", show_default=True,
+              help="none: O_DIRECT on the disk files (no double caching, as QEMU's cache=none)")
 @click.option("--bench-null-cipher", is_flag=True,
               help="BENCHMARKS ONLY: serve disks WITHOUT encryption (writes plaintext into the disk files)")
 @json_opt
 @click.pass_context
-def mount_cmd(ctx, mountpoint, foreground, allow_other, bench_null_cipher, as_json):
+def mount_cmd(ctx, mountpoint, foreground, allow_other, frontend, backing_cache, bench_null_cipher, as_json):
     """Mount every disk of the catalog as MOUNTPOINT/disks/<name>."""
     from ..mount import daemon as mount
     st = _state(ctx)
@@ -34,7 +39,7 @@ def mount_cmd(ctx, mountpoint, foreground, allow_other, bench_null_cipher, as_js
         click.echo("blockcrypt: WARNING: --bench-null-cipher serves disks WITHOUT encryption; "
                    "use scratch disks only", err=True)
     r = mount.mount(st, mountpoint, foreground=foreground, allow_other=allow_other,
-                    null_cipher=bench_null_cipher)
+                    null_cipher=bench_null_cipher, frontend=frontend, backing_cache=backing_cache)
     if foreground:
         return
     emit(r, as_json, f"mounted {st.path} at {r['mountpoint']} (id {r['id']}, pid {r['pid']}); "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .._util.clock import now_iso
 from ..catalog import DiskRecord, check_name
-from ..crypto import NullCipher, open_sector_cipher
+from ..crypto import ALG_NULL
 from ..errors import AlreadyExists, BadSize, BlockcryptError, CorruptHeader, NoSpace, Refused, StateError, UsageError
 from ..format import ROLE_DATA, ROLE_INFRA, Header, Layout, header_copy_state, read_header, write_header
 from ..keys.envelope import DATA_ALG, unwrap_layer, wrap_new_layer
@@ -70,29 +70,27 @@ def check_headers(rec: DiskRecord) -> dict:
     return {"before": before, "after": after, "repaired": [k for k in before if before[k] != after[k]]}
 
 
-def open_layer(st, h: Header):
-    """The sector layer of header ``h`` with its DEK unwrapped (the DEK is dropped at once)."""
-    dek = unwrap_layer(st.keys, h, ROLE_DATA)
-    try:
-        return open_sector_cipher(h.layer(ROLE_DATA).data_alg, dek, h.sector_size)
-    finally:
-        del dek
+def open_layers(st, h: Header) -> list[tuple[str, bytes]]:
+    """The layer stack of header ``h`` for the engine, outermost first, DEKs unwrapped.
+
+    The caller hands it to a Volume (which copies the keys into locked memory) and drops it."""
+    return [(h.layer(ROLE_DATA).data_alg, unwrap_layer(st.keys, h, ROLE_DATA))]
 
 
-def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = False) -> Volume:
-    """Open disk ``name`` of the catalog: its backing, its header (repaired when writable), its key."""
+def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = False,
+                cache: str = "buffered") -> Volume:
+    """Open disk ``name`` of the catalog: its header (repaired when writable), its keys, the engine."""
     rec = st.catalog.get_disk(name)
     writable = not (read_only or rec.read_only)
-    backing = open_backing(rec.path, name, writable)
+    header = read_disk_header(rec, repair=writable)  # a damaged or stale copy is rewritten when writable
+    if header.disk_id.hex() != rec.disk_id:
+        raise CorruptHeader(name=name, why="the disk file belongs to another disk id")
+    layers = [(ALG_NULL, b"")] if null_cipher else open_layers(st, header)
     try:
-        header = read_header(backing, name, repair=writable)
-        if header.disk_id.hex() != rec.disk_id:
-            raise CorruptHeader(name=name, why="the disk file belongs to another disk id")
-        cipher = NullCipher(b"", header.sector_size) if null_cipher else open_layer(st, header)
-    except BaseException:
-        backing.close()
-        raise
-    return Volume(backing, header, cipher, name=rec.name, kind=rec.kind, read_only=not writable)
+        return Volume(rec.path, header, layers, name=rec.name, kind=rec.kind, read_only=not writable,
+                      cache=cache)
+    finally:
+        del layers
 
 
 def _check_size(size: int, sector_size: int) -> None:

@@ -17,7 +17,7 @@ def _sodium():
     try:
         from .. import _sodium  # type: ignore[attr-defined]
     except ImportError as e:  # pragma: no cover
-        raise NativeMissing(why=str(e)) from None
+        raise NativeMissing(module="blockcrypt._sodium", why=str(e)) from None
     return _sodium
 
 

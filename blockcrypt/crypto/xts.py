@@ -21,7 +21,7 @@ def _native():
     try:
         from .. import _native  # type: ignore[attr-defined]
     except ImportError as e:  # pragma: no cover - exercised by the CLI error test
-        raise NativeMissing(why=str(e)) from None
+        raise NativeMissing(module="blockcrypt._native", why=str(e)) from None
     return _native
 
 

@@ -26,6 +26,8 @@ def _main(argv=None) -> int:
     s.add_argument("--daemon", action="store_true")
     s.add_argument("--allow-other", action="store_true")
     s.add_argument("--bench-null-cipher", action="store_true")
+    s.add_argument("--frontend", default="native")
+    s.add_argument("--backing-cache", default="buffered")
     a = ap.parse_args(argv)
     if a.daemon:
         if os.fork() > 0:
@@ -38,7 +40,7 @@ def _main(argv=None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     try:
         serve(a.state, a.mountpoint, a.id, allow_other=a.allow_other, null_cipher=a.bench_null_cipher,
-              ready_fd=a.ready_fd)
+              frontend=a.frontend, backing_cache=a.backing_cache, ready_fd=a.ready_fd)
     except BlockcryptError as e:
         logging.getLogger("blockcrypt.mount").error("mount failed: %s", e)
         print(f"blockcrypt: error: {e}", file=sys.stderr)

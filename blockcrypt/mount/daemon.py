@@ -30,8 +30,8 @@ only (it is labelled in ``status`` and in the log).
 """
 from __future__ import annotations
 
-import argparse
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -44,6 +44,7 @@ import sys
 import time
 from pathlib import Path
 
+from .._util.fsutil import atomic_write
 from ..errors import BlockcryptError, Busy, MountError, UsageError
 
 log = logging.getLogger("blockcrypt.mount")
@@ -131,12 +132,7 @@ class Registry:
 
     def write(self, entry: dict) -> None:
         self.dir.mkdir(mode=0o700, exist_ok=True)
-        p = self.path(entry["id"])
-        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(entry, f, indent=1, sort_keys=True)
-        os.replace(tmp, p)
+        atomic_write(self.path(entry["id"]), json.dumps(entry, indent=1, sort_keys=True).encode())
 
     def remove(self, mount_id: str) -> None:
         try:
@@ -240,10 +236,20 @@ def _check_fuse() -> None:
         raise MountError("/dev/fuse is missing: load the fuse module (`modprobe fuse`) or run where FUSE is available")
 
 
+FRONTENDS = ("native", "fusepy")
+BACKING_CACHES = ("buffered", "none")
+
+
 def mount(state, mountpoint: str, *, foreground: bool = False, allow_other: bool = False,
-          null_cipher: bool = False, ready_timeout_s: float = READY_TIMEOUT_S) -> dict:
+          null_cipher: bool = False, frontend: str | None = None, backing_cache: str = "buffered",
+          ready_timeout_s: float = READY_TIMEOUT_S) -> dict:
     """Mount ``state``'s disks at ``mountpoint``. Returns the registry entry (background) or
     blocks until unmounted (foreground)."""
+    frontend = frontend or os.environ.get("BLOCKCRYPT_FRONTEND") or "native"
+    if frontend not in FRONTENDS:
+        raise UsageError(f"unknown front end {frontend!r} (use {' or '.join(FRONTENDS)})")
+    if backing_cache not in BACKING_CACHES:
+        raise UsageError(f"unknown backing cache mode {backing_cache!r} (use {' or '.join(BACKING_CACHES)})")
     mp = os.path.realpath(mountpoint)
     reg = Registry(state)
     if _state_locked(state):  # the daemon's flock is the authority; the registry only informs
@@ -256,23 +262,24 @@ def mount(state, mountpoint: str, *, foreground: bool = False, allow_other: bool
     mount_id = secrets.token_hex(4)
     if foreground:
         serve(state.path, mp, mount_id, allow_other=allow_other, null_cipher=null_cipher,
-              log_to_stderr=True)
+              frontend=frontend, backing_cache=backing_cache, log_to_stderr=True)
         return {"id": mount_id, "mountpoint": mp}
     return _spawn(state, mp, mount_id, allow_other=allow_other, null_cipher=null_cipher,
-                  ready_timeout_s=ready_timeout_s)
+                  frontend=frontend, backing_cache=backing_cache, ready_timeout_s=ready_timeout_s)
 
 
 def log_path(state, mount_id: str) -> Path:
     return Path(state.path) / "logs" / f"mount-{mount_id}.log"
 
 
-def _spawn(state, mp: str, mount_id: str, *, allow_other: bool, null_cipher: bool,
-           ready_timeout_s: float) -> dict:
+def _spawn(state, mp: str, mount_id: str, *, allow_other: bool, null_cipher: bool, frontend: str,
+           backing_cache: str, ready_timeout_s: float) -> dict:
     lp = log_path(state, mount_id)
     lp.parent.mkdir(mode=0o700, exist_ok=True)
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "blockcrypt.mount", "serve", "--daemon", "--state", str(state.path),
-           "--mountpoint", mp, "--id", mount_id, "--ready-fd", str(w)]
+           "--mountpoint", mp, "--id", mount_id, "--ready-fd", str(w), "--frontend", frontend,
+           "--backing-cache", backing_cache]
     if allow_other:
         cmd.append("--allow-other")
     if null_cipher:
@@ -310,7 +317,7 @@ def _spawn(state, mp: str, mount_id: str, *, allow_other: bool, null_cipher: boo
         raise MountError(_failure_line(lp, mount_id) or f"the mount daemon failed; see {lp}")
     pid = int(msg.split()[1])
     return {"id": mount_id, "pid": pid, "mountpoint": mp, "log": str(lp), "nullCipher": null_cipher,
-            "allowOther": allow_other}
+            "allowOther": allow_other, "frontend": frontend, "backingCache": backing_cache}
 
 
 def _failure_line(lp: Path, mount_id: str) -> str | None:
@@ -397,9 +404,39 @@ def umount(state, mountpoint: str, *, timeout_s: float = UMOUNT_TIMEOUT_S) -> di
     return {"mountpoint": mp, "unmounted": True, "ids": [e["id"] for e in entries]}
 
 
+STATUS_REFRESH_TIMEOUT_S = 1.0
+
+
+def _refresh(reg: Registry) -> None:
+    """Ask each live native daemon to rewrite its status file now (SIGUSR1) and wait for it:
+    its handle and error counts live in the C session, not in Python events."""
+    waiting = {}
+    for e in reg.entries():
+        if e.get("frontend") == "native" and _live(e):
+            p = reg.path(e["id"])
+            try:
+                st0 = p.stat()
+                waiting[p] = (st0.st_ino, st0.st_mtime_ns)
+                os.kill(e["pid"], signal.SIGUSR1)
+            except OSError:
+                waiting.pop(p, None)
+    deadline = time.monotonic() + STATUS_REFRESH_TIMEOUT_S
+    while waiting and time.monotonic() < deadline:
+        for p, t in list(waiting.items()):
+            try:
+                st1 = p.stat()
+                if (st1.st_ino, st1.st_mtime_ns) != t:
+                    del waiting[p]
+            except OSError:
+                del waiting[p]
+        time.sleep(0.01)
+
+
 def status(state) -> list[dict]:
     """Every registered mount of this state directory, with the state of its open disks."""
-    return [_describe(e) for e in Registry(state).entries()]
+    reg = Registry(state)
+    _refresh(reg)
+    return [_describe(e) for e in reg.entries()]
 
 
 # --- the daemon ----------------------------------------------------------------------------
@@ -418,25 +455,28 @@ def _setup_logging(lp: Path, to_stderr: bool) -> None:
 
 
 def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null_cipher: bool = False,
-          ready_fd: int | None = None, log_to_stderr: bool = False) -> None:
+          frontend: str = "native", backing_cache: str = "buffered", ready_fd: int | None = None,
+          log_to_stderr: bool = False) -> None:
     """Run the daemon in this process until unmounted or signalled."""
     from ..control.state import State
-    from . import fusepy_fs
 
     st = State.open(state_path)
     lp = log_path(st, mount_id)
     lp.parent.mkdir(mode=0o700, exist_ok=True)
     _setup_logging(lp, log_to_stderr)
-    log.info("mount %s starting: %s at %s (pid %d)%s", mount_id, st.path, mp, os.getpid(),
+    log.info("mount %s starting: %s at %s (pid %d, %s front end, backing cache %s)%s", mount_id, st.path, mp,
+             os.getpid(), frontend, backing_cache,
              " with the NULL cipher: benchmarks only, data NOT encrypted" if null_cipher else "")
     lock_fd = _take_state_lock(st)  # kept open (and locked) until this process ends
     if lock_fd is None:
         raise Busy(f"state directory {st.path} is already mounted by another daemon; "
                    f"one mount per state directory")
     reg = Registry(st)
+    if frontend == "native":  # `status` sends SIGUSR1 once the entry exists: never let it kill us
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     entry = {"id": mount_id, "pid": os.getpid(), "mountpoint": mp, "state": str(st.path),
              "started": time.time(), "log": str(lp), "allowOther": allow_other,
-             "nullCipher": null_cipher,
+             "nullCipher": null_cipher, "frontend": frontend, "backingCache": backing_cache,
              "cipher": "null (benchmark only, NOT ENCRYPTED)" if null_cipher else "aes-xts-plain64",
              "disks": []}
 
@@ -459,15 +499,23 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
             print(f"blockcrypt: mounted {st.path} at {mp} (id {mount_id}); Ctrl-C or "
                   f"`blockcrypt umount {mp}` to unmount", file=sys.stderr, flush=True)
 
-    ops = fusepy_fs.DiskFS(st, null_cipher=null_cipher, allow_other=allow_other,
-                        on_change=on_change, on_ready=on_ready)
+    if frontend == "native":
+        from .native_fs import NativeFS
+        ops = NativeFS(st, null_cipher=null_cipher, allow_other=allow_other, cache=backing_cache,
+                       on_change=on_change, on_ready=on_ready)
+        run = ops.run
+    else:
+        from . import fusepy_fs
+        ops = fusepy_fs.DiskFS(st, null_cipher=null_cipher, allow_other=allow_other, cache=backing_cache,
+                               on_change=on_change, on_ready=on_ready)
+        run = functools.partial(fusepy_fs.run, ops, allow_other=allow_other)
     try:
         reg.write(entry)
     except OSError as e:  # a full state file system must not stop the disks from being served
         log.warning("cannot write the status file %s: %s", reg.path(mount_id), e)
     stops = _start_plugins(ops, st)
     try:
-        fusepy_fs.run(ops, mp, allow_other=allow_other)
+        run(mp)
     except BlockcryptError:
         raise
     except Exception as e:

@@ -174,9 +174,10 @@ class DiskFS(fuse.Operations):
     flag_nullpath_ok = 1
     flag_nopath = 1
 
-    def __init__(self, state, *, null_cipher: bool = False, allow_other: bool = False,
+    def __init__(self, state, *, null_cipher: bool = False, allow_other: bool = False, cache: str = "buffered",
                  on_change=None, on_ready=None):
         self.state = state
+        self.cache = cache
         self.null_cipher = bool(null_cipher)
         self.allow_other = bool(allow_other)
         self._on_change = on_change or (lambda fs: None)
@@ -432,7 +433,7 @@ class DiskFS(fuse.Operations):
 
     def _open_volume(self, rec) -> _OpenDisk:
         try:
-            vol = open_volume(self.state, rec.name, null_cipher=self.null_cipher)
+            vol = open_volume(self.state, rec.name, null_cipher=self.null_cipher, cache=self.cache)
         except BlockcryptError as e:
             with self._lock:
                 self._failed[rec.name] = {"errno": errno.errorcode.get(e.errno, str(e.errno)),

@@ -1,11 +1,9 @@
-"""An open disk's data path: any-range I/O over a backing store and a sector layer.
+"""An open disk's data path: the binding over the C volume engine (native/engine).
 
-- ``volume``     the Volume: sector spans, read-modify-write, discard, flush, revoke/restore
-- ``rangelock``  locks over sector ranges
-- ``gate``       what serves while a key is revoked
+- ``volume``  the Volume: any-range I/O, discard, flush, revoke/restore, counters;
+              the engine does range locks, read-modify-write and the revocation gate
 
 Caveat: the data plane: it imports format/, crypto/ and storage/ only, never the
 catalog, the key providers or a front end (the layering test says so).
 """
-from .rangelock import RangeLock  # noqa: F401
 from .volume import Volume  # noqa: F401

@@ -1,186 +1,172 @@
-"""An open disk: read and write any byte range of its plaintext.
+"""An open disk: read and write any byte range of its plaintext, through the C engine.
 
-A request becomes one sector span (format.Layout), one backing read or write,
-and one call into the sector layer for the whole span (no per-sector Python
-loop). Unaligned writes read-modify-write their first and last sectors under a
-lock that covers exactly the touched sectors, so overlapping requests serialize
-and disjoint ones run in parallel.
+The engine (native/engine, module ``blockcrypt._engine``) does the work: one
+storage call and one sector-layer call per request, read-modify-write of
+partial sectors under a range lock, holes that read as zeros, discard, flush,
+the revocation gate and per-disk counters; every call releases the GIL. This
+class is the binding the control plane uses (``disk copy``, ``check``, the
+fusepy front end, tests): it validates arguments, keeps the names, and turns
+the engine's errno into the domain error (EROFS -> ReadOnly, EFBIG ->
+OutOfRange, ENOSPC -> NoSpace, EBADMSG -> IntegrityError, a revoked disk -> the
+key error that stopped it). The libfuse 3 session serves the same engine
+volume without any of this Python in a request.
 
-A volume is made from an open backing store, the disk's header and its sector
-layer; control/disks.py ``open_volume`` does the catalog lookup and the DEK
-unwrap that come before.
+``layers`` is a list of ``(algorithm, key)``, outermost first: today
+``[("aes-xts-plain64", dek)]`` or ``[("null", b"")]`` (benchmarks). The engine
+copies the key into locked memory; the caller drops its copy at once.
 
-Caveats: the DEK lives only inside the sector layer (wiped on close or
-revocation); the null layer exists for benchmarks and writes plaintext into
-the disk file.
+Caveats: the DEK lives only inside the engine (wiped on close or revocation);
+the null layer writes plaintext into the disk file; control/disks.py
+``open_volume`` does the catalog lookup, header read and DEK unwrap before.
 """
 from __future__ import annotations
 
 import errno
 
-from ..errors import NoSpace, OutOfRange, ReadOnly
+from ..errors import CorruptHeader, IntegrityError, NativeMissing, NoSpace, OutOfRange, ReadOnly
 from ..format import Layout, read_header
-from ..storage import is_enospc
-from .gate import KeyGone
-from .rangelock import RangeLock
+from ..storage import LocalFileBacking
+
+CACHE_MODES = ("buffered", "none")
+
+
+def _engine():
+    try:
+        from .. import _engine  # type: ignore[attr-defined]
+    except ImportError as e:  # pragma: no cover - exercised by the CLI error test
+        raise NativeMissing(module="blockcrypt._engine", why=str(e)) from None
+    return _engine
 
 
 class Volume:
-    def __init__(self, backing, header, cipher, *, name: str | None = None, kind: str | None = None,
-                 read_only: bool | None = None):
+    def __init__(self, path: str, header, layers, *, name: str | None = None, kind: str | None = None,
+                 read_only: bool | None = None, cache: str = "buffered"):
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}")
         self.name = name or header.name
         self.disk_id = header.disk_id_hex
-        self.path = backing.location
+        self.path = path
         self.kind = kind or header.kind
         self.read_only = bool(header.read_only) if read_only is None else bool(read_only)
         self.sector_size = header.sector_size
         self.layout = Layout.of(header)
-        self.cipher_name = cipher.algorithm
-        self._size = header.size
-        self._backing = backing
-        self._cipher = cipher
-        self._locks = RangeLock()
-        self._closed = False
+        self.cipher_name = layers[0][0] if layers else "none"
+        self.cache = cache
+        self._key_error = None
+        try:
+            self.engine = _engine().Volume(path, size=header.size, sector_size=header.sector_size,
+                                           data_off=header.data_offset, read_only=self.read_only,
+                                           layers=list(layers), cache=cache)
+        except FileNotFoundError:
+            raise CorruptHeader(name=self.name, why=f"disk file {path} is missing") from None
 
+    # -- errors -----------------------------------------------------------------------
+    def _raise(self, e: OSError):
+        code = e.errno
+        gate = self.engine.gate if code not in (errno.EROFS, errno.EFBIG) else None
+        if gate is not None and self._key_error is not None:
+            raise self._key_error from None
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(name=self.name) from None
+        if code == errno.EROFS:
+            raise ReadOnly(kind=self.kind, name=self.name) from None
+        if code == errno.EFBIG:
+            raise OutOfRange(kind=self.kind, name=self.name, msg="write past the end of the disk") from None
+        if code == errno.EBADMSG:
+            raise IntegrityError(msg=f"disk {self.name!r}: a sector failed its tag check (tampered?)") from None
+        raise e
+
+    # -- geometry -----------------------------------------------------------------------
     @property
     def size(self) -> int:
-        return self._size
+        return self.engine.size
+
+    def header(self):
+        """The disk's header as the backing holds it now."""
+        with LocalFileBacking(self.path, writable=False) as b:
+            return read_header(b, self.name)
+
+    def refresh(self) -> None:
+        """Re-read the header (after `disk resize` elsewhere) and take its size."""
+        self.engine.resize(self.header().size)
 
     # -- key availability (revocation) ------------------------------------------------
     @property
     def key_error(self):
         """The KeyError_ that stopped this disk, or None while its key is available."""
-        c = self._cipher
-        return c.err if isinstance(c, KeyGone) else None
+        return self._key_error if self.engine.gate is not None else None
 
     def revoke(self, err) -> None:
-        """Stop serving I/O: wipe the DEK from memory; every request now raises ``err``."""
-        old, self._cipher = self._cipher, KeyGone(err, self.sector_size)
-        old.wipe()
+        """Stop serving I/O: the engine waits for requests in flight, wipes the keys, and
+        every later request fails with ``err`` (EIO through FUSE)."""
+        self._key_error = err
+        self.engine.revoke(getattr(err, "errno", errno.EIO) or errno.EIO, str(err))
 
-    def header(self):
-        """The disk's header as the backing holds it now."""
-        return read_header(self._backing, self.name)
-
-    def restore(self, cipher) -> None:
-        """Serve I/O again with ``cipher`` (the key is back: the caller unwrapped the DEK)."""
-        self._cipher = cipher
-
-    def refresh(self) -> None:
-        """Re-read the header (after `disk resize` elsewhere)."""
-        self._size = read_header(self._backing, self.name).size
+    def restore(self, layers) -> None:
+        """Serve I/O again with a fresh layer stack (the key is back: the caller unwrapped it)."""
+        self.engine.set_layers(list(layers))
+        self._key_error = None
 
     # -- I/O -------------------------------------------------------------------------
     def read(self, plain_off: int, length: int) -> bytes:
-        size = self._size
         if plain_off < 0 or length < 0:
             raise ValueError("negative offset or length")
-        if plain_off >= size or length == 0:
-            return b""
-        length = min(length, size - plain_off)
-        ss = self.sector_size
-        first, count = self.layout.span(plain_off, length)
-        locks = self._locks
-        token = locks.acquire(first, first + count)
         try:
-            ct = self._backing.read_at(self.layout.sector_off(first), count * ss)
-        finally:
-            locks.release(token)
-        pt = self._cipher.decrypt(ct, first)
-        head = plain_off - first * ss
-        if head == 0 and length == len(pt):
-            return pt
-        return pt[head:head + length]
-
-    def _read_sectors(self, first: int, count: int) -> bytes:
-        ss = self.sector_size
-        return self._cipher.decrypt(self._backing.read_at(self.layout.sector_off(first), count * ss), first)
+            return self.engine.read(plain_off, length)
+        except OSError as e:
+            self._raise(e)
 
     def _check_write(self, plain_off: int, length: int) -> None:
         if self.read_only:
             raise ReadOnly(kind=self.kind, name=self.name)
         if plain_off < 0 or length < 0:
             raise ValueError("negative offset or length")
-        if plain_off + length > self._size:
+        size = self.size
+        if plain_off + length > size:
             raise OutOfRange(kind=self.kind, name=self.name,
-                             msg=f"write past the end of the disk ({plain_off + length} > {self._size} bytes)")
+                             msg=f"write past the end of the disk ({plain_off + length} > {size} bytes)")
 
     def write(self, plain_off: int, data) -> int:
         n = len(data)
         self._check_write(plain_off, n)
         if n == 0:
             return 0
-        ss = self.sector_size
-        first, count = self.layout.span(plain_off, n)
-        head = plain_off - first * ss
-        end = head + n
-        aligned = head == 0 and end % ss == 0
-        ct = self._cipher.encrypt(data, first) if aligned else None
-        locks = self._locks
-        token = locks.acquire(first, first + count)
         try:
-            if ct is None:
-                buf = bytearray(count * ss)
-                if head:
-                    buf[0:ss] = self._read_sectors(first, 1)
-                if end % ss and (count > 1 or head == 0):
-                    buf[(count - 1) * ss:] = self._read_sectors(first + count - 1, 1)
-                buf[head:end] = data
-                ct = self._cipher.encrypt(buf, first)
-            try:
-                self._backing.write_at(self.layout.sector_off(first), ct)
-            except OSError as e:
-                if is_enospc(e):
-                    raise NoSpace(name=self.name) from None
-                raise
-        finally:
-            locks.release(token)
-        return n
+            return self.engine.write(plain_off, data)
+        except OSError as e:
+            self._raise(e)
 
     def discard(self, plain_off: int, length: int) -> None:
         """Punch the range: whole sectors become holes (read as zeros); partial edges are zeroed."""
         self._check_write(plain_off, length)
-        if length == 0:
-            return
-        ss = self.sector_size
-        end = plain_off + length
-        first_full = -(-plain_off // ss)
-        end_full = end // ss
-        if first_full >= end_full:  # no whole sector inside: zero the bytes
-            self.write(plain_off, bytes(length))
-            return
-        if plain_off < first_full * ss:
-            self.write(plain_off, bytes(first_full * ss - plain_off))
-        if end > end_full * ss:
-            self.write(end_full * ss, bytes(end - end_full * ss))
-        with self._locks.hold(first_full, end_full):
+        if length:
             try:
-                self._backing.punch(self.layout.sector_off(first_full), (end_full - first_full) * ss)
+                self.engine.discard(plain_off, length)
             except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
-                # no hole punching on this file system: write zero sectors (they read as zeros too)
-                self._backing.write_at(self.layout.sector_off(first_full),
-                                       bytes((end_full - first_full) * ss))
+                self._raise(e)
 
-    zero_range = discard
+    def zero_range(self, plain_off: int, length: int) -> None:
+        self._check_write(plain_off, length)
+        if length:
+            try:
+                self.engine.zero_range(plain_off, length)
+            except OSError as e:
+                self._raise(e)
 
     def flush(self) -> None:
-        self._backing.flush()
+        try:
+            self.engine.flush()
+        except OSError as e:
+            self._raise(e)
 
     def blocks_used(self) -> int:
-        return self._backing.allocated_blocks()
+        return self.engine.blocks_used()
+
+    def stats(self) -> dict:
+        return self.engine.stats()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if not self.read_only:
-                self._backing.flush()
-        finally:
-            self._cipher.wipe()
-            self._backing.close()
+        self.engine.close()
 
     def __enter__(self):
         return self

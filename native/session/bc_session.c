@@ -234,8 +234,7 @@ static struct bc_disk *add_disk(struct bc_session *s, const char *name)
 
 static void note_error(struct bc_disk *d, int err)
 {
-    if (err == EFBIG)   /* a write at the end is the caller's error, not the disk's */
-        return;
+    /* every errno answered counts, EFBIG (a write at the end) too, as in the fusepy front end */
     atomic_fetch_add(&d->errors, 1);
     atomic_store(&d->last_errno, err);
 }

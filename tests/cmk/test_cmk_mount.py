@@ -196,3 +196,10 @@ def test_auto_rotation_in_a_running_mount(root, state, vault, key_name):
             os.close(fd)
     finally:
         m.stop()
+
+
+@pytest.fixture(autouse=True, params=["native", "fusepy"])
+def frontend(request, monkeypatch):
+    """Every test here runs over both front ends: the libfuse 3 session in C and fusepy."""
+    monkeypatch.setenv("BLOCKCRYPT_FRONTEND", request.param)
+    return request.param

@@ -46,3 +46,8 @@ def mnt(state, root):
     assert_clean_logs(state)
 
 
+@pytest.fixture(autouse=True, params=["native", "fusepy"])
+def frontend(request, monkeypatch):
+    """Every test here runs over both front ends: the libfuse 3 session in C and fusepy."""
+    monkeypatch.setenv("BLOCKCRYPT_FRONTEND", request.param)
+    return request.param
