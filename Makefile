@@ -17,7 +17,7 @@ $(VPY):
 
 venv: $(VPY)
 
-# Editable install builds native/ into blockcrypt/_native*.so in place.
+# Editable install builds native/ into blockcrypt/_xts, _aead and _engine (*.so) in place.
 build: deps venv
 	$(VPY) -m pip install -q -e '.[test,bench]'
 
@@ -44,4 +44,4 @@ bench-quick: build
 	$(VPY) bench/run.py --mode quick
 
 clean:
-	rm -rf build *.egg-info blockcrypt/_native*.so $(VENV)
+	rm -rf build *.egg-info blockcrypt/_*.so $(VENV)

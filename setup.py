@@ -1,5 +1,5 @@
-"""Build the native cores: blockcrypt._native (AES-256-XTS over OpenSSL libcrypto),
-blockcrypt._sodium (XChaCha20-Poly1305 per sector over libsodium, the platform layer of
+"""Build the native cores: blockcrypt._xts (AES-256-XTS over OpenSSL libcrypto),
+blockcrypt._aead (XChaCha20-Poly1305 per sector over libsodium, the platform layer of
 double encryption) and blockcrypt._engine (the C data plane: the volume engine in
 native/engine/ and, when present, the libfuse 3 session in native/session/).
 
@@ -56,14 +56,14 @@ def _engine_extension():
 setup(
     ext_modules=[
         Extension(
-            "blockcrypt._native",
-            sources=["native/blockcrypt_native.c"],
+            "blockcrypt._xts",
+            sources=["native/blockcrypt_xts.c"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=c11"],
         ),
         Extension(
-            "blockcrypt._sodium",
-            sources=["native/blockcrypt_sodium.c"],
+            "blockcrypt._aead",
+            sources=["native/blockcrypt_aead.c"],
             libraries=["sodium"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=c11"],
         ),

@@ -3,7 +3,7 @@
 
 In one run, pinned to one CPU, it alternates ``openssl speed -elapsed -evp
 aes-256-xts -bytes 4096 -seconds N`` (and the same with ``-decrypt``) with timed
-loops over ``blockcrypt._native.XtsContext`` on 4096-byte sectors: 1 MiB requests
+loops over ``blockcrypt._xts.XtsContext`` on 4096-byte sectors: 1 MiB requests
 (256 sectors per call) and 4 KiB requests (one sector per call), encrypt and
 decrypt. Each figure is the median of --runs runs, in GB/s: 10**9 bytes per
 CPU-second of the one working thread (openssl: its block count over the child's
@@ -153,15 +153,15 @@ def split_main(args) -> int:
     512-byte requests (the AES work is ~0.3 µs): split minus unsplit, with calls back to
     back (helper hot) and with a 200 µs sleep between calls (helper asleep unless it spins
     that long; the caller then does the whole request and only pays the post)."""
-    from blockcrypt import _native
+    from blockcrypt import _xts
 
     key = os.urandom(64)
     spins = args.split_spin_us
     variants = {"unsplit": {"split_threshold": 0}}
     for spin in spins:
         variants[f"split spin {spin} us"] = {"split_threshold": args.split_threshold, "split_spin_us": spin}
-    ctxs = {name: _native.XtsContext(key, SECTOR_SIZE, **kw) for name, kw in variants.items()}
-    small = {name: _native.XtsContext(key, 512, **{**kw, "split_threshold": min(1, kw["split_threshold"])})
+    ctxs = {name: _xts.XtsContext(key, SECTOR_SIZE, **kw) for name, kw in variants.items()}
+    small = {name: _xts.XtsContext(key, 512, **{**kw, "split_threshold": min(1, kw["split_threshold"])})
              for name, kw in variants.items()}
     cases = {}
     for size in (128 * 1024, MIB):
@@ -190,7 +190,7 @@ def split_main(args) -> int:
     case_names = list(dict.fromkeys(c for _, c in samples))
     result = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "cpu": cpu_model(), "cpus": os.cpu_count(), "openssl": _native.openssl_version(),
+        "cpu": cpu_model(), "cpus": os.cpu_count(), "openssl": _xts.openssl_version(),
         "split_threshold": args.split_threshold, "runs": args.runs,
         "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2),
         "unit": "wall-clock microseconds per call, median of per-run medians",
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="set every tweak through EVP_CipherInit_ex (the documented path) instead of the "
                          "self-tested direct IV write, to see what the direct path saves")
     ap.add_argument("--aead", action="store_true",
-                    help="also measure the platform-layer AEAD (blockcrypt._sodium) on 1 MiB requests")
+                    help="also measure the platform-layer AEAD (blockcrypt._aead) on 1 MiB requests")
     ap.add_argument("--split", action="store_true",
                     help="instead: 128 KiB and 1 MiB requests split over two threads vs unsplit (wall "
                          "clock, not pinned) and the handoff latency")
@@ -380,9 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         print("xts_speed: the `openssl` command is missing (apt-get install openssl)", file=sys.stderr)
         return 2
     try:
-        from blockcrypt import _native
+        from blockcrypt import _xts
     except ImportError as e:
-        print(f"xts_speed: blockcrypt._native is not built ({e}); run `make build`", file=sys.stderr)
+        print(f"xts_speed: blockcrypt._xts is not built ({e}); run `make build`", file=sys.stderr)
         return 2
 
     load_before = f"{os.getloadavg()[0]:.2f}"
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {cpu})  # openssl inherits it: both on one core
 
     key = os.urandom(64)
-    ctx = _native.XtsContext(key, SECTOR_SIZE, direct_iv=not args.no_direct_iv)
+    ctx = _xts.XtsContext(key, SECTOR_SIZE, direct_iv=not args.no_direct_iv)
     plain = os.urandom(MIB)
     cipher = ctx.encrypt(plain, 0)  # non-zero ciphertext: the zero-sector scan exits early
     cases = {
@@ -404,12 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     aead_version = ""
     if args.aead:
         try:
-            from blockcrypt import _sodium
+            from blockcrypt import _aead
         except ImportError as e:
-            print(f"xts_speed: blockcrypt._sodium is not built ({e})", file=sys.stderr)
+            print(f"xts_speed: blockcrypt._aead is not built ({e})", file=sys.stderr)
             return 2
-        aead_version = _sodium.sodium_version()
-        wrapper = _AeadAsCipher(_sodium.AeadSectorContext(os.urandom(32), SECTOR_SIZE))
+        aead_version = _aead.sodium_version()
+        wrapper = _AeadAsCipher(_aead.AeadSectorContext(os.urandom(32), SECTOR_SIZE))
         aead_ct, wrapper.meta = wrapper.ctx.seal(plain, 0)
         aead = {"aead_seal_1MiB": (wrapper, plain, False), "aead_open_1MiB": (wrapper, aead_ct, True)}
     samples: dict[str, list[float]] = {"openssl_encrypt": [], "openssl_decrypt": []}
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu": cpu_model(),
         "pinned_cpu": cpu,
-        "openssl": _native.openssl_version(),
+        "openssl": _xts.openssl_version(),
         "sector_size": SECTOR_SIZE,
         "direct_iv": direct_iv,
         "runs": args.runs,

@@ -13,12 +13,12 @@ from .base import ALG_AEAD, SECTOR_SIZES, SectorLayer
 AEAD_KEY_BYTES = 32
 
 
-def _sodium():
+def _aead():
     try:
-        from .. import _sodium  # type: ignore[attr-defined]
+        from .. import _aead  # type: ignore[attr-defined]
     except ImportError as e:  # pragma: no cover
-        raise NativeMissing(module="blockcrypt._sodium", why=str(e)) from None
-    return _sodium
+        raise NativeMissing(module="blockcrypt._aead", why=str(e)) from None
+    return _aead
 
 
 class NativeAead(SectorLayer):
@@ -29,7 +29,7 @@ class NativeAead(SectorLayer):
             raise ValueError(f"AEAD key must be {AEAD_KEY_BYTES} bytes")
         if sector_size not in SECTOR_SIZES:
             raise ValueError("sector_size must be 512 or 4096")
-        mod = _sodium()
+        mod = _aead()
         self._err = mod.AeadSectorError
         self._ctx = mod.AeadSectorContext(bytes(key), sector_size)
         self.sector_size = sector_size

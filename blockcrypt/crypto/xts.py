@@ -17,12 +17,12 @@ from .base import ALG_XTS, SECTOR_SIZES, SectorLayer
 XTS_KEY_BYTES = 64
 
 
-def _native():
+def _xts():
     try:
-        from .. import _native  # type: ignore[attr-defined]
+        from .. import _xts  # type: ignore[attr-defined]
     except ImportError as e:  # pragma: no cover - exercised by the CLI error test
-        raise NativeMissing(module="blockcrypt._native", why=str(e)) from None
-    return _native
+        raise NativeMissing(module="blockcrypt._xts", why=str(e)) from None
+    return _xts
 
 
 def check_xts_key(key: bytes, sector_size: int) -> None:
@@ -50,7 +50,7 @@ class NativeXts(SectorLayer):
     def __init__(self, key: bytes, sector_size: int = 4096, *, split_threshold: int | None = None,
                  split_spin_us: int | None = None):
         check_xts_key(key, sector_size)
-        self._mod = _native()
+        self._mod = _xts()
         self._split = {}
         for kw, value, env in (("split_threshold", split_threshold, "BLOCKCRYPT_XTS_SPLIT_BYTES"),
                                ("split_spin_us", split_spin_us, "BLOCKCRYPT_XTS_SPLIT_SPIN_US")):

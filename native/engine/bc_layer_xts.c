@@ -3,7 +3,7 @@
  * tweak = sector number as a little-endian 64-bit integer, upper 8 bytes zero.
  *
  * The key is set once per EVP context; per sector only the tweak changes. Like
- * native/blockcrypt_native.c, the tweak is written straight into the provider's IV
+ * native/blockcrypt_xts.c, the tweak is written straight into the provider's IV
  * buffer (EVP_CIPHER_CTX_iv_noconst) when a self-test at context creation proves that
  * equivalent to EVP_CipherInit_ex with the IV (which costs about 8 % of a 4096-byte
  * sector); otherwise the documented re-init is used.

@@ -1,5 +1,5 @@
 /*
- * blockcrypt._native — bulk sector crypto over OpenSSL libcrypto.
+ * blockcrypt._xts — bulk sector crypto over OpenSSL libcrypto.
  *
  * XtsContext(key: 64 bytes, sector_size: 512|4096, *, direct_iv=True,
  *            split_threshold=XTS_SPLIT_THRESHOLD_BYTES, split_spin_us=XTS_SPLIT_SPIN_US)
@@ -694,7 +694,7 @@ static PyGetSetDef XtsContext_getset[] = {
 
 static PyTypeObject XtsContextType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "blockcrypt._native.XtsContext",
+    .tp_name = "blockcrypt._xts.XtsContext",
     .tp_basicsize = sizeof(XtsContext),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -791,13 +791,13 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "blockcrypt._native",
+    .m_name = "blockcrypt._xts",
     .m_doc = "Bulk sector crypto for blockcrypt (OpenSSL libcrypto).",
     .m_size = -1,
     .m_methods = module_methods,
 };
 
-PyMODINIT_FUNC PyInit__native(void)
+PyMODINIT_FUNC PyInit__xts(void)
 {
     if (PyType_Ready(&XtsContextType) < 0)
         return NULL;

@@ -1,5 +1,5 @@
 /*
- * blockcrypt._sodium — the platform layer of double encryption: XChaCha20-Poly1305
+ * blockcrypt._aead — the platform layer of double encryption: XChaCha20-Poly1305
  * per sector over libsodium, with a random nonce per write and the tag stored apart.
  *
  * AeadSectorContext(key: 32 bytes, sector_size: 512|4096 = 4096)
@@ -338,7 +338,7 @@ static PyGetSetDef Aead_getset[] = {
 
 static PyTypeObject AeadSectorContextType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "blockcrypt._sodium.AeadSectorContext",
+    .tp_name = "blockcrypt._aead.AeadSectorContext",
     .tp_basicsize = sizeof(AeadSectorContext),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -362,13 +362,13 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef sodium_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "blockcrypt._sodium",
+    .m_name = "blockcrypt._aead",
     .m_doc = "Platform-layer sector AEAD for blockcrypt (libsodium XChaCha20-Poly1305).",
     .m_size = -1,
     .m_methods = module_methods,
 };
 
-PyMODINIT_FUNC PyInit__sodium(void)
+PyMODINIT_FUNC PyInit__aead(void)
 {
     if (sodium_init() < 0) {
         PyErr_SetString(PyExc_ImportError, "libsodium failed to initialise");
@@ -380,7 +380,7 @@ PyMODINIT_FUNC PyInit__sodium(void)
     if (m == NULL)
         return NULL;
     AeadSectorError = PyErr_NewExceptionWithDoc(
-        "blockcrypt._sodium.AeadSectorError",
+        "blockcrypt._aead.AeadSectorError",
         "A sector failed authentication: args are (message, index in the request, sector_no).",
         PyExc_Exception, NULL); /* bad data, not a bad argument: not a ValueError */
     if (AeadSectorError == NULL || PyModule_AddObject(m, "AeadSectorError", AeadSectorError) < 0) {
