@@ -1,8 +1,9 @@
 """The key-encryption-key (KEK) provider interface.
 
 Every KEK source (the platform key store, a key vault, a PKCS#11 token, an
-external KMS) implements :class:`KekProvider` and declares itself with
-``NAME`` in the registry (registry.py). The data plane only ever calls::
+external KMS) implements :class:`KekProvider`, names itself with ``NAME`` (the
+string recorded in disk headers) and is listed in registry.py (a static table
+of built-ins, plus entry points). The control plane only ever calls::
 
     status(kek_ref)                        -> KeyStatus
     wrap(kek_ref, dek, context, disk_id=None)          -> WrappedKey
