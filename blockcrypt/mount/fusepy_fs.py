@@ -1,4 +1,8 @@
-"""The FUSE file system: every disk of the catalog as a plain file.
+"""The fusepy front end (``mount --frontend fusepy``, libfuse 2): every disk of the
+catalog as a plain file, served by Python callbacks over the same C engine as the
+native session (each request is one ``vol.read``/``vol.write``, which releases
+the GIL inside the engine). Simple and debuggable; the native front end
+(native_fs.py) is the default and the fast one.
 
 Tree::
 
@@ -52,13 +56,12 @@ Caveats: fusepy 3.0.1 does not know the libfuse 2.9 ``fallocate`` operation;
 :func:`run` installs an extended ``fuse_operations`` layout (the real libfuse
 2.9 one, a strict superset of fusepy's) into the ``fuse`` module before it
 mounts. ctypes gives each callback from a libfuse worker thread a fresh Python
-thread state, which would drop every ``threading.local`` (the per-thread XTS
-contexts and SQLite connections) after each request; :meth:`DiskFS.__call__`
+thread state, which would drop every ``threading.local`` (the per-thread SQLite
+connections) after each request; :meth:`DiskFS.__call__`
 therefore pins one thread state per worker thread for the life of the thread,
 and a reaper thread frees the states of workers that libfuse ended (it ends
 one whenever more than 10 are idle, so bursts of more than 10 concurrent
-requests churn threads). The volume's cipher may still keep one context per
-thread that ever served it, until the disk is closed.
+requests churn threads).
 """
 from __future__ import annotations
 
