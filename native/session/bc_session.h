@@ -32,8 +32,23 @@
  * FUSE_MAX_PAGES), FUSE_CAP_ASYNC_DIO, no per-request allocation (each worker thread
  * owns a 1 MiB read buffer), writes served from libfuse's buffer.
  *
+ * Inodes: 1 root, 2 disks/, then one per name, given on its first set_disk and kept for
+ * the session's life (a removed then re-added name gets its old inode back). A disk
+ * removed while open keeps serving its handles (read, write, fstat, fsync) until released;
+ * the next open of a re-added name calls open_disk again.
+ *
+ * Stopping: libfuse 3.14's fuse_session_exit alone does not wake the loop, so
+ * bc_session_exit also makes a waker thread send the mount a lookup until the loop
+ * returns. bc_session_loop unmounts before it returns (whatever stopped it), runs once,
+ * and returns 0 or -errno. bc_session_destroy may be called while the loop runs: it
+ * exits and waits for it. Hooks must not call bc_session_destroy (the loop waits for them).
+ *
  * Caveats: one session per mount point; the caller runs bc_session_loop in a thread
- * of its own and stops it with bc_session_exit (or an unmount).
+ * of its own and stops it with bc_session_exit (or an unmount). Mount options:
+ * fsname=blockcrypt, subtype=blockcrypt (fstype fuse.blockcrypt), default_permissions,
+ * max_read, allow_other on request. No parallel direct writes to one file: libfuse 3.14
+ * cannot set FOPEN_PARALLEL_DIRECT_WRITES, so the kernel serializes O_DIRECT writes per
+ * inode (reads run in parallel).
  */
 #ifndef BC_SESSION_H
 #define BC_SESSION_H

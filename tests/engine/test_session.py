@@ -648,6 +648,22 @@ def test_scandir_stat_and_readdir_of_many_disks(served, vols, tmp_path):
     assert len(inos) == 4
 
 
+def test_allow_other_and_options_reach_the_mount(tmp_path):
+    mp = tmp_path / "m"
+    mp.mkdir()
+    for allow_other in (False, True):
+        with Session(str(mp), statfs_path=str(tmp_path), allow_other=allow_other):
+            with open("/proc/self/mountinfo") as f:
+                line = next(ln for ln in f if ln.split()[4] == str(mp))
+            fields = line.split()
+            sep = fields.index("-")
+            fstype, source, sopts = fields[sep + 1], fields[sep + 2], fields[sep + 3].split(",")
+            assert (fstype, source) == (FSTYPE, "blockcrypt")
+            assert "default_permissions" in sopts and "max_read=1048576" in sopts
+            assert ("allow_other" in sopts) == allow_other
+        assert mount_types(mp) == []
+
+
 def test_mount_failure_is_a_clear_oserror(tmp_path):
     with pytest.raises(FileNotFoundError) as ei:
         Session(str(tmp_path / "missing"), statfs_path=str(tmp_path))
