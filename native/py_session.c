@@ -20,8 +20,9 @@
  * messages are the control plane's to log): the last one is kept in .last_error with its
  * traceback dropped.
  *
- * Caveat: a Session object must be closed (or collected) after its loop returned; the
- * loop keeps the object alive while it runs.
+ * Caveats: the loop keeps the object alive while it runs; close() (or collection) stops
+ * it first. A hook must not call close() (close waits for the loop, which waits for the
+ * hook); exit() from a hook is fine.
  */
 #include "py_engine.h"
 #include "session/bc_session.h"
