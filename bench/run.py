@@ -199,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             f"before each job: {cold.label}")
         env = report.environment(workdir, REPO, cfg["openssl_s"])
 
+        name_w = max(10, *(len(s.name) for s in selected))
         for s in selected:
             t0 = time.monotonic()
             s.setup(cfg["size_bytes"])
             mibs = jobs_mod.prefill(s.target, cfg["size_bytes"])
-            log(f"  setup {s.name:<10} {time.monotonic() - t0:5.1f} s (prefill {mibs:,.0f} MiB/s, "
+            log(f"  setup {s.name:<{name_w}} {time.monotonic() - t0:5.1f} s (prefill {mibs:,.0f} MiB/s, "
                 f"daemon pid {s.daemon_pid or '-'})")
         setup_s = time.monotonic() - t_start
 
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     if r["attempts"] > 1:
                         noise += f"  (attempt {r['attempts']}; disturbed: " + ", ".join(
                             f"{v:,.0f}" for v in r["discarded_values"]) + ")"
-                    log(f"  [{rep}/{cfg['reps']}] {job.name:<14} {s.name:<10} "
+                    log(f"  [{rep}/{cfg['reps']}] {job.name:<14} {s.name:<{name_w}} "
                         f"{r['value']:>10,.1f} {job.unit:<5} {cpu}{noise}")
         raw = {
             "schema": 1,
