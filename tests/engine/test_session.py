@@ -690,12 +690,12 @@ def test_fio_verify(served):
     p = sh("fio", "--name=v", f"--filename={served.disk('a')}", "--rw=randwrite", "--bs=4k",
            "--size=16M", "--offset_increment=16M", "--numjobs=2", "--direct=1",
            "--ioengine=psync", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-           "--group_reporting", "--output-format=terse", check=False, timeout=300)
+           "--group_reporting", "--output-format=terse", "--verify_state_save=0", check=False, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "verify" not in p.stderr.lower(), p.stderr
     p = sh("fio", "--name=u", f"--filename={served.disk('b')}", "--rw=randrw", "--bs=1536",
            "--size=4M", "--ioengine=psync", "--verify=md5", "--verify_fatal=1",
-           "--output-format=terse", check=False, timeout=300)
+           "--output-format=terse", "--verify_state_save=0", check=False, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
