@@ -153,3 +153,14 @@ def test_an_unexpected_exception_answers_eio_and_is_counted(fs, monkeypatch):
     d = fs.disk_status()["disks"][0]
     assert d["errors"] == 1 and d["lastError"]["errno"] == "EIO"
     fs("release", None, fh)
+
+
+def test_status_counts_io(fs):
+    fh = fs("open", "/disks/a", os.O_RDWR)
+    fs("write", None, b"x" * 8192, 0, fh)
+    fs("read", None, 4096, 0, fh)
+    (d,) = fs.disk_status()["disks"]
+    assert d["io"]["writes"] == 1 and d["io"]["bytesWritten"] == 8192
+    assert d["io"]["reads"] == 1 and d["io"]["bytesRead"] == 4096
+    assert sum(d["io"]["latencyUsLog2"]) == 2
+    fs("release", None, fh)

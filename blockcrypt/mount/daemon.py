@@ -41,6 +41,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -408,11 +409,11 @@ STATUS_REFRESH_TIMEOUT_S = 1.0
 
 
 def _refresh(reg: Registry) -> None:
-    """Ask each live native daemon to rewrite its status file now (SIGUSR1) and wait for it:
-    its handle and error counts live in the C session, not in Python events."""
+    """Ask each live daemon to rewrite its status file now (SIGUSR1) and wait for it: handle,
+    error and I/O counts live in the engine and the C session, not in Python events."""
     waiting = {}
     for e in reg.entries():
-        if e.get("frontend") == "native" and _live(e):
+        if e.get("frontend") and _live(e):  # daemons that know SIGUSR1 record their front end
             p = reg.path(e["id"])
             try:
                 st0 = p.stat()
@@ -472,8 +473,10 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         raise Busy(f"state directory {st.path} is already mounted by another daemon; "
                    f"one mount per state directory")
     reg = Registry(st)
-    if frontend == "native":  # `status` sends SIGUSR1 once the entry exists: never let it kill us
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # `status` sends SIGUSR1 to ask for a fresh status file (handle, error and I/O counts change
+    # without an event). Blocked in every thread made from here on (libfuse's too) and taken by
+    # one thread with sigwait, so it is served even while the main thread is inside libfuse.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     entry = {"id": mount_id, "pid": os.getpid(), "mountpoint": mp, "state": str(st.path),
              "started": time.time(), "log": str(lp), "allowOther": allow_other,
              "nullCipher": null_cipher, "frontend": frontend, "backingCache": backing_cache,
@@ -513,6 +516,7 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         reg.write(entry)
     except OSError as e:  # a full state file system must not stop the disks from being served
         log.warning("cannot write the status file %s: %s", reg.path(mount_id), e)
+    threading.Thread(target=_status_on_request, args=(on_change, ops), name="bc-status", daemon=True).start()
     stops = _start_plugins(ops, st)
     try:
         run(mp)
@@ -531,6 +535,12 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         reg.remove(mount_id)
         log.info("mount %s stopped", mount_id)
         os.close(lock_fd)
+
+
+def _status_on_request(on_change, ops) -> None:
+    while True:
+        signal.sigwait({signal.SIGUSR1})
+        on_change(ops)
 
 
 def _start_plugins(ops, st) -> list:

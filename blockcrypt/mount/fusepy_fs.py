@@ -79,6 +79,7 @@ import fuse
 
 from ..control.disks import open_volume
 from ..errors import BlockcryptError
+from ..volume import io_counters
 
 log = logging.getLogger("blockcrypt.mount.fusepy_fs")
 
@@ -570,7 +571,7 @@ class DiskFS(fuse.Operations):
                               "reason": getattr(kerr, "reason", type(kerr).__name__), "message": str(kerr)},
                           "cipher": vol.cipher_name, "readOnly": bool(vol.read_only),
                           "sizeBytes": vol.size, "openHandles": od.handles,
-                          "openedAt": od.opened, "errors": od.errors, "lastError": od.last_error})
+                          "openedAt": od.opened, "io": io_counters(vol), "errors": od.errors, "lastError": od.last_error})
         for name, f in sorted(failed.items()):
             disks.append({"name": name, "state": "failed", "error": f})
         return {"disks": disks}

@@ -32,6 +32,7 @@ import threading
 import time
 
 from ..errors import BlockcryptError
+from ..volume import io_counters
 
 log = logging.getLogger("blockcrypt.mount.native_fs")
 
@@ -175,7 +176,6 @@ class NativeFS:
             loop.start()
             old = {sig: signal.signal(sig, lambda *_: self._session.exit())
                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-            old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda *_: self._changed())  # `status` asks
             log.info("serving %s through the native session (libfuse 3)", "with the NULL cipher (benchmarks "
                      "only, NOT ENCRYPTED)" if self.null_cipher else "disks")
             if self._on_ready is not None:
@@ -240,7 +240,7 @@ class NativeFS:
                               "reason": getattr(kerr, "reason", type(kerr).__name__), "message": str(kerr)},
                           "cipher": vol.cipher_name, "readOnly": bool(vol.read_only),
                           "sizeBytes": vol.size, "openHandles": st.get("handles", 0),
-                          "openedAt": od.opened, "errors": st.get("errors", 0),
+                          "openedAt": od.opened, "io": io_counters(vol), "errors": st.get("errors", 0),
                           "lastError": {"errno": errno.errorcode.get(last, str(last)),
                                         "message": os.strerror(last)} if last else None})
         for name, f in sorted(failed.items()):

@@ -6,4 +6,4 @@
 Caveat: the data plane: it imports format/, crypto/ and storage/ only, never the
 catalog, the key providers or a front end (the layering test says so).
 """
-from .volume import Volume  # noqa: F401
+from .volume import Volume, io_counters  # noqa: F401

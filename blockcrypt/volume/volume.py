@@ -173,3 +173,12 @@ class Volume:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def io_counters(vol: Volume) -> dict:
+    """A volume's engine counters for `status --json` (camelCase; the latency histogram as
+    counts per power-of-two microseconds, bucket i: up to 2**i us)."""
+    st = vol.stats()
+    return {"reads": st["reads"], "writes": st["writes"], "discards": st["discards"], "flushes": st["flushes"],
+            "errors": st["errors"], "bytesRead": st["bytes_read"], "bytesWritten": st["bytes_written"],
+            "latencyUsLog2": list(st["lat_us_hist"])}

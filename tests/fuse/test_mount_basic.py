@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import random
 import signal
@@ -388,3 +389,19 @@ def test_one_daemon_per_state_even_without_the_registry(state, mnt, root):
     r = bc(state, "mount", other, check=False)
     assert r.returncode != 0 and "already mounted" in r.stderr, r.stderr
     assert not bmount.mounts_at(str(other))
+
+
+def test_status_shows_engine_io_counters(state, mnt):
+    disks.create(state, "io", 8 * MiB)
+    wait_for(lambda: mnt.disk("io").exists(), what="disk listed")
+    fd = os.open(mnt.disk("io"), os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, MiB)
+        buf.write(os.urandom(MiB))
+        assert os.pwritev(fd, [buf], 0) == MiB
+        (m,) = bc_json(state, "status")["mounts"]
+        (d,) = m["disks"]
+        assert d["io"]["bytesWritten"] == MiB and d["io"]["writes"] >= 1
+        assert d["openHandles"] == 1
+    finally:
+        os.close(fd)
