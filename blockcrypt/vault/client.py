@@ -28,7 +28,6 @@ object until 60 s before they expire; the caller context header
 """
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import os
@@ -41,7 +40,7 @@ from urllib.parse import urlencode, urlsplit
 
 from .._util.b64 import b64u_decode, b64u_encode
 from .._util.clock import iso_z
-from ..errors import (BlockcryptError, VaultRequestError, KeyAccessDenied, KeyDeleted, KeyDisabled, KeyExpired, KeyIntegrityError,
+from ..errors import (VaultRequestError, KeyAccessDenied, KeyDeleted, KeyDisabled, KeyExpired, KeyIntegrityError,
                       KeyPurged, KeyUnavailable, StateError)
 
 DEFAULT_API_VERSION = "7.5"

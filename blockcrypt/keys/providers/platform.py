@@ -26,8 +26,6 @@ import base64
 import json
 import os
 import stat
-import threading
-from datetime import datetime, timezone
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import time
 
 from ..._util.clock import iso_ms
 from .store import Store

@@ -19,7 +19,6 @@ destruction leaves an orphan object (harmless, never used again).
 """
 from __future__ import annotations
 
-import base64
 import threading
 from pathlib import Path
 

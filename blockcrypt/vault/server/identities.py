@@ -19,7 +19,6 @@ purpose, which also bounds how fast the token endpoint can be brute-forced.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json

@@ -23,7 +23,6 @@ in one page (``nextLink`` null).
 """
 from __future__ import annotations
 
-import base64
 import json
 import re
 import uuid

@@ -323,7 +323,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             claims = identities.verify_token(self.app.store.token_key, token.strip(),
                                              tenant_id=self.app.tenant_id, audience=self.app.base_url)
-        except identities.TokenInvalid as e:
+        except TokenInvalid as e:
             raise ApiError(401, "Unauthorized", f"AKV10032: Invalid bearer token: {e}.") from None
         ident = identities.lookup_client(self.app.store, claims["sub"])
         if ident is None:

@@ -27,12 +27,9 @@ is not rotatable yet.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import threading
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..._util.fsutil import atomic_write
-from ...errors import AlreadyExists, StateError, UsageError
+from ...errors import StateError
 
 DB_NAME = "vault.db"
 INIT_MARKER = ".init-incomplete"
