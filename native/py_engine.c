@@ -71,12 +71,13 @@ static struct bc_volume *take(VolumeObject *self)
     return self->vol;
 }
 
-enum { L_XTS, L_NULL };
+enum { L_XTS, L_NULL, L_AEAD };
 
 struct layer_spec {
     int kind;
     Py_buffer key;
     int have_key;
+    uint8_t disk_id[16];   /* L_AEAD: bound into every sector's associated data */
 };
 
 static void specs_release(struct layer_spec *specs, size_t n)
@@ -102,14 +103,20 @@ static Py_ssize_t parse_layers(PyObject *layers, struct layer_spec specs[BC_MAX_
     for (i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
         specs[i].have_key = 0;
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(item, 0))) {
-            PyErr_SetString(PyExc_TypeError, "each layer must be a (name: str, key: bytes) pair");
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2 || PyTuple_GET_SIZE(item) > 3 ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(item, 0))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "each layer must be a (name: str, key: bytes) pair or (name, key, disk_id: bytes)");
             goto fail;
         }
         const char *name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0));
         PyObject *key = PyTuple_GET_ITEM(item, 1);
         if (name == NULL)
             goto fail;
+        if (PyTuple_GET_SIZE(item) == 3 && strcmp(name, "xchacha20-poly1305") != 0) {
+            PyErr_Format(PyExc_TypeError, "layer %.60R takes (name, key)", PyTuple_GET_ITEM(item, 0));
+            goto fail;
+        }
         if (strcmp(name, "aes-xts-plain64") == 0) {
             specs[i].kind = L_XTS;
             if (PyObject_GetBuffer(key, &specs[i].key, PyBUF_SIMPLE) != 0)
@@ -117,6 +124,18 @@ static Py_ssize_t parse_layers(PyObject *layers, struct layer_spec specs[BC_MAX_
             specs[i].have_key = 1;
         } else if (strcmp(name, "null") == 0) {
             specs[i].kind = L_NULL;
+        } else if (strcmp(name, "xchacha20-poly1305") == 0) {
+            specs[i].kind = L_AEAD;
+            PyObject *id = PyTuple_GET_SIZE(item) == 3 ? PyTuple_GET_ITEM(item, 2) : NULL;
+            if (id == NULL || !PyBytes_Check(id) || PyBytes_GET_SIZE(id) != 16) {
+                PyErr_SetString(PyExc_ValueError,
+                                "layer 'xchacha20-poly1305' needs (name, key32, disk_id: 16 bytes)");
+                goto fail;
+            }
+            memcpy(specs[i].disk_id, PyBytes_AS_STRING(id), 16);
+            if (PyObject_GetBuffer(key, &specs[i].key, PyBUF_SIMPLE) != 0)
+                goto fail;
+            specs[i].have_key = 1;
         } else {
             PyErr_Format(PyExc_ValueError, "unknown layer %.60R", PyTuple_GET_ITEM(item, 0));
             goto fail;
@@ -136,6 +155,9 @@ static int make_layers(const struct layer_spec *specs, size_t n, uint32_t sector
     for (size_t i = 0; i < n; i++) {
         int rc = specs[i].kind == L_XTS
                      ? bc_layer_xts_new(specs[i].key.buf, (size_t)specs[i].key.len, sector_size, &out[i])
+                 : specs[i].kind == L_AEAD
+                     ? bc_layer_aead_new(specs[i].key.buf, (size_t)specs[i].key.len, sector_size,
+                                         specs[i].disk_id, BC_ROLE_INFRA, &out[i])
                      : bc_layer_null_new(sector_size, &out[i]);
         if (rc != 0) {
             for (size_t j = 0; j < i; j++)

@@ -8,6 +8,11 @@
  *
  *   Volume(path, *, size, sector_size, data_off=1048576, meta_off=0, read_only=False,
  *          layers=[("aes-xts-plain64", key64)], cache="buffered"|"none")
+ *     layers, outermost first: ("aes-xts-plain64", key64), ("null", b""), or
+ *     ("xchacha20-poly1305", key32, disk_id16): the infrastructure layer (role 2 in its
+ *     associated data), innermost only, BC_AEAD_META_BYTES = 96 bytes of metadata per
+ *     sector at meta_off (docs/FORMAT.md); a sector whose tag fails reads as
+ *     OSError(EBADMSG)
  *     .read(off, length) -> bytes        .readinto(off, buffer) -> int
  *     .write(off, data) -> int           .discard(off, length)   .zero_range(off, length)
  *     .flush()   .resize(size)   .blocks_used() -> int   .stats() -> dict

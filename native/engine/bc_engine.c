@@ -58,6 +58,7 @@ struct bc_volume {
     size_t nlayers;
     size_t meta_bytes;                   /* per sector, fixed at open */
     size_t meta_slice[BC_MAX_LAYERS];    /* offset of each layer's slice */
+    int zero_data_hole;                  /* a layer set BC_LAYER_ZERO_DATA_IS_HOLE */
 
     pthread_rwlock_t gate;
     pthread_mutex_t gate_mu;             /* err and reason, for bc_volume_gate without waiting */
@@ -77,6 +78,7 @@ struct bc_volume {
 
 struct scratch {
     uint8_t *data;        /* SCRATCH_DATA bytes, SCRATCH_ALIGN-aligned */
+    uint8_t *old;         /* the same, made on first need: stored bytes before a write */
     uint8_t *meta;
     size_t meta_cap;
 };
@@ -95,6 +97,7 @@ static void scratch_free(void *p)
         explicit_bzero(sc->data, SCRATCH_DATA);   /* it held plaintext */
         free(sc->data);
     }
+    free(sc->old);        /* ciphertext only */
     if (sc->meta != NULL) {
         explicit_bzero(sc->meta, sc->meta_cap);
         free(sc->meta);
@@ -278,6 +281,8 @@ static int check_layers(const struct bc_layer *layers, size_t n, size_t *meta_to
         const struct bc_layer_ops *o = layers[i].ops;
         if (o == NULL || o->encrypt == NULL || o->decrypt == NULL || o->meta_bytes > 4096)
             return -EINVAL;
+        if (o->resolve != NULL && i + 1 != n)
+            return -EINVAL;   /* the stored bytes are the innermost layer's ciphertext */
         m += o->meta_bytes;
     }
     *meta_total = m;
@@ -293,13 +298,18 @@ static void install_layers(struct bc_volume *v, const struct bc_layer *layers, s
         off += layers[i].ops->meta_bytes;
     }
     v->nlayers = n;
+    v->zero_data_hole = 0;
+    for (size_t i = 0; i < n; i++)
+        if (layers[i].ops->flags & BC_LAYER_ZERO_DATA_IS_HOLE)
+            v->zero_data_hole = 1;
 }
 
 /* ---- sector spans (gate and range lock held) ------------------------------------ */
 
 static int is_hole(const struct bc_volume *v, const uint8_t *data, const uint8_t *meta)
 {
-    return all_zero(data, v->sector_size) && (v->meta_bytes == 0 || all_zero(meta, v->meta_bytes));
+    return all_zero(data, v->sector_size) &&
+           (v->meta_bytes == 0 || v->zero_data_hole || all_zero(meta, v->meta_bytes));
 }
 
 static int decrypt_run(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
@@ -349,7 +359,45 @@ static int load_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64
     return decrypt_sectors(v, buf, meta, s, n);
 }
 
-/* Encrypt n plaintext sectors in place (layer 0 first) and store them with their metadata. */
+/* Metadata volumes: read the current metadata of n sectors into meta and let the
+ * layers resolve it (reading the stored data when one asks). */
+static int prepare_meta(struct bc_volume *v, struct scratch *sc, uint8_t *meta, uint64_t s, size_t n)
+{
+    size_t ss = v->sector_size, M = v->meta_bytes;
+    int rc = v->sops->read_at(v->sctx, meta, n * M, v->meta_off + s * M);
+    if (rc != 0)
+        return storage_err(rc);
+    int have_old = 0;
+    for (size_t L = 0; L < v->nlayers; L++) {
+        const struct bc_layer *l = &v->layers[L];
+        if (l->ops->resolve == NULL)
+            continue;
+        uint8_t *m = meta + v->meta_slice[L];
+        rc = l->ops->resolve(l->ctx, NULL, n, s, m, M);
+        if (rc == 1) {
+            if (!have_old) {
+                if (sc->old == NULL) {
+                    void *p = NULL;
+                    if (posix_memalign(&p, SCRATCH_ALIGN, SCRATCH_DATA) != 0)
+                        return -ENOMEM;
+                    sc->old = p;
+                }
+                rc = v->sops->read_at(v->sctx, sc->old, n * ss, v->data_off + s * ss);
+                if (rc != 0)
+                    return storage_err(rc);
+                have_old = 1;
+            }
+            rc = l->ops->resolve(l->ctx, sc->old, n, s, m, M);
+        }
+        if (rc != 0)
+            return rc < 0 ? rc : -EIO;
+    }
+    return 0;
+}
+
+/* Encrypt n plaintext sectors in place (layer 0 first) and store them with their
+ * metadata: the metadata first, then the data (a kill in between leaves the old data
+ * beside metadata that still holds its slot). */
 static int store_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
 {
     size_t ss = v->sector_size, M = v->meta_bytes;
@@ -359,9 +407,16 @@ static int store_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint6
         if (rc != 0)
             return rc < 0 ? rc : -EIO;
     }
-    int rc = v->sops->write_at(v->sctx, buf, n * ss, v->data_off + s * ss);
-    if (rc == 0 && M)
+    int rc = 0;
+    if (M)
         rc = v->sops->write_at(v->sctx, meta, n * M, v->meta_off + s * M);
+    if (rc != 0)
+        return storage_err(rc);
+    rc = v->sops->write_at(v->sctx, buf, n * ss, v->data_off + s * ss);
+    if (rc != 0 && M)
+        for (size_t L = 0; L < v->nlayers; L++)
+            if (v->layers[L].ops->write_failed != NULL)
+                v->layers[L].ops->write_failed(v->layers[L].ctx);
     return storage_err(rc);
 }
 
@@ -393,6 +448,8 @@ static int write_chunk(struct bc_volume *v, struct scratch *sc, const uint8_t *s
         rc = load_sectors(v, buf, meta, s0, 1);
     if (rc == 0 && tail != 0 && (n > 1 || head == 0))
         rc = load_sectors(v, buf + (n - 1) * ss, M ? meta + (n - 1) * M : NULL, s1 - 1, 1);
+    if (rc == 0 && M)
+        rc = prepare_meta(v, sc, meta, s0, n);
     if (rc != 0)
         return rc;
     if (src != NULL)

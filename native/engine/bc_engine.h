@@ -19,8 +19,15 @@
  * fetches that metadata and hands each layer its own slice.
  *
  * Holes: a sector whose stored bytes are all zero (and whose metadata, if any, is
- * all zero) reads as zeros without decryption; this is how a new disk reads as
- * zeros and how discard works (the backing range is punched).
+ * all zero; or whatever its metadata when a layer sets BC_LAYER_ZERO_DATA_IS_HOLE)
+ * reads as zeros without decryption; this is how a new disk reads as zeros and how
+ * discard works (the backing range is punched: data first, then metadata).
+ *
+ * Writes with metadata: the engine reads the metadata range of the sectors first
+ * (layers choose where the new metadata goes from the current one; a layer's resolve
+ * may ask for the stored data too), then stores the new metadata, then the data. A
+ * process killed between the two leaves new metadata beside old data, which a layer
+ * with two slots per sector reads as the old content (bc_layer_aead.c).
  *
  * Concurrency: every call may come from any thread at once. Requests on disjoint
  * sector ranges run in parallel; overlapping ones serialize (range lock over the
@@ -92,7 +99,22 @@ struct bc_layer_ops {
     int (*decrypt)(void *ctx, uint8_t *buf, size_t nsectors, uint64_t sector_no,
                    const uint8_t *meta, size_t meta_stride);             /* -EBADMSG on a bad tag */
     void (*destroy)(void *ctx);                                          /* wipes key bytes */
+    /* optional (NULL/0 for layers without metadata): */
+    unsigned flags;             /* BC_LAYER_ZERO_DATA_IS_HOLE */
+    /* Before a write (meta_bytes > 0), with meta holding the sectors' current metadata:
+     * old == NULL: return 1 to ask for the stored bytes of the sectors (the engine reads
+     * them and calls again), 0 if not needed. old != NULL: fix up meta from them (the
+     * AEAD layer empties slots that do not authenticate the stored data). Only the
+     * innermost (last) layer may have it: the stored bytes are its ciphertext. */
+    int (*resolve)(void *ctx, const uint8_t *old, size_t nsectors, uint64_t sector_no,
+                   uint8_t *meta, size_t meta_stride);
+    /* a storage write of data encrypted by this layer failed after its metadata was stored */
+    void (*write_failed)(void *ctx);
 };
+
+/* A stored sector whose data is all zero is a hole whatever its metadata (the engine's
+ * default for layers with metadata: data and metadata all zero). */
+#define BC_LAYER_ZERO_DATA_IS_HOLE 1u
 
 struct bc_layer {
     const struct bc_layer_ops *ops;
@@ -102,6 +124,15 @@ struct bc_layer {
 /* AES-256-XTS, dm-crypt aes-xts-plain64 (tweak = LE64 sector number). key: 64 bytes,
  * the halves must differ. The key is copied into locked memory; the caller wipes its copy. */
 int bc_layer_xts_new(const uint8_t *key, size_t key_len, uint32_t sector_size, struct bc_layer *out);
+/* XChaCha20-Poly1305 per sector (bc_layer_aead.c, libsodium): key 32 bytes, the disk id
+ * (16 bytes) and the layer role (2 = infrastructure) go into every sector's associated
+ * data. BC_AEAD_META_BYTES of metadata per sector: two slots (seq, writer, nonce, tag);
+ * -EBADMSG when neither slot authenticates a sector. Needs the engine's write order:
+ * metadata first, then data (docs/FORMAT.md, crash consistency). */
+#define BC_AEAD_META_BYTES 96u
+#define BC_ROLE_INFRA 2u
+int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, const uint8_t disk_id[16],
+                      uint8_t role, struct bc_layer *out);
 /* No encryption at all (benchmarks only). */
 int bc_layer_null_new(uint32_t sector_size, struct bc_layer *out);
 

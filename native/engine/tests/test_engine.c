@@ -302,8 +302,10 @@ static int xs_decrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, const uint8
     return rc;
 }
 static void xs_destroy(void *ctx) { atomic_store(&((struct xorsum *)ctx)->destroyed, 1); }
-static const struct bc_layer_ops xs8_ops = {"xorsum8", 8, xs_encrypt, xs_decrypt, xs_destroy};
-static const struct bc_layer_ops xs16_ops = {"xorsum16", 16, xs_encrypt, xs_decrypt, xs_destroy};
+static const struct bc_layer_ops xs8_ops = {.name = "xorsum8", .meta_bytes = 8, .encrypt = xs_encrypt,
+                                            .decrypt = xs_decrypt, .destroy = xs_destroy};
+static const struct bc_layer_ops xs16_ops = {.name = "xorsum16", .meta_bytes = 16, .encrypt = xs_encrypt,
+                                             .decrypt = xs_decrypt, .destroy = xs_destroy};
 
 /* canary: no transform; counts any call after its destroy */
 struct canary { atomic_int destroyed; atomic_int late_calls; atomic_long calls; };
@@ -321,7 +323,8 @@ static int can_dec(void *ctx, uint8_t *b, size_t n, uint64_t s, const uint8_t *m
     return can_enc(ctx, b, n, s, (uint8_t *)m, st);
 }
 static void can_destroy(void *ctx) { atomic_store(&((struct canary *)ctx)->destroyed, 1); }
-static const struct bc_layer_ops canary_ops = {"canary", 0, can_enc, can_dec, can_destroy};
+static const struct bc_layer_ops canary_ops = {.name = "canary", .meta_bytes = 0, .encrypt = can_enc,
+                                               .decrypt = can_dec, .destroy = can_destroy};
 
 /* ---- building volumes ----------------------------------------------------------------- */
 

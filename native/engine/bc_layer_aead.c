@@ -1,0 +1,295 @@
+/*
+ * bc_layer_aead.c — the infrastructure layer of double encryption: XChaCha20-Poly1305
+ * (libsodium, crypto_aead_xchacha20poly1305_ietf) per sector, a random 192-bit nonce
+ * per write, a 128-bit tag, two metadata slots per sector for crash consistency.
+ *
+ * Metadata of one sector (BC_AEAD_META_BYTES = 96, this layer's slice):
+ *
+ *   slot 0 (48 bytes) | slot 1 (48 bytes)
+ *   slot = LE32 seq | LE32 writer | nonce (24) | tag (16); all zero = empty
+ *
+ * Associated data (33 bytes) = disk id (16) || LE64 sector number || role (1) ||
+ * LE32 seq || LE32 writer: a sector (with its metadata) moved to another sector
+ * number, another disk or another layer role does not open.
+ *
+ * Crash consistency (docs/FORMAT.md argues it): the engine reads the metadata of the
+ * sectors it is about to write, writes the new metadata first, then the data. This
+ * layer puts a write's nonce+tag into the slot that does NOT authenticate the stored
+ * data, so the valid slot survives until the data is replaced: a kill at any moment
+ * leaves old data + the old slot, or new data + the new slot. A read tries the newer
+ * slot (higher seq, serial arithmetic), then the other.
+ *
+ * Which slot authenticates the stored data? If the newer slot was written by this
+ * layer instance (writer = this instance's random 32-bit id), its data write
+ * completed (writes to a sector are serialised by the engine's range lock and a failed
+ * data write makes the instance take a new id, write_failed). Otherwise (written
+ * before a restart, perhaps by a process killed between its two writes) resolve()
+ * asks the engine for the stored data and checks the newer slot's tag (Poly1305 only),
+ * then the older one's, and empties in the metadata buffer any slot that does not
+ * authenticate: so this costs one extra read on the first write of a sector after an
+ * open, and nothing after that.
+ *
+ * Holes: the layer sets BC_LAYER_ZERO_DATA_IS_HOLE: a stored sector whose data is all
+ * zero reads as zeros whatever its metadata (a discard punches the data first, then
+ * the metadata, and a kill in between must read the discard's zeros).
+ *
+ * Key: 32 bytes in sodium_malloc'd memory (guard pages, mlock'ed, zeroed by
+ * sodium_free on destroy). Verification never writes the buffer before the tag
+ * checks out, so a failed slot leaves the ciphertext intact for the other slot.
+ */
+#define _GNU_SOURCE
+#include "bc_engine.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sodium.h>
+
+#define SLOT_BYTES 48u
+#define NONCE_OFF 8u
+#define TAG_OFF 32u
+#define AD_BYTES 33u
+#define NONCE_BATCH 64u
+
+struct aead_layer {
+    unsigned char *key;          /* sodium_malloc'd, 32 bytes */
+    uint32_t sector_size;
+    uint8_t disk_id[16];
+    uint8_t role;
+    _Atomic uint32_t writer;     /* this instance's id, never 0; renewed after a failed data write */
+};
+
+static void le32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint32_t rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void le64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint32_t new_writer(void)
+{
+    uint32_t w;
+    do
+        w = randombytes_random();
+    while (w == 0);
+    return w;
+}
+
+static int slot_empty(const uint8_t *slot)
+{
+    static const uint8_t z[SLOT_BYTES];
+    return memcmp(slot, z, SLOT_BYTES) == 0;
+}
+
+/* index (0/1) of the newer non-empty slot, or -1 if both are empty */
+static int newer_slot(const uint8_t *meta)
+{
+    int e0 = slot_empty(meta), e1 = slot_empty(meta + SLOT_BYTES);
+    if (e0 && e1)
+        return -1;
+    if (e0)
+        return 1;
+    if (e1)
+        return 0;
+    return (int32_t)(rd32(meta + SLOT_BYTES) - rd32(meta)) > 0 ? 1 : 0;
+}
+
+static void make_ad(const struct aead_layer *a, uint64_t sector, const uint8_t *slot, uint8_t ad[AD_BYTES])
+{
+    memcpy(ad, a->disk_id, 16);
+    le64(ad + 16, sector);
+    ad[24] = a->role;
+    memcpy(ad + 25, slot, 8);   /* seq, writer */
+}
+
+/* The IETF ChaCha20-Poly1305 key and nonce of an XChaCha20 nonce (as libsodium does). */
+static void subkey(const struct aead_layer *a, const uint8_t *nonce, uint8_t k2[32], uint8_t n2[12])
+{
+    crypto_core_hchacha20(k2, nonce, a->key, NULL);
+    memset(n2, 0, 4);
+    memcpy(n2 + 4, nonce + 16, 8);
+}
+
+/* Does slot authenticate ciphertext c of sector `sector`? On success k2/n2 hold the
+ * subkey for decryption. Nothing is written to c. */
+static int slot_verify(const struct aead_layer *a, const uint8_t *c, uint64_t sector, const uint8_t *slot,
+                       uint8_t k2[32], uint8_t n2[12])
+{
+    static const uint8_t pad[16];
+    uint8_t ad[AD_BYTES], block0[64], lens[16], mac[16];
+    size_t clen = a->sector_size;
+    make_ad(a, sector, slot, ad);
+    subkey(a, slot + NONCE_OFF, k2, n2);
+    crypto_stream_chacha20_ietf(block0, sizeof block0, n2, k2);
+    crypto_onetimeauth_poly1305_state st;
+    crypto_onetimeauth_poly1305_init(&st, block0);
+    crypto_onetimeauth_poly1305_update(&st, ad, AD_BYTES);
+    crypto_onetimeauth_poly1305_update(&st, pad, (16 - AD_BYTES % 16) % 16);
+    crypto_onetimeauth_poly1305_update(&st, c, clen);
+    crypto_onetimeauth_poly1305_update(&st, pad, (16 - clen % 16) % 16);
+    le64(lens, AD_BYTES);
+    le64(lens + 8, clen);
+    crypto_onetimeauth_poly1305_update(&st, lens, sizeof lens);
+    crypto_onetimeauth_poly1305_final(&st, mac);
+    int ok = crypto_verify_16(mac, slot + TAG_OFF) == 0;
+    sodium_memzero(block0, sizeof block0);
+    sodium_memzero(&st, sizeof st);
+    return ok;
+}
+
+static int aead_encrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, uint8_t *meta, size_t stride)
+{
+    struct aead_layer *a = ctx;
+    if (n > 0 && s + (n - 1) < s)
+        return -EINVAL;
+    size_t ss = a->sector_size;
+    uint32_t writer = atomic_load_explicit(&a->writer, memory_order_relaxed);
+    uint8_t nonces[NONCE_BATCH * 24];
+    for (size_t i = 0; i < n; i++) {
+        size_t j = i % NONCE_BATCH;
+        if (j == 0) {
+            size_t k = n - i < NONCE_BATCH ? n - i : NONCE_BATCH;
+            randombytes_buf(nonces, k * 24);
+        }
+        uint8_t *m = meta + i * stride;
+        int nw = newer_slot(m);
+        /* keep the newer slot (it authenticates the stored data, see resolve); an empty
+         * slot goes first */
+        int target = nw < 0 ? 0 : 1 - nw;
+        uint32_t seq = nw < 0 ? 1 : rd32(m + (size_t)nw * SLOT_BYTES) + 1;
+        if (seq == 0)
+            seq = 1;
+        uint8_t *slot = m + (size_t)target * SLOT_BYTES;
+        le32(slot, seq);
+        le32(slot + 4, writer);
+        memcpy(slot + NONCE_OFF, nonces + j * 24, 24);
+        uint8_t ad[AD_BYTES];
+        make_ad(a, s + i, slot, ad);
+        uint8_t *p = buf + i * ss;
+        crypto_aead_xchacha20poly1305_ietf_encrypt_detached(p, slot + TAG_OFF, NULL, p, ss, ad, AD_BYTES, NULL,
+                                                            slot + NONCE_OFF, a->key);
+    }
+    sodium_memzero(nonces, sizeof nonces);
+    return 0;
+}
+
+static int aead_decrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, const uint8_t *meta, size_t stride)
+{
+    struct aead_layer *a = ctx;
+    if (n > 0 && s + (n - 1) < s)
+        return -EINVAL;
+    size_t ss = a->sector_size;
+    int rc = 0;
+    uint8_t k2[32], n2[12];
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *m = meta + i * stride;
+        uint8_t *p = buf + i * ss;
+        int nw = newer_slot(m);
+        int ok = 0;
+        for (int t = 0; t < 2 && nw >= 0 && !ok; t++) {
+            const uint8_t *slot = m + (size_t)(t == 0 ? nw : 1 - nw) * SLOT_BYTES;
+            if (t == 1 && slot_empty(slot))
+                break;
+            ok = slot_verify(a, p, s + i, slot, k2, n2);
+        }
+        if (!ok) {
+            rc = -EBADMSG;
+            break;
+        }
+        crypto_stream_chacha20_ietf_xor_ic(p, p, ss, n2, 1u, k2);
+    }
+    sodium_memzero(k2, sizeof k2);
+    return rc;
+}
+
+/* old == NULL: 1 if some sector's newer slot was not written by this instance (the
+ * stored data is needed), else 0. old != NULL (the stored bytes of the n sectors):
+ * empty in meta every slot that does not authenticate its stored data. */
+static int aead_resolve(void *ctx, const uint8_t *old, size_t n, uint64_t s, uint8_t *meta, size_t stride)
+{
+    struct aead_layer *a = ctx;
+    uint32_t writer = atomic_load_explicit(&a->writer, memory_order_relaxed);
+    uint8_t k2[32], n2[12];
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *m = meta + i * stride;
+        int nw = newer_slot(m);
+        if (nw < 0 || rd32(m + (size_t)nw * SLOT_BYTES + 4) == writer)
+            continue;
+        if (old == NULL)
+            return 1;
+        const uint8_t *c = old + i * (size_t)a->sector_size;
+        uint8_t *newer = m + (size_t)nw * SLOT_BYTES, *other = m + (size_t)(1 - nw) * SLOT_BYTES;
+        if (slot_verify(a, c, s + i, newer, k2, n2))
+            continue;
+        memset(newer, 0, SLOT_BYTES);   /* stale (a write cut short) or damaged */
+        if (!slot_empty(other) && !slot_verify(a, c, s + i, other, k2, n2))
+            memset(other, 0, SLOT_BYTES);
+    }
+    sodium_memzero(k2, sizeof k2);
+    return 0;
+}
+
+static void aead_write_failed(void *ctx)
+{
+    struct aead_layer *a = ctx;
+    atomic_store(&a->writer, new_writer());
+}
+
+static void aead_destroy(void *ctx)
+{
+    struct aead_layer *a = ctx;
+    if (a == NULL)
+        return;
+    sodium_free(a->key);
+    sodium_memzero(a, sizeof *a);
+    free(a);
+}
+
+static const struct bc_layer_ops aead_ops = {
+    .name = "xchacha20-poly1305",
+    .meta_bytes = BC_AEAD_META_BYTES,
+    .encrypt = aead_encrypt,
+    .decrypt = aead_decrypt,
+    .destroy = aead_destroy,
+    .flags = BC_LAYER_ZERO_DATA_IS_HOLE,
+    .resolve = aead_resolve,
+    .write_failed = aead_write_failed,
+};
+
+int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, const uint8_t disk_id[16],
+                      uint8_t role, struct bc_layer *out)
+{
+    if (key == NULL || disk_id == NULL || out == NULL || key_len != crypto_aead_xchacha20poly1305_ietf_KEYBYTES ||
+        (sector_size != 512 && sector_size != 4096))
+        return -EINVAL;
+    if (sodium_init() < 0)
+        return -EIO;
+    struct aead_layer *a = calloc(1, sizeof *a);
+    if (a == NULL)
+        return -ENOMEM;
+    a->key = sodium_malloc(key_len);
+    if (a->key == NULL) {
+        free(a);
+        return -ENOMEM;
+    }
+    memcpy(a->key, key, key_len);
+    sodium_mprotect_readonly(a->key);
+    a->sector_size = sector_size;
+    memcpy(a->disk_id, disk_id, 16);
+    a->role = role;
+    atomic_init(&a->writer, new_writer());
+    out->ops = &aead_ops;
+    out->ctx = a;
+    return 0;
+}
