@@ -19,7 +19,8 @@ from ..catalog import DiskRecord, check_name
 from ..crypto import ALG_NULL
 from ..errors import AlreadyExists, BadSize, BlockcryptError, CorruptHeader, NoSpace, Refused, StateError, UsageError
 from ..format import ROLE_DATA, ROLE_INFRA, Header, Layout, header_copy_state, read_header, write_header
-from ..keys.envelope import DATA_ALG, unwrap_layer, wrap_new_layer
+from ..format.layout import FEATURE_SECTOR_META
+from ..keys.envelope import DATA_ALG, INFRA_ALG, unwrap_layer, wrap_new_layer
 from ..storage import LocalFileBacking, is_enospc
 from ..volume import Volume
 
@@ -29,12 +30,28 @@ TYPE_DOUBLE = "EncryptionAtRestWithPlatformAndCustomerKeys"
 
 
 def encryption_type(h: Header) -> str:
+    """Azure's Encryption.Type: the key source of the data layer, and whether a customer
+    key is doubled by the platform layer. A double disk with both layers platform-keyed
+    (``disk create --double-encryption``, which no cloud offers) is of type
+    EncryptionAtRestWithPlatformKey; ``is_double`` tells it apart."""
     data = h.layer(ROLE_DATA)
-    if h.layer(ROLE_INFRA) is not None:
+    customer = data is not None and data.provider != "platform"
+    if h.layer(ROLE_INFRA) is not None and customer:
         return TYPE_DOUBLE
-    if data is not None and data.provider != "platform":
+    if customer:
         return TYPE_CMK
     return TYPE_PMK
+
+
+def is_double(h: Header) -> bool:
+    return h.layer(ROLE_INFRA) is not None
+
+
+def refuse_single_double(name: str, to_double: bool):
+    """Moving a disk between single and double encryption changes its data layout: refused."""
+    what = "double encryption" if to_double else "single-layer encryption"
+    raise Refused(f"disk {name!r} cannot move to {what} in place (another layer stack, another layout); "
+                  f"copy it instead: `blockcrypt disk copy {name} NEW_NAME --des DES`")
 
 
 def open_backing(path: str, name: str, writable: bool = True) -> LocalFileBacking:
@@ -70,11 +87,19 @@ def check_headers(rec: DiskRecord) -> dict:
     return {"before": before, "after": after, "repaired": [k for k in before if before[k] != after[k]]}
 
 
-def open_layers(st, h: Header) -> list[tuple[str, bytes]]:
-    """The layer stack of header ``h`` for the engine, outermost first, DEKs unwrapped.
+def open_layers(st, h: Header) -> list[tuple]:
+    """The layer stack of header ``h`` for the engine, outermost first, DEKs unwrapped:
+    the data layer, then (double encryption) the infrastructure layer with the disk id
+    its sectors are bound to.
 
     The caller hands it to a Volume (which copies the keys into locked memory) and drops it."""
-    return [(h.layer(ROLE_DATA).data_alg, unwrap_layer(st.keys, h, ROLE_DATA))]
+    layers = [(h.layer(ROLE_DATA).data_alg, unwrap_layer(st.keys, h, ROLE_DATA))]
+    infra = h.layer(ROLE_INFRA)
+    if infra is not None:
+        if infra.data_alg != INFRA_ALG:
+            raise CorruptHeader(name=h.name, why=f"unknown infrastructure layer algorithm {infra.data_alg!r}")
+        layers.append((infra.data_alg, unwrap_layer(st.keys, h, ROLE_INFRA), h.disk_id))
+    return layers
 
 
 def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = False,
@@ -103,19 +128,32 @@ def _check_size(size: int, sector_size: int) -> None:
 REVOCATION_POLICIES = ("immediate", "on-restart")
 
 
+def _check_layout_size(size: int, layout: Layout) -> None:
+    if layout.max_size is not None and size > layout.max_size:
+        raise BadSize(value=size, why=f"a double-encrypted disk holds at most {layout.max_size} bytes "
+                                      "(its sector metadata starts at 8 TiB of the disk file)")
+
+
 def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str = "platform",
            kek_ref: str | None = None, kind: str = "disk", read_only: bool = False,
-           des: str | None = None, revocation: str = "immediate") -> DiskRecord:
+           des: str | None = None, revocation: str = "immediate", double: bool = False) -> DiskRecord:
+    """A new disk under fresh DEKs. ``double``: a second, independent infrastructure layer
+    (XChaCha20-Poly1305, its DEK wrapped by the platform key store) below the data layer."""
     check_name("disk", name)
     _check_size(size, sector_size)
+    layout = Layout.with_meta(sector_size) if double else Layout(sector_size)
+    _check_layout_size(size, layout)
     if revocation not in REVOCATION_POLICIES:
         raise UsageError(f"invalid revocation policy {revocation!r}: use immediate or on-restart")
     if st.catalog.find_disk(name) is not None:
         raise AlreadyExists(kind="disk", name=name)
     disk_id = Header.new_id()
-    layer = wrap_new_layer(st.keys, provider, kek_ref, disk_id, ROLE_DATA)
+    layers = (wrap_new_layer(st.keys, provider, kek_ref, disk_id, ROLE_DATA),)
+    if double:
+        layers += (wrap_new_layer(st.keys, "platform", None, disk_id, ROLE_INFRA, INFRA_ALG),)
     h = Header(disk_id=disk_id, name=name, size=size, sector_size=sector_size, cipher=DATA_ALG,
-               kind=kind, read_only=read_only, layers=(layer,))
+               kind=kind, read_only=read_only, layers=layers,
+               required_features=FEATURE_SECTOR_META if double else 0)
     path = st.disks_dir / f"{disk_id.hex()}.img"
     try:
         b = LocalFileBacking(str(path), True, create_mode=0o600)
@@ -123,7 +161,7 @@ def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str =
         raise StateError(path=str(st.path), why=f"cannot create the disk file ({e.strerror})") from None
     try:
         try:
-            b.set_size(Layout(sector_size).backing_size(size))
+            b.set_size(layout.backing_size(size))
             write_header(b, h)
         except OSError as e:
             if is_enospc(e):
@@ -161,6 +199,7 @@ def resize(st, name: str, new_size: int) -> DiskRecord:
                       "copy it to a smaller disk instead")
     with header_backing(rec.path, name) as b:
         h = read_header(b, name, repair=True)
+        _check_layout_size(new_size, Layout.of(h))
         try:
             b.set_size(Layout.of(h).backing_size(new_size))
         except OSError as e:
@@ -172,11 +211,12 @@ def resize(st, name: str, new_size: int) -> DiskRecord:
 
 
 def dump_key(st, name: str, out: str) -> str:
-    """Write the data-layer DEK to a new 0600 file (the emergency way out, as with LUKS)."""
+    """Write the DEKs to a new 0600 file (the emergency way out, as with LUKS): the 64-byte
+    data-layer DEK, then on a double-encrypted disk the 32-byte infrastructure DEK
+    (docs/FORMAT.md shows how to decrypt a sector with both)."""
     rec = st.catalog.get_disk(name)
     h = read_disk_header(rec)
-    if h.layer(ROLE_INFRA) is not None:
-        raise Refused(f"disk {name!r} is double-encrypted: its data area is not plain aes-xts-plain64")
+    roles = [ROLE_DATA] + ([ROLE_INFRA] if h.layer(ROLE_INFRA) is not None else [])
     try:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
@@ -184,10 +224,11 @@ def dump_key(st, name: str, out: str) -> str:
     except OSError as e:
         raise UsageError(f"cannot create {out}: {e.strerror}") from None
     try:
-        dek = unwrap_layer(st.keys, h, ROLE_DATA)
-        os.write(fd, dek)
+        for role in roles:
+            dek = unwrap_layer(st.keys, h, role)
+            os.write(fd, dek)
+            del dek
         os.fsync(fd)
-        del dek
     except BaseException:
         os.close(fd)
         os.unlink(out)

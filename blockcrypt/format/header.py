@@ -16,7 +16,8 @@ Each copy (little-endian; at most COPY_MAX bytes)::
     10   2    reserved (0)
     12   4    header length in bytes, checksum included
     16   8    sequence number (grows by one on every header write)
-    24   8    required feature flags (an unknown bit refuses to open)
+    24   8    required feature flags (an unknown bit refuses to open;
+              bit 0: per-sector metadata, the infrastructure layer of double encryption)
     32   8    compatible feature flags (unknown bits are ignored)
     40   16   disk id (UUID bytes)
     56   8    logical size in bytes
@@ -51,15 +52,17 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from ..errors import UnsupportedFormat
-from .layout import COPY_MAX, DATA_OFFSET
-from .roles import ROLE_NAMES
+from .layout import COPY_MAX, DATA_OFFSET, FEATURE_SECTOR_META
+from .roles import ROLE_INFRA, ROLE_NAMES
 
 FORMAT_VERSION = 1
 MAGIC_A = b"BLKCRYA\x01"
 MAGIC_B = b"BLKCRYB\x01"
 
-#: required feature bits this version understands (none yet)
-KNOWN_REQUIRED = 0
+#: required feature bits this version understands: bit 0, per-sector metadata (the
+#: infrastructure layer of double encryption; layout.py places it). Readers before it
+#: refuse such a disk rather than read AEAD ciphertext as XTS.
+KNOWN_REQUIRED = FEATURE_SECTOR_META
 KIND_CODES = {"disk": 0, "snapshot": 1, "image": 2}
 KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 
@@ -216,6 +219,8 @@ def unpack(buf: bytes, magic: bytes) -> Header:
         layers.append(Layer(role, provider, kek_id, wrap_alg, data_alg, wrapped, binding))
     if r.off != total - 32:
         raise ValueError("trailing bytes in header")
+    if bool(req & FEATURE_SECTOR_META) != any(l.role == ROLE_INFRA for l in layers):
+        raise ValueError("an infrastructure layer needs the sector-metadata feature, and only it")
     return Header(disk_id=disk_id, name=name, size=size, sector_size=sector_size, cipher=cipher,
                   kind=KIND_NAMES[kind], read_only=bool(flags & 1), layers=tuple(layers),
                   seqno=seqno, required_features=req, compat_features=compat,

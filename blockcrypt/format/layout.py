@@ -6,14 +6,23 @@
     |            |                       | DATA_OFFSET + n * ss     |
     +------------+-----------------------+--------------------------+
 
+A disk with FEATURE_SECTOR_META (double encryption) also has a metadata area at a
+fixed far offset of the sparse file, which does not move when the disk grows::
+
+    DATA_OFFSET ... DATA_OFFSET + size   (hole)   META_AREA_OFFSET = 8 TiB
+    | data area (<= MAX_META_DISK_SIZE)  |  ...   | 96 bytes of metadata per sector:
+                                                  | sector n at META_AREA_OFFSET + 96 * n
+
 ``Layout`` carries one disk's geometry: ``sector_off(n)`` is the backing offset
 of sector n, ``span(plain_off, length)`` the sectors a plaintext range touches,
 ``backing_size(size)`` the file size a disk of ``size`` bytes needs. A layer with
 per-sector metadata (the AEAD layer of double encryption) adds a metadata area;
 ``meta_off(n)`` is where sector n's metadata lives.
 
-Caveat: format v1 has no metadata area (meta_bytes 0); its place will be a
-format feature flag of its own.
+Caveat: a single-layer disk has no metadata area (meta_bytes 0). A disk with one has
+the apparent file size of the largest metadata area it could need
+(``backing_size``), whatever its logical size, so growing it never truncates
+metadata; the holes cost nothing.
 """
 from __future__ import annotations
 
@@ -25,6 +34,12 @@ COPY_MAX = 64 * 1024
 DATA_OFFSET = 1024 * 1024
 HEADER_AREA = DATA_OFFSET
 SECTOR_SIZES = (512, 4096)
+
+#: required feature bit 0: per-sector metadata at META_AREA_OFFSET (double encryption)
+FEATURE_SECTOR_META = 1 << 0
+META_AREA_OFFSET = 1 << 43          # 8 TiB: past the largest data area, below ext4's 16 TiB file limit
+AEAD_META_BYTES = 96                # the infrastructure layer: two 48-byte slots per sector
+MAX_META_DISK_SIZE = META_AREA_OFFSET - DATA_OFFSET
 
 
 def sector_span(plain_off: int, length: int, sector_size: int) -> tuple[int, int]:
@@ -51,8 +66,21 @@ class Layout:
         return sector_span(plain_off, length, self.sector_size)
 
     def backing_size(self, size_bytes: int) -> int:
+        if self.meta_bytes:
+            return self.meta_area_off + (MAX_META_DISK_SIZE // self.sector_size) * self.meta_bytes
         return self.data_off + size_bytes
+
+    @property
+    def max_size(self) -> int | None:
+        """The largest logical size this layout can hold (None: the file system's limit)."""
+        return MAX_META_DISK_SIZE if self.meta_bytes else None
+
+    @classmethod
+    def with_meta(cls, sector_size: int) -> "Layout":
+        return cls(sector_size, DATA_OFFSET, META_AREA_OFFSET, AEAD_META_BYTES)
 
     @classmethod
     def of(cls, header) -> "Layout":
+        if header.required_features & FEATURE_SECTOR_META:
+            return cls(header.sector_size, header.data_offset, META_AREA_OFFSET, AEAD_META_BYTES)
         return cls(header.sector_size, header.data_offset)

@@ -18,9 +18,13 @@ from .base import WrappedKey
 
 DEK_BYTES = 64          # AES-256-XTS: two 256-bit keys
 DATA_ALG = "aes-xts-plain64"
+INFRA_ALG = "xchacha20-poly1305"   # the infrastructure layer of double encryption
+INFRA_DEK_BYTES = 32
 
 
-def new_dek() -> bytes:
+def new_dek(data_alg: str = DATA_ALG) -> bytes:
+    if data_alg == INFRA_ALG:
+        return os.urandom(INFRA_DEK_BYTES)
     while True:
         dek = os.urandom(DEK_BYTES)
         if dek[:32] != dek[32:]:  # XTS refuses equal halves
@@ -39,7 +43,7 @@ def wrap_new_layer(keys, provider: str, kek_ref: str | None, disk_id: bytes, rol
                    data_alg: str = DATA_ALG) -> Layer:
     """A fresh DEK for ``role`` of disk ``disk_id``, wrapped by ``provider``'s key ``kek_ref``."""
     prov = keys.get(provider)
-    dek = new_dek()
+    dek = new_dek(data_alg)
     try:
         wk = prov.wrap(kek_ref or prov.default_ref(), dek, binding_context(disk_id, role), disk_id=disk_id.hex())
     finally:

@@ -12,7 +12,9 @@ key error that stopped it). The libfuse 3 session serves the same engine
 volume without any of this Python in a request.
 
 ``layers`` is a list of ``(algorithm, key)``, outermost first: today
-``[("aes-xts-plain64", dek)]`` or ``[("null", b"")]`` (benchmarks). The engine
+``[("aes-xts-plain64", dek)]``, ``[("null", b"")]`` (benchmarks), or for double
+encryption ``[("aes-xts-plain64", dek), ("xchacha20-poly1305", dek32, disk_id)]``
+(its metadata area comes from the header's layout). The engine
 copies the key into locked memory; the caller drops its copy at once.
 
 Caveats: the DEK lives only inside the engine (wiped on close or revocation);
@@ -55,7 +57,8 @@ class Volume:
         self._key_error = None
         try:
             self.engine = _engine().Volume(path, size=header.size, sector_size=header.sector_size,
-                                           data_off=header.data_offset, read_only=self.read_only,
+                                           data_off=header.data_offset, meta_off=self.layout.meta_area_off,
+                                           read_only=self.read_only,
                                            layers=list(layers), cache=cache)
         except FileNotFoundError:
             raise CorruptHeader(name=self.name, why=f"disk file {path} is missing") from None
