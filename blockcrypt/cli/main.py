@@ -45,7 +45,7 @@ def init(c: Ctx, as_json):
 # --- disks ---------------------------------------------------------------------------
 
 def disk_json(st, rec) -> dict:
-    from ..control.disks import encryption_type, read_disk_header
+    from ..control.disks import encryption_type, is_double, read_disk_header
     out = {
         "name": rec.name, "id": rec.disk_id, "kind": rec.kind, "sizeBytes": rec.size,
         "size": format_size(rec.size), "sectorSize": rec.sector_size, "readOnly": rec.read_only,
@@ -61,6 +61,7 @@ def disk_json(st, rec) -> dict:
     out["health"] = "Healthy"
     out["revocation"] = rec.revocation
     out["encryption"] = {"type": encryption_type(h), "cipher": h.cipher,
+                         "doubleEncryption": is_double(h),
                          "layers": [l.to_json() for l in h.layers]}
     if rec.des:
         from ..format import ROLE_DATA
@@ -90,15 +91,23 @@ def _size_arg(value):
 @click.option("--des", "des_name", help="disk encryption set: wrap the DEK with its customer-managed key")
 @click.option("--revocation", type=click.Choice(["immediate", "on-restart"]), default="immediate",
               show_default=True, help="when a revoked customer key stops this disk's I/O")
+@click.option("--double-encryption", "double", is_flag=True,
+              help="platform-key disk with a second, independent platform-keyed layer "
+                   "(XChaCha20-Poly1305, tamper-detecting); a DES of type "
+                   "EncryptionAtRestWithPlatformAndCustomerKeys does this for customer keys")
 @json_opt
 @pass_ctx
-def disk_create(c: Ctx, name, size, sector_size, des_name, revocation, as_json):
+def disk_create(c: Ctx, name, size, sector_size, des_name, revocation, double, as_json):
     """Create a disk under a fresh DEK, wrapped by the platform key or a DES's customer key."""
     from ..control import des, disks
     if des_name:
+        if double:
+            raise UsageError("--double-encryption is for platform-key disks; a DES's type decides for its disks "
+                             "(des create --type EncryptionAtRestWithPlatformAndCustomerKeys)")
         rec = des.create_disk(c.state, name, parse_size(size), des_name, int(sector_size), revocation)
     else:
-        rec = disks.create(c.state, name, parse_size(size), int(sector_size), revocation=revocation)
+        rec = disks.create(c.state, name, parse_size(size), int(sector_size), revocation=revocation,
+                           double=double)
     emit(disk_json(c.state, rec), as_json,
          f"created disk {rec.name} ({format_size(rec.size)}, id {rec.disk_id})")
 
@@ -211,7 +220,8 @@ def disk_delete(c: Ctx, name, as_json):
 
 @disk.command("dump-key")
 @click.argument("name")
-@click.option("--out", required=True, type=click.Path(), help="new file to write the 64-byte DEK to (0600)")
+@click.option("--out", required=True, type=click.Path(),
+              help="new file to write the 64-byte DEK to (0600); double encryption: 64 + 32 bytes")
 @click.option("--yes-i-understand", "yes", is_flag=True,
               help="confirm: whoever holds this file can read the disk without blockcrypt")
 @json_opt
@@ -223,6 +233,13 @@ def disk_dump_key(c: Ctx, name, out, yes, as_json):
     from ..control import disks
     rec = c.state.catalog.get_disk(name)
     disks.dump_key(c.state, name, out)
+    if disks.is_double(disks.read_disk_header(rec)):
+        emit({"name": name, "keyFile": out, "keys": [
+                 {"role": "data", "algorithm": "aes-xts-plain64", "offset": 0, "bytes": 64},
+                 {"role": "infrastructure", "algorithm": "xchacha20-poly1305", "offset": 64, "bytes": 32}]},
+             as_json, f"wrote both DEKs of {name} to {out} (mode 0600): bytes 0-63 the AES-256-XTS key, "
+                      "64-95 the XChaCha20-Poly1305 key; docs/FORMAT.md shows how to decrypt a sector with them")
+        return
     iv = " --iv-large-sectors" if rec.sector_size != 512 else ""
     line = (f"cryptsetup open --type plain -c aes-xts-plain64 -s 512 --sector-size {rec.sector_size}{iv} "
             f"--offset 2048 --key-file {out} --keyfile-size 64 {rec.path} {name}")
@@ -360,11 +377,14 @@ def des_show(c: Ctx, name, as_json):
 @click.argument("name")
 @click.option("--key-url", help="a new version of the same key: re-wrap every disk's DEK under it")
 @click.option("--auto-rotate/--no-auto-rotate", default=None)
+@click.option("--type", "enc_type", default=None, help="(refused: a DES's encryption type is fixed at creation)")
 @json_opt
 @pass_ctx
-def des_update(c: Ctx, name, key_url, auto_rotate, as_json):
+def des_update(c: Ctx, name, key_url, auto_rotate, enc_type, as_json):
     """Rotate a DES to a new key version (no data rewritten) or change auto-rotation."""
     from ..control import des
+    if enc_type is not None and enc_type != c.state.catalog.get_des(name).type:
+        des.refuse_type_change(name)
 
     def progress(step, detail):
         if not as_json and step == "rewrap":

@@ -40,7 +40,7 @@ from ..keys.providers.akv import parse_key_url, secret_path, write_secret
 from . import disks, settings
 from .rotation import rewrap_disks
 
-TYPES = (disks.TYPE_CMK,)
+TYPES = (disks.TYPE_CMK, disks.TYPE_DOUBLE)
 RSA_SIZES = (2048, 3072, 4096)
 NEEDED = ("get", "wrapKey", "unwrapKey")
 
@@ -260,9 +260,17 @@ def auto_rotate_pass(st) -> list[dict]:
 
 def create_disk(st, name: str, size: int, des_name: str, sector_size: int = 4096,
                 revocation: str = "immediate"):
+    """A disk on a DES: the data layer's DEK wrapped by its customer key; on a DES of type
+    EncryptionAtRestWithPlatformAndCustomerKeys also an infrastructure layer whose own DEK
+    the platform key store wraps."""
     rec = st.catalog.get_des(des_name)
     return disks.create(st, name, size, sector_size, provider="vault", kek_ref=rec.active_key,
-                        des=des_name, revocation=revocation)
+                        des=des_name, revocation=revocation, double=rec.type == disks.TYPE_DOUBLE)
+
+
+def refuse_type_change(name: str):
+    raise Refused(f"the encryption type of disk encryption set {name!r} is fixed at creation; "
+                  "create another disk encryption set and `blockcrypt disk copy` the disks to it")
 
 
 def move_disk_to_des(st, disk_name: str, des_name: str):
@@ -274,6 +282,8 @@ def move_disk_to_des(st, disk_name: str, des_name: str):
     if drec.des is not None:
         raise Refused(f"disk {disk_name!r} already uses disk encryption set {drec.des!r}; "
                       "use `des update` to rotate its key, or `disk copy` to a new disk")
+    if disks.is_double(disks.read_disk_header(drec)) != (des.type == disks.TYPE_DOUBLE):
+        disks.refuse_single_double(disk_name, des.type == disks.TYPE_DOUBLE)
 
     def plan(h, layer):
         return ("vault", des.active_key) if layer.role == ROLE_DATA else None
