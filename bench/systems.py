@@ -601,10 +601,19 @@ class BlockcryptFusepySingleDirect(BlockcryptSystem):
     frontend, backing_cache = "fusepy", "none"
 
 
+class BlockcryptDouble(BlockcryptSystem):
+    name, label, default = "double", "blockcrypt double encryption", False
+    summary = ("blockcrypt mount, disk create --double-encryption: aes-xts-plain64 over "
+               "XChaCha20-Poly1305 per sector (two platform-managed keys), the default front end; "
+               "target: >= 0.7x `single`")
+    disk_create_args = ["--double-encryption"]
+    baseline, floor = "null", "c-floor"
+
+
 # Run order and the keys accepted by --systems.
 SYSTEMS: list[type[System]] = [RawFile, CFloor, CFloorDirect, FusepyFloor, BlockcryptNull, BlockcryptSingle,
                                BlockcryptNullDirect, BlockcryptSingleDirect, BlockcryptFusepyNull,
-                               BlockcryptFusepySingle, BlockcryptFusepySingleDirect, Gocryptfs, QemuLuks]
+                               BlockcryptFusepySingle, BlockcryptFusepySingleDirect, Gocryptfs, QemuLuks, BlockcryptDouble]
 
 
 def by_name() -> dict[str, type[System]]:

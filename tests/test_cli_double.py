@@ -40,3 +40,33 @@ def sdir_double(tmp_path):
 
     run("init")
     return run
+
+
+def test_disk_verify_lists_exactly_the_bad_sectors(sdir_double, tmp_path):
+    run = sdir_double
+    run("disk", "create", "v", "--size", "16M", "--double-encryption")
+    from blockcrypt.control.state import State
+    from blockcrypt.control.disks import open_volume
+    from blockcrypt.format import layout
+    st = State.open(str(tmp_path / "state"))
+    with open_volume(st, "v") as v:
+        v.write(0, os.urandom(1 << 20))            # sectors 0..255
+        v.write(8 << 20, os.urandom(64 << 10))     # sectors 2048..2063, after a hole
+    p = run("disk", "verify", "v", "--json")
+    r = json.loads(p.stdout)
+    assert r["ok"] and r["badSectors"] == [] and r["scannedBytes"] >= (1 << 20) + (64 << 10)
+    assert r["scannedBytes"] < 4 << 20  # holes are skipped
+    path = st.catalog.get_disk("v").path
+    for off in (layout.DATA_OFFSET + 7 * 4096 + 5,                         # data of sector 7
+                layout.META_AREA_OFFSET + 2050 * 96 + 8,                    # nonce of sector 2050
+                layout.META_AREA_OFFSET + 200 * 96 + 40):                   # tag of sector 200
+        with open(path, "r+b") as f:
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 1]))
+    p = run("disk", "verify", "v", "--json", expect=22)
+    r = json.loads(p.stdout)
+    assert r["badSectors"] == [7, 200, 2050] and not r["ok"]
+    p = run("disk", "verify", "v", expect=22)
+    assert "3 bad sector(s)" in p.stdout and "7, 200, 2050" in p.stdout

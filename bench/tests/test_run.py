@@ -106,7 +106,7 @@ def test_unknown_system_is_one_line(tmp_path):
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
         "bench: error: unknown system zfs; choose from raw, c-floor, c-floor-direct, fusepy, null, single, "
-        "null-direct, single-direct, fusepy-null, fusepy-single, fusepy-single-direct, gocryptfs, qsd"]
+        "null-direct, single-direct, fusepy-null, fusepy-single, fusepy-single-direct, gocryptfs, qsd, double"]
 
 
 def test_fio_missing_is_one_line(tmp_path):

@@ -17,7 +17,7 @@ import click
 
 from .. import __version__
 from .._util.units import format_size, parse_size
-from ..errors import BlockcryptError, UsageError
+from ..errors import BlockcryptError, IntegrityError, UsageError
 from .options import Ctx, emit, json_opt, pass_ctx
 
 
@@ -245,6 +245,32 @@ def disk_dump_key(c: Ctx, name, out, yes, as_json):
             f"--offset 2048 --key-file {out} --keyfile-size 64 {rec.path} {name}")
     emit({"name": name, "keyFile": out, "cryptsetup": line}, as_json,
          f"wrote the DEK of {name} to {out} (mode 0600). Open the data area with:\n  {line}")
+
+
+@disk.command("verify")
+@click.argument("name")
+@json_opt
+@pass_ctx
+def disk_verify(c: Ctx, name, as_json):
+    """Scrub a disk: read every written sector and list the ones whose tag fails (read-only)."""
+    from ..control import disks
+
+    def progress(done, total):
+        if not as_json and sys.stderr.isatty():
+            pct = 100 * done // total if total else 100
+            bar = "#" * (pct // 4)
+            click.echo(f"\r  [{bar:<25}] {pct:3d}% of {format_size(total)}", nl=False, err=True)
+
+    r = disks.verify(c.state, name, progress=progress)
+    if not as_json and sys.stderr.isatty():
+        click.echo("", err=True)
+    text = (f"disk {name}: {format_size(r['scannedBytes'])} of written sectors verified, no bad sector"
+            if r["ok"] else
+            f"disk {name}: {len(r['badSectors'])} bad sector(s) ({r['sectorSize']} bytes each): "
+            + ", ".join(str(s) for s in r["badSectors"][:50]) + (" ..." if len(r["badSectors"]) > 50 else ""))
+    emit(r, as_json, text)
+    if not r["ok"]:
+        raise SystemExit(IntegrityError.exit_code)
 
 
 @disk.command("check")

@@ -144,7 +144,7 @@ WRITER = textwrap.dedent("""
 def test_kill9_during_direct_writes_rounds_no_eio(state, mnt):
     disks.create(state, "k", 8 * MiB, double=True)
     wait_for(lambda: mnt.disk("k").exists(), what="disk listed")
-    rounds = 5
+    rounds = 10
     for r in range(rounds):
         seed = f"round{r}-"
         w = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt.disk("k")), seed], stdout=subprocess.PIPE,
