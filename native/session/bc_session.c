@@ -239,6 +239,13 @@ static void note_error(struct bc_disk *d, int err)
     atomic_store(&d->last_errno, err);
 }
 
+/* An engine error as the kernel gets it: a sector that failed its tag (-EBADMSG) is an
+ * I/O error for that request, as for a bad block; status keeps the precise errno. */
+static int wire_errno(int err)
+{
+    return err == EBADMSG ? EIO : err;
+}
+
 /* The current instance's volume, ref'd, or NULL. */
 static struct bc_volume *current_volume(struct bc_disk *d)
 {
@@ -801,7 +808,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     ssize_t n = bc_volume_read(h->vol, buf, size, (uint64_t)off);
     if (n < 0) {
         note_error(h->inst->disk, (int)-n);
-        fuse_reply_err(req, (int)-n);
+        fuse_reply_err(req, wire_errno((int)-n));
         return;
     }
     fuse_reply_buf(req, buf, (size_t)n);
@@ -816,7 +823,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     ssize_t n = bc_volume_write(h->vol, buf, size, (uint64_t)off);
     if (n < 0) {
         note_error(h->inst->disk, (int)-n);
-        fuse_reply_err(req, (int)-n);
+        fuse_reply_err(req, wire_errno((int)-n));
         return;
     }
     fuse_reply_write(req, (size_t)n);

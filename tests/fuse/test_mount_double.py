@@ -83,7 +83,7 @@ def test_ext4_fsck_and_fio_verify_on_a_double_disk(state, mnt, root):
 
 
 @pytest.mark.parametrize("where", ["data", "nonce", "tag", "moved"])
-def test_tampered_sector_is_eio_for_exactly_that_sector(state, mnt, where, frontend):
+def test_tampered_sector_is_eio_for_exactly_that_sector(state, mnt, where):
     disks.create(state, "t", 4 * MiB, double=True)
     wait_for(lambda: mnt.disk("t").exists(), what="disk listed")
     data = os.urandom(64 * SS)
@@ -114,10 +114,6 @@ def test_tampered_sector_is_eio_for_exactly_that_sector(state, mnt, where, front
     if where != "moved":  # the bit flipped back: the sector serves again
         flip(bpath, off)
         assert read_direct(mnt.disk("t"), k * SS) == data[k * SS:(k + 1) * SS]
-    if frontend == "native" and e.value.errno == errno.EBADMSG:
-        # everything else holds; native/session (not this change's files) replies the engine's
-        # EBADMSG as it is instead of EIO
-        pytest.xfail("the libfuse session answers EBADMSG for a tampered sector, not EIO")
     assert e.value.errno == errno.EIO
 
 
