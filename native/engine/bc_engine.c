@@ -71,6 +71,7 @@ struct bc_volume {
     unsigned rl_waiters;
 
     _Atomic uint64_t n_reads, n_writes, n_discards, n_flushes, n_errors, n_bytes_read, n_bytes_written;
+    _Atomic uint64_t n_integrity;
     _Atomic uint64_t hist[32];
 };
 
@@ -171,6 +172,8 @@ static void account(struct bc_volume *v, enum kind k, uint64_t t0, long long rc)
     atomic_fetch_add_explicit(ctr, 1, memory_order_relaxed);
     if (rc < 0)
         atomic_fetch_add_explicit(&v->n_errors, 1, memory_order_relaxed);
+    if (rc == -EBADMSG)
+        atomic_fetch_add_explicit(&v->n_integrity, 1, memory_order_relaxed);
     else if (k == K_READ && rc > 0)
         atomic_fetch_add_explicit(&v->n_bytes_read, (uint64_t)rc, memory_order_relaxed);
     else if (k == K_WRITE && rc > 0)
@@ -823,4 +826,5 @@ void bc_volume_stats(struct bc_volume *v, struct bc_stats *out)
     out->bytes_written = atomic_load_explicit(&v->n_bytes_written, memory_order_relaxed);
     for (int i = 0; i < 32; i++)
         out->lat_us_hist[i] = atomic_load_explicit(&v->hist[i], memory_order_relaxed);
+    out->integrity_errors = atomic_load_explicit(&v->n_integrity, memory_order_relaxed);
 }

@@ -149,6 +149,7 @@ struct bc_stats {
     uint64_t reads, writes, discards, flushes, errors;
     uint64_t bytes_read, bytes_written;
     uint64_t lat_us_hist[32];   /* request latency: bucket i counts 2^(i-1) < us <= 2^i (0: <= 1 us) */
+    uint64_t integrity_errors;  /* requests that failed with -EBADMSG (a sector failed its tag) */
 };
 
 struct bc_volume;

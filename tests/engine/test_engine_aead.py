@@ -111,6 +111,7 @@ def test_flipped_bit_fails_exactly_that_sector(tmp_path, where):
         with pytest.raises(OSError) as e:
             v.read(5 * ss, ss)
         assert e.value.errno == errno.EBADMSG
+        assert v.stats()["integrity_errors"] == 1
         assert v.read(4 * ss, ss) == data[4 * ss:5 * ss]
         assert v.read(6 * ss, ss) == data[6 * ss:7 * ss]
         flip(path, off, 0x40)
