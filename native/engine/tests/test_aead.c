@@ -16,7 +16,9 @@
  * role fail; simulated kills (a storage wrapper that drops every write after the k-th,
  * the last one possibly torn at a 4 KiB boundary, then a fresh open) at every point of
  * a request, twice in a row on the same sectors, leave every sector old or new, never
- * failing; a discard cut between the data punch and the metadata punch reads zeros;
+ * failing; a data write refused (ENOSPC) after its metadata was stored, then a kill on
+ * the next write of that sector, still reads the old content (the instance stops trusting
+ * its own slots); a discard cut between the data punch and the metadata punch reads zeros;
  * holes read as zeros and discard punches data and metadata; XTS over AEAD stores
  * AEAD(XTS(plaintext)); the stack's metadata size is fixed (set_layers refuses another).
  */
@@ -191,6 +193,7 @@ struct crash {
     long budget;          /* write/punch calls that still reach the file; <0: unlimited */
     int tear;             /* the last allowed write stops at its first 4 KiB file boundary */
     long calls;
+    long fail_at;         /* >0: the write call with this number (1-based) fails with -ENOSPC */
 };
 
 static int cr_read(void *c, void *buf, size_t len, uint64_t off)
@@ -213,6 +216,10 @@ static int cr_gate(struct crash *s)
 static int cr_write(void *c, const void *buf, size_t len, uint64_t off)
 {
     struct crash *s = c;
+    if (s->fail_at > 0 && s->calls + 1 == s->fail_at) {
+        s->calls++;
+        return -ENOSPC;
+    }
     int g = cr_gate(s);
     if (g == 0)
         return 0;   /* dead: nothing more reaches the file */
@@ -683,6 +690,53 @@ static void test_repeated_kills(uint32_t ss)
     free(a), free(b), free(got);
 }
 
+/* A data write that fails after its metadata was stored (ENOSPC) leaves a newer slot
+ * that does not match the data, in a live instance: the layer must stop trusting its
+ * own slots (write_failed), or the next write of that sector overwrites the only valid
+ * slot and a kill then loses the sector. */
+static void test_failed_data_write(uint32_t ss)
+{
+    char path[4200];
+    path_in_dir(path, sizeof path, "f.img");
+    make_empty(path);
+    struct keys k;
+    make_keys(&k, 900 + ss);
+    uint8_t *a = malloc(ss), *b = malloc(ss), *c = malloc(ss), *got = malloc(ss);
+    fill(a, ss, 1), fill(b, ss, 2), fill(c, ss, 3);
+    struct bc_volume *v = vopen(path, &k, ST_XTS_AEAD, ss, 8 * ss, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "open");
+    CHECK_RC(bc_volume_write(v, a, ss, 2 * ss), ss);
+    bc_volume_unref(v);
+    v = vopen(path, &k, ST_XTS_AEAD, ss, 8 * ss, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "open");
+    CHECK_RC(bc_volume_write(v, a, ss, 3 * ss), ss);   /* this instance's slot on sector 3 */
+    bc_volume_unref(v);
+    /* the same instance: 1st write call (metadata) passes, 2nd (data) fails, then the next
+     * request stores its metadata and the process "dies" */
+    const struct bc_storage_ops *ops;
+    void *ctx;
+    REQUIRE(bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops, &ctx) == 0, "storage");
+    struct crash *cr = calloc(1, sizeof *cr);
+    cr->in = ops, cr->ictx = ctx, cr->budget = 4, cr->fail_at = 4;   /* a: 1, 2; b: 3, (4 fails); c: 5 */
+    struct bc_layer ls[2];
+    size_t n;
+    REQUIRE(make_stack(&k, ST_XTS_AEAD, ss, BC_ROLE_INFRA, ls, &n) == 0, "layers");
+    struct bc_volume_params p = {.size_bytes = 8 * ss, .sector_size = ss, .data_off = DATA_OFF, .meta_off = META_OFF};
+    REQUIRE(bc_volume_open(&p, &crash_ops, cr, ls, n, &v) == 0, "open");
+    CHECK_RC(bc_volume_write(v, a, ss, 2 * ss), ss);   /* now this instance's slot, data written */
+    CHECK_RC(bc_volume_write(v, b, ss, 2 * ss), -ENOSPC);   /* metadata stored, data refused */
+    CHECK_RC(bc_volume_read(v, got, ss, 2 * ss), ss);
+    CHECK(memcmp(got, a, ss) == 0, "a refused write reads the old content");
+    CHECK_RC(bc_volume_write(v, c, ss, 2 * ss), ss);   /* metadata stored, then the kill */
+    bc_volume_unref(v);
+    v = vopen(path, &k, ST_XTS_AEAD, ss, 8 * ss, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "reopen");
+    CHECK_RC(bc_volume_read(v, got, ss, 2 * ss), ss);
+    CHECK(memcmp(got, a, ss) == 0, "after a failed data write and a kill: the old content");
+    bc_volume_unref(v);
+    free(a), free(b), free(c), free(got);
+}
+
 /* ---- 5. bench ---------------------------------------------------------------------------- */
 
 static double mbps(size_t bytes, uint64_t ns) { return (double)bytes / 1e6 / ((double)ns / 1e9); }
@@ -822,6 +876,8 @@ int main(int argc, char **argv)
     RUN(test_crash(512, 1));
     RUN(test_repeated_kills(4096));
     RUN(test_repeated_kills(512));
+    RUN(test_failed_data_write(4096));
+    RUN(test_failed_data_write(512));
     rm_dir(g_dir);
     int f = atomic_load(&g_failures);
     printf("%s: %d checks, %d failed\n", f ? "FAILED" : "PASSED", g_checks, f);
