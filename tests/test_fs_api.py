@@ -164,3 +164,24 @@ def test_status_counts_io(fs):
     assert d["io"]["reads"] == 1 and d["io"]["bytesRead"] == 4096
     assert sum(d["io"]["latencyUsLog2"]) == 2
     fs("release", None, fh)
+
+
+def test_a_tampered_sector_answers_eio_and_status_counts_it(state):
+    rec = disks.create(state, "dbl", 1 * MiB, double=True)
+    ops = DiskFS(state)
+    try:
+        fh = ops("open", "/disks/dbl", os.O_RDWR)
+        ops("write", None, os.urandom(3 * 4096), 0, fh)
+        ops("fsync", None, 0, fh)
+        with open(rec.path, "r+b") as f:  # one flipped bit in sector 1's stored data
+            f.seek(layout.DATA_OFFSET + 4096 + 100)
+            b = f.read(1)
+            f.seek(layout.DATA_OFFSET + 4096 + 100)
+            f.write(bytes([b[0] ^ 1]))
+        assert _errno(ops, "read", None, 4096, 4096, fh) == errno.EIO
+        assert len(ops("read", None, 4096, 0, fh)) == 4096 and len(ops("read", None, 4096, 8192, fh)) == 4096
+        (d,) = ops.disk_status()["disks"]
+        assert d["io"]["integrityErrors"] == 1
+        ops("release", None, fh)
+    finally:
+        ops.close_all()

@@ -183,5 +183,6 @@ def io_counters(vol: Volume) -> dict:
     counts per power-of-two microseconds, bucket i: up to 2**i us)."""
     st = vol.stats()
     return {"reads": st["reads"], "writes": st["writes"], "discards": st["discards"], "flushes": st["flushes"],
-            "errors": st["errors"], "bytesRead": st["bytes_read"], "bytesWritten": st["bytes_written"],
+            "errors": st["errors"], "integrityErrors": st.get("integrity_errors", 0),
+            "bytesRead": st["bytes_read"], "bytesWritten": st["bytes_written"],
             "latencyUsLog2": list(st["lat_us_hist"])}
