@@ -79,7 +79,7 @@ import fuse
 
 from ..control.disks import open_volume
 from ..errors import BlockcryptError
-from ..volume import io_counters
+from .status import FrontEndStatus
 
 log = logging.getLogger("blockcrypt.mount.fusepy_fs")
 
@@ -166,7 +166,7 @@ class _CatalogView:
         self.records = records
 
 
-class DiskFS(fuse.Operations):
+class DiskFS(FrontEndStatus, fuse.Operations):
     """fusepy Operations serving ``/disks/<name>`` from a :class:`~blockcrypt.state.State`."""
 
     use_ns = True
@@ -541,40 +541,8 @@ class DiskFS(fuse.Operations):
                 log.error("disk %s: close failed: %s", od.name, e)
         self._changed()
 
-    def open_disks(self) -> list:
-        """The open disks now: objects with ``.name``, ``.disk_id`` and ``.vol`` (for a key
-        checker that revokes/restores volumes; call :meth:`notify_changed` afterwards)."""
-        with self._lock:
-            return list(self._open.values())
-
-    def notify_changed(self) -> None:
-        """Rewrite the status registry entry (after a revoke/restore)."""
-        self._changed()
-
-    def _changed(self) -> None:
-        try:
-            self._on_change(self)
-        except Exception:
-            log.exception("status update failed")
-
-    def disk_status(self) -> dict:
-        """The state of this mount's disks, for `blockcrypt status` (no key material)."""
-        with self._lock:
-            opened = list(self._open.values())
-            failed = dict(self._failed)
-        disks = []
-        for od in opened:
-            vol = od.vol
-            kerr = getattr(vol, "key_error", None)
-            disks.append({"name": od.name, "id": od.disk_id, "state": "open" if kerr is None else "KeyUnavailable",
-                          "keyError": None if kerr is None else {
-                              "reason": getattr(kerr, "reason", type(kerr).__name__), "message": str(kerr)},
-                          "cipher": vol.cipher_name, "readOnly": bool(vol.read_only),
-                          "sizeBytes": vol.size, "openHandles": od.handles,
-                          "openedAt": od.opened, "io": io_counters(vol), "errors": od.errors, "lastError": od.last_error})
-        for name, f in sorted(failed.items()):
-            disks.append({"name": name, "state": "failed", "error": f})
-        return {"disks": disks}
+    def _counts(self, od):
+        return od.handles, od.errors, od.last_error
 
 
 #: operations whose last argument is a file handle (or None)

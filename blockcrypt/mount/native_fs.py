@@ -32,7 +32,7 @@ import threading
 import time
 
 from ..errors import BlockcryptError
-from ..volume import io_counters
+from .status import FrontEndStatus
 
 log = logging.getLogger("blockcrypt.mount.native_fs")
 
@@ -51,7 +51,7 @@ class _OpenDisk:
         self.opened = time.time()
 
 
-class NativeFS:
+class NativeFS(FrontEndStatus):
     def __init__(self, state, *, null_cipher: bool = False, allow_other: bool = False, cache: str = "buffered",
                  on_change=None, on_ready=None, max_threads: int = 0):
         self.state = state
@@ -207,42 +207,12 @@ class NativeFS:
                 log.error("disk %s: close failed: %s", od.name, e)
         self._changed()
 
-    # -- the key monitor's and status's view ----------------------------------------------
-    def open_disks(self) -> list:
-        with self._lock:
-            return list(self._open.values())
-
-    def notify_changed(self) -> None:
-        self._changed()
-
-    def _changed(self) -> None:
+    # -- status (mount/status.py) ----------------------------------------------------------
+    def _counts(self, od):
         try:
-            self._on_change(self)
-        except Exception:
-            log.exception("status update failed")
-
-    def disk_status(self) -> dict:
-        """The state of this mount's disks, for `blockcrypt status` (no key material)."""
-        with self._lock:
-            opened = list(self._open.values())
-            failed = dict(self._failed)
-        disks = []
-        for od in opened:
-            vol = od.vol
-            kerr = vol.key_error
-            try:
-                st = self._session.disk_state(od.name) if self._session is not None else {}
-            except (FileNotFoundError, ValueError):
-                st = {}
-            last = st.get("lastErrno") or 0
-            disks.append({"name": od.name, "id": od.disk_id, "state": "open" if kerr is None else "KeyUnavailable",
-                          "keyError": None if kerr is None else {
-                              "reason": getattr(kerr, "reason", type(kerr).__name__), "message": str(kerr)},
-                          "cipher": vol.cipher_name, "readOnly": bool(vol.read_only),
-                          "sizeBytes": vol.size, "openHandles": st.get("handles", 0),
-                          "openedAt": od.opened, "io": io_counters(vol), "errors": st.get("errors", 0),
-                          "lastError": {"errno": errno.errorcode.get(last, str(last)),
-                                        "message": os.strerror(last)} if last else None})
-        for name, f in sorted(failed.items()):
-            disks.append({"name": name, "state": "failed", "error": f})
-        return {"disks": disks}
+            st = self._session.disk_state(od.name) if self._session is not None else {}
+        except (FileNotFoundError, ValueError):
+            st = {}
+        last = st.get("lastErrno") or 0
+        return (st.get("handles", 0), st.get("errors", 0),
+                {"errno": errno.errorcode.get(last, str(last)), "message": os.strerror(last)} if last else None)
