@@ -119,7 +119,7 @@ class NativeFS(FrontEndStatus):
                 except Exception as e:  # a busy or broken catalog must not stop the disks being served
                     log.warning("catalog sync failed (%s); serving the previous table", e)
             # handle counts and errors change inside the session: rewrite the status when they do
-            now = [(d["name"], d.get("openHandles"), d.get("errors")) for d in self.disk_status()["disks"]]
+            now = [(od.name, *self._counts(od)[:2]) for od in self.open_disks()]
             if now != seen:
                 seen = now
                 self._changed()

@@ -66,8 +66,7 @@ class Volume:
     # -- errors -----------------------------------------------------------------------
     def _raise(self, e: OSError):
         code = e.errno
-        gate = self.engine.gate if code not in (errno.EROFS, errno.EFBIG) else None
-        if gate is not None and self._key_error is not None:
+        if self._key_error is not None and self.engine.gate is not None:
             raise self._key_error from None
         if code in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpace(name=self.name) from None
