@@ -31,6 +31,9 @@ int bc_py_session_register(PyObject *module) __attribute__((weak));
 typedef struct {
     PyObject_HEAD
     struct bc_volume *vol;   /* NULL once closed */
+    int cache;               /* for set_storage: the geometry the volume was opened with */
+    uint64_t data_off, meta_off;
+    size_t meta_bytes;
 } VolumeObject;
 
 static PyTypeObject VolumeType;
@@ -174,22 +177,122 @@ static void destroy_layers(struct bc_layer *ls, size_t n)
         ls[i].ops->destroy(ls[i].ctx);
 }
 
+/* ---- overlay chains ------------------------------------------------------------------- */
+
+struct chain_spec {
+    size_t n;                               /* lower files; 0: a plain file */
+    PyObject *paths[BC_COW_MAX_FILES];      /* bytes (fs-encoded), owned */
+    uint64_t map_chunks[BC_COW_MAX_FILES];  /* [0] the top's, then the lowers' */
+    uint64_t map_off;
+    uint32_t chunk_bytes;
+};
+
+static void chain_release(struct chain_spec *c)
+{
+    for (size_t i = 0; i < c->n; i++)
+        Py_XDECREF(c->paths[i + 1]);
+    c->n = 0;
+}
+
+/* lowers: None, or a sequence of (path, map_chunks), nearest first. 0, or -1 with an exception. */
+static int parse_chain(PyObject *lowers, uint64_t top_map_chunks, uint64_t map_off, unsigned chunk_bytes,
+                       struct chain_spec *c)
+{
+    memset(c, 0, sizeof *c);
+    c->map_chunks[0] = top_map_chunks;
+    c->map_off = map_off;
+    c->chunk_bytes = chunk_bytes;
+    if (lowers == NULL || lowers == Py_None)
+        return 0;
+    PyObject *seq = PySequence_Fast(lowers, "lowers must be a sequence of (path, map_chunks) pairs");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > BC_COW_MAX_FILES - 1) {
+        PyErr_Format(PyExc_ValueError, "a chain holds at most %d files", BC_COW_MAX_FILES);
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *path = NULL;
+        uint64_t mc = 0;
+        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "O&O&", PyUnicode_FSConverter, &path, conv_u64, &mc)) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "each lower must be a (path, map_chunks) pair");
+            chain_release(c);
+            Py_DECREF(seq);
+            return -1;
+        }
+        c->paths[i + 1] = path;
+        c->map_chunks[i + 1] = mc;
+        c->n = (size_t)i + 1;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/* The storage of a volume (GIL released): the file alone, or the chain over it. */
+static int open_storage(const char *top, int writable, int cache, const struct chain_spec *c, uint32_t sector_size,
+                        uint64_t data_off, uint64_t meta_off, size_t meta_bytes,
+                        const struct bc_storage_ops **ops, void **ctx)
+{
+    if (c->n == 0)
+        return bc_storage_local_open(top, writable, cache, ops, ctx);
+    struct bc_cow_file files[BC_COW_MAX_FILES];
+    size_t opened = 0;
+    int rc = bc_storage_local_open(top, writable, cache, &files[0].ops, &files[0].ctx);
+    if (rc == 0)
+        opened = 1;
+    files[0].map_chunks = c->map_chunks[0];
+    for (size_t i = 1; rc == 0 && i <= c->n; i++) {
+        rc = bc_storage_local_open(PyBytes_AS_STRING(c->paths[i]), 0, cache, &files[i].ops, &files[i].ctx);
+        files[i].map_chunks = c->map_chunks[i];
+        if (rc == 0)
+            opened++;
+    }
+    if (rc == 0) {
+        struct bc_cow_params p = {.sector_size = sector_size, .chunk_bytes = c->chunk_bytes, .data_off = data_off,
+                                  .meta_off = meta_bytes ? meta_off : 0, .meta_bytes = meta_bytes,
+                                  .map_off = c->map_off};
+        rc = bc_storage_cow_open(&p, files, c->n + 1, writable, ops, ctx);
+    }
+    if (rc != 0)
+        for (size_t i = 0; i < opened; i++)
+            files[i].ops->close(files[i].ctx);
+    return rc;
+}
+
+static size_t specs_meta_bytes(const struct layer_spec *specs, size_t n)
+{
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++)
+        if (specs[i].kind == L_AEAD)
+            m += BC_AEAD_META_BYTES;
+    return m;
+}
+
 /* ---- Volume --------------------------------------------------------------------------- */
 
 static int Volume_init(VolumeObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"path", "size", "sector_size", "data_off", "meta_off", "read_only", "layers",
-                             "cache", NULL};
-    PyObject *path = NULL, *layers = NULL;
-    uint64_t size = 0, data_off = 1u << 20, meta_off = 0;
-    unsigned int sector_size = 0;
+                             "cache", "lowers", "map_chunks", "map_off", "chunk_bytes", NULL};
+    PyObject *path = NULL, *layers = NULL, *lowers = NULL;
+    uint64_t size = 0, data_off = 1u << 20, meta_off = 0, map_chunks = 0, map_off = 0;
+    unsigned int sector_size = 0, chunk_bytes = BC_COW_CHUNK_BYTES;
     int read_only = 0;
     const char *cache_s = "buffered";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|$O&IO&O&pOs", kwlist, PyUnicode_FSConverter, &path,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|$O&IO&O&pOsOO&O&I", kwlist, PyUnicode_FSConverter, &path,
                                      conv_u64, &size, &sector_size, conv_u64, &data_off, conv_u64, &meta_off,
-                                     &read_only, &layers, &cache_s))
+                                     &read_only, &layers, &cache_s, &lowers, conv_u64, &map_chunks, conv_u64,
+                                     &map_off, &chunk_bytes))
         return -1;
     int ret = -1;
+    struct chain_spec chain;
+    if (parse_chain(lowers, map_chunks, map_off, chunk_bytes, &chain) != 0) {
+        Py_XDECREF(path);
+        return -1;
+    }
     struct layer_spec specs[BC_MAX_LAYERS];
     Py_ssize_t n = -1;
     if (self->vol != NULL) {
@@ -221,7 +324,8 @@ static int Volume_init(VolumeObject *self, PyObject *args, PyObject *kwds)
     const struct bc_storage_ops *ops = NULL;
     void *sctx = NULL;
     struct bc_layer ls[BC_MAX_LAYERS];
-    rc = bc_storage_local_open(cpath, !read_only, cache, &ops, &sctx);
+    rc = open_storage(cpath, !read_only, cache, &chain, sector_size, data_off, meta_off,
+                      specs_meta_bytes(specs, (size_t)n), &ops, &sctx);
     if (rc == 0) {
         rc = make_layers(specs, (size_t)n, sector_size, ls);
         if (rc == 0) {
@@ -238,10 +342,15 @@ static int Volume_init(VolumeObject *self, PyObject *args, PyObject *kwds)
         goto out;
     }
     self->vol = vol;
+    self->cache = cache;
+    self->data_off = data_off;
+    self->meta_off = meta_off;
+    self->meta_bytes = specs_meta_bytes(specs, (size_t)n);
     ret = 0;
 out:
     if (n > 0)
         specs_release(specs, (size_t)n);
+    chain_release(&chain);
     Py_XDECREF(path);
     return ret;
 }
@@ -497,6 +606,47 @@ static PyObject *Volume_set_layers(VolumeObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *Volume_set_storage(VolumeObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"path", "lowers", "map_chunks", "map_off", "chunk_bytes", NULL};
+    PyObject *path = NULL, *lowers = NULL;
+    uint64_t map_chunks = 0, map_off = 0;
+    unsigned int chunk_bytes = BC_COW_CHUNK_BYTES;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|$OO&O&I:set_storage", kwlist, PyUnicode_FSConverter, &path,
+                                     &lowers, conv_u64, &map_chunks, conv_u64, &map_off, &chunk_bytes))
+        return NULL;
+    struct chain_spec chain;
+    if (parse_chain(lowers, map_chunks, map_off, chunk_bytes, &chain) != 0) {
+        Py_DECREF(path);
+        return NULL;
+    }
+    struct bc_volume *v = take(self);
+    if (v == NULL) {
+        chain_release(&chain);
+        Py_DECREF(path);
+        return NULL;
+    }
+    int rc;
+    const char *cpath = PyBytes_AS_STRING(path);
+    Py_BEGIN_ALLOW_THREADS
+    const struct bc_storage_ops *ops = NULL;
+    void *sctx = NULL;
+    rc = open_storage(cpath, !bc_volume_read_only(v), self->cache, &chain, bc_volume_sector_size(v), self->data_off,
+                      self->meta_off, self->meta_bytes, &ops, &sctx);
+    if (rc == 0) {
+        rc = bc_volume_set_storage(v, ops, sctx);
+        if (rc != 0)
+            ops->close(sctx);
+    }
+    bc_volume_unref(v);
+    Py_END_ALLOW_THREADS
+    chain_release(&chain);
+    Py_DECREF(path);
+    if (rc < 0)
+        return raise_errno(rc);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Volume_close(VolumeObject *self, PyObject *Py_UNUSED(ignored))
 {
     close_vol(self);
@@ -589,6 +739,9 @@ static PyMethodDef Volume_methods[] = {
      "revoke(errno, reason): wait for requests in flight, wipe the layers, fail every later request"},
     {"set_layers", (PyCFunction)Volume_set_layers, METH_VARARGS,
      "set_layers(layers): a fresh layer stack (a restored key); opens the gate"},
+    {"set_storage", (PyCFunction)(void (*)(void))Volume_set_storage, METH_VARARGS | METH_KEYWORDS,
+     "set_storage(path, *, lowers=None, map_chunks=0, map_off=0, chunk_bytes=65536): flush, then serve from "
+     "another file (or chain over it); waits for requests in flight"},
     {"close", (PyCFunction)Volume_close, METH_NOARGS, "close(): flush and close (idempotent)"},
     {"__enter__", (PyCFunction)Volume_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)Volume_exit, METH_VARARGS, NULL},
@@ -615,7 +768,8 @@ static PyTypeObject VolumeType = {
     .tp_methods = Volume_methods,
     .tp_getset = Volume_getset,
     .tp_doc = "Volume(path, *, size, sector_size, data_off=1048576, meta_off=0, read_only=False, "
-              "layers=[(\"aes-xts-plain64\", key64)], cache=\"buffered\"|\"none\"): one open disk in the C "
+              "layers=[(\"aes-xts-plain64\", key64)], cache=\"buffered\"|\"none\", lowers=None, map_chunks=0, "
+              "map_off=0, chunk_bytes=65536): one open disk in the C "
               "engine; every call releases the GIL",
 };
 

@@ -7,7 +7,10 @@
  * engine arrive as OSError(errno, strerror) and the caller maps them to domain errors):
  *
  *   Volume(path, *, size, sector_size, data_off=1048576, meta_off=0, read_only=False,
- *          layers=[("aes-xts-plain64", key64)], cache="buffered"|"none")
+ *          layers=[("aes-xts-plain64", key64)], cache="buffered"|"none",
+ *          lowers=None, map_chunks=0, map_off=0, chunk_bytes=65536)
+ *     lowers: the overlay chain below path, nearest first, as (path, map_chunks) pairs
+ *     (bc_storage_cow.c); map_chunks is path's own bitmap length; None: a plain file.
  *     layers, outermost first: ("aes-xts-plain64", key64), ("null", b""), or
  *     ("xchacha20-poly1305", key32, disk_id16): the infrastructure layer (role 2 in its
  *     associated data), innermost only, BC_AEAD_META_BYTES = 96 bytes of metadata per
@@ -17,6 +20,8 @@
  *     .write(off, data) -> int           .discard(off, length)   .zero_range(off, length)
  *     .flush()   .resize(size)   .blocks_used() -> int   .stats() -> dict
  *     .revoke(errno, reason)   .gate -> None | (errno, reason)   .set_layers(layers)
+ *     .set_storage(path, *, lowers=None, map_chunks=0, map_off=0, chunk_bytes=65536)
+ *         serve from another file or chain (a snapshot froze the old one): flushes first
  *     .size  .sector_size  .read_only   .close()   (context manager too)
  *     Every I/O call releases the GIL for the whole engine call.
  *

@@ -98,7 +98,7 @@ def open_layers(st, h: Header) -> list[tuple]:
     if infra is not None:
         if infra.data_alg != INFRA_ALG:
             raise CorruptHeader(name=h.name, why=f"unknown infrastructure layer algorithm {infra.data_alg!r}")
-        layers.append((infra.data_alg, unwrap_layer(st.keys, h, ROLE_INFRA), h.disk_id))
+        layers.append((infra.data_alg, unwrap_layer(st.keys, h, ROLE_INFRA), h.binding_id))
     return layers
 
 

@@ -17,7 +17,8 @@ Each copy (little-endian; at most COPY_MAX bytes)::
     12   4    header length in bytes, checksum included
     16   8    sequence number (grows by one on every header write)
     24   8    required feature flags (an unknown bit refuses to open;
-              bit 0: per-sector metadata, the infrastructure layer of double encryption)
+              bit 0: per-sector metadata, the infrastructure layer of double encryption;
+              bit 1: overlay chain member, a chunk bitmap and a parent file)
     32   8    compatible feature flags (unknown bits are ignored)
     40   16   disk id (UUID bytes)
     56   8    logical size in bytes
@@ -34,6 +35,9 @@ Each copy (little-endian; at most COPY_MAX bytes)::
     bytes = u16 length + bytes
     layer = u8 role, str provider, str kek id (versioned), str wrap algorithm,
             str data algorithm, bytes wrapped DEK, 32-byte binding digest
+    overlay (only with required feature bit 1, after the layers; 76 bytes) =
+            16 family id, 16 file id, 16 parent file id (zeros: none),
+            u64 bitmap length in chunks, u32 chunk bytes, 16 source member id (zeros: none)
 
 Writes go copy A first, then copy B, each fsynced, with the same sequence
 number: a torn copy fails its checksum and the other copy is used, so a header
@@ -52,7 +56,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from ..errors import UnsupportedFormat
-from .layout import COPY_MAX, DATA_OFFSET, FEATURE_SECTOR_META
+from .layout import COPY_MAX, DATA_OFFSET, FEATURE_OVERLAY, FEATURE_SECTOR_META
 from .roles import ROLE_INFRA, ROLE_NAMES
 
 FORMAT_VERSION = 1
@@ -62,13 +66,17 @@ MAGIC_B = b"BLKCRYB\x01"
 #: required feature bits this version understands: bit 0, per-sector metadata (the
 #: infrastructure layer of double encryption; layout.py places it). Readers before it
 #: refuse such a disk rather than read AEAD ciphertext as XTS.
-KNOWN_REQUIRED = FEATURE_SECTOR_META
+KNOWN_REQUIRED = FEATURE_SECTOR_META | FEATURE_OVERLAY
 KIND_CODES = {"disk": 0, "snapshot": 1, "image": 2}
 KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 
 
 _FIXED = struct.Struct("<8sHHIQQQ16sQIIQBBH")
 assert _FIXED.size == 84
+#: after the layers when FEATURE_OVERLAY is set: family id, file id, parent file id (zeros:
+#: none), bitmap length in chunks, chunk size in bytes, source member id (zeros: none)
+_OVERLAY = struct.Struct("<16s16s16sQI16s")
+assert _OVERLAY.size == 76
 
 
 @dataclass(frozen=True)
@@ -105,10 +113,33 @@ class Header:
     required_features: int = 0
     compat_features: int = 0
     data_offset: int = DATA_OFFSET
+    #: overlay chains (FEATURE_OVERLAY): the family's key lineage id, this file's id (its
+    #: name in STATE/disks), the parent file's id (None: the family's first file), the
+    #: length of this file's chunk bitmap, the chunk size, and the member it was made from
+    family_id: bytes | None = None
+    file_id: bytes | None = None
+    parent_id: bytes | None = None
+    map_chunks: int = 0
+    chunk_bytes: int = 0
+    source_id: bytes | None = None
 
     @property
     def disk_id_hex(self) -> str:
         return self.disk_id.hex()
+
+    @property
+    def overlay(self) -> bool:
+        return bool(self.required_features & FEATURE_OVERLAY)
+
+    @property
+    def binding_id(self) -> bytes:
+        """What wrapped DEKs and AEAD sectors are bound to: the family id of a family member
+        (every member shares the DEK lineage), the disk id otherwise."""
+        return self.family_id if self.overlay and self.family_id else self.disk_id
+
+    @property
+    def own_file_id(self) -> bytes:
+        return self.file_id if self.overlay and self.file_id else self.disk_id
 
     def layer(self, role: int) -> Layer | None:
         for layer in self.layers:
@@ -176,6 +207,9 @@ def pack(h: Header, magic: bytes) -> bytes:
         if len(l.binding) != 32:
             raise ValueError("binding digest must be 32 bytes")
         body += l.binding
+    if h.required_features & FEATURE_OVERLAY:
+        body += _OVERLAY.pack(h.family_id or bytes(16), h.file_id or bytes(16), h.parent_id or bytes(16),
+                              h.map_chunks, h.chunk_bytes, h.source_id or bytes(16))
     total = _FIXED.size + len(body) + 32
     if total > COPY_MAX:
         raise ValueError("header too large")
@@ -217,6 +251,14 @@ def unpack(buf: bytes, magic: bytes) -> Header:
         wrapped = r.bytes_()
         binding = r.take(32)
         layers.append(Layer(role, provider, kek_id, wrap_alg, data_alg, wrapped, binding))
+    ov = {}
+    if req & FEATURE_OVERLAY:
+        fam, fid, parent, map_chunks, chunk_bytes, source = _OVERLAY.unpack(r.take(_OVERLAY.size))
+        if chunk_bytes < sector_size or chunk_bytes & (chunk_bytes - 1) or chunk_bytes > (1 << 20):
+            raise ValueError("bad chunk size")
+        z = bytes(16)
+        ov = dict(family_id=fam, file_id=fid, parent_id=None if parent == z else parent, map_chunks=map_chunks,
+                  chunk_bytes=chunk_bytes, source_id=None if source == z else source)
     if r.off != total - 32:
         raise ValueError("trailing bytes in header")
     if bool(req & FEATURE_SECTOR_META) != any(l.role == ROLE_INFRA for l in layers):
@@ -224,4 +266,4 @@ def unpack(buf: bytes, magic: bytes) -> Header:
     return Header(disk_id=disk_id, name=name, size=size, sector_size=sector_size, cipher=cipher,
                   kind=KIND_NAMES[kind], read_only=bool(flags & 1), layers=tuple(layers),
                   seqno=seqno, required_features=req, compat_features=compat,
-                  data_offset=data_offset)
+                  data_offset=data_offset, **ov)

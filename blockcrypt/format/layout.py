@@ -19,6 +19,13 @@ of sector n, ``span(plain_off, length)`` the sectors a plaintext range touches,
 per-sector metadata (the AEAD layer of double encryption) adds a metadata area;
 ``meta_off(n)`` is where sector n's metadata lives.
 
+A file of an overlay chain (FEATURE_OVERLAY: a snapshot, an image, a disk with
+snapshots or made from one) also has a chunk bitmap at MAP_AREA_OFFSET (12 TiB),
+one bit per 64 KiB chunk of its parent, set when the file holds the chunk itself::
+
+    ... data area ... | metadata area (if any) ... | MAP_AREA_OFFSET = 12 TiB: bit c of
+                                                   | byte c // 8 (LSB first) = chunk c
+
 Caveat: a single-layer disk has no metadata area (meta_bytes 0). A disk with one has
 the apparent file size of the largest metadata area it could need
 (``backing_size``), whatever its logical size, so growing it never truncates
@@ -41,6 +48,20 @@ META_AREA_OFFSET = 1 << 43          # 8 TiB: past the largest data area, below e
 AEAD_META_BYTES = 96                # the infrastructure layer: two 48-byte slots per sector
 MAX_META_DISK_SIZE = META_AREA_OFFSET - DATA_OFFSET
 
+#: required feature bit 1: the file is one of an overlay chain (snapshots, images, disks made
+#: from them): a chunk bitmap at MAP_AREA_OFFSET, a parent file below (docs/FORMAT.md)
+FEATURE_OVERLAY = 1 << 1
+MAP_AREA_OFFSET = 3 << 42           # 12 TiB: past the largest metadata area (9.5 TiB)
+CHUNK_BYTES = 64 * 1024             # the unit of sharing and of copy-up
+MAX_FAMILY_DISK_SIZE = META_AREA_OFFSET - DATA_OFFSET   # a family member's data ends before 8 TiB
+MAX_MAP_BYTES = (MAX_FAMILY_DISK_SIZE // CHUNK_BYTES + 7) // 8
+MAX_CHAIN_FILES = 255               # native/engine: BC_COW_MAX_FILES
+
+
+def map_chunks_for(size_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Chunks of a disk of ``size_bytes``: the length of a child's bitmap over it."""
+    return (size_bytes + chunk_bytes - 1) // chunk_bytes
+
 
 def sector_span(plain_off: int, length: int, sector_size: int) -> tuple[int, int]:
     """First sector and sector count covering [plain_off, plain_off + length)."""
@@ -55,6 +76,7 @@ class Layout:
     data_off: int = DATA_OFFSET
     meta_area_off: int = 0      # backing offset of sector 0's metadata (0: none)
     meta_bytes: int = 0         # metadata bytes per sector, over all layers
+    overlay: bool = False       # a chunk bitmap at MAP_AREA_OFFSET (FEATURE_OVERLAY)
 
     def sector_off(self, sector_no: int) -> int:
         return self.data_off + sector_no * self.sector_size
@@ -66,6 +88,8 @@ class Layout:
         return sector_span(plain_off, length, self.sector_size)
 
     def backing_size(self, size_bytes: int) -> int:
+        if self.overlay:
+            return MAP_AREA_OFFSET + MAX_MAP_BYTES
         if self.meta_bytes:
             return self.meta_area_off + (MAX_META_DISK_SIZE // self.sector_size) * self.meta_bytes
         return self.data_off + size_bytes
@@ -73,6 +97,8 @@ class Layout:
     @property
     def max_size(self) -> int | None:
         """The largest logical size this layout can hold (None: the file system's limit)."""
+        if self.overlay:
+            return MAX_FAMILY_DISK_SIZE
         return MAX_META_DISK_SIZE if self.meta_bytes else None
 
     @classmethod
@@ -81,6 +107,7 @@ class Layout:
 
     @classmethod
     def of(cls, header) -> "Layout":
+        overlay = bool(header.required_features & FEATURE_OVERLAY)
         if header.required_features & FEATURE_SECTOR_META:
-            return cls(header.sector_size, header.data_offset, META_AREA_OFFSET, AEAD_META_BYTES)
-        return cls(header.sector_size, header.data_offset)
+            return cls(header.sector_size, header.data_offset, META_AREA_OFFSET, AEAD_META_BYTES, overlay)
+        return cls(header.sector_size, header.data_offset, overlay=overlay)

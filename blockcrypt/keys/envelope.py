@@ -1,7 +1,8 @@
 """DEK envelopes: a new DEK, and wrap / unwrap / rewrap of one layer of a disk header.
 
 A header layer carries the wrapped DEK, the versioned KEK id it is wrapped
-under, and a digest of its binding (disk id + layer role). Every path that
+under, and a digest of its binding (disk id + layer role; a family member's
+family id, ``Header.binding_id``, since all members share one DEK lineage). Every path that
 touches a wrapped DEK goes through here, so the binding is checked in one place
 and a re-wrap (rotation, or a move to another provider) is one function.
 
@@ -55,7 +56,7 @@ def _checked_layer(h: Header, role: int) -> Layer:
     layer = h.layer(role)
     if layer is None:
         raise CorruptHeader(name=h.name, why=f"no key for layer role {role}")
-    if layer.binding != binding_digest(h.disk_id, role):
+    if layer.binding != binding_digest(h.binding_id, role):
         raise CorruptHeader(name=h.name, why="the wrapped key is bound to another disk")
     return layer
 
@@ -63,7 +64,7 @@ def _checked_layer(h: Header, role: int) -> Layer:
 def unwrap_layer(keys, h: Header, role: int) -> bytes:
     """The DEK of layer ``role`` of header ``h`` (``keys``: a ProviderRegistry)."""
     layer = _checked_layer(h, role)
-    return keys.get(layer.provider).unwrap(wrapped_of(layer), binding_context(h.disk_id, role),
+    return keys.get(layer.provider).unwrap(wrapped_of(layer), binding_context(h.binding_id, role),
                                            disk_id=h.disk_id_hex)
 
 
@@ -74,7 +75,7 @@ def rewrap_layer(keys, h: Header, role: int, provider: str, to_ref: str) -> Laye
     returning the DEK); across providers (platform key -> customer key) it is an
     unwrap and a wrap."""
     layer = _checked_layer(h, role)
-    ctx = binding_context(h.disk_id, role)
+    ctx = binding_context(h.binding_id, role)
     if provider == layer.provider:
         wk = keys.get(provider).rewrap(wrapped_of(layer), ctx, to_ref, disk_id=h.disk_id_hex)
     else:
@@ -83,4 +84,4 @@ def rewrap_layer(keys, h: Header, role: int, provider: str, to_ref: str) -> Laye
             wk = keys.get(provider).wrap(to_ref, dek, ctx, disk_id=h.disk_id_hex)
         finally:
             del dek
-    return layer_from(role, wk, h.disk_id, layer.data_alg)
+    return layer_from(role, wk, h.binding_id, layer.data_alg)

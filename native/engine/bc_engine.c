@@ -815,6 +815,22 @@ int bc_volume_set_layers(struct bc_volume *v, const struct bc_layer *layers, siz
     return 0;
 }
 
+int bc_volume_set_storage(struct bc_volume *v, const struct bc_storage_ops *sops, void *sctx)
+{
+    if (sops == NULL || sops->read_at == NULL || sops->write_at == NULL || sops->flush == NULL)
+        return -EINVAL;
+    pthread_rwlock_wrlock(&v->gate);   /* no request in flight on the old storage */
+    int rc = v->read_only ? 0 : storage_err(v->sops->flush(v->sctx));
+    if (rc == 0) {
+        if (v->sops->close != NULL)
+            v->sops->close(v->sctx);
+        v->sops = sops;
+        v->sctx = sctx;
+    }
+    pthread_rwlock_unlock(&v->gate);
+    return rc;
+}
+
 void bc_volume_stats(struct bc_volume *v, struct bc_stats *out)
 {
     out->reads = atomic_load_explicit(&v->n_reads, memory_order_relaxed);

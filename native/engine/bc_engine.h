@@ -88,6 +88,30 @@ enum { BC_CACHE_BUFFERED = 0, BC_CACHE_NONE = 1 };
 int bc_storage_local_open(const char *path, int writable, int cache,
                           const struct bc_storage_ops **ops, void **ctx);
 
+/* Copy-on-write overlay chains (bc_storage_cow.c, docs/FORMAT.md "Snapshots and images"):
+ * files[0] is the member's own top file (written when writable), files[1..] its parent's
+ * file, the grandparent's, ... Each file's chunk bitmap (map_chunks bits at map_off) says
+ * which chunks it holds; chunks at or past a file's map_chunks are its own. On success the
+ * chain owns every file's storage (closed with it); on failure nothing is taken. */
+#define BC_COW_MAX_FILES 255
+#define BC_COW_CHUNK_BYTES 65536u
+struct bc_cow_params {
+    uint32_t sector_size;
+    uint32_t chunk_bytes;       /* a power of two, a multiple of sector_size, <= BC_MAX_REQUEST */
+    uint64_t data_off;          /* backing offset of sector 0 */
+    uint64_t meta_off;          /* of sector 0's metadata (meta_bytes 0: none) */
+    size_t meta_bytes;          /* per sector, over all layers */
+    uint64_t map_off;           /* backing offset of every file's chunk bitmap */
+};
+struct bc_cow_file {
+    const struct bc_storage_ops *ops;
+    void *ctx;
+    uint64_t map_chunks;        /* bits in this file's bitmap (0: it holds every chunk) */
+};
+int bc_storage_cow_open(const struct bc_cow_params *p, const struct bc_cow_file *files, size_t nfiles,
+                        int writable, const struct bc_storage_ops **ops, void **ctx);
+uint64_t bc_storage_cow_copyups(void *ctx);   /* chunks copied up since open (tests, status) */
+
 /* ---- sector layers ------------------------------------------------------------------ */
 struct bc_layer_ops {
     const char *name;           /* "aes-xts-plain64", "null", ... */
@@ -181,6 +205,12 @@ int bc_volume_gate(struct bc_volume *v, char *reason_buf, size_t reason_len);
  * The new stack must have the same total meta_bytes (-EINVAL, and the caller keeps the
  * layers, otherwise). */
 int bc_volume_set_layers(struct bc_volume *v, const struct bc_layer *layers, size_t nlayers);
+
+/* Replace the storage (a snapshot froze the file under an open disk: the disk goes on in a
+ * new top file over it). Waits for requests in flight, flushes the old storage (writable
+ * volumes), closes it and installs the new one, which the volume then owns. On failure
+ * (-errno from the flush) nothing changes and the caller still owns the new storage. */
+int bc_volume_set_storage(struct bc_volume *v, const struct bc_storage_ops *sops, void *sctx);
 
 void bc_volume_stats(struct bc_volume *v, struct bc_stats *out);
 
