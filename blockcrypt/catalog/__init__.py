@@ -1,4 +1,8 @@
-"""The catalog: disks (and later snapshots, images, disk encryption sets) by name, in SQLite.
+"""The catalog: disks, snapshots, images and disk encryption sets by name, in SQLite.
+
+Disks, snapshots and images are rows of one table (``kind``), so their names are
+unique across the three; ``list_disks`` gives the disks only (what the mount serves
+under disks/), ``list_members`` every kind (what a rotation re-wraps).
 
 The disk headers are the source of truth for geometry and keys; the catalog
 maps names to disk files and can be rebuilt from the headers
@@ -31,7 +35,9 @@ CREATE TABLE IF NOT EXISTS disks (
     encryption_type TEXT NOT NULL,
     created TEXT NOT NULL,
     des TEXT,
-    revocation TEXT NOT NULL DEFAULT 'immediate'
+    revocation TEXT NOT NULL DEFAULT 'immediate',
+    source_id TEXT,                 -- creationData: the disk id of the member it was made from
+    family_id TEXT                  -- the key lineage it shares with its family (NULL: none yet)
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS des (
@@ -71,6 +77,8 @@ class DiskRecord:
     created: str
     des: str | None = None
     revocation: str = "immediate"
+    source_id: str | None = None
+    family_id: str | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -113,7 +121,8 @@ class Catalog:
         return c
 
     #: columns added to tables after their first release: (table, column, declaration)
-    ADDED_COLUMNS = (("disks", "des", "TEXT"), ("disks", "revocation", "TEXT NOT NULL DEFAULT 'immediate'"))
+    ADDED_COLUMNS = (("disks", "des", "TEXT"), ("disks", "revocation", "TEXT NOT NULL DEFAULT 'immediate'"),
+                     ("disks", "source_id", "TEXT"), ("disks", "family_id", "TEXT"))
 
     def _migrate(self, c: sqlite3.Connection) -> None:
         """Bring an older catalog up to this schema (new tables, new columns); idempotent."""
@@ -149,11 +158,30 @@ class Catalog:
     def _rec(row) -> DiskRecord:
         return DiskRecord(row["name"], row["disk_id"], row["size"], row["sector_size"], row["path"],
                           row["kind"], bool(row["read_only"]), row["encryption_type"], row["created"],
-                          row["des"], row["revocation"])
+                          row["des"], row["revocation"], row["source_id"], row["family_id"])
 
     def list_disks(self) -> list[DiskRecord]:
-        rows = self._conn().execute("SELECT * FROM disks ORDER BY name").fetchall()
+        """The disks (kind 'disk': what the mount serves under disks/)."""
+        rows = self._conn().execute("SELECT * FROM disks WHERE kind = 'disk' ORDER BY name").fetchall()
         return [self._rec(r) for r in rows]
+
+    def list_members(self, kind: str | None = None) -> list[DiskRecord]:
+        """Disks, snapshots and images (or those of one kind): every file a rotation re-wraps."""
+        if kind is None:
+            rows = self._conn().execute("SELECT * FROM disks ORDER BY name").fetchall()
+        else:
+            rows = self._conn().execute("SELECT * FROM disks WHERE kind = ? ORDER BY name", (kind,)).fetchall()
+        return [self._rec(r) for r in rows]
+
+    def family(self, family_id: str) -> list[DiskRecord]:
+        rows = self._conn().execute("SELECT * FROM disks WHERE family_id = ? ORDER BY name", (family_id,)).fetchall()
+        return [self._rec(r) for r in rows]
+
+    def get_member(self, kind: str, name: str) -> DiskRecord:
+        rec = self.find_disk(name)
+        if rec is None or rec.kind != kind:
+            raise NotFound(kind=kind, name=name)
+        return rec
 
     def find_disk(self, name: str) -> DiskRecord | None:
         row = self._conn().execute("SELECT * FROM disks WHERE name = ?", (name,)).fetchone()
@@ -168,11 +196,13 @@ class Catalog:
     def insert_disk(self, rec: DiskRecord, conn=None) -> None:
         c = conn or self._conn()
         try:
-            c.execute("INSERT INTO disks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            c.execute("INSERT INTO disks (name, disk_id, size, sector_size, path, kind, read_only, encryption_type, "
+                      "created, des, revocation, source_id, family_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (rec.name, rec.disk_id, rec.size, rec.sector_size, rec.path, rec.kind,
-                       int(rec.read_only), rec.encryption_type, rec.created, rec.des, rec.revocation))
+                       int(rec.read_only), rec.encryption_type, rec.created, rec.des, rec.revocation,
+                       rec.source_id, rec.family_id))
         except sqlite3.IntegrityError:
-            raise AlreadyExists(kind="disk", name=rec.name) from None
+            raise AlreadyExists(kind=rec.kind, name=rec.name) from None
 
     def update_disk(self, name: str, conn=None, **fields) -> None:
         c = conn or self._conn()

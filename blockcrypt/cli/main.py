@@ -86,7 +86,8 @@ def _size_arg(value):
 
 @disk.command("create")
 @click.argument("name")
-@click.option("--size", required=True, help="size with K/M/G/T, e.g. 10G")
+@click.option("--size", help="size with K/M/G/T, e.g. 10G (with --source: the source's, or bigger)")
+@click.option("--source", help="a snapshot or image to make the disk from (copy-on-write, O(1))")
 @click.option("--sector-size", type=click.Choice(["512", "4096"]), default="4096", show_default=True)
 @click.option("--des", "des_name", help="disk encryption set: wrap the DEK with its customer-managed key")
 @click.option("--revocation", type=click.Choice(["immediate", "on-restart"]), default="immediate",
@@ -97,9 +98,25 @@ def _size_arg(value):
                    "EncryptionAtRestWithPlatformAndCustomerKeys does this for customer keys")
 @json_opt
 @pass_ctx
-def disk_create(c: Ctx, name, size, sector_size, des_name, revocation, double, as_json):
-    """Create a disk under a fresh DEK, wrapped by the platform key or a DES's customer key."""
+def disk_create(c: Ctx, name, size, source, sector_size, des_name, revocation, double, as_json):
+    """Create a disk under a fresh DEK, wrapped by the platform key or a DES's customer key;
+    or (--source) a disk made from a snapshot or image, sharing its data and keys."""
     from ..control import des, disks
+    if source:
+        from ..control import snapshots
+        from .snapshots import Progress
+        if double:
+            raise UsageError("--double-encryption cannot be combined with --source: the disk keeps its "
+                             "source's layers")
+        prog = Progress(as_json, f"copying {source}")
+        rec = snapshots.create_disk_from(c.state, name, source, size=parse_size(size) if size else None,
+                                         des=des_name, revocation=revocation, progress=prog)
+        prog.done()
+        emit(disk_json(c.state, rec), as_json, f"created disk {rec.name} from {source} ({format_size(rec.size)}, "
+                                               f"id {rec.disk_id})")
+        return
+    if not size:
+        raise UsageError("Missing option '--size' (or --source SNAPSHOT|IMAGE to make the disk from one)")
     if des_name:
         if double:
             raise UsageError("--double-encryption is for platform-key disks; a DES's type decides for its disks "
@@ -197,13 +214,10 @@ def disk_copy(c: Ctx, src, dst, des_name, as_json):
     """Copy a disk's data to a new disk with a new DEK."""
     from ..control.copy import copy
 
-    def progress(done, total):
-        if not as_json:
-            click.echo(f"\r  copied {format_size(done)} of {format_size(total)}", nl=False, err=True)
-
+    from .snapshots import Progress
+    progress = Progress(as_json, f"copying {src}")
     rec = copy(c.state, src, dst, des=des_name, progress=progress)
-    if not as_json:
-        click.echo("", err=True)
+    progress.done()
     emit(disk_json(c.state, c.state.catalog.get_disk(rec.name)), as_json, f"copied {src} to {dst}")
 
 
@@ -481,8 +495,9 @@ def config_get(c: Ctx, key, as_json):
 
 def _attach() -> None:
     from .mount import mount_cmd, status_cmd, umount_cmd
+    from .snapshots import image, snapshot
     from .vault import vault
-    for cmd in (mount_cmd, umount_cmd, status_cmd, vault):
+    for cmd in (mount_cmd, umount_cmd, status_cmd, vault, snapshot, image):
         cli.add_command(cmd)
 
 

@@ -1,40 +1,67 @@
-"""Disk copy: the plaintext of one disk into a new disk with a new DEK.
+"""Disk copy: the plaintext of one disk (or snapshot, or image) into a new disk with a new DEK.
 
 Zero ranges are skipped (they stay holes in the new file). A copy is also the
 way between key kinds that a re-wrap cannot cross: customer key back to a
-platform key (``des=""``), and later single to double encryption.
+platform key (``des=""``), another DES, single to double encryption; and the way
+out of a family (a disk made from a snapshot on another DES).
+
+While it runs the new disk's catalog row has kind ``copying`` (KIND_COPYING): not
+listed, not mounted, not openable as a disk. Only the last step makes it a disk, so
+an interrupted copy (Ctrl-C, kill -9, a full file system) never leaves a half disk
+in the catalog; the next copy to that name removes the leftover.
 
 Caveat: O(data): it reads and writes every non-zero range.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..catalog import DiskRecord
+from ..errors import BadSize
 from . import des as des_mod, disks
 
+KIND_COPYING = "copying"
+CHUNK = 4 << 20
 
-def copy(st, src: str, dst: str, *, des: str | None = None, progress=None) -> DiskRecord:
-    """Copy a disk's plaintext into a new disk with a new DEK (skipping zero ranges, which stay holes).
+
+def _remove_leftover(st, name: str) -> None:
+    rec = st.catalog.find_disk(name)
+    if rec is not None and rec.kind == KIND_COPYING:
+        with st.catalog.transaction() as c:
+            st.catalog.delete_disk(name, c)
+        Path(rec.path).unlink(missing_ok=True)
+
+
+def copy(st, src: str, dst: str, *, des: str | None = None, progress=None, size: int | None = None) -> DiskRecord:
+    """Copy a member's plaintext into a new disk with a new DEK (skipping zero ranges, which stay holes).
 
     A copy of a customer-key disk keeps its disk encryption set unless another one is named;
-    this is also the way from a customer key back to a platform key (``des=""``)."""
+    this is also the way from a customer key back to a platform key (``des=""``).
+    ``progress(done_bytes, total_bytes)`` after each chunk."""
     srec = st.catalog.get_disk(src)
+    new_size = srec.size if size is None else size
+    if new_size < srec.size:
+        raise BadSize(value=new_size, why=f"smaller than {src!r} ({srec.size} bytes)")
+    _remove_leftover(st, dst)
     target_des = srec.des if des is None else (des or None)
     if target_des:
-        new = des_mod.create_disk(st, dst, srec.size, target_des, srec.sector_size, srec.revocation)
+        new = des_mod.create_disk(st, dst, new_size, target_des, srec.sector_size, srec.revocation,
+                                  kind=KIND_COPYING)
     else:
-        new = disks.create(st, dst, srec.size, srec.sector_size)
-    chunk = 4 << 20
-    zero = bytes(chunk)
+        new = disks.create(st, dst, new_size, srec.sector_size, kind=KIND_COPYING)
+    zero = bytes(CHUNK)
     try:
         with disks.open_volume(st, src, read_only=True) as a, disks.open_volume(st, dst) as b:
-            for off in range(0, srec.size, chunk):
-                data = a.read(off, chunk)
+            for off in range(0, srec.size, CHUNK):
+                data = a.read(off, CHUNK)
                 if data != zero[:len(data)]:
                     b.write(off, data)
                 if progress:
-                    progress(min(off + chunk, srec.size), srec.size)
+                    progress(min(off + CHUNK, srec.size), srec.size)
             b.flush()
+        with st.catalog.transaction() as c:
+            st.catalog.update_disk(dst, c, kind="disk", source_id=srec.disk_id)
     except BaseException:
-        disks.delete(st, dst)
+        _remove_leftover(st, dst)
         raise
-    return new
+    return st.catalog.get_disk(dst)

@@ -259,13 +259,13 @@ def auto_rotate_pass(st) -> list[dict]:
 # --- disks on a DES -----------------------------------------------------------------------------
 
 def create_disk(st, name: str, size: int, des_name: str, sector_size: int = 4096,
-                revocation: str = "immediate"):
+                revocation: str = "immediate", kind: str = "disk"):
     """A disk on a DES: the data layer's DEK wrapped by its customer key; on a DES of type
     EncryptionAtRestWithPlatformAndCustomerKeys also an infrastructure layer whose own DEK
     the platform key store wraps."""
     rec = st.catalog.get_des(des_name)
     return disks.create(st, name, size, sector_size, provider="vault", kek_ref=rec.active_key,
-                        des=des_name, revocation=revocation, double=rec.type == disks.TYPE_DOUBLE)
+                        des=des_name, revocation=revocation, double=rec.type == disks.TYPE_DOUBLE, kind=kind)
 
 
 def refuse_type_change(name: str):

@@ -152,7 +152,7 @@ def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str =
     if double:
         layers += (wrap_new_layer(st.keys, "platform", None, disk_id, ROLE_INFRA, INFRA_ALG),)
     h = Header(disk_id=disk_id, name=name, size=size, sector_size=sector_size, cipher=DATA_ALG,
-               kind=kind, read_only=read_only, layers=layers,
+               kind="disk" if kind == "copying" else kind, read_only=read_only, layers=layers,
                required_features=FEATURE_SECTOR_META if double else 0)
     path = st.disks_dir / f"{disk_id.hex()}.img"
     try:
@@ -183,6 +183,9 @@ def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str =
 
 def delete(st, name: str) -> DiskRecord:
     rec = st.catalog.get_disk(name)
+    if rec.kind != "disk":
+        raise Refused(f"{name!r} is a{'n' if rec.kind == 'image' else ''} {rec.kind}: "
+                      f"`blockcrypt {rec.kind} delete {name}`")
     with st.catalog.transaction() as c:
         st.catalog.delete_disk(name, c)
     Path(rec.path).unlink(missing_ok=True)

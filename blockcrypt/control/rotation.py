@@ -64,10 +64,10 @@ def rotate_platform_key(st, on_step=None) -> dict:
             return "platform", target_id
         return None
 
-    rewrapped, skipped, _ = rewrap_disks(st, st.catalog.list_disks(), plan, step)
+    rewrapped, skipped, _ = rewrap_disks(st, st.catalog.list_members(), plan, step)
     step("retire", None)
     in_use = set()
-    for rec in st.catalog.list_disks():
+    for rec in st.catalog.list_members():
         for layer in read_disk_header(rec).layers:
             if layer.provider == "platform":
                 in_use.add(parse_platform_kek_id(layer.kek_id))

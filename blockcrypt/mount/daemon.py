@@ -53,7 +53,7 @@ log = logging.getLogger("blockcrypt.mount")
 #: modules the daemon starts when present: ``start_in_daemon(fs, state)`` is called once the
 #: file system object exists (before mounting) and may return a callable that stops it
 #: (e.g. the customer-managed-key checker that revokes and restores open volumes).
-DAEMON_PLUGINS = ("blockcrypt.mount.monitor",)
+DAEMON_PLUGINS = ("blockcrypt.mount.monitor", "blockcrypt.mount.switch")
 
 READY_TIMEOUT_S = 30.0
 UMOUNT_TIMEOUT_S = 60.0

@@ -17,6 +17,10 @@ encryption ``[("aes-xts-plain64", dek), ("xchacha20-poly1305", dek32, disk_id)]`
 (its metadata area comes from the header's layout). The engine
 copies the key into locked memory; the caller drops its copy at once.
 
+A disk of a family (snapshots, images, disks made from them) is a chain of files;
+``chain_below`` follows the parent ids of the headers and the engine's overlay
+(native/engine/bc_storage_cow.c) serves the chain as one store.
+
 Caveats: the DEK lives only inside the engine (wiped on close or revocation);
 the null layer writes plaintext into the disk file; control/disks.py
 ``open_volume`` does the catalog lookup, header read and DEK unwrap before.
@@ -25,11 +29,48 @@ from __future__ import annotations
 
 import errno
 
+import os
+
 from ..errors import CorruptHeader, IntegrityError, NativeMissing, NoSpace, OutOfRange, ReadOnly
 from ..format import Layout, read_header
+from ..format.layout import MAP_AREA_OFFSET, MAX_CHAIN_FILES
 from ..storage import LocalFileBacking
 
 CACHE_MODES = ("buffered", "none")
+
+
+def file_path(dir_path: str, file_id: bytes) -> str:
+    """The backing file of ``file_id`` in a disks directory (files are named by their id)."""
+    return os.path.join(dir_path, f"{file_id.hex()}.img")
+
+
+def chain_below(path: str, header, name: str = "?") -> list[tuple[str, int, object]]:
+    """The overlay chain under the file at ``path`` (its header ``header``): the parent's file,
+    the grandparent's, ... as (path, map_chunks, header), nearest first; [] for a file that
+    is not in a chain or is the first of its family."""
+    out, h, d = [], header, os.path.dirname(path)
+    while h.overlay and h.parent_id is not None:
+        ppath = file_path(d, h.parent_id)
+        try:
+            with LocalFileBacking(ppath, writable=False) as b:
+                ph = read_header(b, name)
+        except FileNotFoundError:
+            raise CorruptHeader(name=name, why=f"a file of its chain is missing ({ppath})") from None
+        if ph.own_file_id != h.parent_id or ph.binding_id != h.binding_id:
+            raise CorruptHeader(name=name, why=f"the chain file {ppath} belongs to another family")
+        out.append((ppath, ph.map_chunks if ph.overlay else 0, ph))
+        if len(out) >= MAX_CHAIN_FILES:
+            raise CorruptHeader(name=name, why="its chain is deeper than 255 files (or loops)")
+        h = ph
+    return out
+
+
+def _storage_kw(path: str, header, name: str) -> dict:
+    lowers = chain_below(path, header, name)
+    if not lowers:
+        return {}
+    return {"lowers": [(p, mc) for p, mc, _h in lowers], "map_chunks": header.map_chunks,
+            "map_off": MAP_AREA_OFFSET, "chunk_bytes": header.chunk_bytes}
 
 
 def _engine():
@@ -55,13 +96,28 @@ class Volume:
         self.cipher_name = layers[0][0] if layers else "none"
         self.cache = cache
         self._key_error = None
+        chain = _storage_kw(path, header, self.name)
+        self.chain_depth = len(chain.get("lowers", ()))
         try:
             self.engine = _engine().Volume(path, size=header.size, sector_size=header.sector_size,
                                            data_off=header.data_offset, meta_off=self.layout.meta_area_off,
                                            read_only=self.read_only,
-                                           layers=list(layers), cache=cache)
+                                           layers=list(layers), cache=cache, **chain)
         except FileNotFoundError:
             raise CorruptHeader(name=self.name, why=f"disk file {path} is missing") from None
+
+    def switch(self, path: str) -> None:
+        """Go on in another top file (a snapshot froze this one): the engine waits for the
+        requests in flight, flushes, and serves from ``path`` and its chain from then on."""
+        with LocalFileBacking(path, writable=False) as b:
+            h = read_header(b, self.name)
+        chain = _storage_kw(path, h, self.name)
+        try:
+            self.engine.set_storage(path, **chain)
+        except OSError as e:
+            self._raise(e)
+        self.path = path
+        self.chain_depth = len(chain.get("lowers", ()))
 
     # -- errors -----------------------------------------------------------------------
     def _raise(self, e: OSError):
