@@ -8,6 +8,7 @@ that the kernel sees the same through /dev/fuse.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from blockcrypt.control import disks
 from blockcrypt.format import layout
-from blockcrypt.mount import fusepy_fs
+from blockcrypt.mount import fusepy_fs, tree
 from blockcrypt.mount.fusepy_fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DiskFS
 
 MiB = 1 << 20
@@ -42,7 +43,7 @@ def test_tree_sizes_and_modes(fs):
     assert stat.S_ISDIR(fs("getattr", "/")["st_mode"])
     assert stat.S_ISDIR(fs("getattr", "/disks")["st_mode"])
     assert fs("readdir", "/", fusepy_fs.DiskFS._DIR_ROOT) == [".", "..", "disks"]
-    assert sorted(fs("readdir", "/disks", fusepy_fs.DiskFS._DIR_DISKS)[2:]) == ["a", "b"]
+    assert sorted(fs("readdir", "/disks", fs("opendir", "/disks"))[2:]) == ["a", "b"]
     st = fs("getattr", "/disks/a")
     assert stat.S_ISREG(st["st_mode"]) and stat.S_IMODE(st["st_mode"]) == 0o600
     assert st["st_size"] == 8 * MiB
@@ -133,12 +134,12 @@ def test_catalog_changes_appear_within_the_ttl(fs, state):
     fh = fs("open", "/disks/a", os.O_RDONLY)
     disks.resize(state, "a", 16 * MiB)
     time.sleep(fusepy_fs.CATALOG_TTL_S + 0.05)
-    fs("readdir", "/disks", fusepy_fs.DiskFS._DIR_DISKS)  # refreshes the listing, resizes open volumes
+    fs("readdir", "/disks", fs("opendir", "/disks"))  # refreshes the listing, resizes open volumes
     assert fs("getattr", None, fh)["st_size"] == 16 * MiB
     fs("release", None, fh)
     disks.delete(state, "new")
     time.sleep(fusepy_fs.CATALOG_TTL_S + 0.05)
-    assert "new" not in fs("readdir", "/disks", fusepy_fs.DiskFS._DIR_DISKS)
+    assert "new" not in fs("readdir", "/disks", fs("opendir", "/disks"))
 
 
 def test_an_unexpected_exception_answers_eio_and_is_counted(fs, monkeypatch):
@@ -166,7 +167,7 @@ def test_status_counts_io(fs):
     fs("release", None, fh)
 
 
-def test_a_tampered_sector_answers_eio_and_status_counts_it(state):
+def test_a_tampered_sector_answers_eio_and_status_counts_it(state, caplog):
     rec = disks.create(state, "dbl", 1 * MiB, double=True)
     ops = DiskFS(state)
     try:
@@ -180,8 +181,60 @@ def test_a_tampered_sector_answers_eio_and_status_counts_it(state):
             f.write(bytes([b[0] ^ 1]))
         assert _errno(ops, "read", None, 4096, 4096, fh) == errno.EIO
         assert len(ops("read", None, 4096, 0, fh)) == 4096 and len(ops("read", None, 4096, 8192, fh)) == 4096
+        assert _errno(ops, "read", None, 4096, 4096, fh) == errno.EIO
         (d,) = ops.disk_status()["disks"]
-        assert d["io"]["integrityErrors"] == 1
+        assert d["io"]["integrityErrors"] == 2 and d["io"]["integrityLastSector"] == 1
         ops("release", None, fh)
     finally:
         ops.close_all()
+    # logged once by disk and sector, and recorded as an event (no data, no key)
+    events = [json.loads(x) for x in (state.path / "logs" / "key-events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["disk"], e["sector"]) for e in events] == [("IntegrityError", "dbl", 1)]
+    assert caplog.text.count("disk dbl: sector 1 failed its integrity check") == 1
+
+
+class _ReadOnlyDisks(tree.Source):
+    """A second directory over the same catalog: every disk again, opened read-only (a real
+    source, as snapshots/ or temp/ are: the tree serves it beside disks/)."""
+
+    dir = "images"
+    watched = False
+
+    def __init__(self, state):
+        self.state = state
+
+    def entries(self):
+        return {n: tree.Entry(e.name, e.ident, e.size, True, e.backing_path)
+                for n, e in tree.CatalogDisks(self.state).entries().items()}
+
+    def open(self, name, *, null_cipher=False, cache="buffered"):
+        return disks.open_volume(self.state, name, read_only=True, null_cipher=null_cipher, cache=cache)
+
+
+def test_a_second_source_is_a_second_directory(state):
+    disks.create(state, "a", 8 * MiB)
+    ops = DiskFS(state, sources=[_ReadOnlyDisks(state), tree.CatalogDisks(state)])
+    try:
+        assert ops("readdir", "/", DiskFS._DIR_ROOT) == [".", "..", "disks", "images"]
+        assert ops("getattr", "/")["st_nlink"] == 4
+        assert ops("readdir", "/images", ops("opendir", "/images"))[2:] == ["a"]
+        assert stat.S_IMODE(ops("getattr", "/images/a")["st_mode"]) == 0o400
+        assert _errno(ops, "open", "/images/a", os.O_RDWR) == errno.EROFS
+        assert _errno(ops, "getattr", "/temp") == errno.ENOENT       # no source: no directory
+        w = ops("open", "/disks/a", os.O_RDWR)
+        ops("write", "/disks/a", b"x" * 4096, 0, w)
+        r = ops("open", "/images/a", os.O_RDONLY)
+        assert ops("read", "/images/a", 4096, 0, r) == b"x" * 4096
+        st = ops.disk_status()["disks"]
+        assert sorted((d["dir"], d["name"], d["readOnly"]) for d in st) == [("disks", "a", False),
+                                                                             ("images", "a", True)]
+        assert [od.watched for od in ops.open_disks() if od.dir == "images"] == [False]
+        for fh, p in ((w, "/disks/a"), (r, "/images/a")):
+            ops("release", p, fh)
+        assert ops.open_disks() == []
+    finally:
+        ops.close_all()
+    with pytest.raises(ValueError):
+        DiskFS(state, sources=[_ReadOnlyDisks(state)])                 # disks/ is always served
+    with pytest.raises(ValueError):
+        DiskFS(state, sources=[tree.CatalogDisks(state), tree.CatalogDisks(state)])

@@ -2,8 +2,9 @@
 interface the key monitor and the status file use (``open_disks``,
 ``notify_changed``, ``disk_status``).
 
-A front end keeps ``_open`` (open disks: objects with ``name``, ``disk_id``,
-``vol``, ``opened``), ``_failed`` (name -> the last open failure), ``_lock`` and
+A front end keeps ``_open`` (open disks: objects with ``name``, ``dir``,
+``disk_id``, ``vol``, ``opened``, ``watched``), ``_failed`` ("<dir>/<name>" -> the
+last open failure), ``_lock`` and
 ``_on_change``, and says how many handles and errors a disk has (``_counts``).
 
 Caveat: no key material in any of it: key errors appear by reason and message.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from ..volume import io_counters
+from .tree import split
 
 log = logging.getLogger("blockcrypt.mount")
 
@@ -38,6 +40,36 @@ class FrontEndStatus:
         """(open handles, errors answered, the last error as {"errno", "message"} or None)."""
         raise NotImplementedError
 
+    def note_integrity(self, opened=None) -> None:
+        """Log once, with its disk and sector number, a sector newly found failing its
+        integrity check (double-encrypted disks), and record an ``IntegrityError`` event in
+        the key-event log. The engine keeps the last failing sector of each volume, so when
+        several sectors fail between two calls only the last is named (all are counted in
+        ``status``). Front ends call it now and then and before they close a volume
+        (``opened``: just those)."""
+        seen = self.__dict__.setdefault("_integrity_seen", {})
+        logged = self.__dict__.setdefault("_integrity_logged", set())
+        for od in self.open_disks() if opened is None else opened:
+            try:
+                io = io_counters(od.vol)
+            except Exception:  # a volume closing under us
+                continue
+            key = (getattr(od, "dir", "disks"), od.disk_id)
+            n = io["integrityErrors"]
+            if n <= seen.get(key, 0):
+                continue
+            seen[key] = n
+            sector = io["integrityLastSector"]
+            if (key, sector) in logged:
+                continue
+            if len(logged) < 100_000:  # bounded: a disk torn apart is not logged sector by sector forever
+                logged.add((key, sector))
+            log.error("disk %s: sector %s failed its integrity check (changed at rest: tampered with or "
+                      "damaged); reads of it answer EIO", od.name, sector)
+            from .monitor import record_event
+            record_event(self.state, {"event": "IntegrityError", "disk": od.name, "dir": key[0],
+                                      "diskId": od.disk_id, "sector": sector, "integrityErrors": n})
+
     def disk_status(self) -> dict:
         """The state of this mount's disks, for `blockcrypt status` (no key material)."""
         with self._lock:
@@ -48,12 +80,14 @@ class FrontEndStatus:
             vol = od.vol
             kerr = vol.key_error
             handles, errors, last_error = self._counts(od)
-            disks.append({"name": od.name, "id": od.disk_id, "state": "open" if kerr is None else "KeyUnavailable",
+            disks.append({"name": od.name, "dir": getattr(od, "dir", "disks"), "id": od.disk_id,
+                          "state": "open" if kerr is None else "KeyUnavailable",
                           "keyError": None if kerr is None else {
                               "reason": getattr(kerr, "reason", type(kerr).__name__), "message": str(kerr)},
                           "cipher": vol.cipher_name, "readOnly": bool(vol.read_only),
                           "sizeBytes": vol.size, "openHandles": handles, "openedAt": od.opened,
                           "io": io_counters(vol), "errors": errors, "lastError": last_error})
-        for name, f in sorted(failed.items()):
-            disks.append({"name": name, "state": "failed", "error": f})
+        for path, f in sorted(failed.items()):
+            d, name = split(path)
+            disks.append({"name": name, "dir": d, "state": "failed", "error": f})
         return {"disks": disks}

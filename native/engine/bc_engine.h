@@ -134,6 +134,8 @@ struct bc_layer_ops {
                    uint8_t *meta, size_t meta_stride);
     /* a storage write of data encrypted by this layer failed after its metadata was stored */
     void (*write_failed)(void *ctx);
+    /* right after decrypt answered -EBADMSG, on the same thread: the sector that failed */
+    uint64_t (*failed_sector)(void *ctx);
 };
 
 /* A stored sector whose data is all zero is a hole whatever its metadata (the engine's
@@ -174,6 +176,7 @@ struct bc_stats {
     uint64_t bytes_read, bytes_written;
     uint64_t lat_us_hist[32];   /* request latency: bucket i counts 2^(i-1) < us <= 2^i (0: <= 1 us) */
     uint64_t integrity_errors;  /* requests that failed with -EBADMSG (a sector failed its tag) */
+    uint64_t integrity_last_sector;  /* the last sector that failed its tag (when integrity_errors) */
 };
 
 struct bc_volume;

@@ -184,6 +184,15 @@ static int aead_encrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, uint8_t *
     return 0;
 }
 
+/* the sector the last -EBADMSG of this thread's aead_decrypt was about */
+static __thread uint64_t tls_failed_sector;
+
+static uint64_t aead_failed_sector(void *ctx)
+{
+    (void)ctx;
+    return tls_failed_sector;
+}
+
 static int aead_decrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, const uint8_t *meta, size_t stride)
 {
     struct aead_layer *a = ctx;
@@ -204,6 +213,7 @@ static int aead_decrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, const uin
             ok = slot_verify(a, p, s + i, slot, k2, n2);
         }
         if (!ok) {
+            tls_failed_sector = s + i;
             rc = -EBADMSG;
             break;
         }
@@ -265,6 +275,7 @@ static const struct bc_layer_ops aead_ops = {
     .flags = BC_LAYER_ZERO_DATA_IS_HOLE,
     .resolve = aead_resolve,
     .write_failed = aead_write_failed,
+    .failed_sector = aead_failed_sector,
 };
 
 int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, const uint8_t disk_id[16],

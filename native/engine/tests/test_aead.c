@@ -434,6 +434,7 @@ static void test_volume(uint32_t ss, int stack)
         struct bc_stats stt;
         bc_volume_stats(v, &stt);
         CHECK(stt.integrity_errors == (uint64_t)(2 * (t + 1)), "integrity_errors %" PRIu64, stt.integrity_errors);
+        CHECK(stt.integrity_last_sector == 3, "integrity_last_sector %" PRIu64, stt.integrity_last_sector);
         flip(path, bits[t], 0x10);
         CHECK_RC(bc_volume_read(v, got, ss, 3 * ss), ss);
         CHECK(memcmp(got, model + 3 * ss, ss) == 0, "repaired bit %d", t);
@@ -446,7 +447,12 @@ static void test_volume(uint32_t ss, int stack)
     raw_pread(path, meta, M, META_OFF + 5 * M);
     raw_pwrite(path, c, ss, DATA_OFF + 6 * ss);
     raw_pwrite(path, meta, M, META_OFF + 6 * M);
-    CHECK_RC(bc_volume_read(v, got, ss, 6 * ss), -EBADMSG);
+    CHECK_RC(bc_volume_read(v, got, 3 * ss, 4 * ss), -EBADMSG);   /* sectors 4..6: 6 fails */
+    {
+        struct bc_stats stt;
+        bc_volume_stats(v, &stt);
+        CHECK(stt.integrity_last_sector == 6, "integrity_last_sector %" PRIu64, stt.integrity_last_sector);
+    }
     CHECK_RC(bc_volume_read(v, got, ss, 5 * ss), ss);
     /* swap 5 and 6 */
     raw_pwrite(path, save, ss, DATA_OFF + 5 * ss);
