@@ -232,6 +232,22 @@ def disk_delete(c: Ctx, name, as_json):
     emit({"deleted": rec.name, "id": rec.disk_id}, as_json, f"deleted disk {rec.name}")
 
 
+@disk.command("export")
+@click.argument("name")
+@click.argument("file", type=click.Path())
+@json_opt
+@pass_ctx
+def disk_export(c: Ctx, name, file, as_json):
+    """Write the flat encrypted image (aes-xts-plain64, no header) of a disk, snapshot or image."""
+    from ..control import diff
+    from .snapshots import Progress
+    prog = Progress(as_json, f"exporting {name}")
+    r = diff.export(c.state, name, file, progress=prog)
+    prog.done()
+    emit(r, as_json, f"wrote the encrypted image of {name} to {file} ({format_size(r['sizeBytes'])}); "
+                     f"open it with the key of `disk dump-key`:\n  {r['cryptsetup']}")
+
+
 @disk.command("dump-key")
 @click.argument("name")
 @click.option("--out", required=True, type=click.Path(),
@@ -347,8 +363,10 @@ def catalog_rebuild(c: Ctx, as_json):
     """Rebuild the catalog from the disk headers."""
     from ..control.disks import rebuild_catalog
     r = rebuild_catalog(c.state)
-    emit(r, as_json, f"catalog rebuilt: {len(r['disks'])} disk(s)"
-                     + (f", {len(r['unreadable'])} unreadable" if r["unreadable"] else ""))
+    emit(r, as_json, f"catalog rebuilt: {len(r['disks'])} disk(s), {len(r['snapshots'])} snapshot(s), "
+                     f"{len(r['images'])} image(s)"
+                     + (f", {len(r['unreadable'])} unreadable" if r["unreadable"] else "")
+                     + (f", {len(r['unused'])} unused file(s)" if r["unused"] else ""))
 
 
 # --- disk encryption sets -----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Changed ranges between two members of a family, from their chunk maps (no data read).
+"""Changed ranges between two members of a family, from their chunk maps (no data read);
+and the flat export of a member (its chain's ciphertext laid out as one plain64 image).
 
 As EBS ListChangedBlocks and Azure's page-range diff let backup tools copy only
 what changed: ``snapshot diff OLD NEW`` lists the byte ranges where the two
@@ -78,3 +79,72 @@ def diff(st, old: str, new: str) -> dict:
             ranges[-1] = {"offset": ranges[-1]["offset"], "length": size - ranges[-1]["offset"]}
     return {"old": old, "new": new, "chunkBytes": chunk, "sizeBytes": size,
             "changedBytes": sum(r["length"] for r in ranges), "changedRanges": ranges}
+
+
+def _runs(mask: int):
+    s = bin(mask)[2:][::-1]
+    for m in _RUN.finditer(s):
+        yield m.start(), m.end()
+
+
+def export(st, name: str, out: str, progress=None) -> dict:
+    """Write member ``name``'s data area as one flat file: exactly dm-crypt aes-xts-plain64
+    under the family's DEK (sector n at n * sector size, tweak n), whatever chain it sits
+    on; holes stay holes. Double-encrypted members have no plain64 image (their sectors
+    are AEAD ciphertext with metadata apart): refused, naming dump-key and FORMAT.md."""
+    import errno
+    import os
+
+    rec = st.catalog.get_disk(name)
+    h = disks.read_disk_header(rec)
+    if disks.is_double(h):
+        raise Refused(f"{rec.kind} {name!r} is double-encrypted: it has no flat plain64 image; use "
+                      f"`blockcrypt disk dump-key` and docs/FORMAT.md to read its sectors")
+    fd = disks.create_private_file(out)
+    data_off, size = h.data_offset, h.size
+    chunk = h.chunk_bytes if h.overlay else (1 << 20)
+    n = map_chunks_for(size, chunk)
+    try:
+        os.ftruncate(fd, size)
+        if h.overlay and h.parent_id is not None:
+            by_file = holders(rec, n)
+            files = {fh.own_file_id.hex(): p for p, _mc, fh in chain_below(rec.path, h, name)}
+            files[h.own_file_id.hex()] = rec.path
+        else:
+            by_file = {h.own_file_id.hex(): (1 << n) - 1}
+            files = {h.own_file_id.hex(): rec.path}
+        total = sum(bin(m).count("1") for f, m in by_file.items() if f is not None) * chunk
+        done = 0
+        for fid, mask in by_file.items():
+            if fid is None:
+                continue  # no file holds it: a hole
+            src = os.open(files[fid], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for c0, c1 in _runs(mask):
+                    for c in range(c0, c1, 16):
+                        off = c * chunk
+                        length = min(min(c + 16, c1) * chunk, size) - off
+                        if length <= 0:
+                            continue
+                        buf = os.pread(src, length, data_off + off)
+                        buf += bytes(length - len(buf))
+                        if any(buf):
+                            os.pwrite(fd, buf, off)
+                        done += length
+                        if progress:
+                            progress(min(done, total), total)
+            finally:
+                os.close(src)
+        os.fsync(fd)
+    except BaseException as e:
+        os.close(fd)
+        os.unlink(out)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            from ..errors import NoSpace
+            raise NoSpace(name=out) from None
+        raise
+    os.close(fd)
+    iv = " --iv-large-sectors" if h.sector_size != 512 else ""
+    line = (f"cryptsetup open --type plain -c aes-xts-plain64 -s 512 --sector-size {h.sector_size}{iv} "
+            f"--key-file KEYFILE --keyfile-size 64 {out} {name}")
+    return {"name": name, "file": out, "sizeBytes": size, "cryptsetup": line}

@@ -213,6 +213,16 @@ def resize(st, name: str, new_size: int) -> DiskRecord:
     return st.catalog.get_disk(name)
 
 
+def create_private_file(out: str) -> int:
+    """A new 0600 file (never an existing one): its descriptor."""
+    try:
+        return os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise AlreadyExists(kind="file", name=out) from None
+    except OSError as e:
+        raise UsageError(f"cannot create {out}: {e.strerror}") from None
+
+
 def dump_key(st, name: str, out: str) -> str:
     """Write the DEKs to a new 0600 file (the emergency way out, as with LUKS): the 64-byte
     data-layer DEK, then on a double-encrypted disk the 32-byte infrastructure DEK
@@ -220,12 +230,7 @@ def dump_key(st, name: str, out: str) -> str:
     rec = st.catalog.get_disk(name)
     h = read_disk_header(rec)
     roles = [ROLE_DATA] + ([ROLE_INFRA] if h.layer(ROLE_INFRA) is not None else [])
-    try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise AlreadyExists(kind="file", name=out) from None
-    except OSError as e:
-        raise UsageError(f"cannot create {out}: {e.strerror}") from None
+    fd = create_private_file(out)
     try:
         for role in roles:
             dek = unwrap_layer(st.keys, h, role)
@@ -256,7 +261,10 @@ def _des_of_key(st, h: Header) -> str | None:
 # --- catalog rebuild ------------------------------------------------------------------
 
 def rebuild_catalog(st) -> dict:
-    """Rebuild the catalog from the disk headers in STATE/disks."""
+    """Rebuild the catalog from the disk headers in STATE/disks: disks, snapshots and images
+    with their families (family id, source) from the overlay fields. A file no member
+    stands on and no chain uses (a crashed `snapshot create`'s new top) is left out and
+    listed as unused."""
     recs, bad = [], []
     old = {r.disk_id: r for r in st.catalog.list_disks()}
     for path in sorted(st.disks_dir.glob("*.img")):
@@ -270,14 +278,44 @@ def rebuild_catalog(st) -> dict:
         created = prev.created if prev else now_iso()
         des = prev.des if prev else _des_of_key(st, h)
         revocation = prev.revocation if prev else "immediate"
+        fam = h.family_id.hex() if h.overlay and h.family_id else None
+        src = h.source_id.hex() if h.overlay and h.source_id else (prev.source_id if prev else None)
         recs.append(DiskRecord(h.name, h.disk_id_hex, h.size, h.sector_size, str(path), h.kind,
-                               h.read_only, encryption_type(h), created, des, revocation))
+                               h.read_only, encryption_type(h), created, des, revocation, src, fam))
+    # two files claiming one disk: a `snapshot create` crashed after writing its new top and
+    # before committing; the file whose own file id some other file's chain names is frozen
+    by_name: dict[str, list] = {}
+    for r in recs:
+        by_name.setdefault((r.name, r.disk_id), []).append(r)
+    unused = []
+    if any(len(v) > 1 for v in by_name.values()):
+        parents = set()
+        for path in sorted(st.disks_dir.glob("*.img")):
+            try:
+                with header_backing(str(path), path.name, writable=False) as b:
+                    h = read_header(b, path.name)
+                if h.overlay and h.parent_id:
+                    parents.add(h.parent_id.hex())
+            except BlockcryptError:
+                continue
+        keep = []
+        for key, group in by_name.items():
+            if len(group) == 1:
+                keep += group
+                continue
+            # the newest top is the one nobody builds on; an unused duplicate has no data of its own
+            tops = [r for r in group if Path(r.path).stem not in parents]
+            keep.append(tops[0] if tops else group[0])
+            unused += [r.path for r in group if r is not keep[-1] and Path(r.path).stem not in parents]
+        recs = keep
     names = [r.name for r in recs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise Refused(f"two disk files claim the name(s) {sorted(dupes)}; move one out of {st.disks_dir}")
     st.catalog.replace_all(recs)
-    return {"disks": sorted(r.name for r in recs), "unreadable": bad}
+    return {"disks": sorted(r.name for r in recs if r.kind == "disk"),
+            "snapshots": sorted(r.name for r in recs if r.kind == "snapshot"),
+            "images": sorted(r.name for r in recs if r.kind == "image"), "unreadable": bad, "unused": unused}
 
 
 # --- scrub ------------------------------------------------------------------------------

@@ -542,7 +542,8 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
 def tree_sources(st) -> list:
     """The directories this mount serves (tree.py): disks/ from the catalog; each feature that
     adds a directory (snapshots/, images/, temp/) adds its source here."""
-    return [tree.CatalogDisks(st)]
+    from .members import CatalogMembers
+    return [tree.CatalogDisks(st), CatalogMembers(st, "snapshot"), CatalogMembers(st, "image")]
 
 
 def _status_on_request(on_change, ops) -> None:

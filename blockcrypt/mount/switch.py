@@ -37,7 +37,7 @@ class Switcher:
 
     def _open(self, name: str):
         for od in self.fs.open_disks():
-            if od.name == name:
+            if od.name == name and getattr(od, "dir", "disks") == "disks":
                 return od
         return None
 
@@ -87,6 +87,8 @@ class Switcher:
                 conn, _ = self._sock.accept()
             except socket.timeout:
                 for od in self.fs.open_disks():  # caught up: a command that died after its commit
+                    if getattr(od, "dir", "disks") != "disks":
+                        continue
                     try:
                         self.sync(od.name)
                     except Exception as e:

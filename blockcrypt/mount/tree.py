@@ -4,8 +4,8 @@ Tree::
 
     MOUNTPOINT/
       disks/<name>        the catalog's disks (CatalogDisks)
-      snapshots/<name>    (a source of snapshots, when one is given)
-      images/<name>       (a source of images)
+      snapshots/<name>    the catalog's snapshots, read-only (members.py)
+      images/<name>       the catalog's images, read-only (members.py)
       temp/<name>         (a source of host-local temp disks)
 
 A source owns one directory. It says which names it has now (:meth:`Source.entries`,
@@ -82,7 +82,7 @@ class CatalogDisks(Source):
 
     def find(self, name: str) -> Entry | None:
         r = self.state.catalog.find_disk(name)
-        return None if r is None else self._entry(r)
+        return None if r is None or r.kind != "disk" else self._entry(r)  # snapshots share the table
 
     def open(self, name: str, *, null_cipher: bool = False, cache: str = "buffered"):
         from ..control.disks import open_volume
