@@ -28,6 +28,22 @@ def test_header_roundtrip():
         hdr.unpack(raw, hdr.MAGIC_B)  # copies carry different magics
 
 
+def test_overlay_header_roundtrip_and_binding_to_the_family():
+    fam, fid, parent, src = (bytes([i]) * 16 for i in (1, 2, 3, 4))
+    h = hdr.Header(disk_id=b"\x09" * 16, name="s", size=1 << 30, sector_size=4096, kind="snapshot",
+                   read_only=True, required_features=layout.FEATURE_OVERLAY, family_id=fam, file_id=fid,
+                   parent_id=parent, map_chunks=16384, chunk_bytes=layout.CHUNK_BYTES, source_id=src)
+    back = hdr.unpack(hdr.pack(h, hdr.MAGIC_A), hdr.MAGIC_A)
+    assert back == h and back.binding_id == fam and back.own_file_id == fid
+    first = h.evolve(parent_id=None, source_id=None)
+    assert hdr.unpack(hdr.pack(first, hdr.MAGIC_B), hdr.MAGIC_B).parent_id is None
+    plain = hdr.Header(disk_id=b"\x08" * 16, name="d", size=4096, sector_size=4096)
+    assert plain.binding_id == plain.disk_id and not plain.overlay
+    assert layout.Layout.of(h).backing_size(h.size) == layout.MAP_AREA_OFFSET + layout.MAX_MAP_BYTES
+    with pytest.raises(ValueError, match="chunk size"):
+        hdr.unpack(hdr.pack(h.evolve(chunk_bytes=1000), hdr.MAGIC_A), hdr.MAGIC_A)
+
+
 def test_every_flipped_byte_is_detected():
     h = hdr.Header(disk_id=b"\1" * 16, name="d", size=4096, sector_size=4096)
     raw = bytearray(hdr.pack(h, hdr.MAGIC_A))

@@ -102,7 +102,12 @@ class Switcher:
 
     def start(self):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.bind(live.address(self.st.path))
+        try:
+            s.bind(live.address(self.st.path))
+        except OSError as e:  # the disks are still served; snapshots of open disks are refused
+            log.error("cannot listen for snapshot switches (%s): `snapshot create` of an open disk will fail", e)
+            s.close()
+            return None
         s.listen(16)
         s.settimeout(POLL_S)
         self._sock = s
