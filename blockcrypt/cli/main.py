@@ -72,6 +72,10 @@ def disk_json(st, rec) -> dict:
         out["encryption"]["keyUrl"] = kid
         out["encryption"]["keyVersion"] = kid.rsplit("/", 1)[-1]
     out["header"] = {"formatVersion": 1, "sequence": h.seqno}
+    if rec.source_id or rec.family_id:
+        from ..control.snapshots import source_of
+        out["creationData"] = source_of(st, rec)
+        out["familyId"] = rec.family_id
     return out
 
 

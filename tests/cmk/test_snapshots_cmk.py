@@ -73,6 +73,21 @@ def test_family_keeps_the_des_and_another_des_is_refused(state, vault, des_rec, 
     assert hx.layers[0].kek_id.startswith(f"{vault.url}/keys/{key_name}-2/") and not hx.overlay
 
 
+def test_disk_from_a_platform_image_on_a_des_is_a_copy_with_progress(state, vault, des_rec):
+    disks.create(state, "p", 16 * MiB)
+    write(state, "p", 5 * MiB, b"platform" * 512)
+    snapshots.create_snapshot(state, "p", "ps")
+    snapshots.create_image(state, "pimg", "ps")
+    seen = []
+    c = snapshots.create_disk_from(state, "onkey", "pimg", des="des1", progress=lambda d, t: seen.append((d, t)))
+    assert c.des == "des1" and c.encryption_type == "EncryptionAtRestWithCustomerKey" and c.kind == "disk"
+    h = disks.read_disk_header(c)
+    assert not h.overlay and h.layers[0].kek_id == des_rec.active_key  # its own DEK, no chain
+    assert seen and seen[-1] == (16 * MiB, 16 * MiB)
+    assert read(state, "onkey", 5 * MiB, 8) == b"platform"
+    assert c.source_id == state.catalog.get_disk("pimg").disk_id
+
+
 def test_double_des_gives_double_snapshots(state, vault, key_name):
     des.create(state, "dd", f"{vault.url}/keys/{key_name}", vault_dir=str(vault.dir), grant=True,
                enc_type=disks.TYPE_DOUBLE)
