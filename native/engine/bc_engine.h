@@ -135,6 +135,10 @@ int bc_layer_xts_new(const uint8_t *key, size_t key_len, uint32_t sector_size, s
 #define BC_ROLE_INFRA 2u
 int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, const uint8_t disk_id[16],
                       uint8_t role, struct bc_layer *out);
+/* Forget the writer ids destroyed AEAD instances left for the next instance of their disk
+ * in this process (bc_layer_aead.c): the state of a new process. Tests that simulate a
+ * kill and a restart inside one process call it. */
+void bc_layer_aead_forget_ids(void);
 /* No encryption at all (benchmarks only). */
 int bc_layer_null_new(uint32_t sector_size, struct bc_layer *out);
 

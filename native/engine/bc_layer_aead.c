@@ -29,6 +29,17 @@
  * authenticate: so this costs one extra read on the first write of a sector after an
  * open, and nothing after that.
  *
+ * Reopens in one process: an instance that is destroyed (the last reference of its
+ * volume gone, so no write of it is in flight, and every failed data write already
+ * renewed its id) leaves its id in a small process-wide table under (disk id, role,
+ * a hash of the key); the next instance of that disk in this process takes it back
+ * (removing it, so two live instances never share an id). Its own earlier slots then
+ * count as written by it, and a disk closed and reopened by the same mount (fio jobs,
+ * a VM restarted on the same host) pays no extra reads. A new process draws new ids:
+ * after a kill every slot is checked as before. Caveat: a disk file replaced by an older
+ * copy taken while it was being written, under the same running process, trusts that
+ * copy's slots of this id.
+ *
  * Holes: the layer sets BC_LAYER_ZERO_DATA_IS_HOLE: a stored sector whose data is all
  * zero reads as zeros whatever its metadata (a discard punches the data first, then
  * the metadata, and a kill in between must read the discard's zeros).
@@ -41,6 +52,7 @@
 #include "bc_engine.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +96,77 @@ static uint32_t new_writer(void)
         w = randombytes_random();
     while (w == 0);
     return w;
+}
+
+/* ---- ids of destroyed instances, for the next instance of the same disk ------------ */
+
+#define ID_TABLE 256u
+
+struct kept_id {
+    uint8_t disk_id[16];
+    uint8_t key_hash[16];
+    uint8_t role;
+    uint32_t writer;   /* 0: free */
+};
+
+static struct kept_id kept[ID_TABLE];
+static unsigned kept_next;   /* the slot a full table gives up next */
+static pthread_mutex_t kept_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void key_hash(const unsigned char *key, uint8_t out[16])
+{
+    static const unsigned char ctx[] = "blockcrypt aead instance id";
+    crypto_generichash(out, 16, key, crypto_aead_xchacha20poly1305_ietf_KEYBYTES, ctx, sizeof ctx - 1);
+}
+
+static int kept_match(const struct kept_id *k, const uint8_t id[16], uint8_t role, const uint8_t h[16])
+{
+    return k->writer != 0 && k->role == role && memcmp(k->disk_id, id, 16) == 0 &&
+           sodium_memcmp(k->key_hash, h, 16) == 0;
+}
+
+/* The id a destroyed instance of this disk left, removed from the table, or 0. */
+static uint32_t kept_take(const uint8_t id[16], uint8_t role, const uint8_t h[16])
+{
+    uint32_t w = 0;
+    pthread_mutex_lock(&kept_mu);
+    for (unsigned i = 0; i < ID_TABLE && w == 0; i++) {
+        if (kept_match(&kept[i], id, role, h)) {
+            w = kept[i].writer;
+            memset(&kept[i], 0, sizeof kept[i]);
+        }
+    }
+    pthread_mutex_unlock(&kept_mu);
+    return w;
+}
+
+static void kept_put(const uint8_t id[16], uint8_t role, const uint8_t h[16], uint32_t writer)
+{
+    pthread_mutex_lock(&kept_mu);
+    unsigned at = ID_TABLE;
+    for (unsigned i = 0; i < ID_TABLE; i++) {
+        if (kept_match(&kept[i], id, role, h) || (at == ID_TABLE && kept[i].writer == 0))
+            at = i;
+        if (kept_match(&kept[i], id, role, h))
+            break;
+    }
+    if (at == ID_TABLE) {   /* full: give up the oldest-placed entry (its disk pays reads) */
+        at = kept_next;
+        kept_next = (kept_next + 1) % ID_TABLE;
+    }
+    memcpy(kept[at].disk_id, id, 16);
+    memcpy(kept[at].key_hash, h, 16);
+    kept[at].role = role;
+    kept[at].writer = writer;
+    pthread_mutex_unlock(&kept_mu);
+}
+
+void bc_layer_aead_forget_ids(void)
+{
+    pthread_mutex_lock(&kept_mu);
+    sodium_memzero(kept, sizeof kept);
+    kept_next = 0;
+    pthread_mutex_unlock(&kept_mu);
 }
 
 static int slot_empty(const uint8_t *slot)
@@ -261,6 +344,9 @@ static void aead_destroy(void *ctx)
     struct aead_layer *a = ctx;
     if (a == NULL)
         return;
+    uint8_t h[16];
+    key_hash(a->key, h);
+    kept_put(a->disk_id, a->role, h, atomic_load(&a->writer));
     sodium_free(a->key);
     sodium_memzero(a, sizeof *a);
     free(a);
@@ -299,7 +385,10 @@ int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, 
     a->sector_size = sector_size;
     memcpy(a->disk_id, disk_id, 16);
     a->role = role;
-    atomic_init(&a->writer, new_writer());
+    uint8_t h[16];
+    key_hash(a->key, h);
+    uint32_t w = kept_take(disk_id, role, h);
+    atomic_init(&a->writer, w != 0 ? w : new_writer());
     out->ops = &aead_ops;
     out->ctx = a;
     return 0;
