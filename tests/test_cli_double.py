@@ -26,6 +26,10 @@ def test_cli_create_show_dump_key(sdir_double, tmp_path):
     assert out.read_bytes().hex() not in p.stdout + p.stderr
     p = run("disk", "create", "x", "--size", "8M", "--double-encryption", "--des", "nope", expect=2)
     assert len(p.stderr.strip().splitlines()) == 1
+    for flag, want in (("--single-encryption", False), ("--double-encryption", True), (None, True)):
+        name = f"copy{int(want)}{flag is None}"
+        p = run("disk", "copy", "dd", name, *([flag] if flag else []), "--json")
+        assert json.loads(p.stdout)["encryption"]["doubleEncryption"] is want, flag
 
 
 @pytest.fixture

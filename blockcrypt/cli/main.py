@@ -191,17 +191,20 @@ def disk_update(c: Ctx, name, des_name, platform_key, revocation, as_json):
 @click.argument("dst")
 @click.option("--des", "des_name", default=None,
               help="DES of the copy (default: the source's); --des '' for a platform key")
+@click.option("--double-encryption/--single-encryption", "double", default=None,
+              help="with a platform key: give the copy a second, platform-keyed layer, or only one "
+                   "(default: as the source); on a DES its type decides")
 @json_opt
 @pass_ctx
-def disk_copy(c: Ctx, src, dst, des_name, as_json):
-    """Copy a disk's data to a new disk with a new DEK."""
+def disk_copy(c: Ctx, src, dst, des_name, double, as_json):
+    """Copy a disk's data to a new disk with new DEKs (also between single and double encryption)."""
     from ..control.copy import copy
 
     def progress(done, total):
         if not as_json:
             click.echo(f"\r  copied {format_size(done)} of {format_size(total)}", nl=False, err=True)
 
-    rec = copy(c.state, src, dst, des=des_name, progress=progress)
+    rec = copy(c.state, src, dst, des=des_name, double=double, progress=progress)
     if not as_json:
         click.echo("", err=True)
     emit(disk_json(c.state, c.state.catalog.get_disk(rec.name)), as_json, f"copied {src} to {dst}")

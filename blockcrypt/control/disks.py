@@ -51,7 +51,8 @@ def refuse_single_double(name: str, to_double: bool):
     """Moving a disk between single and double encryption changes its data layout: refused."""
     what = "double encryption" if to_double else "single-layer encryption"
     raise Refused(f"disk {name!r} cannot move to {what} in place (another layer stack, another layout); "
-                  f"copy it instead: `blockcrypt disk copy {name} NEW_NAME --des DES`")
+                  f"copy it instead: `blockcrypt disk copy {name} NEW_NAME --des DES` (or, with platform "
+                  f"keys, `--{'double' if to_double else 'single'}-encryption`)")
 
 
 def open_backing(path: str, name: str, writable: bool = True) -> LocalFileBacking:
