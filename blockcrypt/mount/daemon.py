@@ -460,11 +460,15 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
           log_to_stderr: bool = False) -> None:
     """Run the daemon in this process until unmounted or signalled."""
     from ..control.state import State
+    from .hostsec import harden
 
+    hardening = harden()  # before any key is unwrapped: no core file, no ptrace, ever
     st = State.open(state_path)
     lp = log_path(st, mount_id)
     lp.parent.mkdir(mode=0o700, exist_ok=True)
     _setup_logging(lp, log_to_stderr)
+    log.info("host hardening: core dumps %s, process %s", "off" if hardening["coreLimit"] == 0 else
+             f"LIMITED TO {hardening['coreLimit']} BYTES", "DUMPABLE" if hardening["dumpable"] else "non-dumpable")
     log.info("mount %s starting: %s at %s (pid %d, %s front end, backing cache %s)%s", mount_id, st.path, mp,
              os.getpid(), frontend, backing_cache,
              " with the NULL cipher: benchmarks only, data NOT encrypted" if null_cipher else "")
@@ -481,7 +485,7 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
              "started": time.time(), "log": str(lp), "allowOther": allow_other,
              "nullCipher": null_cipher, "frontend": frontend, "backingCache": backing_cache,
              "cipher": "null (benchmark only, NOT ENCRYPTED)" if null_cipher else "aes-xts-plain64",
-             "disks": []}
+             "hostHardening": hardening, "disks": []}
 
     def on_change(fs):
         entry["disks"] = fs.disk_status()["disks"]
