@@ -3,18 +3,20 @@
  * Python. See py_engine.h for the API.
  *
  *   Session(mountpoint, *, statfs_path, allow_other=False, max_threads=0,
- *           open_disk=None, closed=None, lookup_miss=None, debug=False)
- *       mounts (OSError(errno, "cannot mount ...: ...") on failure); serve with .loop()
- *   .set_disk(name, size, mode=0o600, uid=0, gid=0, read_only=False, backing_path=None)
- *   .remove_disk(name)                          FileNotFoundError for an unknown name
- *   .disk_state(name) -> {"handles", "errors", "lastErrno", "open"}
+ *           open_disk=None, closed=None, lookup_miss=None, debug=False, dirs=None)
+ *       mounts (OSError(errno, "cannot mount ...: ...") on failure); serve with .loop();
+ *       dirs: the top-level directory names (default ("disks",))
+ *   .set_disk(path, size, mode=0o600, uid=0, gid=0, read_only=False, backing_path=None)
+ *   .remove_disk(path)                          FileNotFoundError for an unknown path
+ *   .disk_state(path) -> {"handles", "errors", "lastErrno", "open"}
+ *       path: "<dir>/<name>", or a bare "<name>" in the first directory
  *   .loop()    serves with the GIL released until unmounted or .exit(); unmounts on return
  *   .exit()    from any thread; .loop() returns soon after
  *   .close()   exit, wait for .loop() to return, unmount, drop every volume reference
  *   .mountpoint   .last_error -> None | (name, exception) of the last failed hook
  *
  * Hooks run in libfuse worker threads with the GIL taken (PyGILState_Ensure), on open,
- * last release and lookup only. open_disk(name) must return a blockcrypt._engine.Volume
+ * last release and lookup only, with the path "<dir>/<name>". open_disk(path) must return a blockcrypt._engine.Volume
  * (the session takes a reference of its own on the engine volume); an exception with an
  * int .errno answers that errno, anything else EIO. Exceptions are never printed (their
  * messages are the control plane's to log): the last one is kept in .last_error with its
@@ -276,19 +278,41 @@ static int check_callable(PyObject *o, const char *what)
 static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"mountpoint", "statfs_path", "allow_other", "max_threads",
-                             "open_disk", "closed", "lookup_miss", "debug", NULL};
-    PyObject *mp = NULL, *sp = NULL;
+                             "open_disk", "closed", "lookup_miss", "debug", "dirs", NULL};
+    PyObject *mp = NULL, *sp = NULL, *dirs = Py_None, *dirs_fast = NULL;
+    const char *dir_names[BC_SESSION_MAX_DIRS];
+    unsigned ndirs = 0;
     int allow_other = 0, max_threads = 0, debug = 0;
     PyObject *open_disk = Py_None, *closed = Py_None, *lookup_miss = Py_None;
     if (self->s != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Session is already mounted");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|$O&piOOOp", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|$O&piOOOpO", kwlist,
                                      PyUnicode_FSConverter, &mp, PyUnicode_FSConverter, &sp,
                                      &allow_other, &max_threads, &open_disk, &closed,
-                                     &lookup_miss, &debug))
+                                     &lookup_miss, &debug, &dirs))
         goto fail;
+    if (dirs != Py_None) {
+        dirs_fast = PySequence_Fast(dirs, "dirs must be a sequence of str");
+        if (dirs_fast == NULL)
+            goto fail;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(dirs_fast);
+        if (n < 1 || n > BC_SESSION_MAX_DIRS) {
+            PyErr_Format(PyExc_ValueError, "dirs: 1 to %d directory names", BC_SESSION_MAX_DIRS);
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *o = PySequence_Fast_GET_ITEM(dirs_fast, i);
+            const char *c = PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
+            if (c == NULL) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_TypeError, "dirs must be a sequence of str");
+                goto fail;
+            }
+            dir_names[ndirs++] = c;
+        }
+    }
     if (sp == NULL) {
         PyErr_SetString(PyExc_TypeError, "Session() needs statfs_path=");
         goto fail;
@@ -314,6 +338,8 @@ static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
         .max_threads = max_threads,
         .max_request_bytes = 0,
         .debug = debug,
+        .dirs = ndirs ? dir_names : NULL,
+        .ndirs = ndirs,
     };
     struct bc_session_hooks hooks = {
         .arg = self,
@@ -335,10 +361,12 @@ static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
     pthread_mutex_unlock(&self->mu);
     Py_DECREF(mp);
     Py_DECREF(sp);
+    Py_XDECREF(dirs_fast);
     return 0;
 fail:
     Py_XDECREF(mp);
     Py_XDECREF(sp);
+    Py_XDECREF(dirs_fast);
     return -1;
 }
 
@@ -556,7 +584,7 @@ static PyGetSetDef Session_getset[] = {
 static PyTypeObject SessionType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "blockcrypt._engine.Session",
-    .tp_doc = "A FUSE session (libfuse 3 low-level) serving MOUNTPOINT/disks/<name>.",
+    .tp_doc = "A FUSE session (libfuse 3 low-level) serving MOUNTPOINT/<dir>/<name>.",
     .tp_basicsize = sizeof(SessionObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = Session_new,

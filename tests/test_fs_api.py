@@ -17,7 +17,7 @@ import pytest
 
 from blockcrypt.control import disks
 from blockcrypt.format import layout
-from blockcrypt.mount import fusepy_fs
+from blockcrypt.mount import fusepy_fs, tree
 from blockcrypt.mount.fusepy_fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DiskFS
 
 MiB = 1 << 20
@@ -42,7 +42,7 @@ def test_tree_sizes_and_modes(fs):
     assert stat.S_ISDIR(fs("getattr", "/")["st_mode"])
     assert stat.S_ISDIR(fs("getattr", "/disks")["st_mode"])
     assert fs("readdir", "/", fusepy_fs.DiskFS._DIR_ROOT) == [".", "..", "disks"]
-    assert sorted(fs("readdir", "/disks", fusepy_fs.DiskFS._DIR_DISKS)[2:]) == ["a", "b"]
+    assert sorted(fs("readdir", "/disks", fs("opendir", "/disks"))[2:]) == ["a", "b"]
     st = fs("getattr", "/disks/a")
     assert stat.S_ISREG(st["st_mode"]) and stat.S_IMODE(st["st_mode"]) == 0o600
     assert st["st_size"] == 8 * MiB
@@ -133,12 +133,12 @@ def test_catalog_changes_appear_within_the_ttl(fs, state):
     fh = fs("open", "/disks/a", os.O_RDONLY)
     disks.resize(state, "a", 16 * MiB)
     time.sleep(fusepy_fs.CATALOG_TTL_S + 0.05)
-    fs("readdir", "/disks", fusepy_fs.DiskFS._DIR_DISKS)  # refreshes the listing, resizes open volumes
+    fs("readdir", "/disks", fs("opendir", "/disks"))  # refreshes the listing, resizes open volumes
     assert fs("getattr", None, fh)["st_size"] == 16 * MiB
     fs("release", None, fh)
     disks.delete(state, "new")
     time.sleep(fusepy_fs.CATALOG_TTL_S + 0.05)
-    assert "new" not in fs("readdir", "/disks", fusepy_fs.DiskFS._DIR_DISKS)
+    assert "new" not in fs("readdir", "/disks", fs("opendir", "/disks"))
 
 
 def test_an_unexpected_exception_answers_eio_and_is_counted(fs, monkeypatch):
@@ -185,3 +185,50 @@ def test_a_tampered_sector_answers_eio_and_status_counts_it(state):
         ops("release", None, fh)
     finally:
         ops.close_all()
+
+
+class _ReadOnlyDisks(tree.Source):
+    """A second directory over the same catalog: every disk again, opened read-only (a real
+    source, as snapshots/ or temp/ are: the tree serves it beside disks/)."""
+
+    dir = "images"
+    watched = False
+
+    def __init__(self, state):
+        self.state = state
+
+    def entries(self):
+        return {n: tree.Entry(e.name, e.ident, e.size, True, e.backing_path)
+                for n, e in tree.CatalogDisks(self.state).entries().items()}
+
+    def open(self, name, *, null_cipher=False, cache="buffered"):
+        return disks.open_volume(self.state, name, read_only=True, null_cipher=null_cipher, cache=cache)
+
+
+def test_a_second_source_is_a_second_directory(state):
+    disks.create(state, "a", 8 * MiB)
+    ops = DiskFS(state, sources=[_ReadOnlyDisks(state), tree.CatalogDisks(state)])
+    try:
+        assert ops("readdir", "/", DiskFS._DIR_ROOT) == [".", "..", "disks", "images"]
+        assert ops("getattr", "/")["st_nlink"] == 4
+        assert ops("readdir", "/images", ops("opendir", "/images"))[2:] == ["a"]
+        assert stat.S_IMODE(ops("getattr", "/images/a")["st_mode"]) == 0o400
+        assert _errno(ops, "open", "/images/a", os.O_RDWR) == errno.EROFS
+        assert _errno(ops, "getattr", "/temp") == errno.ENOENT       # no source: no directory
+        w = ops("open", "/disks/a", os.O_RDWR)
+        ops("write", "/disks/a", b"x" * 4096, 0, w)
+        r = ops("open", "/images/a", os.O_RDONLY)
+        assert ops("read", "/images/a", 4096, 0, r) == b"x" * 4096
+        st = ops.disk_status()["disks"]
+        assert sorted((d["dir"], d["name"], d["readOnly"]) for d in st) == [("disks", "a", False),
+                                                                             ("images", "a", True)]
+        assert [od.watched for od in ops.open_disks() if od.dir == "images"] == [False]
+        for fh, p in ((w, "/disks/a"), (r, "/images/a")):
+            ops("release", p, fh)
+        assert ops.open_disks() == []
+    finally:
+        ops.close_all()
+    with pytest.raises(ValueError):
+        DiskFS(state, sources=[_ReadOnlyDisks(state)])                 # disks/ is always served
+    with pytest.raises(ValueError):
+        DiskFS(state, sources=[tree.CatalogDisks(state), tree.CatalogDisks(state)])

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from .._util.fsutil import atomic_write
 from ..errors import BlockcryptError, Busy, MountError, UsageError
+from . import tree
 
 log = logging.getLogger("blockcrypt.mount")
 
@@ -532,15 +533,16 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
             print(f"blockcrypt: mounted {st.path} at {mp} (id {mount_id}); Ctrl-C or "
                   f"`blockcrypt umount {mp}` to unmount", file=sys.stderr, flush=True)
 
+    sources = tree_sources(st)
     if frontend == "native":
         from .native_fs import NativeFS
         ops = NativeFS(st, null_cipher=null_cipher, allow_other=allow_other, cache=backing_cache,
-                       on_change=on_change, on_ready=on_ready)
+                       on_change=on_change, on_ready=on_ready, sources=sources)
         run = ops.run
     else:
         from . import fusepy_fs
         ops = fusepy_fs.DiskFS(st, null_cipher=null_cipher, allow_other=allow_other, cache=backing_cache,
-                               on_change=on_change, on_ready=on_ready)
+                               on_change=on_change, on_ready=on_ready, sources=sources)
         run = functools.partial(fusepy_fs.run, ops, allow_other=allow_other)
     try:
         reg.write(entry)
@@ -566,6 +568,12 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         reg.remove(mount_id)
         log.info("mount %s stopped", mount_id)
         os.close(lock_fd)
+
+
+def tree_sources(st) -> list:
+    """The directories this mount serves (tree.py): disks/ from the catalog; each feature that
+    adds a directory (snapshots/, images/, temp/) adds its source here."""
+    return [tree.CatalogDisks(st)]
 
 
 def _status_on_request(on_change, ops) -> None:

@@ -7,14 +7,15 @@ the GIL inside the engine). Simple and debuggable; the native front end
 Tree::
 
     MOUNTPOINT/               0755
-      disks/                  0755
+      disks/                  0755 (and the other directories of the tree's sources: tree.py)
         <name>                regular file, the disk's size; 0600 root (0400 for read-only
                               disks), or root:disk 0660/0440 with --allow-other
 
-The directory is the catalog: it is queried on lookup and readdir, with a
-cache of at most ``CATALOG_TTL_S`` seconds, so disks created, deleted or
-resized while mounted appear, vanish or change size without a remount (an open
-disk whose catalog size changed re-reads its header with ``Volume.refresh``).
+A directory is its source (disks/: the catalog): it is queried on lookup and
+readdir, with a cache of at most ``CATALOG_TTL_S`` seconds, so disks created,
+deleted or resized while mounted appear, vanish or change size without a
+remount (an open disk whose size changed re-reads its header with
+``Volume.refresh``).
 
 Open file handles of one disk share one :class:`~blockcrypt.volume.Volume`
 (one DEK unwrap per disk, not per open); the last release flushes and closes
@@ -77,8 +78,8 @@ import time
 
 import fuse
 
-from ..control.disks import open_volume
 from ..errors import BlockcryptError
+from . import tree
 from .status import FrontEndStatus
 
 log = logging.getLogger("blockcrypt.mount.fusepy_fs")
@@ -90,8 +91,6 @@ CATALOG_MISS_TTL_S = 0.2
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
-
-DISKS_DIR = "disks"
 
 _tls = threading.local()
 _api = ctypes.pythonapi
@@ -146,9 +145,9 @@ def _reaper(stop: threading.Event) -> None:
 class _OpenDisk:
     """One open volume and the handles that share it."""
 
-    __slots__ = ("vol", "name", "disk_id", "handles", "opened", "errors", "last_error")
+    __slots__ = ("vol", "name", "disk_id", "handles", "opened", "errors", "last_error", "dir", "watched")
 
-    def __init__(self, vol, name: str, disk_id: str):
+    def __init__(self, vol, name: str, disk_id: str, dir_: str = "disks", watched: bool = True):
         self.vol = vol
         self.name = name
         self.disk_id = disk_id
@@ -156,6 +155,12 @@ class _OpenDisk:
         self.opened = time.time()
         self.errors = 0
         self.last_error = None
+        self.dir = dir_
+        self.watched = watched
+
+    @property
+    def key(self) -> tuple:
+        return self.dir, self.disk_id
 
 
 class _CatalogView:
@@ -167,7 +172,7 @@ class _CatalogView:
 
 
 class DiskFS(FrontEndStatus, fuse.Operations):
-    """fusepy Operations serving ``/disks/<name>`` from a :class:`~blockcrypt.state.State`."""
+    """fusepy Operations serving ``/<dir>/<name>`` from the sources of a mount tree (tree.py)."""
 
     use_ns = True
     # No xattr operations at all: libfuse then answers ENOSYS and the kernel stops asking
@@ -179,8 +184,11 @@ class DiskFS(FrontEndStatus, fuse.Operations):
     flag_nopath = 1
 
     def __init__(self, state, *, null_cipher: bool = False, allow_other: bool = False, cache: str = "buffered",
-                 on_change=None, on_ready=None):
+                 on_change=None, on_ready=None, sources=None):
         self.state = state
+        self.sources = tree.ordered(sources if sources is not None else [tree.CatalogDisks(state)])
+        self._by_dir = {src.dir: src for src in self.sources}
+        self._dir_fh = {src.dir: 2 + i for i, src in enumerate(self.sources)}
         self.cache = cache
         self.null_cipher = bool(null_cipher)
         self.allow_other = bool(allow_other)
@@ -189,9 +197,9 @@ class DiskFS(FrontEndStatus, fuse.Operations):
         self._lock = threading.Lock()            # handles, open disks, failures
         self._cat_lock = threading.Lock()        # catalog refresh
         self._handles: dict[int, _OpenDisk] = {}
-        self._open: dict[str, _OpenDisk] = {}    # by disk id
-        self._opening: dict[str, threading.Lock] = {}
-        self._failed: dict[str, dict] = {}       # by name: last open failure
+        self._open: dict[tuple, _OpenDisk] = {}  # by (dir, disk id)
+        self._opening: dict[tuple, threading.Lock] = {}
+        self._failed: dict[str, dict] = {}       # by "<dir>/<name>": last open failure
         self._fh_seq = itertools.count(1)
         self._view: _CatalogView | None = None
         self._uid = os.getuid()
@@ -265,13 +273,15 @@ class DiskFS(FrontEndStatus, fuse.Operations):
             if view is not None and time.monotonic() - view.t_mono < max_age_s:
                 return view.records
             try:
-                recs = {r.name: r for r in self.state.catalog.list_disks()}
+                recs = {}
+                for src in self.sources:
+                    recs.update({tree.join(src.dir, n): e for n, e in src.entries().items()})
             except BlockcryptError:
                 raise
             except Exception as e:
                 if view is None:
                     raise
-                log.warning("catalog query failed (%s); serving the previous listing", e)
+                log.warning("listing the tree failed (%s); serving the previous listing", e)
                 recs = view.records
             self._view = _CatalogView(time.monotonic(), recs)
         self._sync_sizes(recs)
@@ -282,8 +292,8 @@ class DiskFS(FrontEndStatus, fuse.Operations):
         with self._lock:
             opened = list(self._open.values())
         for od in opened:
-            rec = recs.get(od.name)
-            if rec is not None and rec.disk_id == od.disk_id and rec.size != od.vol.size:
+            rec = recs.get(tree.join(od.dir, od.name))
+            if rec is not None and rec.ident == od.disk_id and rec.size != od.vol.size:
                 try:
                     od.vol.refresh()
                     log.info("disk %s: size now %d bytes", od.name, od.vol.size)
@@ -291,26 +301,26 @@ class DiskFS(FrontEndStatus, fuse.Operations):
                 except BlockcryptError as e:
                     log.warning("disk %s: cannot re-read its header after a resize: %s", od.name, e)
 
-    def _record(self, name: str):
-        rec = self._records().get(name)
+    def _record(self, path: str):
+        """The Entry of "<dir>/<name>" (ENOENT when its directory does not have it)."""
+        rec = self._records().get(path)
         if rec is None:
-            rec = self._records(CATALOG_MISS_TTL_S).get(name)
+            rec = self._records(CATALOG_MISS_TTL_S).get(path)
         if rec is None:
             raise fuse.FuseOSError(errno.ENOENT)
         return rec
 
-    @staticmethod
-    def _split(path: str):
-        """'/' -> ('root', None); '/disks' -> ('dir', None); '/disks/x' -> ('disk', 'x')."""
+    def _split(self, path: str):
+        """'/' -> ('root', None); '/disks' -> ('dir', 'disks'); '/disks/x' -> ('disk', 'disks/x')."""
         if path == "/":
             return "root", None
         parts = path.strip("/").split("/")
-        if parts[0] != DISKS_DIR:
+        if parts[0] not in self._by_dir:
             raise fuse.FuseOSError(errno.ENOENT)
         if len(parts) == 1:
-            return "dir", None
+            return "dir", parts[0]
         if len(parts) == 2:
-            return "disk", parts[1]
+            return "disk", tree.join(parts[0], parts[1])
         raise fuse.FuseOSError(errno.ENOENT)
 
     def _disk_mode(self, read_only: bool) -> int:
@@ -329,19 +339,21 @@ class DiskFS(FrontEndStatus, fuse.Operations):
         if od is None:
             kind, name = self._split(path)
             if kind == "root":
-                return self._dir_attrs(3)
+                return self._dir_attrs(2 + len(self.sources))
             if kind == "dir":
                 return self._dir_attrs(2)
             rec = self._record(name)
             with self._lock:
-                od = self._open.get(rec.disk_id)
+                od = self._open.get((tree.split(name)[0], rec.ident))
             if od is None:
-                return self._file_attrs(rec.path, rec.size, rec.read_only, None)
+                return self._file_attrs(rec.backing_path, rec.size, rec.read_only, None)
         vol = od.vol
         return self._file_attrs(vol.path, vol.size, vol.read_only, vol)
 
-    def _file_attrs(self, backing_path: str, size: int, read_only: bool, vol) -> dict:
+    def _file_attrs(self, backing_path: str | None, size: int, read_only: bool, vol) -> dict:
         try:
+            if backing_path is None:
+                raise FileNotFoundError
             bst = os.stat(backing_path)
             blocks = vol.blocks_used() if vol is not None else bst.st_blocks
             at, mt, ct = bst.st_atime_ns, bst.st_mtime_ns, bst.st_ctime_ns
@@ -354,20 +366,22 @@ class DiskFS(FrontEndStatus, fuse.Operations):
                     st_atime=at, st_mtime=mt, st_ctime=ct)
 
     # with flag_nopath, readdir gets no path: the directory handle says which one it is
-    _DIR_ROOT, _DIR_DISKS = 1, 2
+    # (1 the root, 2 + i the i-th source's directory)
+    _DIR_ROOT = 1
 
     def opendir(self, path):
-        kind, _ = self._split(path)
+        kind, d = self._split(path)
         if kind == "root":
             return self._DIR_ROOT
         if kind == "dir":
-            return self._DIR_DISKS
+            return self._dir_fh[d]
         raise fuse.FuseOSError(errno.ENOTDIR)
 
     def readdir(self, path, fh):
         if fh == self._DIR_ROOT:
-            return [".", "..", DISKS_DIR]
-        return [".", "..", *self._records(CATALOG_MISS_TTL_S).keys()]
+            return [".", "..", *(src.dir for src in self.sources)]
+        prefix = self.sources[fh - 2].dir + "/"
+        return [".", "..", *(p[len(prefix):] for p in self._records(CATALOG_MISS_TTL_S) if p.startswith(prefix))]
 
     def releasedir(self, path, fh):
         return 0
@@ -415,44 +429,47 @@ class DiskFS(FrontEndStatus, fuse.Operations):
         if flags & os.O_TRUNC and rec.size != 0:
             raise fuse.FuseOSError(errno.EPERM)
         fh = next(self._fh_seq)
+        okey = (tree.split(name)[0], rec.ident)
         with self._lock:
-            od = self._open.get(rec.disk_id)
+            od = self._open.get(okey)
             if od is not None:
                 od.handles += 1
                 self._handles[fh] = od
                 return fh
-            opening = self._opening.setdefault(rec.disk_id, threading.Lock())
+            opening = self._opening.setdefault(okey, threading.Lock())
         with opening:  # one unwrap per disk even when opens race; other disks do not wait
             with self._lock:
-                od = self._open.get(rec.disk_id)
+                od = self._open.get(okey)
             if od is None:
-                od = self._open_volume(rec)
+                od = self._open_volume(name, rec)
             with self._lock:
-                self._open.setdefault(rec.disk_id, od)
-                od = self._open[rec.disk_id]
+                self._open.setdefault(okey, od)
+                od = self._open[okey]
                 od.handles += 1
                 self._handles[fh] = od
         self._changed()
         return fh
 
-    def _open_volume(self, rec) -> _OpenDisk:
+    def _open_volume(self, path: str, rec) -> _OpenDisk:
+        d, name = tree.split(path)
+        src = self._by_dir[d]
         try:
-            vol = open_volume(self.state, rec.name, null_cipher=self.null_cipher, cache=self.cache)
+            vol = src.open(name, null_cipher=self.null_cipher, cache=self.cache)
         except BlockcryptError as e:
             with self._lock:
-                self._failed[rec.name] = {"errno": errno.errorcode.get(e.errno, str(e.errno)),
-                                          "message": str(e), "time": time.time()}
-            log.error("disk %s cannot be opened: %s", rec.name, e)
+                self._failed[path] = {"errno": errno.errorcode.get(e.errno, str(e.errno)),
+                                      "message": str(e), "time": time.time()}
+            log.error("%s cannot be opened: %s", path, e)
             self._changed()
             raise
-        if vol.disk_id != rec.disk_id:  # deleted and re-created between query and open
+        if vol.disk_id != rec.ident:  # deleted and re-created between query and open
             vol.close()
             raise fuse.FuseOSError(errno.ENOENT)
         with self._lock:
-            self._failed.pop(rec.name, None)
-        log.info("disk %s opened (id %s, cipher %s%s)", rec.name, rec.disk_id, vol.cipher_name,
+            self._failed.pop(path, None)
+        log.info("%s opened (id %s, cipher %s%s)", path, rec.ident, vol.cipher_name,
                  ", read-only" if vol.read_only else "")
-        return _OpenDisk(vol, rec.name, rec.disk_id)
+        return _OpenDisk(vol, name, rec.ident, d, src.watched)
 
     def release(self, path, fh):
         with self._lock:
@@ -461,8 +478,8 @@ class DiskFS(FrontEndStatus, fuse.Operations):
                 return 0
             od.handles -= 1
             last = od.handles == 0
-            if last and self._open.get(od.disk_id) is od:
-                del self._open[od.disk_id]
+            if last and self._open.get(od.key) is od:
+                del self._open[od.key]
         if last:
             try:
                 od.vol.close()

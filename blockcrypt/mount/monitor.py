@@ -100,6 +100,8 @@ class KeyMonitor:
     def check_once(self) -> None:
         changed = False
         for od in self.fs.open_disks():
+            if not getattr(od, "watched", True):
+                continue  # its source says no key store stands behind it (a temp disk)
             rec = self.st.catalog.find_disk(od.name)
             if rec is None or not rec.des or rec.disk_id != od.disk_id:
                 continue

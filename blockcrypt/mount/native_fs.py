@@ -5,14 +5,16 @@ in a data request: read, write, fsync and fallocate go from the kernel to the
 session's worker threads to the engine, 1 MiB at a time, with asynchronous
 direct I/O. Python is the control plane here:
 
-- the disk table: a thread pushes the catalog into the session every
-  ``CATALOG_TTL_S`` (``set_disk``/``remove_disk``: disks created, deleted or
-  resized while mounted appear, vanish or change size without a remount); a
-  lookup of an unknown name refreshes it at once (rate-limited);
-- ``open_disk`` (a hook the session calls on the first open of a disk, outside
-  any data request): open the volume (header, DEK unwrap) and hand the session
-  its engine volume; the last release calls ``closed`` and the volume is closed
-  (the engine flushed it and wiped its key);
+- the table: a thread pushes the entries of the tree's sources (tree.py: disks/
+  from the catalog, and whatever other directories the daemon serves) into the
+  session every ``CATALOG_TTL_S`` (``set_disk``/``remove_disk`` of
+  ``"<dir>/<name>"``: disks created, deleted or resized while mounted appear,
+  vanish or change size without a remount); a lookup of an unknown name asks its
+  source at once;
+- ``open_disk`` (a hook the session calls on the first open of a file, outside
+  any data request): the source opens the volume (header, DEK unwrap) and the
+  session gets its engine volume; the last release calls ``closed`` and the
+  volume is closed (the engine flushed it and wiped its key);
 - status (``disk_status``), and the plugin interface of the key monitor
   (``open_disks``/``notify_changed``): revoking a volume closes the engine's
   gate, so the session's next request on it fails with EIO.
@@ -32,6 +34,7 @@ import threading
 import time
 
 from ..errors import BlockcryptError
+from . import tree
 from .status import FrontEndStatus
 
 log = logging.getLogger("blockcrypt.mount.native_fs")
@@ -42,19 +45,23 @@ STATUS_TICK_S = 0.2
 
 
 class _OpenDisk:
-    __slots__ = ("vol", "name", "disk_id", "opened")
+    __slots__ = ("vol", "name", "disk_id", "opened", "dir", "watched")
 
-    def __init__(self, vol, name: str, disk_id: str):
+    def __init__(self, vol, name: str, disk_id: str, dir_: str = "disks", watched: bool = True):
         self.vol = vol
         self.name = name
         self.disk_id = disk_id
         self.opened = time.time()
+        self.dir = dir_
+        self.watched = watched
 
 
 class NativeFS(FrontEndStatus):
     def __init__(self, state, *, null_cipher: bool = False, allow_other: bool = False, cache: str = "buffered",
-                 on_change=None, on_ready=None, max_threads: int = 0):
+                 on_change=None, on_ready=None, max_threads: int = 0, sources=None):
         self.state = state
+        self.sources = tree.ordered(sources if sources is not None else [tree.CatalogDisks(state)])
+        self._by_dir = {src.dir: src for src in self.sources}
         self.null_cipher = bool(null_cipher)
         self.allow_other = bool(allow_other)
         self.cache = cache
@@ -63,9 +70,9 @@ class NativeFS(FrontEndStatus):
         self._on_ready = on_ready
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
-        self._open: dict[str, _OpenDisk] = {}     # by name
-        self._failed: dict[str, dict] = {}
-        self._table: dict[str, tuple] = {}        # name -> what was pushed
+        self._open: dict[str, _OpenDisk] = {}     # by path "<dir>/<name>"
+        self._failed: dict[str, dict] = {}        # by path
+        self._table: dict[str, tuple] = {}        # path -> what was pushed
         self._last_sync = 0.0
         self._stop = threading.Event()
         self._session = None
@@ -83,29 +90,46 @@ class NativeFS(FrontEndStatus):
             return 0o440 if read_only else 0o660
         return 0o400 if read_only else 0o600
 
+    def _entries(self) -> dict:
+        """path -> Entry over every source; a source that fails keeps its previous rows."""
+        out = {}
+        for src in self.sources:
+            try:
+                got = src.entries()
+            except Exception as e:
+                if src.dir == "disks":
+                    raise
+                log.warning("listing %s/ failed (%s); serving the previous table", src.dir, e)
+                prefix = src.dir + "/"
+                out.update({p: self._table[p][4] for p in self._table if p.startswith(prefix)})
+                continue
+            out.update({tree.join(src.dir, name): e for name, e in got.items()})
+        return out
+
     def sync_table(self) -> None:
-        """Push the catalog into the session: new, changed and removed disks."""
+        """Push the sources' entries into the session: new, changed and removed files."""
         with self._sync_lock:
-            recs = {r.name: r for r in self.state.catalog.list_disks()}
+            ents = self._entries()
             s = self._session
             changed = False
-            for name, r in recs.items():
-                row = (r.size, r.read_only, r.path, r.disk_id)
-                if self._table.get(name) != row:
-                    old = self._table.get(name)
-                    if old is not None and old[3] != r.disk_id:
-                        s.remove_disk(name)  # deleted and re-created under the same name
-                    s.set_disk(name, r.size, self._mode(r.read_only), self._uid, self._gid, r.read_only, r.path)
-                    self._table[name] = row
-                    if old is not None and old[0] != r.size:
-                        log.info("disk %s: size now %d bytes", name, r.size)
+            for path, e in ents.items():
+                row = (e.size, e.read_only, e.backing_path, e.ident, e)
+                old = self._table.get(path)
+                if old is None or old[:4] != row[:4]:
+                    if old is not None and old[3] != e.ident:
+                        s.remove_disk(path)  # deleted and re-created under the same name
+                    s.set_disk(path, e.size, self._mode(e.read_only), self._uid, self._gid, e.read_only,
+                               e.backing_path)
+                    if old is not None and old[0] != e.size:
+                        log.info("%s: size now %d bytes", path, e.size)
                         changed = True
-            for name in [n for n in self._table if n not in recs]:
+                self._table[path] = row
+            for path in [p for p in self._table if p not in ents]:
                 try:
-                    s.remove_disk(name)
+                    s.remove_disk(path)
                 except FileNotFoundError:
                     pass
-                del self._table[name]
+                del self._table[path]
             self._last_sync = time.monotonic()
         if changed:
             self._changed()
@@ -119,46 +143,49 @@ class NativeFS(FrontEndStatus):
                 except Exception as e:  # a busy or broken catalog must not stop the disks being served
                     log.warning("catalog sync failed (%s); serving the previous table", e)
             # handle counts and errors change inside the session: rewrite the status when they do
-            now = [(od.name, *self._counts(od)[:2]) for od in self.open_disks()]
+            now = [(od.dir, od.name, *self._counts(od)[:2]) for od in self.open_disks()]
             if now != seen:
                 seen = now
                 self._changed()
 
-    def _lookup_miss(self, name: str) -> None:
-        """A name the table lacks: one indexed catalog query; a disk made since the last push
-        is pushed now, so it opens right after `disk create`."""
+    def _lookup_miss(self, path: str) -> None:
+        """A name the table lacks: ask its source (for disks/, one indexed catalog query); a
+        disk made since the last push is pushed now, so it opens right after `disk create`."""
+        d, name = tree.split(path)
+        src = self._by_dir.get(d)
         try:
-            if self.state.catalog.find_disk(name) is not None:
+            if src is not None and src.find(name) is not None:
                 self.sync_table()
         except Exception as e:
-            log.warning("catalog lookup of %s failed: %s", name, e)
+            log.warning("lookup of %s failed: %s", path, e)
 
     # -- hooks from the session (outside data requests) -------------------------------
-    def _open_disk(self, name: str):
-        from ..control.disks import open_volume
+    def _open_disk(self, path: str):
+        d, name = tree.split(path)
+        src = self._by_dir[d]
         try:
-            vol = open_volume(self.state, name, null_cipher=self.null_cipher, cache=self.cache)
+            vol = src.open(name, null_cipher=self.null_cipher, cache=self.cache)
         except BlockcryptError as e:
             with self._lock:
-                self._failed[name] = {"errno": errno.errorcode.get(e.errno, str(e.errno)),
+                self._failed[path] = {"errno": errno.errorcode.get(e.errno, str(e.errno)),
                                       "message": str(e), "time": time.time()}
-            log.error("disk %s cannot be opened: %s", name, e)
+            log.error("%s cannot be opened: %s", path, e)
             self._changed()
             raise
         with self._lock:
-            self._failed.pop(name, None)
-            self._open[name] = _OpenDisk(vol, name, vol.disk_id)
-        log.info("disk %s opened (id %s, cipher %s%s)", name, vol.disk_id, vol.cipher_name,
+            self._failed.pop(path, None)
+            self._open[path] = _OpenDisk(vol, name, vol.disk_id, d, src.watched)
+        log.info("%s opened (id %s, cipher %s%s)", path, vol.disk_id, vol.cipher_name,
                  ", read-only" if vol.read_only else "")
         self._changed()
         return vol.engine
 
-    def _closed(self, name: str) -> None:
+    def _closed(self, path: str) -> None:
         with self._lock:
-            od = self._open.pop(name, None)
+            od = self._open.pop(path, None)
         if od is not None:
             od.vol.close()
-            log.info("disk %s closed", name)
+            log.info("%s closed", path)
         self._changed()
 
     # -- serving --------------------------------------------------------------------
@@ -167,7 +194,8 @@ class NativeFS(FrontEndStatus):
         from .. import _engine
         self._session = _engine.Session(mountpoint, statfs_path=str(self.state.path), allow_other=self.allow_other,
                                         max_threads=self.max_threads, open_disk=self._open_disk,
-                                        closed=self._closed, lookup_miss=self._lookup_miss)
+                                        closed=self._closed, lookup_miss=self._lookup_miss,
+                                        dirs=[src.dir for src in self.sources])
         try:
             self.sync_table()
             syncer = threading.Thread(target=self._sync_loop, name="bc-catalog-sync", daemon=True)
@@ -210,7 +238,7 @@ class NativeFS(FrontEndStatus):
     # -- status (mount/status.py) ----------------------------------------------------------
     def _counts(self, od):
         try:
-            st = self._session.disk_state(od.name) if self._session is not None else {}
+            st = self._session.disk_state(tree.join(od.dir, od.name)) if self._session is not None else {}
         except (FileNotFoundError, ValueError):
             st = {}
         last = st.get("lastErrno") or 0

@@ -2,8 +2,9 @@
 interface the key monitor and the status file use (``open_disks``,
 ``notify_changed``, ``disk_status``).
 
-A front end keeps ``_open`` (open disks: objects with ``name``, ``disk_id``,
-``vol``, ``opened``), ``_failed`` (name -> the last open failure), ``_lock`` and
+A front end keeps ``_open`` (open disks: objects with ``name``, ``dir``,
+``disk_id``, ``vol``, ``opened``, ``watched``), ``_failed`` ("<dir>/<name>" -> the
+last open failure), ``_lock`` and
 ``_on_change``, and says how many handles and errors a disk has (``_counts``).
 
 Caveat: no key material in any of it: key errors appear by reason and message.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from ..volume import io_counters
+from .tree import split
 
 log = logging.getLogger("blockcrypt.mount")
 
@@ -48,12 +50,14 @@ class FrontEndStatus:
             vol = od.vol
             kerr = vol.key_error
             handles, errors, last_error = self._counts(od)
-            disks.append({"name": od.name, "id": od.disk_id, "state": "open" if kerr is None else "KeyUnavailable",
+            disks.append({"name": od.name, "dir": getattr(od, "dir", "disks"), "id": od.disk_id,
+                          "state": "open" if kerr is None else "KeyUnavailable",
                           "keyError": None if kerr is None else {
                               "reason": getattr(kerr, "reason", type(kerr).__name__), "message": str(kerr)},
                           "cipher": vol.cipher_name, "readOnly": bool(vol.read_only),
                           "sizeBytes": vol.size, "openHandles": handles, "openedAt": od.opened,
                           "io": io_counters(vol), "errors": errors, "lastError": last_error})
-        for name, f in sorted(failed.items()):
-            disks.append({"name": name, "state": "failed", "error": f})
+        for path, f in sorted(failed.items()):
+            d, name = split(path)
+            disks.append({"name": name, "dir": d, "state": "failed", "error": f})
         return {"disks": disks}

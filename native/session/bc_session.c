@@ -14,8 +14,8 @@
  *   Lock order: open_mu -> table_lock -> mu -> life_mu. No lock is held across a hook
  *   except open_mu (a hook may call bc_session_set_disk/remove_disk).
  *
- * Inodes: 1 the root, 2 disks/, a disk object per name ever seen, at 3 + its index in
- * the array. Disk objects live as long as the session, so a name keeps its inode for
+ * Inodes: 1 the root, 2 .. 1 + ndirs the top-level directories (disks/, ...), a disk
+ * object per path ("<dir>/<name>") ever seen, at INO_FIRST + its index in the array. Disk objects live as long as the session, so a name keeps its inode for
  * the session's life: a removed then re-added name gets its old inode back (its table
  * fields are replaced; an instance opened before the removal stays with its handles and
  * the next open asks open_disk again). forget has nothing to free.
@@ -53,9 +53,10 @@
 #include <unistd.h>
 
 #define INO_ROOT 1
-#define INO_DISKS 2
-#define INO_FIRST 3
-#define DISKS_DIR "disks"
+#define INO_DIR0 2
+#define INO_FIRST (INO_DIR0 + BC_SESSION_MAX_DIRS)
+/* "<dir>/<name>": a directory name and a disk name, both at most NAME_MAX_BYTES */
+#define PATH_MAX_BYTES (2 * NAME_MAX_BYTES + 1)
 #define TIMEOUT_S 1.0
 #define NAME_MAX_BYTES 255
 #define DEFAULT_MAX_THREADS 8
@@ -75,7 +76,9 @@ struct bc_open;
 
 struct bc_disk {
     /* immutable */
-    char *name;
+    char *name;                    /* the path "<dir>/<leaf>": the table's key and the hooks' */
+    const char *leaf;              /* the name inside its directory (points into name) */
+    unsigned dir;                  /* index of its directory */
     fuse_ino_t ino;
     /* table fields, under s->table_lock */
     int present;
@@ -116,6 +119,8 @@ struct bc_session {
     uid_t uid;
     gid_t gid;
     struct timespec t_start;
+    char *dirs[BC_SESSION_MAX_DIRS];   /* top-level directory names; immutable */
+    unsigned ndirs;
 
     pthread_rwlock_t table_lock;
     struct bc_disk **disks;
@@ -159,6 +164,34 @@ static int valid_name(const char *name)
     return 1;
 }
 
+static inline int is_dir_ino(const struct bc_session *s, fuse_ino_t ino)
+{
+    return ino >= INO_DIR0 && ino < INO_DIR0 + s->ndirs;
+}
+
+/* The canonical path "<dir>/<name>" of path into buf (PATH_MAX_BYTES + 1), and its
+ * directory's index. A bare name means the first directory (disks/). 0 or -EINVAL. */
+static int canon_path(const struct bc_session *s, const char *path, char *buf, unsigned *dir)
+{
+    const char *slash = strchr(path, '/');
+    const char *leaf = path;
+    unsigned i = 0;
+    if (slash != NULL) {
+        size_t dlen = (size_t)(slash - path);
+        for (i = 0; i < s->ndirs; i++)
+            if (strlen(s->dirs[i]) == dlen && memcmp(s->dirs[i], path, dlen) == 0)
+                break;
+        if (i == s->ndirs)
+            return -EINVAL;
+        leaf = slash + 1;
+    }
+    if (!valid_name(leaf))
+        return -EINVAL;
+    snprintf(buf, PATH_MAX_BYTES + 1, "%s/%s", s->dirs[i], leaf);
+    *dir = i;
+    return 0;
+}
+
 /* table_lock held (either way) */
 static struct bc_disk *find_name(struct bc_session *s, const char *name)
 {
@@ -193,7 +226,7 @@ static void hash_put(uint32_t *hash, size_t cap, const char *name, uint32_t slot
 }
 
 /* table_lock held for writing */
-static struct bc_disk *add_disk(struct bc_session *s, const char *name)
+static struct bc_disk *add_disk(struct bc_session *s, const char *name, unsigned dir)
 {
     if (s->ndisks >= (size_t)UINT32_MAX - 1)
         return NULL;
@@ -224,6 +257,8 @@ static struct bc_disk *add_disk(struct bc_session *s, const char *name)
         free(d);
         return NULL;
     }
+    d->leaf = strchr(d->name, '/') + 1;
+    d->dir = dir;
     pthread_mutex_init(&d->open_mu, NULL);
     pthread_mutex_init(&d->mu, NULL);
     d->ino = INO_FIRST + s->ndisks;
@@ -266,7 +301,7 @@ static void dir_attr(struct bc_session *s, fuse_ino_t ino, struct stat *st)
     memset(st, 0, sizeof(*st));
     st->st_ino = ino;
     st->st_mode = S_IFDIR | 0755;
-    st->st_nlink = ino == INO_ROOT ? 3 : 2;
+    st->st_nlink = ino == INO_ROOT ? 2 + s->ndirs : 2;
     st->st_uid = s->uid;
     st->st_gid = s->gid;
     st->st_blksize = 4096;
@@ -364,16 +399,18 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
     struct stat st;
 
     if (parent == INO_ROOT) {
-        if (strcmp(name, DISKS_DIR) == 0) {
-            dir_attr(s, INO_DISKS, &st);
-            fill_entry(&e, &st);
-            fuse_reply_entry(req, &e);
-        } else {
-            fuse_reply_err(req, ENOENT);
+        for (unsigned i = 0; i < s->ndirs; i++) {
+            if (strcmp(name, s->dirs[i]) == 0) {
+                dir_attr(s, INO_DIR0 + i, &st);
+                fill_entry(&e, &st);
+                fuse_reply_entry(req, &e);
+                return;
+            }
         }
+        fuse_reply_err(req, ENOENT);
         return;
     }
-    if (parent != INO_DISKS) {
+    if (!is_dir_ino(s, parent)) {
         int known;
         pthread_rwlock_rdlock(&s->table_lock);
         known = find_ino(s, parent) != NULL;
@@ -381,9 +418,15 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
         fuse_reply_err(req, known ? ENOTDIR : ENOENT);
         return;
     }
+    char path[PATH_MAX_BYTES + 1];
+    if (!valid_name(name)) {
+        fuse_reply_err(req, strlen(name) > NAME_MAX_BYTES ? ENAMETOOLONG : ENOENT);
+        return;
+    }
+    snprintf(path, sizeof(path), "%s/%s", s->dirs[parent - INO_DIR0], name);
     for (int attempt = 0; attempt < 2; attempt++) {
         pthread_rwlock_rdlock(&s->table_lock);
-        struct bc_disk *d = find_name(s, name);
+        struct bc_disk *d = find_name(s, path);
         if (d != NULL && d->present) {
             disk_attr(s, d, NULL, &st);
             pthread_rwlock_unlock(&s->table_lock);
@@ -392,9 +435,9 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
             return;
         }
         pthread_rwlock_unlock(&s->table_lock);
-        if (attempt > 0 || s->hooks.lookup_miss == NULL || !valid_name(name))
+        if (attempt > 0 || s->hooks.lookup_miss == NULL)
             break;
-        s->hooks.lookup_miss(s->hooks.arg, name);
+        s->hooks.lookup_miss(s->hooks.arg, path);
     }
     fuse_reply_err(req, ENOENT);
 }
@@ -433,7 +476,7 @@ static struct bc_volume *live_volume(struct bc_session *s, struct bc_disk *d)
 /* Attributes of ino (through the handle's volume when fi is given). 0 or an errno. */
 static int attr_of(struct bc_session *s, fuse_ino_t ino, struct fuse_file_info *fi, struct stat *st)
 {
-    if (ino == INO_ROOT || ino == INO_DISKS) {
+    if (ino == INO_ROOT || is_dir_ino(s, ino)) {
         dir_attr(s, ino, st);
         return 0;
     }
@@ -496,7 +539,7 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct bc_session *s = fuse_req_userdata(req);
-    if (ino == INO_ROOT || ino == INO_DISKS) {
+    if (ino == INO_ROOT || is_dir_ino(s, ino)) {
         fi->fh = ino;
         fuse_reply_open(req, fi);
         return;
@@ -508,12 +551,13 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_err(req, known ? ENOTDIR : ENOENT);
 }
 
-/* Entries: 0 ".", 1 "..", then (root) 2 "disks" or (disks/) 2 + i for disk object i.
- * The offset of an entry is its index + 1, stable since the disk array only grows. */
+/* Entries: 0 ".", 1 "..", then (root) 2 + i for directory i, or (a directory) 2 + i for
+ * disk object i when it is in that directory. The offset of an entry is its index + 1,
+ * stable since the disk array only grows. */
 static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int plus)
 {
     struct bc_session *s = fuse_req_userdata(req);
-    if (ino != INO_ROOT && ino != INO_DISKS) {
+    if (ino != INO_ROOT && !is_dir_ino(s, ino)) {
         fuse_reply_err(req, ENOTDIR);
         return;
     }
@@ -527,7 +571,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, i
     struct fuse_entry_param e;
 
     pthread_rwlock_rdlock(&s->table_lock);
-    size_t n = 2 + (ino == INO_ROOT ? 1 : s->ndisks);
+    size_t n = 2 + (ino == INO_ROOT ? s->ndirs : s->ndisks);
     for (size_t idx = off < 0 ? 0 : (size_t)off; idx < n; idx++) {
         const char *name;
         if (idx == 0) {
@@ -537,13 +581,13 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, i
             name = "..";
             dir_attr(s, INO_ROOT, &st);   /* the parent of both is the root */
         } else if (ino == INO_ROOT) {
-            name = DISKS_DIR;
-            dir_attr(s, INO_DISKS, &st);
+            name = s->dirs[idx - 2];
+            dir_attr(s, INO_DIR0 + (idx - 2), &st);
         } else {
             struct bc_disk *d = s->disks[idx - 2];
-            if (!d->present)
+            if (!d->present || INO_DIR0 + d->dir != ino)
                 continue;
-            name = d->name;
+            name = d->leaf;
             if (plus) {
                 disk_attr(s, d, NULL, &st);
             } else {
@@ -713,7 +757,7 @@ static void put_instance(struct bc_session *s, struct bc_open *o)
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct bc_session *s = fuse_req_userdata(req);
-    if (ino == INO_ROOT || ino == INO_DISKS) {
+    if (ino == INO_ROOT || is_dir_ino(s, ino)) {
         fuse_reply_err(req, EISDIR);
         return;
     }
@@ -1011,6 +1055,8 @@ static void free_session(struct bc_session *s)
     pthread_mutex_destroy(&s->life_mu);
     pthread_mutex_destroy(&s->loop_mu);
     pthread_cond_destroy(&s->loop_cv);
+    for (unsigned i = 0; i < s->ndirs; i++)
+        free(s->dirs[i]);
     free(s->mountpoint);
     free(s->statfs_path);
     free(s->wake_path);
@@ -1034,6 +1080,24 @@ int bc_session_new(const struct bc_session_opts *opts, const struct bc_session_h
     if (!S_ISDIR(mst.st_mode)) {
         fprintf(stderr, "blockcrypt: cannot mount %s: not a directory\n", opts->mountpoint);
         return -ENOTDIR;
+    }
+    unsigned ndirs = opts->dirs != NULL ? opts->ndirs : 1;
+    if (ndirs == 0 || ndirs > BC_SESSION_MAX_DIRS) {
+        fprintf(stderr, "blockcrypt: session: %u top-level directories (1 to %d)\n", ndirs,
+                BC_SESSION_MAX_DIRS);
+        return -EINVAL;
+    }
+    for (unsigned i = 0; opts->dirs != NULL && i < ndirs; i++) {
+        if (opts->dirs[i] == NULL || !valid_name(opts->dirs[i]) ||
+            strcmp(opts->dirs[i], WAKE_NAME) == 0) {
+            fprintf(stderr, "blockcrypt: session: invalid directory name\n");
+            return -EINVAL;
+        }
+        for (unsigned j = 0; j < i; j++)
+            if (strcmp(opts->dirs[i], opts->dirs[j]) == 0) {
+                fprintf(stderr, "blockcrypt: session: directory %s given twice\n", opts->dirs[i]);
+                return -EINVAL;
+            }
     }
     struct bc_session *s = calloc(1, sizeof(*s));
     if (s == NULL)
@@ -1066,7 +1130,13 @@ int bc_session_new(const struct bc_session_opts *opts, const struct bc_session_h
     s->mountpoint = realpath(opts->mountpoint, NULL);   /* the waker may run after a chdir */
     s->statfs_path = strdup(opts->statfs_path ? opts->statfs_path : "/");
     s->efd = eventfd(0, EFD_CLOEXEC);
-    if (s->mountpoint == NULL || s->statfs_path == NULL || s->efd < 0 ||
+    int dirs_ok = 1;
+    for (unsigned i = 0; i < ndirs; i++) {
+        s->dirs[i] = strdup(opts->dirs != NULL ? opts->dirs[i] : "disks");
+        dirs_ok = dirs_ok && s->dirs[i] != NULL;
+        s->ndirs = i + 1;
+    }
+    if (!dirs_ok || s->mountpoint == NULL || s->statfs_path == NULL || s->efd < 0 ||
         asprintf(&s->wake_path, "%s/%s", s->mountpoint, WAKE_NAME) < 0) {
         s->wake_path = NULL;
         free_session(s);
@@ -1201,7 +1271,9 @@ void bc_session_destroy(struct bc_session *s)
 
 int bc_session_set_disk(struct bc_session *s, const struct bc_disk_entry *e)
 {
-    if (e == NULL || e->name == NULL || !valid_name(e->name))
+    char key[PATH_MAX_BYTES + 1];
+    unsigned dir;
+    if (e == NULL || e->name == NULL || canon_path(s, e->name, key, &dir) < 0)
         return -EINVAL;
     char *path = NULL;
     if (e->backing_path != NULL && (path = strdup(e->backing_path)) == NULL)
@@ -1209,8 +1281,8 @@ int bc_session_set_disk(struct bc_session *s, const struct bc_disk_entry *e)
     int rc = 0, notify = 0;
     fuse_ino_t ino = 0;
     pthread_rwlock_wrlock(&s->table_lock);
-    struct bc_disk *d = find_name(s, e->name);
-    if (d == NULL && (d = add_disk(s, e->name)) == NULL) {
+    struct bc_disk *d = find_name(s, key);
+    if (d == NULL && (d = add_disk(s, key, dir)) == NULL) {
         pthread_rwlock_unlock(&s->table_lock);
         free(path);
         return -ENOMEM;
@@ -1246,11 +1318,13 @@ int bc_session_set_disk(struct bc_session *s, const struct bc_disk_entry *e)
 
 int bc_session_remove_disk(struct bc_session *s, const char *name)
 {
-    if (name == NULL)
+    char key[PATH_MAX_BYTES + 1];
+    unsigned dir;
+    if (name == NULL || canon_path(s, name, key, &dir) < 0)
         return -EINVAL;
     int rc = 0;
     pthread_rwlock_wrlock(&s->table_lock);
-    struct bc_disk *d = find_name(s, name);
+    struct bc_disk *d = find_name(s, key);
     if (d == NULL || !d->present) {
         rc = -ENOENT;
     } else {
@@ -1268,11 +1342,13 @@ int bc_session_remove_disk(struct bc_session *s, const char *name)
 int bc_session_disk_state(struct bc_session *s, const char *name, struct bc_disk_state *out)
 {
     memset(out, 0, sizeof(*out));
-    if (name == NULL)
+    char key[PATH_MAX_BYTES + 1];
+    unsigned dir;
+    if (name == NULL || canon_path(s, name, key, &dir) < 0)
         return -EINVAL;
     int rc = 0;
     pthread_rwlock_rdlock(&s->table_lock);
-    struct bc_disk *d = find_name(s, name);
+    struct bc_disk *d = find_name(s, key);
     if (d == NULL || !d->present) {
         rc = -ENOENT;
     } else {

@@ -4,8 +4,13 @@
  * Serves the same tree as the fusepy front end:
  *
  *   MOUNTPOINT/            0755 dir (inode 1)
- *     disks/               0755 dir (inode 2)
+ *     disks/               0755 dir (inode 2): the first of the top-level directories the
+ *                          options name (default: disks/ alone); snapshots/, images/, temp/
+ *                          come after it when the control plane asks for them
  *       <name>             regular file of the disk's size; mode from the disk table
+ *
+ * A table entry is named by its path "<dir>/<name>" (a bare "<name>" means the first
+ * directory); the hooks get that path.
  *
  * The disk table is pushed by the control plane (Python) with bc_session_set_disk /
  * bc_session_remove_disk; it never calls into the control plane during a data
@@ -32,7 +37,7 @@
  * FUSE_MAX_PAGES), FUSE_CAP_ASYNC_DIO, no per-request allocation (each worker thread
  * owns a 1 MiB read buffer), writes served from libfuse's buffer.
  *
- * Inodes: 1 root, 2 disks/, then one per name, given on its first set_disk and kept for
+ * Inodes: 1 root, 2 .. 1 + ndirs the directories, then one per path, given on its first set_disk and kept for
  * the session's life (a removed then re-added name gets its old inode back). A disk
  * removed while open keeps serving its handles (read, write, fstat, fsync) until released;
  * the next open of a re-added name calls open_disk again.
@@ -63,6 +68,8 @@ extern "C" {
 
 struct bc_session;
 
+#define BC_SESSION_MAX_DIRS 8
+
 struct bc_session_hooks {
     void *arg;
     int (*open_disk)(void *arg, const char *name, struct bc_volume **out);
@@ -77,11 +84,13 @@ struct bc_session_opts {
     int max_threads;              /* worker threads (0: libfuse default) */
     uint32_t max_request_bytes;   /* 0: 1 MiB */
     int debug;                    /* libfuse debug output on stderr */
+    const char *const *dirs;      /* top-level directory names (NULL: "disks" alone) */
+    unsigned ndirs;               /* 1 .. BC_SESSION_MAX_DIRS */
 };
 
 /* One disk as the tree shows it. volume may be NULL (not open yet). */
 struct bc_disk_entry {
-    const char *name;
+    const char *name;             /* "<dir>/<name>", or "<name>" in the first directory */
     uint64_t size_bytes;
     uint32_t mode;                /* 0600/0400/0660/0440 */
     uint32_t uid, gid;

@@ -109,7 +109,7 @@ class Served:
         self.before_open = None
         self.loop_error: BaseException | None = None
         self.session = Session(str(self.mp), statfs_path=str(tmp), open_disk=self._open,
-                               closed=self.closed.append, lookup_miss=self._miss, **kw)
+                               closed=self._closed, lookup_miss=self._miss, **kw)
         for name, vol in volumes.items():
             self.publish(name, vol)
         self.thread = threading.Thread(target=self._loop, name="bc-session", daemon=True)
@@ -120,7 +120,15 @@ class Served:
         self.session.set_disk(name, vol.size if size is None else size, 0o400 if ro else 0o600,
                               0, 0, ro, str(self.tmp / f"{name}.img"))
 
-    def _open(self, name):
+    @staticmethod
+    def _leaf(path: str) -> str:
+        """Hooks get "<dir>/<name>"; the tests here name disks/ entries by their bare name."""
+        d, _, name = path.partition("/")
+        assert name, f"a hook got {path!r}, not a <dir>/<name> path"
+        return name if d == "disks" else path
+
+    def _open(self, path):
+        name = self._leaf(path)
         self.opened.append(name)
         if self.before_open is not None:
             self.before_open(name)
@@ -128,7 +136,11 @@ class Served:
             raise self.open_error[name]
         return self.volumes[name]
 
-    def _miss(self, name):
+    def _closed(self, path):
+        self.closed.append(self._leaf(path))
+
+    def _miss(self, path):
+        name = self._leaf(path)
         self.missed.append(name)
         if self.on_miss is not None:
             self.on_miss(name)
@@ -205,6 +217,51 @@ def test_tree_names_modes_sizes_and_fstype(served):
     sv = os.statvfs(served.mp)
     ref = os.statvfs(served.tmp)
     assert (sv.f_bsize, sv.f_blocks) == (ref.f_bsize, ref.f_blocks)
+
+
+def test_several_top_level_directories(tmp_path, vols):
+    """dirs= gives the root several directories; an entry lives in the one its path names,
+    the same name in two directories is two files, and the hooks get the full path."""
+    s = Served(tmp_path, {}, dirs=("disks", "snapshots", "temp"))
+    try:
+        s.volumes.update({"a": vols["a"], "snapshots/a": vols["b"]})
+        s.publish("a", vols["a"])                     # a bare name: the first directory
+        s.session.set_disk("snapshots/a", SIZE, 0o400, 0, 0, True, str(tmp_path / "b.img"))
+        assert sorted(os.listdir(s.mp)) == ["disks", "snapshots", "temp"]
+        assert os.stat(s.mp).st_nlink == 5
+        assert os.listdir(s.mp / "disks") == ["a"]
+        assert os.listdir(s.mp / "snapshots") == ["a"]
+        assert os.listdir(s.mp / "temp") == []
+        snap = s.mp / "snapshots" / "a"
+        assert stat.S_IMODE(os.stat(snap).st_mode) == 0o400
+        assert os.stat(snap).st_ino != os.stat(s.disk("a")).st_ino
+        vols["a"].write(0, b"A" * SECTOR)
+        vols["b"].write(0, b"B" * SECTOR)
+        with open(snap, "rb") as f:
+            assert f.read(SECTOR) == b"B" * SECTOR
+        with open(s.disk("a"), "rb") as f:
+            assert f.read(SECTOR) == b"A" * SECTOR
+        assert s.opened == ["snapshots/a", "a"]
+        with pytest.raises(OSError) as ei:
+            open(snap, "r+b")
+        assert ei.value.errno == errno.EROFS
+        with pytest.raises(FileNotFoundError):
+            os.stat(s.mp / "temp" / "x")
+        assert s.missed == ["temp/x"]
+        assert s.session.disk_state("snapshots/a")["handles"] == 0
+        s.session.remove_disk("snapshots/a")
+        assert wait_for(lambda: os.listdir(s.mp / "snapshots") == [])
+        assert os.listdir(s.mp / "disks") == ["a"]
+        for bad in ("nodir/x", "snapshots/", "snapshots/x/y", "/x", "disks/.."):
+            with pytest.raises(OSError) as ei:
+                s.session.set_disk(bad, SIZE)
+            assert ei.value.errno == errno.EINVAL
+    finally:
+        s.stop()
+    for dirs in ((), ("a", "a"), ("x/y",), tuple(f"d{i}" for i in range(9)), (".",)):
+        with pytest.raises((ValueError, OSError)):
+            Session(str(tmp_path / "mnt"), statfs_path=str(tmp_path), dirs=dirs)
+    assert not mount_types(tmp_path / "mnt")
 
 
 def test_unknown_name_is_enoent_after_lookup_miss(served):
@@ -445,7 +502,7 @@ def test_open_disk_errors_answer_their_errno(served):
         open(served.disk("a"), "rb")
     assert ei.value.errno == errno.EIO
     name, exc = served.session.last_error
-    assert name == "a" and isinstance(exc, KeyGone)
+    assert name == "disks/a" and isinstance(exc, KeyGone)
     st = served.session.disk_state("a")
     assert st["errors"] == 1 and st["lastErrno"] == errno.EIO and st["handles"] == 0
 
