@@ -533,7 +533,7 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
             print(f"blockcrypt: mounted {st.path} at {mp} (id {mount_id}); Ctrl-C or "
                   f"`blockcrypt umount {mp}` to unmount", file=sys.stderr, flush=True)
 
-    sources = tree_sources(st)
+    sources = tree_sources(st, temps)
     if frontend == "native":
         from .native_fs import NativeFS
         ops = NativeFS(st, null_cipher=null_cipher, allow_other=allow_other, cache=backing_cache,
@@ -570,10 +570,10 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         os.close(lock_fd)
 
 
-def tree_sources(st) -> list:
+def tree_sources(st, temps=None) -> list:
     """The directories this mount serves (tree.py): disks/ from the catalog; each feature that
     adds a directory (snapshots/, images/, temp/) adds its source here."""
-    return [tree.CatalogDisks(st)]
+    return [tree.CatalogDisks(st)] + ([temps] if temps is not None else [])
 
 
 def _status_on_request(on_change, ops) -> None:

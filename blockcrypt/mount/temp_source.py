@@ -33,6 +33,7 @@ from ..control import settings
 from ..control.tempdisks import TEMP_SECTOR_SIZE, TempDiskSpec, check_temp_dir, parse_specs
 from ..errors import MountError, UsageError
 from ..volume import TempVolume
+from .tree import Entry, Source
 
 log = logging.getLogger("blockcrypt.mount.temp")
 
@@ -74,12 +75,16 @@ class TempConfig:
         return out
 
 
-class TempSource:
-    """The temp disks of one mount: files, volumes, status."""
+class TempSource(Source):
+    """temp/: the temp disks of one mount (files, volumes, status). The key monitor does not
+    watch them: no key store stands behind an ephemeral key."""
+
+    dir = DIR_NAME          # the directory of the tree (tree.py); the files are in self.where
+    watched = False
 
     def __init__(self, config: TempConfig, *, cache: str = "buffered"):
         self.config = config
-        self.dir = Path(config.temp_dir)
+        self.where = Path(config.temp_dir)
         self.cache = cache
         self.specs = {s.name: s for s in config.specs}
         self._vols: dict[str, TempVolume] = {}
@@ -91,14 +96,14 @@ class TempSource:
         return self.config.encryption_at_host
 
     def path(self, name: str) -> Path:
-        return self.dir / f"{name}{SUFFIX}"
+        return self.where / f"{name}{SUFFIX}"
 
     # -- life -----------------------------------------------------------------------
     def prepare(self) -> None:
         """Delete leftovers of a dead mount, then make one sparse file per temp disk."""
         try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for p in sorted(self.dir.glob(f"*{SUFFIX}")):
+            self.where.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for p in sorted(self.where.glob(f"*{SUFFIX}")):
                 p.unlink()
                 self.removed_leftovers.append(p.name)
                 log.warning("removed %s, a temp disk file left by a mount that did not stop cleanly", p)
@@ -109,13 +114,18 @@ class TempSource:
                 finally:
                     os.close(fd)
         except OSError as e:
-            raise MountError(f"cannot prepare the temp disks in {self.dir}: {e.strerror or e}") from None
+            raise MountError(f"cannot prepare the temp disks in {self.where}: {e.strerror or e}") from None
         for s in self.specs.values():
             log.info("temp disk %s: %s, %s, in %s", s.name, format_size(s.size),
                      EPHEMERAL_NOTE if self.encryption_at_host else PLAIN_WARNING, self.path(s.name))
 
-    def open(self, name: str) -> TempVolume:
-        """The temp disk's volume, made on first open and kept until :meth:`shutdown`."""
+    def entries(self) -> dict[str, Entry]:
+        return {s.name: Entry(s.name, f"temp-{s.name}", s.size, False, str(self.path(s.name)))
+                for s in self.specs.values()}
+
+    def open(self, name: str, *, null_cipher: bool = False, cache: str | None = None) -> TempVolume:
+        """The temp disk's volume, made on first open and kept until :meth:`shutdown`.
+        ``null_cipher`` (a benchmark mount) changes nothing here: encryption at host decides."""
         with self._lock:
             vol = self._vols.get(name)
             if vol is None:
@@ -143,7 +153,7 @@ class TempSource:
             except OSError as e:
                 log.error("cannot delete the temp disk file %s: %s", self.path(s.name), e.strerror)
         if self.specs:
-            log.info("temp disks removed from %s", self.dir)
+            log.info("temp disks removed from %s", self.where)
 
     # -- status ---------------------------------------------------------------------
     def status(self) -> list[dict]:

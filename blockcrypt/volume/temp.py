@@ -31,7 +31,8 @@ class TempVolume(Volume):
         self.sector_size = sector_size
         self.layout = None
         self.encrypted = bool(encrypted)
-        self.cipher_name = "aes-xts-plain64" if encrypted else "null"
+        self.cipher_name = ("aes-xts-plain64 (ephemeral key)" if encrypted
+                            else "none: PLAIN sectors on the host (no encryption at host)")
         self.cache = cache
         self._key_error = None
         layers = [("aes-xts-plain64", None)] if encrypted else [("null", b"")]
