@@ -8,7 +8,8 @@
  *
  *   Volume(path, *, size, sector_size, data_off=1048576, meta_off=0, read_only=False,
  *          layers=[("aes-xts-plain64", key64)], cache="buffered"|"none")
- *     layers, outermost first: ("aes-xts-plain64", key64), ("null", b""), or
+ *     layers, outermost first: ("aes-xts-plain64", key64), ("aes-xts-plain64", None) (an
+ *     ephemeral random key drawn inside the engine, never visible), ("null", b""), or
  *     ("xchacha20-poly1305", key32, disk_id16): the infrastructure layer (role 2 in its
  *     associated data), innermost only, BC_AEAD_META_BYTES = 96 bytes of metadata per
  *     sector at meta_off (docs/FORMAT.md); a sector whose tag fails reads as

@@ -72,6 +72,8 @@ def disk_json(st, rec) -> dict:
         out["encryption"]["keyUrl"] = kid
         out["encryption"]["keyVersion"] = kid.rsplit("/", 1)[-1]
     out["header"] = {"formatVersion": 1, "sequence": h.seqno}
+    from ..mount.daemon import encryption_at_host
+    out["encryptionAtHost"], out["encryptionAtHostFrom"] = encryption_at_host(st)
     return out
 
 
@@ -145,6 +147,8 @@ def disk_show(c: Ctx, name, as_json):
     for k in ("name", "id", "kind", "size", "sectorSize", "readOnly", "path", "created", "health"):
         click.echo(f"{k:<12} {d[k]}")
     click.echo(f"{'encryption':<12} {d['encryption']['type']}")
+    if "encryptionAtHost" in d:
+        click.echo(f"{'at host':<12} {'on' if d['encryptionAtHost'] else 'off'} ({d['encryptionAtHostFrom']})")
     for l in d["encryption"].get("layers", []):
         click.echo(f"  layer {l['role']}: {l['algorithm']} key {l['keyId']} ({l['provider']}, {l['wrapAlgorithm']})")
     if "error" in d:
@@ -450,7 +454,8 @@ def des_delete(c: Ctx, name, as_json):
 
 @cli.group("config")
 def config_group():
-    """Catalog settings: max_des, key_check_interval, key_grace_period, auto_rotate_interval, on_revoke."""
+    """Catalog settings: max_des, key_check_interval, key_grace_period, auto_rotate_interval, on_revoke,
+    encryption_at_host, temp_disks, temp_dir."""
 
 
 @config_group.command("set")
@@ -458,9 +463,13 @@ def config_group():
 @click.argument("value")
 @pass_ctx
 def config_set(c: Ctx, key, value):
-    """Set a catalog setting (running mounts pick it up at their next check)."""
+    """Set a catalog setting (running mounts pick it up at their next check; encryption_at_host,
+    temp_disks and temp_dir at their next mount only)."""
     from ..control import settings
     click.echo(f"{key} = {settings.set_(c.state, key, value)}")
+    if settings.setting(key).mount_time:
+        click.echo(f"blockcrypt: {key} is read when a mount starts: running mounts keep their value "
+                   "until remounted", err=True)
 
 
 @config_group.command("get")

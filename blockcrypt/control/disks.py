@@ -93,14 +93,28 @@ def open_layers(st, h: Header) -> list[tuple]:
     the data layer, then (double encryption) the infrastructure layer with the disk id
     its sectors are bound to.
 
-    The caller hands it to a Volume (which copies the keys into locked memory) and drops it."""
-    layers = [(h.layer(ROLE_DATA).data_alg, unwrap_layer(st.keys, h, ROLE_DATA))]
+    The keys are bytearrays: the caller hands the list to a Volume (which copies the keys
+    into locked memory) and then wipes it (:func:`wipe_layers`). The providers' own bytes
+    objects cannot be wiped (immutable); they are dropped at once (docs/KEYS.md)."""
+    layers = [(h.layer(ROLE_DATA).data_alg, bytearray(unwrap_layer(st.keys, h, ROLE_DATA)))]
     infra = h.layer(ROLE_INFRA)
     if infra is not None:
         if infra.data_alg != INFRA_ALG:
             raise CorruptHeader(name=h.name, why=f"unknown infrastructure layer algorithm {infra.data_alg!r}")
-        layers.append((infra.data_alg, unwrap_layer(st.keys, h, ROLE_INFRA), h.disk_id))
+        try:
+            layers.append((infra.data_alg, bytearray(unwrap_layer(st.keys, h, ROLE_INFRA)), h.disk_id))
+        except BaseException:
+            wipe_layers(layers)
+            raise
     return layers
+
+
+def wipe_layers(layers) -> None:
+    """Zero every bytearray key of a layer list (in place; the engine holds its own copy)."""
+    for layer in layers:
+        key = layer[1]
+        if isinstance(key, bytearray):
+            key[:] = bytes(len(key))
 
 
 def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = False,
@@ -116,7 +130,7 @@ def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = F
         return Volume(rec.path, header, layers, name=rec.name, kind=rec.kind, read_only=not writable,
                       cache=cache)
     finally:
-        del layers
+        wipe_layers(layers)
 
 
 def _check_size(size: int, sector_size: int) -> None:
