@@ -36,7 +36,7 @@ from .._util.clock import now_iso
 from ..catalog import DesRecord, check_name
 from ..errors import AlreadyExists, KeyError_, Refused, UsageError
 from ..format import ROLE_DATA
-from ..keys.providers.akv import parse_key_url, secret_path, write_secret
+from ..keys.providers.akv import parse_key_url, secret_path, wrap_alg_for, write_secret
 from . import disks, settings
 from .rotation import rewrap_disks
 
@@ -81,8 +81,9 @@ def probe(client, key_url: str) -> str:
     doc = client.get_key(name, version)
     check_vault_key(doc, key_url)
     sample = os.urandom(32)
-    kid, blob = client.wrap(name, version, sample)
-    if client.unwrap(name, kid.rsplit("/", 1)[-1], blob) != sample:
+    alg = wrap_alg_for(doc["key"].get("kty"))
+    kid, blob = client.wrap(name, version, sample, alg=alg)
+    if client.unwrap(name, kid.rsplit("/", 1)[-1], blob, alg=alg) != sample:
         raise Refused(f"key {key_url}: the vault's wrap/unwrap round trip failed")
     return doc["key"]["kid"]
 

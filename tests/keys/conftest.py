@@ -1,0 +1,211 @@
+"""One harness per KEK provider for the conformance suite, each against its real key store.
+
+A harness owns a provider instance (``prov``), a key reference to wrap under
+(``ref``) and the operator actions a test needs: ``rotate()`` (a new key
+version; returns its versioned reference), ``stop()``/``start()`` (the server
+goes away and comes back on the same address), ``deny()``/``allow()`` (the
+identity loses and regains its access), ``disable()``/``enable()`` and
+``delete()`` (returns the typed error a wrapped key then meets). An action a
+key store has no analogue for raises ``pytest.skip`` with why.
+
+Servers are module-scoped (one per provider), keys are per test. Caveat: the
+vault RSA-HSM harness needs SoftHSM2 (softhsm2-util and its module)."""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from blockcrypt.control import des
+from blockcrypt.control.state import State
+from blockcrypt.errors import KeyDeleted, KeyPurged
+from support.vaultproc import VaultProcess, make_vault
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+HAVE_SOFTHSM = os.path.exists(SOFTHSM_MODULE) and bool(shutil.which("softhsm2-util"))
+_seq = itertools.count(1)
+
+
+class Harness:
+    name = ""
+    #: files a key byte must never reach (server logs, the state's logs)
+    log_files: list[Path]
+
+    def __init__(self, state: State):
+        self.state = state
+        self.log_files = []
+
+    def rotate(self) -> str:
+        raise NotImplementedError
+
+    def stop(self):
+        pytest.skip(f"{self.name}: no server to stop")
+
+    def start(self):
+        pass
+
+    def deny(self):
+        pytest.skip(f"{self.name}: no identity whose access could be removed")
+
+    def allow(self):
+        pass
+
+    def disable(self):
+        pytest.skip(f"{self.name}: keys cannot be disabled")
+
+    def enable(self):
+        pass
+
+    def delete(self) -> type:
+        pytest.skip(f"{self.name}: keys cannot be deleted")
+
+    def cleanup(self):
+        self.start()
+        self.allow()
+        self.enable()
+
+
+# --- platform key file --------------------------------------------------------------------------
+
+class PlatformFileHarness(Harness):
+    name = "platform-file"
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.prov = state.keys.get("platform")
+        self.ref = self.prov.default_ref()
+
+    def rotate(self) -> str:
+        store = self.prov.store
+        v = store.begin_rotation()
+        return f"platform/{v}"
+
+    def delete(self) -> type:
+        # retiring every version but the newest: wrapped keys under the old ones are gone for good
+        store = self.prov.store
+        store.begin_rotation()
+        store.finish_rotation(set())
+        return KeyPurged
+
+
+# --- the built-in vault (RSA and RSA-HSM) ---------------------------------------------------------
+
+class VaultHarness(Harness):
+    def __init__(self, state, vault: VaultProcess, kty: str):
+        super().__init__(state)
+        self.name = f"vault-{kty.lower()}"
+        self.vault = vault
+        self.key_name = f"conf-{next(_seq)}"
+        vault.key("create", self.key_name, "--kty", kty)
+        self.des = des.create(state, f"des-{self.key_name}", f"{vault.url}/keys/{self.key_name}",
+                              vault_dir=str(vault.dir), grant=True)
+        self.prov = state.keys.get("vault")
+        self.ref = self.des.active_key
+        self.log_files = [vault.dir.parent / f"serve-{vault.dir.name}.log", vault.dir / "audit.jsonl"]
+
+    def rotate(self) -> str:
+        self.vault.key("rotate", self.key_name)
+        return self.prov.latest_version(self.des)
+
+    def stop(self):
+        self.vault.stop()
+        self.stopped = True
+
+    def start(self):
+        if getattr(self, "stopped", False):
+            self.vault.restart()
+            self.stopped = False
+
+    def deny(self):
+        self.vault.cli("policy", "set", "--identity", self.des.identity["name"], "--permissions", "get")
+
+    def allow(self):
+        self.vault.cli("policy", "set", "--identity", self.des.identity["name"],
+                       "--permissions", "get,wrapKey,unwrapKey")
+
+    def disable(self):
+        self.vault.key("disable", self.key_name)
+
+    def enable(self):
+        self.vault.key("enable", self.key_name)
+
+    def delete(self) -> type:
+        self.vault.key("delete", self.key_name)
+        self.deleted = True
+        return KeyDeleted
+
+    def cleanup(self):
+        self.start()
+        if getattr(self, "deleted", False):
+            return
+        self.allow()
+        self.enable()
+
+
+@pytest.fixture(scope="module")
+def soft_vault(tmp_path_factory):
+    v = VaultProcess(make_vault(tmp_path_factory.mktemp("conf-vault") / "vault", "--retention-days", "7",
+                                "--purge-protection")).start()
+    yield v
+    v.stop()
+
+
+@pytest.fixture(scope="module")
+def softhsm_env(tmp_path_factory):
+    """A SoftHSM2 token directory of its own, announced through SOFTHSM2_CONF for this module."""
+    if not HAVE_SOFTHSM:
+        pytest.skip("SoftHSM2 is not installed (apt install softhsm2)")
+    d = tmp_path_factory.mktemp("softhsm")
+    (d / "tokens").mkdir()
+    conf = d / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {d / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    yield d
+    if old is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = old
+
+
+def init_token(label: str, pin: str = "1234") -> None:
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin,
+                    "--so-pin", "5678"], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def hsm_vault(tmp_path_factory, softhsm_env):
+    init_token("vault")
+    pin = softhsm_env / "vault.pin"
+    pin.write_text("1234\n")
+    pin.chmod(0o600)
+    d = make_vault(tmp_path_factory.mktemp("conf-hsm-vault") / "vault", "--sku", "premium",
+                   "--retention-days", "7", "--purge-protection")
+    v = VaultProcess(d, ("--hsm-module", SOFTHSM_MODULE, "--hsm-token", "vault",
+                         "--hsm-pin-file", str(pin))).start()
+    yield v
+    v.stop()
+
+
+PROVIDERS = ["platform-file", "vault-rsa", "vault-rsa-hsm"]
+
+
+@pytest.fixture(params=PROVIDERS)
+def harness(request, tmp_path):
+    state = State.init(tmp_path / "state")
+    kind = request.param
+    if kind == "platform-file":
+        h = PlatformFileHarness(state)
+    elif kind == "vault-rsa":
+        h = VaultHarness(state, request.getfixturevalue("soft_vault"), "RSA")
+    elif kind == "vault-rsa-hsm":
+        h = VaultHarness(state, request.getfixturevalue("hsm_vault"), "RSA-HSM")
+    else:
+        raise AssertionError(kind)
+    h.log_files.append(state.logs_dir)
+    yield h
+    h.cleanup()
