@@ -268,10 +268,12 @@ def bao(tmp_path_factory):
 PROVIDERS = ["platform-file", "vault-rsa", "vault-rsa-hsm", "transit"]
 
 
-@pytest.fixture(params=PROVIDERS)
-def harness(request, tmp_path):
+#: the providers a disk encryption set can name (the mount tests run over these)
+DES_PROVIDERS = ["transit"]
+
+
+def make_harness(kind: str, request, tmp_path: Path) -> Harness:
     state = State.init(tmp_path / "state")
-    kind = request.param
     if kind == "platform-file":
         h = PlatformFileHarness(state)
     elif kind == "vault-rsa":
@@ -283,5 +285,18 @@ def harness(request, tmp_path):
     else:
         raise AssertionError(kind)
     h.log_files.append(state.logs_dir)
+    return h
+
+
+@pytest.fixture(params=PROVIDERS)
+def harness(request, tmp_path):
+    h = make_harness(request.param, request, tmp_path)
+    yield h
+    h.cleanup()
+
+
+@pytest.fixture(params=DES_PROVIDERS)
+def des_harness(request, tmp_path):
+    h = make_harness(request.param, request, tmp_path)
     yield h
     h.cleanup()
