@@ -188,12 +188,12 @@ def _create_external(st, name: str, key_url: str, provider: str, *, enc_type: st
     file the key server's admin hands over; the provider probes the key and the access."""
     _check_new(st, name)
     prov = st.keys.get(provider)
-    if not identity_file:
-        raise UsageError(f"a {provider} key needs --identity-file (the identity its admin created)")
-    try:
-        doc = json.loads(Path(identity_file).read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read identity file {identity_file} ({e.__class__.__name__})") from None
+    doc = None
+    if identity_file:
+        try:
+            doc = json.loads(Path(identity_file).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read identity file {identity_file} ({e.__class__.__name__})") from None
     ident, secret = prov.identity_from(doc)
     des_id = uuid.uuid4().hex
     write_secret(st, des_id, secret)

@@ -21,12 +21,14 @@ BUILTIN = {
     "platform": "blockcrypt.keys.providers.platform:PlatformKeyProvider",
     "vault": "blockcrypt.keys.providers.akv:AkvKeyProvider",
     "transit": "blockcrypt.keys.providers.transit:TransitKeyProvider",
+    "pkcs11": "blockcrypt.keys.providers.pkcs11:Pkcs11KeyProvider",
 }
 #: the scheme of a disk encryption set's key URL -> the provider that serves it
 KEY_URL_SCHEMES = {
     "https": "vault",
     "transit+https": "transit",
     "transit+http": "transit",
+    "pkcs11": "pkcs11",
 }
 ENTRY_POINT_GROUP = "blockcrypt.key_providers"
 

@@ -34,6 +34,8 @@ _seq = itertools.count(1)
 
 class Harness:
     name = ""
+    #: whether stop()/start() take a server away (a local token or file has none)
+    has_server = False
     #: files a key byte must never reach (server logs, the state's logs)
     log_files: list[Path]
 
@@ -97,6 +99,8 @@ class PlatformFileHarness(Harness):
 # --- the built-in vault (RSA and RSA-HSM) ---------------------------------------------------------
 
 class VaultHarness(Harness):
+    has_server = True
+
     def __init__(self, state, vault: VaultProcess, kty: str):
         super().__init__(state)
         self.name = f"vault-{kty.lower()}"
@@ -156,9 +160,10 @@ def soft_vault(tmp_path_factory):
     v.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def softhsm_env(tmp_path_factory):
-    """A SoftHSM2 token directory of its own, announced through SOFTHSM2_CONF for this module."""
+    """A SoftHSM2 token directory of its own with the tokens these tests use, announced through
+    SOFTHSM2_CONF for the session (a PKCS#11 module reads it once per process, at C_Initialize)."""
     if not HAVE_SOFTHSM:
         pytest.skip("SoftHSM2 is not installed (apt install softhsm2)")
     d = tmp_path_factory.mktemp("softhsm")
@@ -167,6 +172,12 @@ def softhsm_env(tmp_path_factory):
     conf.write_text(f"directories.tokendir = {d / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
     old = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)
+    for label in ("vault", "des", "plat"):
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", "1234",
+                        "--so-pin", "5678"], check=True, capture_output=True)
+    pin = d / "pin"
+    pin.write_text("1234\n")
+    pin.chmod(0o600)
     yield d
     if old is None:
         os.environ.pop("SOFTHSM2_CONF", None)
@@ -174,29 +185,20 @@ def softhsm_env(tmp_path_factory):
         os.environ["SOFTHSM2_CONF"] = old
 
 
-def init_token(label: str, pin: str = "1234") -> None:
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin,
-                    "--so-pin", "5678"], check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def hsm_vault(tmp_path_factory, softhsm_env):
-    init_token("vault")
-    pin = softhsm_env / "vault.pin"
-    pin.write_text("1234\n")
-    pin.chmod(0o600)
     d = make_vault(tmp_path_factory.mktemp("conf-hsm-vault") / "vault", "--sku", "premium",
                    "--retention-days", "7", "--purge-protection")
     v = VaultProcess(d, ("--hsm-module", SOFTHSM_MODULE, "--hsm-token", "vault",
-                         "--hsm-pin-file", str(pin))).start()
+                         "--hsm-pin-file", str(softhsm_env / "pin"))).start()
     yield v
     v.stop()
 
 
 # --- OpenBao transit ------------------------------------------------------------------------------
-
 class TransitHarness(Harness):
     name = "transit"
+    has_server = True
 
     def __init__(self, state, bao: BaoProcess, tmp_path: Path):
         super().__init__(state)
@@ -265,11 +267,62 @@ def bao(tmp_path_factory):
     b.stop()
 
 
-PROVIDERS = ["platform-file", "vault-rsa", "vault-rsa-hsm", "transit"]
+# --- PKCS#11 (SoftHSM2) --------------------------------------------------------------------------
+
+class Pkcs11Harness(Harness):
+    """A DES on an AES-256 key object of a SoftHSM2 token; the PIN in a 0600 file of its own."""
+
+    name = "pkcs11"
+
+    def __init__(self, state, softhsm: Path, tmp_path: Path):
+        super().__init__(state)
+        from blockcrypt.keys.providers.pkcs11 import Pkcs11Keys, parse_uri
+        self.pin = tmp_path / "des.pin"
+        self.pin.write_text("1234\n")
+        self.pin.chmod(0o600)
+        obj = f"conf-{next(_seq)}"
+        url = f"pkcs11:token=des;object={obj}?module-path={SOFTHSM_MODULE}&pin-source=file:{self.pin}"
+        self.keys = Pkcs11Keys(parse_uri(url))
+        self.keys.create()
+        self.des = des.create(state, f"des-{obj}", url)
+        self.prov = state.keys.get("pkcs11")
+        self.ref = self.des.active_key
+
+    def rotate(self) -> str:
+        return self.keys.uri.kek_id(self.keys.create())
+
+    def deny(self):
+        # the PIN the host holds no longer opens the token (the SO changed it)
+        self.pin.write_text("0000\n")
+
+    def allow(self):
+        self.pin.write_text("1234\n")
+
+    def disable(self):
+        for v in self.keys.versions():
+            self.keys.set_usable(v, False)
+
+    def enable(self):
+        for v in self.keys.versions():
+            self.keys.set_usable(v, True)
+
+    def delete(self) -> type:
+        for v in self.keys.versions():
+            self.keys.destroy(v)
+        self.deleted = True
+        return KeyPurged
+
+    def cleanup(self):
+        self.allow()
+        if not getattr(self, "deleted", False):
+            self.enable()
+
+
+PROVIDERS = ["platform-file", "vault-rsa", "vault-rsa-hsm", "transit", "pkcs11"]
 
 
 #: the providers a disk encryption set can name (the mount tests run over these)
-DES_PROVIDERS = ["transit"]
+DES_PROVIDERS = ["transit", "pkcs11"]
 
 
 def make_harness(kind: str, request, tmp_path: Path) -> Harness:
@@ -282,6 +335,8 @@ def make_harness(kind: str, request, tmp_path: Path) -> Harness:
         h = VaultHarness(state, request.getfixturevalue("hsm_vault"), "RSA-HSM")
     elif kind == "transit":
         h = TransitHarness(state, request.getfixturevalue("bao"), tmp_path)
+    elif kind == "pkcs11":
+        h = Pkcs11Harness(state, request.getfixturevalue("softhsm_env"), tmp_path)
     else:
         raise AssertionError(kind)
     h.log_files.append(state.logs_dir)

@@ -260,8 +260,11 @@ class TransitKeyProvider(KekProvider):
         return WrappedKey(self.NAME, key_url(server, mount, name, _version_of(new)), WRAP_ALG, new.encode())
 
     # -- disk encryption sets ----------------------------------------------------------------------
-    def identity_from(self, doc: dict) -> tuple[dict, dict]:
+    def identity_from(self, doc: dict | None) -> tuple[dict, dict]:
         """(public identity, secret document) from an identity file's content."""
+        if doc is None:
+            raise UsageError("a transit key needs --identity-file: {\"role_id\": ..., \"secret_id\": ...} "
+                             "of the AppRole its admin created")
         try:
             return {"name": doc.get("name", ""), "role_id": doc["role_id"]}, {"secret_id": doc["secret_id"]}
         except KeyError as e:
