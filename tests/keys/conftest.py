@@ -318,7 +318,29 @@ class Pkcs11Harness(Harness):
             self.enable()
 
 
-PROVIDERS = ["platform-file", "vault-rsa", "vault-rsa-hsm", "transit", "pkcs11"]
+class PlatformPkcs11Harness(Pkcs11Harness):
+    """The platform key store kept in a SoftHSM2 token (`init --platform-keys pkcs11:...`)."""
+
+    name = "platform-pkcs11"
+
+    def __init__(self, tmp_path: Path):
+        from blockcrypt.keys.providers.pkcs11 import Pkcs11Keys, parse_uri
+        tmp_path.mkdir(exist_ok=True)
+        self.pin = tmp_path / "plat.pin"
+        self.pin.write_text("1234\n")
+        self.pin.chmod(0o600)
+        obj = f"platform-{next(_seq)}"
+        self.uri = f"pkcs11:token=plat;object={obj}?module-path={SOFTHSM_MODULE}&pin-source=file:{self.pin}"
+        Harness.__init__(self, State.init(tmp_path / "state", platform_keys=self.uri))
+        self.keys = Pkcs11Keys(parse_uri(self.uri))
+        self.prov = self.state.keys.get("platform")
+        self.ref = self.prov.default_ref()
+
+    def rotate(self) -> str:
+        return f"platform/{self.prov.store.begin_rotation()}"
+
+
+PROVIDERS = ["platform-file", "platform-pkcs11", "vault-rsa", "vault-rsa-hsm", "transit", "pkcs11"]
 
 
 #: the providers a disk encryption set can name (the mount tests run over these)
@@ -329,6 +351,9 @@ def make_harness(kind: str, request, tmp_path: Path) -> Harness:
     state = State.init(tmp_path / "state")
     if kind == "platform-file":
         h = PlatformFileHarness(state)
+    elif kind == "platform-pkcs11":
+        request.getfixturevalue("softhsm_env")
+        h = PlatformPkcs11Harness(tmp_path / "p11")
     elif kind == "vault-rsa":
         h = VaultHarness(state, request.getfixturevalue("soft_vault"), "RSA")
     elif kind == "vault-rsa-hsm":
