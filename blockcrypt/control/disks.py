@@ -255,14 +255,12 @@ def dump_key(st, name: str, out: str) -> str:
 def _des_of_key(st, h: Header) -> str | None:
     """The DES whose vault key wraps this disk's DEK (for a rebuilt catalog)."""
     layer = h.layer(ROLE_DATA)
-    if layer is None or layer.provider != "vault":
+    if layer is None or layer.provider == "platform":
         return None
-    from ..keys.providers.akv import parse_key_url
-    base, name, _version = parse_key_url(layer.kek_id)
-    for d in st.catalog.list_des():
-        if parse_key_url(d.key_url)[:2] == (base, name):
-            return d.name
-    return None
+    try:
+        return st.keys.get(layer.provider).des_for(layer.kek_id).name
+    except BlockcryptError:   # an unknown provider, or no DES (any more) for that key
+        return None
 
 
 # --- catalog rebuild ------------------------------------------------------------------
