@@ -29,7 +29,8 @@ def test_cli_create_show_dump_key(sdir_double, tmp_path):
     for flag, want in (("--single-encryption", False), ("--double-encryption", True), (None, True)):
         name = f"copy{int(want)}{flag is None}"
         p = run("disk", "copy", "dd", name, *([flag] if flag else []), "--json")
-        assert json.loads(p.stdout)["encryption"]["doubleEncryption"] is want, flag
+        result = json.loads(p.stdout.strip().splitlines()[-1])  # after any progress events
+        assert result["encryption"]["doubleEncryption"] is want, flag
 
 
 @pytest.fixture
