@@ -12,7 +12,9 @@
  * engine (OSError EINVAL: wrong length or equal halves); policy lives in Python.
  *
  * Key bytes: read from the caller's buffer straight into the layer's locked page; no
- * copy is made here, and no message carries them.
+ * copy is made here, and no message carries them. ("aes-xts-plain64", None) asks for an
+ * ephemeral key: the engine draws it into the locked page and nobody ever sees it (the
+ * temp disks of a mount with encryption at host).
  *
  * Caveats: the Session type is linked in when native/py_session.c is compiled into the
  * same extension (setup.py globs it); without it, bc_py_session_register is a weak
@@ -74,7 +76,7 @@ static struct bc_volume *take(VolumeObject *self)
     return self->vol;
 }
 
-enum { L_XTS, L_NULL, L_AEAD };
+enum { L_XTS, L_NULL, L_AEAD, L_XTS_EPHEMERAL };
 
 struct layer_spec {
     int kind;
@@ -120,7 +122,9 @@ static Py_ssize_t parse_layers(PyObject *layers, struct layer_spec specs[BC_MAX_
             PyErr_Format(PyExc_TypeError, "layer %.60R takes (name, key)", PyTuple_GET_ITEM(item, 0));
             goto fail;
         }
-        if (strcmp(name, "aes-xts-plain64") == 0) {
+        if (strcmp(name, "aes-xts-plain64") == 0 && key == Py_None) {
+            specs[i].kind = L_XTS_EPHEMERAL;   /* a random key drawn inside the engine */
+        } else if (strcmp(name, "aes-xts-plain64") == 0) {
             specs[i].kind = L_XTS;
             if (PyObject_GetBuffer(key, &specs[i].key, PyBUF_SIMPLE) != 0)
                 goto fail;
@@ -161,6 +165,8 @@ static int make_layers(const struct layer_spec *specs, size_t n, uint32_t sector
                  : specs[i].kind == L_AEAD
                      ? bc_layer_aead_new(specs[i].key.buf, (size_t)specs[i].key.len, sector_size,
                                          specs[i].disk_id, BC_ROLE_INFRA, &out[i])
+                 : specs[i].kind == L_XTS_EPHEMERAL
+                     ? bc_layer_xts_new_ephemeral(sector_size, &out[i])
                      : bc_layer_null_new(sector_size, &out[i]);
         if (rc != 0) {
             for (size_t j = 0; j < i; j++)
@@ -769,8 +775,8 @@ static PyTypeObject VolumeType = {
     .tp_methods = Volume_methods,
     .tp_getset = Volume_getset,
     .tp_doc = "Volume(path, *, size, sector_size, data_off=1048576, meta_off=0, read_only=False, "
-              "layers=[(\"aes-xts-plain64\", key64)], cache=\"buffered\"|\"none\", lowers=None, map_chunks=0, "
-              "map_off=0, chunk_bytes=65536): one open disk in the C "
+              "layers=[(\"aes-xts-plain64\", key64 or None for an ephemeral key)], cache=\"buffered\"|\"none\", "
+              "lowers=None, map_chunks=0, map_off=0, chunk_bytes=65536): one open disk in the C "
               "engine; every call releases the GIL",
 };
 

@@ -11,7 +11,8 @@
  *          lowers=None, map_chunks=0, map_off=0, chunk_bytes=65536)
  *     lowers: the overlay chain below path, nearest first, as (path, map_chunks) pairs
  *     (bc_storage_cow.c); map_chunks is path's own bitmap length; None: a plain file.
- *     layers, outermost first: ("aes-xts-plain64", key64), ("null", b""), or
+ *     layers, outermost first: ("aes-xts-plain64", key64), ("aes-xts-plain64", None) (an
+ *     ephemeral random key drawn inside the engine, never visible), ("null", b""), or
  *     ("xchacha20-poly1305", key32, disk_id16): the infrastructure layer (role 2 in its
  *     associated data), innermost only, BC_AEAD_META_BYTES = 96 bytes of metadata per
  *     sector at meta_off (docs/FORMAT.md); a sector whose tag fails reads as

@@ -145,3 +145,23 @@ def test_revoke_stops_io_and_restore_resumes(state):
         v.restore(open_layers(state, v.header()))
         assert v.key_error is None
         assert v.read(0, 6) == b"before"
+
+
+def test_python_side_key_copies_are_wiped_and_the_engine_keeps_its_own(state):
+    from blockcrypt.control.disks import wipe_layers
+    from blockcrypt.volume import Volume
+    rec = disks.create(state, "d", 1 << 20, double=True)
+    h = disks.read_disk_header(rec)
+    layers = open_layers(state, h)
+    keys = [l[1] for l in layers]
+    assert all(isinstance(k, bytearray) and any(k) for k in keys)
+    v = Volume(rec.path, h, layers)
+    try:
+        wipe_layers(layers)
+        assert all(k == bytes(len(k)) for k in keys)  # zeroed in place
+        v.write(4096, b"still-served")                 # the engine's locked copy serves on
+        assert v.read(4096, 12) == b"still-served"
+    finally:
+        v.close()
+    with open_volume(state, "d") as v2:  # and the data was encrypted under the real keys
+        assert v2.read(4096, 12) == b"still-served"

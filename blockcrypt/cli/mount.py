@@ -10,6 +10,7 @@ import time
 
 import click
 
+from .._util.units import format_size
 from .options import emit, json_opt
 
 
@@ -29,21 +30,37 @@ def _state(ctx: click.Context):
               help="none: O_DIRECT on the disk files (no double caching, as QEMU's cache=none)")
 @click.option("--bench-null-cipher", is_flag=True,
               help="BENCHMARKS ONLY: serve disks WITHOUT encryption (writes plaintext into the disk files)")
+@click.option("--temp-disk", "temp_disks", multiple=True, metavar="NAME:SIZE",
+              help="a host-local scratch disk served as temp/NAME, gone at unmount (repeatable; "
+                   "default: the temp_disks setting)")
+@click.option("--temp-dir", type=click.Path(), help="where the temp disk files live (default: the temp_dir "
+              "setting, else STATE/temp)")
+@click.option("--encryption-at-host/--no-encryption-at-host", default=None,
+              help="temp disks under an ephemeral key that only this mount's memory holds; without it they "
+                   "are PLAIN sectors on this host (default: the encryption_at_host setting)")
 @json_opt
 @click.pass_context
-def mount_cmd(ctx, mountpoint, foreground, allow_other, frontend, backing_cache, bench_null_cipher, as_json):
-    """Mount every disk of the catalog as MOUNTPOINT/disks/<name>."""
+def mount_cmd(ctx, mountpoint, foreground, allow_other, frontend, backing_cache, bench_null_cipher, temp_disks,
+              temp_dir, encryption_at_host, as_json):
+    """Mount every disk of the catalog as MOUNTPOINT/disks/<name>, and the mount's temp disks as
+    MOUNTPOINT/temp/<name>."""
     from ..mount import daemon as mount
     st = _state(ctx)
     if bench_null_cipher:
         click.echo("blockcrypt: WARNING: --bench-null-cipher serves disks WITHOUT encryption; "
                    "use scratch disks only", err=True)
     r = mount.mount(st, mountpoint, foreground=foreground, allow_other=allow_other,
-                    null_cipher=bench_null_cipher, frontend=frontend, backing_cache=backing_cache)
+                    null_cipher=bench_null_cipher, frontend=frontend, backing_cache=backing_cache,
+                    temp_disks=list(temp_disks) or None, temp_dir=temp_dir, encryption_at_host=encryption_at_host)
     if foreground:
         return
+    temp = ""
+    if r.get("tempDisks"):
+        temp = (f"; temp disks in {r['mountpoint']}/temp/ "
+                + ("(encryption at host: ephemeral key)" if r.get("encryptionAtHost")
+                   else "(NOT ENCRYPTED: plain sectors on this host; --encryption-at-host encrypts them)"))
     emit(r, as_json, f"mounted {st.path} at {r['mountpoint']} (id {r['id']}, pid {r['pid']}); "
-                      f"disks are in {r['mountpoint']}/disks/, log in {r['log']}")
+                      f"disks are in {r['mountpoint']}/disks/{temp}, log in {r['log']}")
 
 
 @click.command("umount")
@@ -83,6 +100,9 @@ def status_cmd(ctx, as_json):
         click.echo(f"mount {m['id']}  {m['state']}  pid {m.get('pid')}  up {_age(m.get('started'))}  "
                    f"{m.get('mountpoint')}  cipher {cipher}"
                    + ("  allow-other" if m.get("allowOther") else ""))
+        click.echo("  encryption at host: " + ("on" if m.get("encryptionAtHost") else "off"))
+        for t in m.get("tempDisks") or []:
+            click.echo(f"  temp disk {t['name']}  {format_size(t['sizeBytes'])}  {t['encryption']}  {t['path']}")
         disks = m.get("disks") or []
         if not disks:
             click.echo("  no open disks")

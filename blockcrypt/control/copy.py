@@ -1,9 +1,10 @@
 """Disk copy: the plaintext of one disk (or snapshot, or image) into a new disk with a new DEK.
 
 Zero ranges are skipped (they stay holes in the new file). A copy is also the
-way between key kinds that a re-wrap cannot cross: customer key back to a
-platform key (``des=""``), another DES, single to double encryption; and the way
-out of a family (a disk made from a snapshot on another DES).
+way between what a re-wrap cannot cross: customer key back to a platform key
+(``des=""``), another DES, and single to double encryption or back (``double``,
+or a DES of the other type); and the way out of a family (a disk made from a
+snapshot on another DES).
 
 While it runs the new disk's catalog row has kind ``copying`` (KIND_COPYING): not
 listed, not mounted, not openable as a disk. Only the last step makes it a disk, so
@@ -17,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..catalog import DiskRecord
-from ..errors import BadSize
+from ..errors import BadSize, Refused
 from . import des as des_mod, disks
 
 KIND_COPYING = "copying"
@@ -32,11 +33,14 @@ def _remove_leftover(st, name: str) -> None:
         Path(rec.path).unlink(missing_ok=True)
 
 
-def copy(st, src: str, dst: str, *, des: str | None = None, progress=None, size: int | None = None) -> DiskRecord:
-    """Copy a member's plaintext into a new disk with a new DEK (skipping zero ranges, which stay holes).
+def copy(st, src: str, dst: str, *, des: str | None = None, double: bool | None = None,
+         progress=None, size: int | None = None) -> DiskRecord:
+    """Copy a member's plaintext into a new disk with new DEKs (skipping zero ranges, which stay holes).
 
     A copy of a customer-key disk keeps its disk encryption set unless another one is named;
-    this is also the way from a customer key back to a platform key (``des=""``).
+    this is also the way from a customer key back to a platform key (``des=""``). On a DES the
+    copy has the DES's type (a ``double`` that contradicts it is refused); with a platform key it
+    is double-encrypted when ``double`` says so, or (None) when the source is.
     ``progress(done_bytes, total_bytes)`` after each chunk."""
     srec = st.catalog.get_disk(src)
     new_size = srec.size if size is None else size
@@ -45,10 +49,18 @@ def copy(st, src: str, dst: str, *, des: str | None = None, progress=None, size:
     _remove_leftover(st, dst)
     target_des = srec.des if des is None else (des or None)
     if target_des:
+        drec = st.catalog.get_des(target_des)
+        des_double = drec.type == disks.TYPE_DOUBLE
+        if double is not None and double != des_double:
+            raise Refused(f"disk encryption set {target_des!r} is of type {drec.type}: its disks are "
+                          f"{'double' if des_double else 'single-layer'}-encrypted; name a disk encryption set "
+                          "of the type you want")
         new = des_mod.create_disk(st, dst, new_size, target_des, srec.sector_size, srec.revocation,
                                   kind=KIND_COPYING)
     else:
-        new = disks.create(st, dst, new_size, srec.sector_size, kind=KIND_COPYING)
+        if double is None:
+            double = disks.is_double(disks.read_disk_header(srec))
+        new = disks.create(st, dst, new_size, srec.sector_size, double=double, kind=KIND_COPYING)
     zero = bytes(CHUNK)
     try:
         with disks.open_volume(st, src, read_only=True) as a, disks.open_volume(st, dst) as b:
@@ -64,4 +76,5 @@ def copy(st, src: str, dst: str, *, des: str | None = None, progress=None, size:
     except BaseException:
         _remove_leftover(st, dst)
         raise
+    del new
     return st.catalog.get_disk(dst)

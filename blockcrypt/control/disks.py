@@ -51,7 +51,8 @@ def refuse_single_double(name: str, to_double: bool):
     """Moving a disk between single and double encryption changes its data layout: refused."""
     what = "double encryption" if to_double else "single-layer encryption"
     raise Refused(f"disk {name!r} cannot move to {what} in place (another layer stack, another layout); "
-                  f"copy it instead: `blockcrypt disk copy {name} NEW_NAME --des DES`")
+                  f"copy it instead: `blockcrypt disk copy {name} NEW_NAME --des DES` (or, with platform "
+                  f"keys, `--{'double' if to_double else 'single'}-encryption`)")
 
 
 def open_backing(path: str, name: str, writable: bool = True) -> LocalFileBacking:
@@ -92,14 +93,28 @@ def open_layers(st, h: Header) -> list[tuple]:
     the data layer, then (double encryption) the infrastructure layer with the disk id
     its sectors are bound to.
 
-    The caller hands it to a Volume (which copies the keys into locked memory) and drops it."""
-    layers = [(h.layer(ROLE_DATA).data_alg, unwrap_layer(st.keys, h, ROLE_DATA))]
+    The keys are bytearrays: the caller hands the list to a Volume (which copies the keys
+    into locked memory) and then wipes it (:func:`wipe_layers`). The providers' own bytes
+    objects cannot be wiped (immutable); they are dropped at once (docs/KEYS.md)."""
+    layers = [(h.layer(ROLE_DATA).data_alg, bytearray(unwrap_layer(st.keys, h, ROLE_DATA)))]
     infra = h.layer(ROLE_INFRA)
     if infra is not None:
         if infra.data_alg != INFRA_ALG:
             raise CorruptHeader(name=h.name, why=f"unknown infrastructure layer algorithm {infra.data_alg!r}")
-        layers.append((infra.data_alg, unwrap_layer(st.keys, h, ROLE_INFRA), h.binding_id))
+        try:
+            layers.append((infra.data_alg, bytearray(unwrap_layer(st.keys, h, ROLE_INFRA)), h.binding_id))
+        except BaseException:
+            wipe_layers(layers)
+            raise
     return layers
+
+
+def wipe_layers(layers) -> None:
+    """Zero every bytearray key of a layer list (in place; the engine holds its own copy)."""
+    for layer in layers:
+        key = layer[1]
+        if isinstance(key, bytearray):
+            key[:] = bytes(len(key))
 
 
 def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = False,
@@ -115,7 +130,7 @@ def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = F
         return Volume(rec.path, header, layers, name=rec.name, kind=rec.kind, read_only=not writable,
                       cache=cache)
     finally:
-        del layers
+        wipe_layers(layers)
 
 
 def _check_size(size: int, sector_size: int) -> None:
@@ -248,14 +263,12 @@ def dump_key(st, name: str, out: str) -> str:
 def _des_of_key(st, h: Header) -> str | None:
     """The DES whose vault key wraps this disk's DEK (for a rebuilt catalog)."""
     layer = h.layer(ROLE_DATA)
-    if layer is None or layer.provider != "vault":
+    if layer is None or layer.provider == "platform":
         return None
-    from ..keys.providers.akv import parse_key_url
-    base, name, _version = parse_key_url(layer.kek_id)
-    for d in st.catalog.list_des():
-        if parse_key_url(d.key_url)[:2] == (base, name):
-            return d.name
-    return None
+    try:
+        return st.keys.get(layer.provider).des_for(layer.kek_id).name
+    except BlockcryptError:   # an unknown provider, or no DES (any more) for that key
+        return None
 
 
 # --- catalog rebuild ------------------------------------------------------------------

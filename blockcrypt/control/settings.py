@@ -5,7 +5,10 @@
 text)`` validates and stores the canonical text.
 
 Caveat: settings live in the catalog, so a running mount reads a change at its
-next use (the key monitor re-reads them every check).
+next use (the key monitor re-reads them every check), except the ones marked
+``mount_time``: ``encryption_at_host``, ``temp_disks`` and ``temp_dir`` are read
+when a mount starts and a change takes a remount (as a VM is deallocated and
+reallocated to change encryption at host).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UsageError
+from .tempdisks import check_temp_dir, parse_on_off, parse_specs
 
 
 def _positive_float(text: str) -> float:
@@ -37,6 +41,7 @@ class Setting:
     parse: Callable[[str], object]    # text -> value, ValueError when invalid
     help: str
     expects: str                      # what a valid value is, for the error line
+    mount_time: bool = False          # read when a mount starts only: a change needs a remount
 
 
 SETTINGS = {s.name: s for s in (
@@ -50,6 +55,15 @@ SETTINGS = {s.name: s for s in (
             "seconds between auto-rotation passes in a mount", "a positive number"),
     Setting("on_revoke", "", str, "command run with the disk name when a key revocation stops a disk",
             "a command line"),
+    Setting("encryption_at_host", "false", parse_on_off,
+            "encrypt the mount's temp disks under an ephemeral key (read at mount time: remount to change)",
+            "true or false", mount_time=True),
+    Setting("temp_disks", "", lambda t: ",".join(str(s) for s in parse_specs(t)),
+            "temp disks every mount offers, NAME:SIZE[,NAME:SIZE...] (read at mount time)",
+            "NAME:SIZE pairs separated by commas, e.g. scratch:10G,swap:2G", mount_time=True),
+    Setting("temp_dir", "", check_temp_dir,
+            "host-local directory of the temp disk files, default STATE/temp (read at mount time)",
+            "an absolute path, or empty for STATE/temp", mount_time=True),
 )}
 
 
@@ -69,7 +83,7 @@ def get(st, name: str):
     s = setting(name)
     try:
         return s.parse(get_text(st, name))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, UsageError):
         return s.parse(s.default)
 
 
@@ -77,8 +91,15 @@ def set_(st, name: str, text: str) -> str:
     s = setting(name)
     try:
         value = s.parse(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, UsageError):
         raise UsageError(f"invalid value {text!r} for {name}: {s.expects}") from None
-    canonical = str(value) if isinstance(value, int) else text.strip()
+    if isinstance(value, bool):
+        canonical = "true" if value else "false"
+    elif isinstance(value, int):
+        canonical = str(value)
+    elif isinstance(value, str):
+        canonical = value.strip()
+    else:
+        canonical = text.strip()
     st.catalog.set_setting(name, canonical)
     return canonical

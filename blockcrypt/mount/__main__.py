@@ -12,7 +12,9 @@ import signal
 import sys
 
 from ..errors import BlockcryptError
+from ..control.tempdisks import parse_specs
 from .daemon import serve
+from .temp_source import TempConfig
 
 
 def _main(argv=None) -> int:
@@ -28,6 +30,9 @@ def _main(argv=None) -> int:
     s.add_argument("--bench-null-cipher", action="store_true")
     s.add_argument("--frontend", default="native")
     s.add_argument("--backing-cache", default="buffered")
+    s.add_argument("--temp-disk", action="append", default=[])
+    s.add_argument("--temp-dir")
+    s.add_argument("--encryption-at-host", action="store_true")
     a = ap.parse_args(argv)
     if a.daemon:
         if os.fork() > 0:
@@ -39,8 +44,11 @@ def _main(argv=None) -> int:
         os.chdir("/")
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     try:
+        temp = None
+        if a.temp_dir is not None:  # `blockcrypt mount` resolved options and settings already
+            temp = TempConfig(tuple(parse_specs(a.temp_disk)), a.temp_dir, a.encryption_at_host)
         serve(a.state, a.mountpoint, a.id, allow_other=a.allow_other, null_cipher=a.bench_null_cipher,
-              frontend=a.frontend, backing_cache=a.backing_cache, ready_fd=a.ready_fd)
+              frontend=a.frontend, backing_cache=a.backing_cache, temp=temp, ready_fd=a.ready_fd)
     except BlockcryptError as e:
         logging.getLogger("blockcrypt.mount").error("mount failed: %s", e)
         print(f"blockcrypt: error: {e}", file=sys.stderr)

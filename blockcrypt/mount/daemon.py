@@ -244,14 +244,18 @@ BACKING_CACHES = ("buffered", "none")
 
 def mount(state, mountpoint: str, *, foreground: bool = False, allow_other: bool = False,
           null_cipher: bool = False, frontend: str | None = None, backing_cache: str = "buffered",
+          temp_disks=None, temp_dir: str | None = None, encryption_at_host: bool | None = None,
           ready_timeout_s: float = READY_TIMEOUT_S) -> dict:
     """Mount ``state``'s disks at ``mountpoint``. Returns the registry entry (background) or
-    blocks until unmounted (foreground)."""
+    blocks until unmounted (foreground). ``temp_disks`` (``NAME:SIZE`` texts), ``temp_dir`` and
+    ``encryption_at_host``: None takes the catalog setting, read now and never again."""
+    from .temp_source import TempConfig
     frontend = frontend or os.environ.get("BLOCKCRYPT_FRONTEND") or "native"
     if frontend not in FRONTENDS:
         raise UsageError(f"unknown front end {frontend!r} (use {' or '.join(FRONTENDS)})")
     if backing_cache not in BACKING_CACHES:
         raise UsageError(f"unknown backing cache mode {backing_cache!r} (use {' or '.join(BACKING_CACHES)})")
+    temp = TempConfig.resolve(state, temp_disks, temp_dir, encryption_at_host)  # bad specs fail here
     mp = os.path.realpath(mountpoint)
     reg = Registry(state)
     if _state_locked(state):  # the daemon's flock is the authority; the registry only informs
@@ -264,10 +268,10 @@ def mount(state, mountpoint: str, *, foreground: bool = False, allow_other: bool
     mount_id = secrets.token_hex(4)
     if foreground:
         serve(state.path, mp, mount_id, allow_other=allow_other, null_cipher=null_cipher,
-              frontend=frontend, backing_cache=backing_cache, log_to_stderr=True)
+              frontend=frontend, backing_cache=backing_cache, temp=temp, log_to_stderr=True)
         return {"id": mount_id, "mountpoint": mp}
     return _spawn(state, mp, mount_id, allow_other=allow_other, null_cipher=null_cipher,
-                  frontend=frontend, backing_cache=backing_cache, ready_timeout_s=ready_timeout_s)
+                  frontend=frontend, backing_cache=backing_cache, temp=temp, ready_timeout_s=ready_timeout_s)
 
 
 def log_path(state, mount_id: str) -> Path:
@@ -275,7 +279,7 @@ def log_path(state, mount_id: str) -> Path:
 
 
 def _spawn(state, mp: str, mount_id: str, *, allow_other: bool, null_cipher: bool, frontend: str,
-           backing_cache: str, ready_timeout_s: float) -> dict:
+           backing_cache: str, temp, ready_timeout_s: float) -> dict:
     lp = log_path(state, mount_id)
     lp.parent.mkdir(mode=0o700, exist_ok=True)
     r, w = os.pipe()
@@ -286,6 +290,7 @@ def _spawn(state, mp: str, mount_id: str, *, allow_other: bool, null_cipher: boo
         cmd.append("--allow-other")
     if null_cipher:
         cmd.append("--bench-null-cipher")
+    cmd += temp.argv()
     logf = open(lp, "ab")
     try:
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -319,7 +324,9 @@ def _spawn(state, mp: str, mount_id: str, *, allow_other: bool, null_cipher: boo
         raise MountError(_failure_line(lp, mount_id) or f"the mount daemon failed; see {lp}")
     pid = int(msg.split()[1])
     return {"id": mount_id, "pid": pid, "mountpoint": mp, "log": str(lp), "nullCipher": null_cipher,
-            "allowOther": allow_other, "frontend": frontend, "backingCache": backing_cache}
+            "allowOther": allow_other, "frontend": frontend, "backingCache": backing_cache,
+            "encryptionAtHost": temp.encryption_at_host, "tempDir": temp.temp_dir,
+            "tempDisks": [s.name for s in temp.specs]}
 
 
 def _failure_line(lp: Path, mount_id: str) -> str | None:
@@ -434,6 +441,17 @@ def _refresh(reg: Registry) -> None:
         time.sleep(0.01)
 
 
+def encryption_at_host(state) -> tuple[bool, str]:
+    """Whether this state directory's disks are served with encryption at host, and whence
+    that comes: the live mount's value (fixed when it started), else the catalog setting
+    (what the next mount takes)."""
+    for e in Registry(state).entries():
+        if _live(e) and "encryptionAtHost" in e:
+            return bool(e["encryptionAtHost"]), f"mount {e['id']}"
+    from ..control import settings
+    return bool(settings.get(state, "encryption_at_host")), "setting (applies at the next mount)"
+
+
 def status(state) -> list[dict]:
     """Every registered mount of this state directory, with the state of its open disks."""
     reg = Registry(state)
@@ -457,15 +475,21 @@ def _setup_logging(lp: Path, to_stderr: bool) -> None:
 
 
 def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null_cipher: bool = False,
-          frontend: str = "native", backing_cache: str = "buffered", ready_fd: int | None = None,
+          frontend: str = "native", backing_cache: str = "buffered", temp=None, ready_fd: int | None = None,
           log_to_stderr: bool = False) -> None:
-    """Run the daemon in this process until unmounted or signalled."""
+    """Run the daemon in this process until unmounted or signalled. ``temp``: a TempConfig
+    (None: the catalog settings, read now)."""
     from ..control.state import State
+    from .hostsec import harden
+    from .temp_source import TempConfig, TempSource
 
+    hardening = harden()  # before any key is unwrapped: no core file, no ptrace, ever
     st = State.open(state_path)
     lp = log_path(st, mount_id)
     lp.parent.mkdir(mode=0o700, exist_ok=True)
     _setup_logging(lp, log_to_stderr)
+    log.info("host hardening: core dumps %s, process %s", "off" if hardening["coreLimit"] == 0 else
+             f"LIMITED TO {hardening['coreLimit']} BYTES", "DUMPABLE" if hardening["dumpable"] else "non-dumpable")
     log.info("mount %s starting: %s at %s (pid %d, %s front end, backing cache %s)%s", mount_id, st.path, mp,
              os.getpid(), frontend, backing_cache,
              " with the NULL cipher: benchmarks only, data NOT encrypted" if null_cipher else "")
@@ -474,6 +498,11 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         raise Busy(f"state directory {st.path} is already mounted by another daemon; "
                    f"one mount per state directory")
     reg = Registry(st)
+    temp = temp or TempConfig.resolve(st)
+    temps = TempSource(temp, cache=backing_cache)
+    temps.prepare()  # under the state lock: leftovers of a dead mount are nobody's
+    log.info("encryption at host %s", "on: temp disks under ephemeral keys" if temp.encryption_at_host
+             else "off: temp disks (if any) store PLAIN sectors on this host")
     # `status` sends SIGUSR1 to ask for a fresh status file (handle, error and I/O counts change
     # without an event). Blocked in every thread made from here on (libfuse's too) and taken by
     # one thread with sigwait, so it is served even while the main thread is inside libfuse.
@@ -482,7 +511,8 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
              "started": time.time(), "log": str(lp), "allowOther": allow_other,
              "nullCipher": null_cipher, "frontend": frontend, "backingCache": backing_cache,
              "cipher": "null (benchmark only, NOT ENCRYPTED)" if null_cipher else "aes-xts-plain64",
-             "disks": []}
+             "hostHardening": hardening, "encryptionAtHost": temp.encryption_at_host,
+             "tempDir": temp.temp_dir, "tempDisks": temps.status(), "disks": []}
 
     def on_change(fs):
         entry["disks"] = fs.disk_status()["disks"]
@@ -503,7 +533,7 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
             print(f"blockcrypt: mounted {st.path} at {mp} (id {mount_id}); Ctrl-C or "
                   f"`blockcrypt umount {mp}` to unmount", file=sys.stderr, flush=True)
 
-    sources = tree_sources(st)
+    sources = tree_sources(st, temps)
     if frontend == "native":
         from .native_fs import NativeFS
         ops = NativeFS(st, null_cipher=null_cipher, allow_other=allow_other, cache=backing_cache,
@@ -534,16 +564,18 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
             except Exception:
                 log.exception("stopping a daemon plugin failed")
         ops.close_all()
+        temps.shutdown()
         reg.remove(mount_id)
         log.info("mount %s stopped", mount_id)
         os.close(lock_fd)
 
 
-def tree_sources(st) -> list:
+def tree_sources(st, temps=None) -> list:
     """The directories this mount serves (tree.py): disks/ from the catalog; each feature that
     adds a directory (snapshots/, images/, temp/) adds its source here."""
     from .members import CatalogMembers
-    return [tree.CatalogDisks(st), CatalogMembers(st, "snapshot"), CatalogMembers(st, "image")]
+    return ([tree.CatalogDisks(st), CatalogMembers(st, "snapshot"), CatalogMembers(st, "image")]
+            + ([temps] if temps is not None else []))
 
 
 def _status_on_request(on_change, ops) -> None:

@@ -1,7 +1,7 @@
 """The key monitor: revocation and auto-rotation inside a mount daemon.
 
 Every ``key_check_interval`` seconds (catalog setting, default 60) the monitor
-unwraps the DEK of every open customer-key disk again, through the vault, with
+unwraps the DEK of every open customer-key disk again, through its provider (vault, transit), with
 the disk id as caller context (so the vault's audit shows each check). Then:
 
 - the key answers: the disk serves; a disk that was stopped is restored
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .._util.clock import iso_z
 from ..control import des
-from ..control.disks import open_layers, read_disk_header
+from ..control.disks import open_layers, read_disk_header, wipe_layers
 from ..control.settings import get as setting
 from ..errors import BlockcryptError, KeyError_, KeyUnavailable
 from ..format import ROLE_DATA
@@ -122,7 +122,11 @@ class KeyMonitor:
                 changed = True
             if vol.key_error is not None:
                 try:
-                    vol.restore(open_layers(self.st, h))
+                    layers = open_layers(self.st, h)
+                    try:
+                        vol.restore(layers)
+                    finally:
+                        wipe_layers(layers)
                 except BlockcryptError as e:
                     log.warning("disk %s: key answered but restore failed: %s", od.name, e)
                     continue

@@ -15,7 +15,9 @@
  * Memory: nothing is allocated on the request path. Each thread owns a scratch
  * buffer (BC_MAX_REQUEST + 2 sectors of data, page-aligned for O_DIRECT, and the
  * metadata of as many 512-byte sectors) made on its first request and wiped and
- * freed at thread exit; the metadata part grows only if a volume with more
+ * freed at thread exit (its data part, which holds plaintext, is mlock'ed, best effort
+ * under RLIMIT_MEMLOCK, and left out of core dumps, so it never reaches swap or a
+ * core file); the metadata part grows only if a volume with more
  * metadata per sector shows up on that thread. Range-lock nodes live on the stack.
  * Aligned reads decrypt in the caller's buffer, with no copy.
  *
@@ -33,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #define SCRATCH_ALIGN 4096u
@@ -83,6 +86,7 @@ struct scratch {
     uint8_t *old;         /* the same, made on first need: stored bytes before a write */
     uint8_t *meta;
     size_t meta_cap;
+    int locked;           /* data is mlock'ed */
 };
 
 static pthread_key_t scratch_key;
@@ -97,6 +101,8 @@ static void scratch_free(void *p)
         return;
     if (sc->data != NULL) {
         explicit_bzero(sc->data, SCRATCH_DATA);   /* it held plaintext */
+        if (sc->locked)
+            munlock(sc->data, SCRATCH_DATA);
         free(sc->data);
     }
     free(sc->old);        /* ciphertext only */
@@ -134,6 +140,8 @@ static struct scratch *scratch_get(size_t meta_per_sector)
             return NULL;
         }
         sc->data = d;
+        sc->locked = mlock(d, SCRATCH_DATA) == 0;   /* plaintext: keep it off swap */
+        madvise(d, SCRATCH_DATA, MADV_DONTDUMP);    /* and out of core dumps */
         if (pthread_setspecific(scratch_key, sc) != 0) {
             free(sc->data);
             free(sc);

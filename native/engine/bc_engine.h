@@ -150,6 +150,9 @@ struct bc_layer {
 /* AES-256-XTS, dm-crypt aes-xts-plain64 (tweak = LE64 sector number). key: 64 bytes,
  * the halves must differ. The key is copied into locked memory; the caller wipes its copy. */
 int bc_layer_xts_new(const uint8_t *key, size_t key_len, uint32_t sector_size, struct bc_layer *out);
+/* The same with a random key drawn into the locked page itself (no caller ever sees it):
+ * the ephemeral key of a temp disk under encryption at host; it dies with the layer. */
+int bc_layer_xts_new_ephemeral(uint32_t sector_size, struct bc_layer *out);
 /* XChaCha20-Poly1305 per sector (bc_layer_aead.c, libsodium): key 32 bytes, the disk id
  * (16 bytes) and the layer role (2 = infrastructure) go into every sector's associated
  * data. BC_AEAD_META_BYTES of metadata per sector: two slots (seq, writer, nonce, tag);
@@ -159,6 +162,10 @@ int bc_layer_xts_new(const uint8_t *key, size_t key_len, uint32_t sector_size, s
 #define BC_ROLE_INFRA 2u
 int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, const uint8_t disk_id[16],
                       uint8_t role, struct bc_layer *out);
+/* Forget the writer ids destroyed AEAD instances left for the next instance of their disk
+ * in this process (bc_layer_aead.c): the state of a new process. Tests that simulate a
+ * kill and a restart inside one process call it. */
+void bc_layer_aead_forget_ids(void);
 /* No encryption at all (benchmarks only). */
 int bc_layer_null_new(uint32_t sector_size, struct bc_layer *out);
 

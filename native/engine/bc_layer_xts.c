@@ -20,6 +20,11 @@
  * expanded key schedules). Keys with equal halves are refused (-EINVAL), as OpenSSL
  * (FIPS) and dm-crypt do.
  *
+ * Ephemeral keys (bc_layer_xts_new_ephemeral, the temp disks of a mount with encryption
+ * at host): the key is drawn by OpenSSL's private DRBG straight into the locked page, so
+ * it never exists anywhere else: no caller buffer, no Python object, no file. When the
+ * layer is destroyed (volume closed, process gone) the data it wrote is unreadable.
+ *
  * The layer has no notion of holes; the engine skips all-zero stored sectors. A
  * sector range running past sector 2^64-1 is refused (-EINVAL) rather than wrapped.
  */
@@ -36,6 +41,7 @@
 #include <unistd.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/rand.h>
 
 #define XTS_KEY_BYTES 64
 #define XTS_TWEAK_BYTES 16
@@ -253,12 +259,9 @@ static const struct bc_layer_ops xts_ops = {
     .destroy = xts_destroy,
 };
 
-int bc_layer_xts_new(const uint8_t *key, size_t key_len, uint32_t sector_size, struct bc_layer *out)
+/* key == NULL: a fresh random key, drawn straight into the locked page (RAND_priv_bytes). */
+static int xts_new(const uint8_t *key, uint32_t sector_size, struct bc_layer *out)
 {
-    if (key == NULL || out == NULL || key_len != XTS_KEY_BYTES || (sector_size != 512 && sector_size != 4096))
-        return -EINVAL;
-    if (CRYPTO_memcmp(key, key + 32, 32) == 0)
-        return -EINVAL;   /* equal halves: XTS degenerates; OpenSSL and dm-crypt refuse it too */
     struct xts_layer *x = calloc(1, sizeof *x);
     if (x == NULL)
         return -ENOMEM;
@@ -275,8 +278,15 @@ int bc_layer_xts_new(const uint8_t *key, size_t key_len, uint32_t sector_size, s
     x->key = mem;
     x->locked = mlock(mem, x->key_page) == 0;
     madvise(mem, x->key_page, MADV_DONTDUMP);
-    memcpy(x->key, key, XTS_KEY_BYTES);
     int rc = 0;
+    if (key != NULL) {
+        memcpy(x->key, key, XTS_KEY_BYTES);
+    } else {
+        do {   /* equal halves have probability 2^-256; refuse them all the same */
+            if (RAND_priv_bytes(x->key, XTS_KEY_BYTES) != 1)
+                rc = -EIO;
+        } while (rc == 0 && CRYPTO_memcmp(x->key, x->key + 32, 32) == 0);
+    }
     for (int i = 0; i < XTS_POOL_INITIAL && rc == 0; i++) {
         struct xts_pair *p = pair_new(x, &rc);
         if (p != NULL)
@@ -289,4 +299,20 @@ int bc_layer_xts_new(const uint8_t *key, size_t key_len, uint32_t sector_size, s
     out->ops = &xts_ops;
     out->ctx = x;
     return 0;
+}
+
+int bc_layer_xts_new(const uint8_t *key, size_t key_len, uint32_t sector_size, struct bc_layer *out)
+{
+    if (key == NULL || out == NULL || key_len != XTS_KEY_BYTES || (sector_size != 512 && sector_size != 4096))
+        return -EINVAL;
+    if (CRYPTO_memcmp(key, key + 32, 32) == 0)
+        return -EINVAL;   /* equal halves: XTS degenerates; OpenSSL and dm-crypt refuse it too */
+    return xts_new(key, sector_size, out);
+}
+
+int bc_layer_xts_new_ephemeral(uint32_t sector_size, struct bc_layer *out)
+{
+    if (out == NULL || (sector_size != 512 && sector_size != 4096))
+        return -EINVAL;
+    return xts_new(NULL, sector_size, out);
 }

@@ -464,6 +464,37 @@ static void test_xts_reference(void)
     CHECK_RC(bc_layer_null_new(1000, &l), -EINVAL);
 }
 
+/* ---- 1b. ephemeral XTS keys (temp disks under encryption at host) ------------------ */
+
+static void test_xts_ephemeral(void)
+{
+    static uint8_t pt[4 * 4096], a[4 * 4096], b[4 * 4096];
+    struct rng r = {9};
+    rnd_fill(&r, pt, sizeof pt);
+    for (int si = 0; si < 2; si++) {
+        uint32_t ss = si ? 4096 : 512;
+        struct bc_layer la, lb;
+        CHECK_RC(bc_layer_xts_new_ephemeral(ss, &la), 0);
+        CHECK_RC(bc_layer_xts_new_ephemeral(ss, &lb), 0);
+        CHECK(strcmp(la.ops->name, "aes-xts-plain64") == 0, "ephemeral name");
+        memcpy(a, pt, 4 * ss);
+        memcpy(b, pt, 4 * ss);
+        CHECK_RC(la.ops->encrypt(la.ctx, a, 4, 7, NULL, 0), 0);
+        CHECK_RC(lb.ops->encrypt(lb.ctx, b, 4, 7, NULL, 0), 0);
+        CHECK(memcmp(a, pt, 4 * ss) != 0, "ephemeral ciphertext equals the plaintext");
+        CHECK(memcmp(a, b, 4 * ss) != 0, "two ephemeral keys gave the same ciphertext");
+        CHECK_RC(la.ops->decrypt(la.ctx, a, 4, 7, NULL, 0), 0);
+        CHECK(memcmp(a, pt, 4 * ss) == 0, "ephemeral round trip ss %u", ss);
+        CHECK_RC(lb.ops->decrypt(lb.ctx, a, 4, 7, NULL, 0), 0);   /* the other key: garbage */
+        CHECK(memcmp(a, pt, 4 * ss) != 0, "another ephemeral key decrypted the data");
+        la.ops->destroy(la.ctx);
+        lb.ops->destroy(lb.ctx);
+    }
+    struct bc_layer l;
+    CHECK_RC(bc_layer_xts_new_ephemeral(1024, &l), -EINVAL);
+    CHECK_RC(bc_layer_xts_new_ephemeral(4096, NULL), -EINVAL);
+}
+
 /* ---- 2. a new volume reads zeros; geometry; bad parameters -------------------------- */
 
 static void test_new_volume(void)
@@ -1452,6 +1483,7 @@ int main(int argc, char **argv)
         return rc;
     }
     RUN(test_xts_reference());
+    RUN(test_xts_ephemeral());
     RUN(test_new_volume());
     RUN(test_unaligned_grid(512));
     RUN(test_unaligned_grid(4096));
