@@ -268,6 +268,22 @@ static int open_storage(const char *top, int writable, int cache, const struct c
     return rc;
 }
 
+struct open_args {
+    const char *top;
+    int writable, cache;
+    const struct chain_spec *chain;
+    uint32_t sector_size;
+    uint64_t data_off, meta_off;
+    size_t meta_bytes;
+};
+
+static int open_with_args(void *arg, const struct bc_storage_ops **ops, void **ctx)
+{
+    const struct open_args *a = arg;
+    return open_storage(a->top, a->writable, a->cache, a->chain, a->sector_size, a->data_off, a->meta_off,
+                        a->meta_bytes, ops, ctx);
+}
+
 static size_t specs_meta_bytes(const struct layer_spec *specs, size_t n)
 {
     size_t m = 0;
@@ -634,17 +650,13 @@ static PyObject *Volume_set_storage(VolumeObject *self, PyObject *args, PyObject
         return NULL;
     }
     int rc;
-    const char *cpath = PyBytes_AS_STRING(path);
+    struct open_args oa = {.top = PyBytes_AS_STRING(path), .writable = !bc_volume_read_only(v), .cache = self->cache,
+                           .chain = &chain, .sector_size = bc_volume_sector_size(v), .data_off = self->data_off,
+                           .meta_off = self->meta_off, .meta_bytes = self->meta_bytes};
     Py_BEGIN_ALLOW_THREADS
-    const struct bc_storage_ops *ops = NULL;
-    void *sctx = NULL;
-    rc = open_storage(cpath, !bc_volume_read_only(v), self->cache, &chain, bc_volume_sector_size(v), self->data_off,
-                      self->meta_off, self->meta_bytes, &ops, &sctx);
-    if (rc == 0) {
-        rc = bc_volume_set_storage(v, ops, sctx);
-        if (rc != 0)
-            ops->close(sctx);
-    }
+    /* the new chain is opened after the old storage's flush, under the engine's gate: the old
+     * top's bitmap, now a lower's, holds every chunk copied up into it */
+    rc = bc_volume_set_storage_with(v, open_with_args, &oa);
     bc_volume_unref(v);
     Py_END_ALLOW_THREADS
     chain_release(&chain);

@@ -828,12 +828,44 @@ int bc_volume_set_layers(struct bc_volume *v, const struct bc_layer *layers, siz
     return 0;
 }
 
+struct given_storage {
+    const struct bc_storage_ops *sops;
+    void *sctx;
+};
+
+static int give_storage(void *arg, const struct bc_storage_ops **ops, void **ctx)
+{
+    const struct given_storage *g = arg;
+    *ops = g->sops;
+    *ctx = g->sctx;
+    return 0;
+}
+
 int bc_volume_set_storage(struct bc_volume *v, const struct bc_storage_ops *sops, void *sctx)
 {
     if (sops == NULL || sops->read_at == NULL || sops->write_at == NULL || sops->flush == NULL)
         return -EINVAL;
+    struct given_storage g = {sops, sctx};
+    return bc_volume_set_storage_with(v, give_storage, &g);
+}
+
+int bc_volume_set_storage_with(struct bc_volume *v,
+                               int (*open_fn)(void *arg, const struct bc_storage_ops **ops, void **ctx),
+                               void *arg)
+{
+    if (open_fn == NULL)
+        return -EINVAL;
     pthread_rwlock_wrlock(&v->gate);   /* no request in flight on the old storage */
     int rc = v->read_only ? 0 : storage_err(v->sops->flush(v->sctx));
+    const struct bc_storage_ops *sops = NULL;
+    void *sctx = NULL;
+    if (rc == 0)
+        rc = open_fn(arg, &sops, &sctx);
+    if (rc == 0 && (sops == NULL || sops->read_at == NULL || sops->write_at == NULL || sops->flush == NULL)) {
+        if (sops != NULL && sops->close != NULL)
+            sops->close(sctx);
+        rc = -EINVAL;
+    }
     if (rc == 0) {
         if (v->sops->close != NULL)
             v->sops->close(v->sctx);

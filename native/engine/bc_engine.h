@@ -221,6 +221,13 @@ int bc_volume_set_layers(struct bc_volume *v, const struct bc_layer *layers, siz
  * volumes), closes it and installs the new one, which the volume then owns. On failure
  * (-errno from the flush) nothing changes and the caller still owns the new storage. */
 int bc_volume_set_storage(struct bc_volume *v, const struct bc_storage_ops *sops, void *sctx);
+/* The same, with the new storage opened by open_fn(arg, &ops, &ctx) after the old one is
+ * flushed and while no request runs: a chain whose lower files include the old top must read
+ * their bitmaps after the flush made every copied-up chunk's bit durable (bc_storage_cow.c).
+ * open_fn returns 0 or -errno (then nothing changes). */
+int bc_volume_set_storage_with(struct bc_volume *v,
+                               int (*open_fn)(void *arg, const struct bc_storage_ops **ops, void **ctx),
+                               void *arg);
 
 void bc_volume_stats(struct bc_volume *v, struct bc_stats *out);
 

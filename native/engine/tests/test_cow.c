@@ -556,6 +556,66 @@ static void test_switch_storage(void)
     bc_volume_unref(v);
 }
 
+/* An open disk already in a chain, with chunks copied up since its last flush (their bits
+ * only in memory), is switched to a new top over its old one: the new chain, opened under
+ * the gate after the flush, sees every one of them. */
+struct reopen_arg {
+    const struct member *m;
+    uint32_t ss;
+};
+
+static int reopen_chain(void *arg, const struct bc_storage_ops **ops, void **ctx)
+{
+    const struct reopen_arg *a = arg;
+    struct bc_cow_file files[BC_COW_MAX_FILES] = {{0}};
+    size_t opened = 0;
+    int rc = 0;
+    for (size_t i = 0; i < a->m->n && rc == 0; i++) {
+        rc = bc_storage_local_open(a->m->paths[i], i == 0, BC_CACHE_BUFFERED, &files[i].ops, &files[i].ctx);
+        files[i].map_chunks = a->m->map_chunks[i];
+        if (rc == 0)
+            opened++;
+    }
+    struct bc_cow_params p = {.sector_size = a->ss, .chunk_bytes = CHUNK, .data_off = DATA_OFF, .map_off = MAP_OFF};
+    if (rc == 0)
+        rc = bc_storage_cow_open(&p, files, a->m->n, 1, ops, ctx);
+    if (rc != 0)
+        for (size_t i = 0; i < opened; i++)
+            files[i].ops->close(files[i].ctx);
+    return rc;
+}
+
+static void test_switch_a_chain_with_unflushed_copyups(void)
+{
+    const uint64_t size = 4u << 20;
+    char base[4200], t1[4200], t2[4200];
+    path_of(base, sizeof base, "sc-base.img");
+    path_of(t1, sizeof t1, "sc-t1.img");
+    path_of(t2, sizeof t2, "sc-t2.img");
+    make_empty(base);
+    struct member b = {.paths = {base}, .map_chunks = {0}, .n = 1}, m1, m2;
+    uint8_t *model = calloc(1, size);
+    struct bc_volume *v = NULL;
+    REQUIRE(open_chain(&b, size, 4096, ST_XTS, 1, &v) == 0, "base");
+    random_ops(v, model, size, 100, 501);
+    bc_volume_unref(v);
+    child_of(&m1, &b, t1, size);
+    REQUIRE(open_chain(&m1, size, 4096, ST_XTS, 1, &v) == 0, "t1 over base");
+    CHECK(bc_volume_flush(v) == 0, "flush");
+    random_ops(v, model, size, 200, 502);   /* copy-ups whose bits no flush wrote yet */
+    child_of(&m2, &m1, t2, size);
+    struct reopen_arg ra = {&m2, 4096};
+    CHECK(bc_volume_set_storage_with(v, reopen_chain, &ra) == 0, "switch to t2 over t1 over base");
+    CHECK(same_as(v, model, size), "every write before the switch still reads after it");
+    random_ops(v, model, size, 100, 503);
+    CHECK(same_as(v, model, size), "and after more writes");
+    bc_volume_unref(v);
+    REQUIRE(open_chain(&m2, size, 4096, ST_XTS, 0, &v) == 0, "reopen");
+    CHECK(same_as(v, model, size), "after a reopen");
+    bc_volume_unref(v);
+    free(model);
+}
+
 /* a grown disk: chunks past its parent's map are its own, also once it is a parent itself */
 static void test_grow(void)
 {
@@ -618,6 +678,7 @@ int main(int argc, char **argv)
     RUN(test_kill_rounds(ST_XTS));
     RUN(test_kill_rounds(ST_AEAD));
     RUN(test_switch_storage());
+    RUN(test_switch_a_chain_with_unflushed_copyups());
     RUN(test_grow());
     rm_dir(g_dir);
     int f = atomic_load(&g_failures);
