@@ -64,7 +64,7 @@ def mp(root):
 def test_plain_temp_disk_stores_plain_sectors_and_status_says_so(state, mp):
     m = Mount(state, mp, temp_disks=["scratch:64M"]).start()
     t = mp / "temp" / "scratch"
-    assert sorted(os.listdir(mp)) == ["disks", "temp"] and os.listdir(mp / "temp") == ["scratch"]
+    assert sorted(os.listdir(mp)) == ["disks", "images", "snapshots", "temp"] and os.listdir(mp / "temp") == ["scratch"]
     assert t.stat().st_size == 64 * MiB
     f = temp_file(state, "scratch")
     assert f.stat().st_size == 64 * MiB and f.stat().st_blocks == 0  # sparse
