@@ -92,8 +92,10 @@ class KmipProcess:
     def start(self, timeout_s: float = 30.0) -> "KmipProcess":
         exe = Path(sys.executable).parent / "pykmip-server"
         log = open(self.dir / "stdout.log", "ab")
+        # its own process group: PyKMIP serves each connection in a child process, which would
+        # outlive a signal sent to the server alone
         self.proc = subprocess.Popen([str(exe), "-f", str(self.conf), "-l", str(self.log_path)],
-                                     stdout=log, stderr=log, cwd=self.dir)
+                                     stdout=log, stderr=log, cwd=self.dir, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -108,13 +110,21 @@ class KmipProcess:
         raise AssertionError("pykmip-server did not come up")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
+        """Stop the server and every connection process it forked (its process group)."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid   # start_new_session: the group id is the server's pid
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        try:
+            os.killpg(pgid, signal.SIGKILL)   # connection processes left behind
+        except ProcessLookupError:
+            pass
         self.proc = None
 
     def restart(self):
