@@ -9,6 +9,13 @@ HTTPS and one atomic header write per disk). Run for each disk size: the time
 must not depend on it, because no data is rewritten. The platform-key rotation
 of the same disks is timed too.
 
+The same for a DES on an OpenBao transit key (``--providers vault,transit``): its
+re-wrap is transit ``rewrap`` (the DEK never leaves the server). ``--workers``
+sets how many disks are re-wrapped at once (control/rotation.py REWRAP_WORKERS).
+
+Unwrap: milliseconds for one unwrap of a DEK, per provider (platform file and
+PKCS#11, vault, transit, PKCS#11, KMIP), each against its real key store.
+
 Revocation: a CMK disk held open through a real mount (like a VM), the key
 disabled at a random moment, O_DIRECT writes every 10 ms until EIO: latency per
 trial against the bound (check interval + 1 s).
@@ -69,34 +76,171 @@ class Vault:
         self.proc.wait(10)
 
 
-def bench_rotation(root: Path, vault: Vault, n_disks: int, size: int) -> dict:
-    st = State.init(root / f"state-{size}")
-    key = f"rot{size}"
+class TransitServer:
+    """`bao server -dev` on 127.0.0.1 (tests/support/baoproc.py) for the transit provider."""
+
+    def __init__(self, d: Path):
+        sys.path.insert(0, str(REPO / "tests"))
+        from support.baoproc import BaoProcess
+        d.mkdir(parents=True, exist_ok=True)
+        self.bao = BaoProcess(d).start()
+        self.url = self.bao.url
+
+    def make_des(self, st, key: str) -> str:
+        from blockcrypt.keys.providers.transit import key_url
+        self.bao.make_key(key)
+        ident = self.bao.make_role(key, key)
+        f = st.path / "transit-identity.json"
+        f.write_text(json.dumps(ident))
+        f.chmod(0o600)
+        des.create(st, "des", key_url(self.url, "transit", key), identity_file=str(f))
+        return key
+
+    def rotate(self, st, key: str) -> str:
+        self.bao.root.secrets.transit.rotate_key(key)
+        return st.keys.get("transit").latest_version(st.catalog.get_des("des"))
+
+    def stop(self):
+        self.bao.stop()
+
+
+def _vault_des(vault: "Vault", st, key: str) -> str:
     vault.key("create", key)
     des.create(st, "des", f"{vault.url}/keys/{key}", vault_dir=str(vault.dir), grant=True)
+    return key
+
+
+def bench_rotation(root: Path, vault: Vault, n_disks: int, size: int, transit: TransitServer | None = None,
+                   workers: int = rotation.REWRAP_WORKERS) -> dict:
+    kind = "transit" if transit else "vault"
+    st = State.init(root / f"state-{kind}-{size}")
+    key = f"rot{size}"
+    if transit:
+        transit.make_des(st, key)
+    else:
+        _vault_des(vault, st, key)
     t0 = time.perf_counter()
     for i in range(n_disks):
         des.create_disk(st, f"d{i:04d}", size, "des")
     t_create = time.perf_counter() - t0
-    new_kid = vault.key("rotate", key)["key"]["kid"]
-    t0 = time.perf_counter()
-    r = des.rotate(st, "des", new_kid)
-    t_rotate = time.perf_counter() - t0
+    new_kid = transit.rotate(st, key) if transit else vault.key("rotate", key)["key"]["kid"]
+    old_workers = rotation.REWRAP_WORKERS
+    rotation.REWRAP_WORKERS = workers
+    try:
+        t0 = time.perf_counter()
+        r = des.rotate(st, "des", new_kid)
+        t_rotate = time.perf_counter() - t0
+    finally:
+        rotation.REWRAP_WORKERS = old_workers
     assert len(r["rewrapped"]) == n_disks
-    # the same disks moved off the DES would be platform keys; time a platform rotation on as many disks
-    pst = State.init(root / f"pstate-{size}")
-    for i in range(n_disks):
-        disks.create(pst, f"p{i:04d}", size)
-    t0 = time.perf_counter()
-    pr = rotation.rotate_platform_key(pst)
-    t_platform = time.perf_counter() - t0
-    assert len(pr["rewrapped"]) == n_disks
-    used = sum(f.stat().st_blocks * 512 for f in (st.path / "disks").glob("*.img"))
+    out = {"provider": kind, "workers": workers, "disks": n_disks, "diskSizeBytes": size,
+           "createSeconds": round(t_create, 2), "rotateSeconds": round(t_rotate, 2),
+           "msPerDisk": round(1000 * t_rotate / n_disks, 2)}
+    if not transit:
+        # the same disks moved off the DES would be platform keys; time a platform rotation on as many disks
+        pst = State.init(root / f"pstate-{size}")
+        for i in range(n_disks):
+            disks.create(pst, f"p{i:04d}", size)
+        t0 = time.perf_counter()
+        pr = rotation.rotate_platform_key(pst)
+        out["platformRotateSeconds"] = round(time.perf_counter() - t0, 2)
+        assert len(pr["rewrapped"]) == n_disks
+        shutil.rmtree(pst.path)
+    out["backingBytesUsed"] = sum(f.stat().st_blocks * 512 for f in (st.path / "disks").glob("*.img"))
     shutil.rmtree(st.path)
-    shutil.rmtree(pst.path)
-    return {"disks": n_disks, "diskSizeBytes": size, "createSeconds": round(t_create, 2),
-            "rotateSeconds": round(t_rotate, 2), "msPerDisk": round(1000 * t_rotate / n_disks, 2),
-            "platformRotateSeconds": round(t_platform, 2), "backingBytesUsed": used}
+    return out
+
+
+def bench_unwrap(root: Path, vault: Vault, transit: TransitServer, n: int = 200) -> list[dict]:
+    """Milliseconds for one unwrap of a disk's DEK (the open of a disk, and every key check), per
+    provider, each against its real key store; median and 90th percentile of ``n``."""
+    from blockcrypt.format import ROLE_DATA, binding_context
+    from blockcrypt.keys.envelope import new_dek
+    sys.path.insert(0, str(REPO / "tests"))
+    setups = {}
+
+    def platform_file():
+        st = State.init(root / "u-platform")
+        return st.keys.get("platform"), st.keys.get("platform").default_ref()
+    setups["platform file"] = platform_file
+
+    def on_vault():
+        st = State.init(root / "u-vault")
+        _vault_des(vault, st, "unwrap-bench")
+        return st.keys.get("vault"), st.catalog.get_des("des").active_key
+    setups["vault RSA-2048"] = on_vault
+
+    def on_transit():
+        st = State.init(root / "u-transit")
+        transit.make_des(st, "unwrap-bench")
+        return st.keys.get("transit"), st.catalog.get_des("des").active_key
+    setups["transit"] = on_transit
+
+    softhsm = Path("/usr/lib/softhsm/libsofthsm2.so")
+    if softhsm.exists() and shutil.which("softhsm2-util"):
+        hd = root / "softhsm"
+        (hd / "tokens").mkdir(parents=True)
+        (hd / "conf").write_text(f"directories.tokendir = {hd / 'tokens'}\nobjectstore.backend = file\n"
+                                 "log.level = ERROR\n")
+        os.environ["SOFTHSM2_CONF"] = str(hd / "conf")
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "bench", "--pin", "1234",
+                        "--so-pin", "5678"], check=True, capture_output=True)
+        (hd / "pin").write_text("1234\n")
+        (hd / "pin").chmod(0o600)
+        uri = f"pkcs11:token=bench;object=%s?module-path={softhsm}&pin-source=file:{hd / 'pin'}"
+
+        def on_pkcs11():
+            from blockcrypt.keys.providers.pkcs11 import Pkcs11Keys, parse_uri
+            st = State.init(root / "u-pkcs11")
+            Pkcs11Keys(parse_uri(uri % "des")).create()
+            des.create(st, "des", uri % "des")
+            return st.keys.get("pkcs11"), st.catalog.get_des("des").active_key
+        setups["pkcs11 (SoftHSM2)"] = on_pkcs11
+
+        def platform_pkcs11():
+            st = State.init(root / "u-platform-pkcs11", platform_keys=uri % "platform")
+            return st.keys.get("platform"), "platform/latest"
+        setups["platform pkcs11 (SoftHSM2)"] = platform_pkcs11
+
+    kmip = None
+
+    def on_kmip():
+        nonlocal kmip
+        from kmip.core.enums import CryptographicAlgorithm
+        from support.kmipproc import KmipProcess
+        kmip = KmipProcess(root / "kmip").start()
+        cert, key = kmip.pki.issue("bench")
+        c = kmip.client(cert, key)
+        c.open()
+        uid = c.create(CryptographicAlgorithm.AES, 256)
+        c.activate(uid)
+        c.close()
+        st = State.init(root / "u-kmip")
+        f = root / "kmip-identity.json"
+        f.write_text(json.dumps({"cert": str(cert), "key": str(key), "ca": str(kmip.pki.ca_path)}))
+        des.create(st, "des", f"kmip://127.0.0.1:{kmip.port}/{uid}", identity_file=str(f))
+        return st.keys.get("kmip"), st.catalog.get_des("des").active_key
+    setups["kmip (PyKMIP)"] = on_kmip
+
+    out = []
+    try:
+        for name, setup in setups.items():
+            prov, ref = setup()
+            ctx = binding_context(os.urandom(16), ROLE_DATA)
+            w = prov.wrap(ref, new_dek(), ctx)
+            prov.unwrap(w, ctx)   # warm: login, TLS, sessions
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                prov.unwrap(w, ctx)
+                times.append((time.perf_counter() - t0) * 1000)
+            times.sort()
+            out.append({"provider": name, "unwraps": n, "medianMs": round(statistics.median(times), 2),
+                        "p90Ms": round(times[int(0.9 * n)], 2)})
+    finally:
+        if kmip is not None:
+            kmip.stop()
+    return out
 
 
 def _dio_write(fd: int) -> int:
@@ -154,22 +298,38 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--disks", type=int, default=1000)
     ap.add_argument("--sizes", default="1G,1T")
+    ap.add_argument("--providers", default="vault,transit", help="DES providers to rotate (vault, transit)")
+    ap.add_argument("--workers", default=str(rotation.REWRAP_WORKERS),
+                    help="re-wrap workers, comma-separated to compare (1 = one disk at a time)")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--interval", default="1,2")
     ap.add_argument("--skip-revocation", action="store_true")
+    ap.add_argument("--skip-unwrap", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bc-cmk-bench-"))
     vault = Vault(root / "vault")
-    out = {"rotation": [], "revocation": []}
+    transit = TransitServer(root / "bao")
+    out = {"load": os.getloadavg(), "rotation": [], "unwrap": [], "revocation": []}
     try:
-        for s in a.sizes.split(","):
-            r = bench_rotation(root, vault, a.disks, parse_size(s))
-            out["rotation"].append(r)
+        for prov in a.providers.split(","):
+            for w in a.workers.split(","):
+                for s in a.sizes.split(","):
+                    r = bench_rotation(root, vault, a.disks, parse_size(s),
+                                       transit if prov == "transit" else None, int(w))
+                    out["rotation"].append(r)
+                    if not a.json:
+                        extra = (f", platform re-wrap {r['platformRotateSeconds']} s"
+                                 if "platformRotateSeconds" in r else "")
+                        print(f"rotation ({prov}, {w} workers): {r['disks']} disks of {s}: DES re-wrap "
+                              f"{r['rotateSeconds']} s ({r['msPerDisk']} ms/disk){extra}, "
+                              f"backing space used {r['backingBytesUsed'] >> 20} MiB", flush=True)
+        if not a.skip_unwrap:
+            out["unwrap"] = bench_unwrap(root, vault, transit)
             if not a.json:
-                print(f"rotation: {r['disks']} disks of {s}: DES re-wrap {r['rotateSeconds']} s "
-                      f"({r['msPerDisk']} ms/disk), platform re-wrap {r['platformRotateSeconds']} s, "
-                      f"backing space used {r['backingBytesUsed'] >> 20} MiB", flush=True)
+                for r in out["unwrap"]:
+                    print(f"unwrap: {r['provider']}: median {r['medianMs']} ms, p90 {r['p90Ms']} ms "
+                          f"({r['unwraps']} unwraps)", flush=True)
         if not a.skip_revocation:
             for iv in a.interval.split(","):
                 r = bench_revocation(root, vault, float(iv), a.trials)
@@ -179,9 +339,13 @@ def main() -> int:
                           f"(bound {r['boundSeconds']} s) over {r['trials']} trials", flush=True)
     finally:
         vault.stop()
+        transit.stop()
         shutil.rmtree(root, ignore_errors=True)
+    out["loadAfter"] = os.getloadavg()
     if a.json:
         print(json.dumps(out, indent=2))
+    else:
+        print(f"load average before {out['load']}, after {out['loadAfter']}")
     return 0
 
 

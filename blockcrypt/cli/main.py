@@ -407,7 +407,8 @@ def _des_text(d: dict) -> str:
 @click.argument("name")
 @click.option("--key-url", required=True, help="https://HOST:PORT/keys/K[/VERSION] (key vault) or "
               "transit+https://HOST:PORT/MOUNT/keys/K[/VERSION] (OpenBao/Vault transit) or "
-              "pkcs11:token=T;object=K?module-path=M&pin-source=file:PATH (PKCS#11 token)")
+              "pkcs11:token=T;object=K?module-path=M&pin-source=file:PATH (PKCS#11 token) or "
+              "kmip://HOST:PORT/UID (KMIP server)")
 @click.option("--type", "enc_type", default="EncryptionAtRestWithCustomerKey", show_default=True)
 @click.option("--auto-rotate", is_flag=True, help="follow the key's newest version")
 @click.option("--vault-dir", type=click.Path(), help="the vault's directory (a vault on this host): "

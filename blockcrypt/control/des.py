@@ -35,7 +35,7 @@ from pathlib import Path
 from .._util.b64 import b64u_decode
 from .._util.clock import now_iso
 from ..catalog import DesRecord, check_name
-from ..errors import AlreadyExists, KeyError_, Refused, UsageError
+from ..errors import AlreadyExists, KeyError_, NotFound, Refused, UsageError
 from ..format import ROLE_DATA
 from ..keys.providers.akv import parse_key_url, secret_path, wrap_alg_for, write_secret
 from ..keys.registry import provider_for_key_url
@@ -211,6 +211,17 @@ def _create_external(st, name: str, key_url: str, provider: str, *, enc_type: st
     return rec
 
 
+def _same_key(prov, rec: DesRecord, key_url: str) -> bool:
+    """Whether ``key_url`` is (a version of) the DES's key; a KMIP DES may move to another key id
+    on its server (that is its rotation)."""
+    if hasattr(prov, "same_key"):
+        return prov.same_key(rec, key_url)
+    try:
+        return prov.des_for(key_url).des_id == rec.des_id
+    except NotFound:
+        return False
+
+
 def provider_of(rec: DesRecord) -> str:
     """The provider name of a DES's key (as recorded in its disks' headers)."""
     return provider_for_key_url(rec.key_url)
@@ -275,8 +286,7 @@ def update(st, name: str, *, key_url: str | None = None, auto_rotate: bool | Non
         st.catalog.update_des(name, auto_rotate=auto_rotate)
     if key_url is not None:
         prov = st.keys.get(provider_of(rec))
-        if provider_for_key_url(key_url) != provider_of(rec) or (
-                prov.des_for(key_url).des_id != rec.des_id):
+        if provider_for_key_url(key_url) != provider_of(rec) or not _same_key(prov, rec, key_url):
             raise Refused("a disk encryption set keeps its key; give a new version of " + rec.key_url)
         new = replace(rec, key_url=key_url)
         kid = probe(prov.client_for(rec), key_url) if provider_of(rec) == "vault" else prov.probe(new)

@@ -13,9 +13,12 @@ are forgotten and the pending mark cleared. Old versions remain until step 3,
 so a crash anywhere leaves every disk openable; running it again resumes the
 pending rotation.
 
-Caveat: time grows with the number of disks, not their size.
+Caveat: time grows with the number of disks, not their size; up to REWRAP_WORKERS disks are
+re-wrapped at once (the key server must take that many concurrent requests).
 """
 from __future__ import annotations
+
+import threading
 
 from ..format import Header, Layer, read_header, write_header
 from ..keys.envelope import rewrap_layer
@@ -25,27 +28,61 @@ from .disks import header_backing, read_disk_header
 ROTATION_STEPS = ("new-version", "rewrap", "retire")
 
 
-def rewrap_disks(st, recs, plan, on_step=None) -> tuple[list[str], list[str], dict[str, Header]]:
+#: disks re-wrapped at once: the time of a re-wrap is a key server round trip and a header
+#: fsync, both waits, so threads overlap them (each disk's step stays atomic on its own)
+REWRAP_WORKERS = 4
+
+
+def _rewrap_one(st, rec, plan):
+    with header_backing(rec.path, rec.name) as b:
+        h = read_header(b, rec.name, repair=True)
+        new = h
+        for layer in h.layers:
+            target = plan(h, layer)
+            if target is not None:
+                new = new.with_layer(rewrap_layer(st.keys, h, layer.role, *target))
+        return write_header(b, new) if new is not h else None
+
+
+def rewrap_disks(st, recs, plan, on_step=None, workers: int = REWRAP_WORKERS
+                 ) -> tuple[list[str], list[str], dict[str, Header]]:
     """Re-wrap the layers ``plan(header, layer) -> (provider, to_ref) | None`` picks, disk by disk.
 
-    Returns (names re-wrapped, names unchanged, {name: new header}). ``on_step("rewrap",
-    name)`` is called before each disk (progress, and crash tests)."""
+    Returns (names re-wrapped, names unchanged, {name: new header}) in the order of ``recs``.
+    ``on_step("rewrap", name)`` is called before each disk (progress, and crash tests). Up to
+    ``workers`` disks are in flight at once; each one is re-wrapped and its header rewritten
+    atomically under its lock, so a crash (or an error) at any point leaves every disk with
+    either its old or its new header, and every key version involved is kept until the caller's
+    last step. The first error stops the disks not yet started and is raised."""
     step = on_step or (lambda s, d=None: None)
-    rewrapped, unchanged, headers = [], [], {}
-    for rec in recs:
-        step("rewrap", rec.name)
-        with header_backing(rec.path, rec.name) as b:
-            h = read_header(b, rec.name, repair=True)
-            new = h
-            for layer in h.layers:
-                target = plan(h, layer)
-                if target is not None:
-                    new = new.with_layer(rewrap_layer(st.keys, h, layer.role, *target))
-            if new is not h:
-                headers[rec.name] = write_header(b, new)
-                rewrapped.append(rec.name)
-            else:
-                unchanged.append(rec.name)
+    recs = list(recs)
+    results: dict[str, Header | None] = {}
+    if workers <= 1 or len(recs) <= 1:
+        for rec in recs:
+            step("rewrap", rec.name)
+            results[rec.name] = _rewrap_one(st, rec, plan)
+    else:
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+        step_lock = threading.Lock()
+
+        def one(rec):
+            with step_lock:
+                step("rewrap", rec.name)
+            return _rewrap_one(st, rec, plan)
+
+        with ThreadPoolExecutor(max_workers=min(workers, len(recs)), thread_name_prefix="rewrap") as ex:
+            futs = {ex.submit(one, rec): rec.name for rec in recs}
+            done, pending = wait(futs, return_when=FIRST_EXCEPTION)
+            for f in pending:
+                f.cancel()
+            wait(futs)
+            for f, name in futs.items():
+                if not f.cancelled() and f.exception() is not None:
+                    raise f.exception()
+            results = {name: f.result() for f, name in futs.items()}
+    rewrapped = [r.name for r in recs if results[r.name] is not None]
+    unchanged = [r.name for r in recs if results[r.name] is None]
+    headers = {n: h for n, h in results.items() if h is not None}
     return rewrapped, unchanged, headers
 
 

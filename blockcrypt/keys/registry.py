@@ -22,6 +22,7 @@ BUILTIN = {
     "vault": "blockcrypt.keys.providers.akv:AkvKeyProvider",
     "transit": "blockcrypt.keys.providers.transit:TransitKeyProvider",
     "pkcs11": "blockcrypt.keys.providers.pkcs11:Pkcs11KeyProvider",
+    "kmip": "blockcrypt.keys.providers.kmip:KmipKeyProvider",
 }
 #: the scheme of a disk encryption set's key URL -> the provider that serves it
 KEY_URL_SCHEMES = {
@@ -29,6 +30,7 @@ KEY_URL_SCHEMES = {
     "transit+https": "transit",
     "transit+http": "transit",
     "pkcs11": "pkcs11",
+    "kmip": "kmip",
 }
 ENTRY_POINT_GROUP = "blockcrypt.key_providers"
 

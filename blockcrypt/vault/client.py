@@ -66,6 +66,7 @@ class VaultClient:
         self._token: str | None = None
         self._token_exp = 0.0
         self._lock = threading.Lock()
+        self._local = threading.local()   # per-thread kept-alive connections (see _raw)
 
     @classmethod
     def for_admin(cls, vault_dir: str | os.PathLike, url: str | None = None, **kw) -> "VaultClient":
@@ -85,20 +86,44 @@ class VaultClient:
                    client_secret=creds["client_secret"], ca_file=str(d / "ca.pem"), **kw)
 
     # -- transport ------------------------------------------------------------------------
-    def _raw(self, method: str, url: str, body: bytes | None, headers: dict) -> tuple[int, dict, bytes]:
-        parts = urlsplit(url)
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=self._ssl,
-                                           timeout=self.timeout_seconds)
-        try:
-            path = parts.path + ("?" + parts.query if parts.query else "")
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-        except (OSError, http.client.HTTPException) as e:
-            raise KeyUnavailable(key_id=self.url, msg=f"{type(e).__name__}: {e}") from None
-        finally:
+    def _conn(self, host: str, port: int) -> tuple[http.client.HTTPSConnection, bool]:
+        """This thread's kept-alive connection to host:port, and whether it was used before."""
+        conns = self._local.__dict__.setdefault("conns", {})
+        conn = conns.get((host, port))
+        if conn is not None:
+            return conn, True
+        conn = conns[(host, port)] = http.client.HTTPSConnection(host, port, context=self._ssl,
+                                                                 timeout=self.timeout_seconds)
+        return conn, False
+
+    def _drop(self, host: str, port: int) -> None:
+        conn = self._local.__dict__.get("conns", {}).pop((host, port), None)
+        if conn is not None:
             conn.close()
+
+    def _raw(self, method: str, url: str, body: bytes | None, headers: dict) -> tuple[int, dict, bytes]:
+        """One request on this thread's kept-alive connection (HTTP/1.1): a TLS handshake per
+        connection, not per request. A connection the server closed while idle is replaced once."""
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or 443
+        path = parts.path + ("?" + parts.query if parts.query else "")
+        while True:
+            conn, reused = self._conn(host, port)
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.will_close:
+                    self._drop(host, port)
+                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+            except TimeoutError as e:
+                self._drop(host, port)
+                raise KeyUnavailable(key_id=self.url, msg=f"{type(e).__name__}: {e}") from None
+            except (OSError, http.client.HTTPException) as e:
+                self._drop(host, port)
+                if reused:
+                    continue   # closed by the server while idle (or it restarted): once more, afresh
+                raise KeyUnavailable(key_id=self.url, msg=f"{type(e).__name__}: {e}") from None
 
     def token(self, *, force: bool = False) -> str:
         with self._lock:

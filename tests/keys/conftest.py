@@ -24,6 +24,7 @@ import pytest
 from blockcrypt.control import des
 from blockcrypt.control.state import State
 from blockcrypt.errors import KeyDeleted, KeyPurged
+from support.kmipproc import KmipProcess
 from support.baoproc import BaoProcess, bao_binary, policy_text
 from support.vaultproc import VaultProcess, make_vault
 
@@ -36,6 +37,8 @@ class Harness:
     name = ""
     #: whether stop()/start() take a server away (a local token or file has none)
     has_server = False
+    #: whether enable() undoes disable() (a KMIP Revoke is final)
+    reversible_disable = True
     #: files a key byte must never reach (server logs, the state's logs)
     log_files: list[Path]
 
@@ -340,11 +343,116 @@ class PlatformPkcs11Harness(Pkcs11Harness):
         return f"platform/{self.prov.store.begin_rotation()}"
 
 
-PROVIDERS = ["platform-file", "platform-pkcs11", "vault-rsa", "vault-rsa-hsm", "transit", "pkcs11"]
+# --- KMIP (PyKMIP server) -------------------------------------------------------------------------
+
+class KmipHarness(Harness):
+    """A DES on an AES-256 key of a PyKMIP server; the client certificate is its identity."""
+
+    name = "kmip"
+    has_server = True
+    reversible_disable = False
+
+    def __init__(self, state, kmip: KmipProcess, tmp_path: Path):
+        super().__init__(state)
+        self.kmip = kmip
+        n = next(_seq)
+        cert, key = kmip.pki.issue(f"des-{n}")
+        self.cert, self.key = cert, key
+        self.other = kmip.pki.issue(f"intruder-{n}")
+        self.uid = self._new_key()
+        f = tmp_path / "kmip-identity.json"
+        f.write_text(json.dumps({"name": f"des-{n}", "cert": str(cert), "key": str(key), "ca": str(kmip.pki.ca_path)}))
+        self.des = des.create(state, f"des-kmip-{n}", self.url(self.uid), identity_file=str(f))
+        self.prov = state.keys.get("kmip")
+        self.ref = self.des.active_key
+        self.log_files = [kmip.log_path]
+        self.saved = (cert.read_bytes(), key.read_bytes())
+
+    def url(self, uid: str) -> str:
+        return f"kmip://127.0.0.1:{self.kmip.port}/{uid}"
+
+    def _admin(self):
+        c = self.kmip.client(self.cert, self.key)
+        c.open()
+        return c
+
+    def _new_key(self) -> str:
+        from kmip.core.enums import CryptographicAlgorithm
+        c = self._admin()
+        try:
+            uid = c.create(CryptographicAlgorithm.AES, 256)
+            c.activate(uid)
+            return uid
+        finally:
+            c.close()
+
+    def rotate(self) -> str:
+        """A new key id on the DES, recorded as a rotation in progress (des.rotate finishes it)."""
+        new = self.url(self._new_key())
+        rec = self.state.catalog.get_des(self.des.name)
+        self.state.catalog.update_des(rec.name, key_url=new, active_key=new,
+                                      previous_keys=tuple(dict.fromkeys((*rec.previous_keys, rec.active_key))))
+        self.des = self.state.catalog.get_des(rec.name)
+        return new
+
+    def stop(self):
+        self.kmip.stop()
+        self.stopped = True
+
+    def start(self):
+        if getattr(self, "stopped", False):
+            self.kmip.start()
+            self.stopped = False
+
+    def deny(self):
+        # the host's client certificate is now one the server gives no access to this key
+        self.cert.write_bytes(self.other[0].read_bytes())
+        self.key.write_bytes(self.other[1].read_bytes())
+
+    def allow(self):
+        self.cert.write_bytes(self.saved[0])
+        self.key.write_bytes(self.saved[1])
+
+    def _uids(self):
+        rec = self.state.catalog.get_des(self.des.name)
+        return {u.rsplit("/", 1)[1] for u in (rec.key_url, rec.active_key, *rec.previous_keys)}
+
+    def disable(self):
+        from kmip.core.enums import RevocationReasonCode
+        c = self._admin()
+        try:
+            for uid in self._uids():
+                c.revoke(RevocationReasonCode.CESSATION_OF_OPERATION, uid)
+        finally:
+            c.close()
+
+    def delete(self) -> type:
+        self.disable()
+        c = self._admin()
+        try:
+            for uid in self._uids():
+                c.destroy(uid)
+        finally:
+            c.close()
+        return KeyPurged
+
+    def cleanup(self):
+        self.start()
+        self.allow()
+
+
+@pytest.fixture(scope="module")
+def kmip_server(tmp_path_factory):
+    k = KmipProcess(tmp_path_factory.mktemp("kmip")).start()
+    yield k
+    k.stop()
+
+
+PROVIDERS = ["platform-file", "platform-pkcs11", "vault-rsa", "vault-rsa-hsm", "transit", "pkcs11", "kmip"]
 
 
 #: the providers a disk encryption set can name (the mount tests run over these)
-DES_PROVIDERS = ["transit", "pkcs11"]
+DES_PROVIDERS = ["transit", "pkcs11", "kmip"]
 
 
 def make_harness(kind: str, request, tmp_path: Path) -> Harness:
@@ -360,6 +468,8 @@ def make_harness(kind: str, request, tmp_path: Path) -> Harness:
         h = VaultHarness(state, request.getfixturevalue("hsm_vault"), "RSA-HSM")
     elif kind == "transit":
         h = TransitHarness(state, request.getfixturevalue("bao"), tmp_path)
+    elif kind == "kmip":
+        h = KmipHarness(state, request.getfixturevalue("kmip_server"), tmp_path)
     elif kind == "pkcs11":
         h = Pkcs11Harness(state, request.getfixturevalue("softhsm_env"), tmp_path)
     else:

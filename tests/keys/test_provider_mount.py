@@ -4,7 +4,8 @@ A DES on the provider's key (its real server), a disk on it, ext4 and files; rot
 re-wrap (no data rewritten); remount, contents intact. Then with the disk held open: the key
 disabled -> EIO within the check interval plus one second; enabled -> serving; access removed
 -> EIO; restored -> serving; the server gone -> still serving from the cached key (grace
-period); finally a remount, fsck and every file back."""
+period); a remount, fsck and every file back. A provider whose revocation is final (KMIP Revoke)
+is revoked last: EIO within the bound."""
 from __future__ import annotations
 
 import errno
@@ -46,6 +47,12 @@ def until(pred, timeout_s):
             return time.monotonic() - t0
         time.sleep(0.02)
     return None
+
+
+def assert_stops(fd: int, what: str) -> None:
+    """I/O on ``fd`` answers EIO within the bound (the check interval plus one second)."""
+    t = until(lambda: probe(fd) == errno.EIO, BOUND_S + 2)
+    assert t is not None and t <= BOUND_S, f"I/O still served {t} s after {what}"
 
 
 @pytest.fixture
@@ -91,18 +98,20 @@ def test_disk_on_provider_end_to_end(root, des_harness):
         fd = os.open(m.disk("d1"), os.O_RDWR | os.O_DIRECT)
         try:
             assert probe(fd) == 0
-            # disabled -> EIO within the bound; enabled -> back
-            h.disable()
-            t = until(lambda: probe(fd) == errno.EIO, BOUND_S + 2)
-            assert t is not None and t <= BOUND_S, f"I/O still served {t} s after the key was disabled"
-            h.enable()
-            assert until(lambda: probe(fd) == 0, BOUND_S + 2) is not None
+            expected = []
+            if h.reversible_disable:
+                # disabled -> EIO within the bound; enabled -> back
+                h.disable()
+                assert_stops(fd, "the key was disabled")
+                h.enable()
+                assert until(lambda: probe(fd) == 0, BOUND_S + 2) is not None
+                expected.append("KeyDisabled")
             # access removed -> EIO; given back -> serving
             h.deny()
-            t = until(lambda: probe(fd) == errno.EIO, BOUND_S + 2)
-            assert t is not None and t <= BOUND_S, f"I/O still served {t} s after access was removed"
+            assert_stops(fd, "access was removed")
             h.allow()
             assert until(lambda: probe(fd) == 0, BOUND_S + 2) is not None
+            expected.append("KeyAccessDenied")
             # the server away: not a revocation; I/O goes on from the cached key
             if h.has_server:
                 h.stop()
@@ -123,9 +132,19 @@ def test_disk_on_provider_end_to_end(root, des_harness):
             assert sh("fsck.ext4", "-n", "-f", dev, check=False).returncode == 0
             with mounted_fs(dev, root / "fs") as fs:
                 assert {n: (fs / n).read_bytes() for n in files} == files
+        if not h.reversible_disable:
+            # a final revocation (KMIP Revoke): the mounted disk stops within the bound, for good
+            fd = os.open(m.disk("d1"), os.O_RDWR | os.O_DIRECT)
+            try:
+                assert probe(fd) == 0
+                h.disable()
+                assert_stops(fd, "the key was revoked")
+                expected.append("KeyDisabled")
+            finally:
+                os.close(fd)
         events = [json.loads(line) for line in (state.logs_dir / "key-events.jsonl").read_text().splitlines()]
         revoked = [e["reason"] for e in events if e["event"] == "KeyRevoked"]
-        assert revoked == ["KeyDisabled", "KeyAccessDenied"]
-        assert sum(e["event"] == "KeyRestored" for e in events) == 2
+        assert revoked == expected
+        assert sum(e["event"] == "KeyRestored" for e in events) == len(expected) - (not h.reversible_disable)
     finally:
         m.stop()

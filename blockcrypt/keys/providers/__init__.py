@@ -6,6 +6,7 @@
 - ``transit``   customer-managed keys in an OpenBao/HashiCorp Vault transit engine (derived AES-GCM)
 - ``pkcs11``    AES-256 keys in a PKCS#11 token (RFC 7512 URIs): DES keys, and the platform key store's
                 token backend (platform.py)
+- ``kmip``      customer-managed symmetric keys on a KMIP server (Encrypt/Decrypt, client certificates)
 
 Caveat: a provider module imports its SDK lazily, so listing providers needs none of them.
 """
