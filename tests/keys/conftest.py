@@ -478,6 +478,37 @@ def make_harness(kind: str, request, tmp_path: Path) -> Harness:
     return h
 
 
+HARNESS_CLASSES = {"platform-file": PlatformFileHarness, "platform-pkcs11": PlatformPkcs11Harness,
+                   "vault-rsa": VaultHarness, "vault-rsa-hsm": VaultHarness, "transit": TransitHarness,
+                   "kmip": KmipHarness, "pkcs11": Pkcs11Harness}
+
+
+def capable(kind: str, action: str) -> bool:
+    """Whether the provider's harness can do an operator action (stop, deny, disable, delete):
+    it overrides the base class's, which has no analogue to offer."""
+    return getattr(HARNESS_CLASSES[kind], action) is not getattr(Harness, action)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A case marked ``needs(action)`` exists only for the providers that have that action (a key
+    file has no server to stop): such pairs are not generated, rather than skipped."""
+    keep, drop = [], []
+    for item in items:
+        m = item.get_closest_marker("needs")
+        kind = getattr(item, "callspec", None) and item.callspec.params.get("harness")
+        if m is not None and kind and not capable(kind, m.args[0]):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(action): the case needs that operator action of the provider")
+
+
 @pytest.fixture(params=PROVIDERS)
 def harness(request, tmp_path):
     h = make_harness(request.param, request, tmp_path)

@@ -116,6 +116,7 @@ def test_status(harness):
     assert s.kek_id == w.kek_id
 
 
+@pytest.mark.needs("stop")
 def test_unavailable_is_transient(harness):
     dek = new_dek()
     w = harness.prov.wrap(harness.ref, dek, ctx())
@@ -131,6 +132,7 @@ def test_unavailable_is_transient(harness):
     assert harness.prov.unwrap(w, ctx()) == dek
 
 
+@pytest.mark.needs("deny")
 def test_access_denied(harness):
     dek = new_dek()
     w = harness.prov.wrap(harness.ref, dek, ctx())
@@ -144,6 +146,7 @@ def test_access_denied(harness):
     assert harness.prov.unwrap(w, ctx()) == dek
 
 
+@pytest.mark.needs("disable")
 def test_disabled(harness):
     dek = new_dek()
     w = harness.prov.wrap(harness.ref, dek, ctx())
@@ -159,6 +162,7 @@ def test_disabled(harness):
         assert harness.prov.unwrap(w, ctx()) == dek
 
 
+@pytest.mark.needs("delete")
 def test_deleted(harness):
     w = harness.prov.wrap(harness.ref, new_dek(), ctx())
     expected = harness.delete()
