@@ -4,6 +4,14 @@ The disk headers are the source of truth for geometry and keys; the catalog
 maps names to disk files and can be rebuilt from the headers
 (``blockcrypt catalog rebuild``).
 
+Disk files belong to their state directory: the catalog stores their paths
+relative to it (``disks/<id>.img``) and ``DiskRecord.path`` is that path
+resolved against the catalog's own directory, so a copied state directory
+(``cp -a prod copy``) acts on its own copies of the files, never on the
+original's. A catalog of an older release (absolute paths) is converted on
+first open: each absolute path becomes ``disks/<file name>`` of this state
+directory.
+
 Caveat: one SQLite connection per thread (WAL mode), so the multi-threaded
 FUSE daemon and CLI processes can read it concurrently; writers serialize.
 """
@@ -95,7 +103,21 @@ class DesRecord:
 class Catalog:
     def __init__(self, db_path: Path):
         self.db_path = Path(db_path)
+        self.state_dir = self.db_path.parent.absolute()
         self._local = threading.local()
+
+    def _stored_path(self, path: str) -> str:
+        """The path as the catalog stores it: relative to the state directory."""
+        p = Path(path)
+        if not p.is_absolute():
+            return p.as_posix()
+        try:
+            return p.absolute().relative_to(self.state_dir).as_posix()
+        except ValueError:
+            return f"disks/{p.name}"  # a file outside this state directory is not ours: ours is disks/NAME
+
+    def _resolved_path(self, stored: str) -> str:
+        return str(self.state_dir / stored)
 
     def _conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
@@ -124,6 +146,13 @@ class Catalog:
                 for table, col, decl in self.ADDED_COLUMNS:
                     if col not in have:
                         c.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                absolute = c.execute("SELECT name, path FROM disks WHERE path LIKE '/%'").fetchall()
+                if absolute:  # an older catalog, or one copied from another state directory
+                    c.execute("BEGIN IMMEDIATE")
+                    for r in absolute:
+                        c.execute("UPDATE disks SET path = ? WHERE name = ?",
+                                  (self._stored_path(r["path"]), r["name"]))
+                    c.execute("COMMIT")
         except sqlite3.Error as e:
             raise StateError(path=str(self.db_path), why=f"catalog cannot be upgraded ({e})") from None
         self._migrated = True
@@ -145,9 +174,9 @@ class Catalog:
         else:
             c.execute("COMMIT")
 
-    @staticmethod
-    def _rec(row) -> DiskRecord:
-        return DiskRecord(row["name"], row["disk_id"], row["size"], row["sector_size"], row["path"],
+    def _rec(self, row) -> DiskRecord:
+        return DiskRecord(row["name"], row["disk_id"], row["size"], row["sector_size"],
+                          self._resolved_path(row["path"]),
                           row["kind"], bool(row["read_only"]), row["encryption_type"], row["created"],
                           row["des"], row["revocation"])
 
@@ -169,13 +198,15 @@ class Catalog:
         c = conn or self._conn()
         try:
             c.execute("INSERT INTO disks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                      (rec.name, rec.disk_id, rec.size, rec.sector_size, rec.path, rec.kind,
+                      (rec.name, rec.disk_id, rec.size, rec.sector_size, self._stored_path(rec.path), rec.kind,
                        int(rec.read_only), rec.encryption_type, rec.created, rec.des, rec.revocation))
         except sqlite3.IntegrityError:
             raise AlreadyExists(kind="disk", name=rec.name) from None
 
     def update_disk(self, name: str, conn=None, **fields) -> None:
         c = conn or self._conn()
+        if "path" in fields:
+            fields["path"] = self._stored_path(fields["path"])
         cols = ", ".join(f"{k} = ?" for k in fields)
         c.execute(f"UPDATE disks SET {cols} WHERE name = ?", (*fields.values(), name))
 

@@ -59,6 +59,10 @@ def open_backing(path: str, name: str, writable: bool = True) -> LocalFileBackin
         return LocalFileBacking(path, writable=writable)
     except FileNotFoundError:
         raise CorruptHeader(name=name, why=f"disk file {path} is missing") from None
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise CorruptHeader(name=name, why=f"disk file {path} is not a regular file") from None
+        raise
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import errno
 
-from ..errors import CorruptHeader, IntegrityError, NativeMissing, NoSpace, OutOfRange, ReadOnly
+from ..errors import Busy, CorruptHeader, IntegrityError, NativeMissing, NoSpace, OutOfRange, ReadOnly
 from ..format import Layout, read_header
 from ..storage import LocalFileBacking
 
@@ -62,6 +62,13 @@ class Volume:
                                            layers=list(layers), cache=cache)
         except FileNotFoundError:
             raise CorruptHeader(name=self.name, why=f"disk file {path} is missing") from None
+        except OSError as e:
+            if e.errno == errno.EBUSY:  # the engine's writer lock (native/engine/bc_storage_local.c)
+                raise Busy(f"disk {self.name!r} is open for writing by another process (a mount, another "
+                           f"state directory or another host sharing {path}); close it there first") from None
+            if e.errno == errno.EINVAL:
+                raise CorruptHeader(name=self.name, why=f"disk file {path} is not a regular file") from None
+            raise
 
     # -- errors -----------------------------------------------------------------------
     def _raise(self, e: OSError):

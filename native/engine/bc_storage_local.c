@@ -11,6 +11,16 @@
  * buffer) goes through the buffered descriptor, and the kernel keeps the two
  * coherent. A direct call the kernel refuses with EINVAL is retried buffered.
  *
+ * A writable open takes an exclusive open-file-description lock (F_OFD_SETLK, F_WRLCK)
+ * on the whole file and keeps it until close: a second writer (another mount, another
+ * state directory holding the same file, another host on a shared file system) gets
+ * -EBUSY instead of interleaving its writes. Readers take no lock. OFD locks are
+ * independent of the flock() that header updates take, so a header rewrite (key
+ * rotation) still runs while a mount has the disk open.
+ *
+ * The open is non-blocking (a FIFO or device in place of the disk file gets -EINVAL
+ * at once instead of hanging); anything but a regular file is refused.
+ *
  * Caveats: a file system without O_DIRECT (tmpfs before Linux 6.6) makes the
  * BC_CACHE_NONE open fail with its errno; the caller chooses what to do.
  */
@@ -216,7 +226,7 @@ int bc_storage_local_open(const char *path, int writable, int cache, const struc
     l->fd = l->dfd = -1;
     l->writable = writable ? 1 : 0;
     int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
-    l->fd = open(path, flags);
+    l->fd = open(path, flags | O_NONBLOCK | O_NOCTTY);
     if (l->fd < 0) {
         int e = errno;
         free(l);
@@ -228,6 +238,13 @@ int bc_storage_local_open(const char *path, int writable, int cache, const struc
         e = errno;
     else if (!S_ISREG(st.st_mode))
         e = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+    else if (fcntl(l->fd, F_SETFL, fcntl(l->fd, F_GETFL) & ~O_NONBLOCK) != 0)
+        e = errno;
+    else if (writable) {
+        struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+        if (fcntl(l->fd, F_OFD_SETLK, &fl) != 0 && (errno == EAGAIN || errno == EACCES))
+            e = EBUSY;  /* another writer holds it; file systems without locks are not refused */
+    }
     if (e != 0) {
         local_close(l);
         return -e;

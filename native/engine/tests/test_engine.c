@@ -507,6 +507,25 @@ static void test_new_volume(void)
     char missing[4300];
     snprintf(missing, sizeof missing, "%s/missing", g_dir);
     CHECK_RC(bc_storage_local_open(missing, 1, BC_CACHE_BUFFERED, &ops, &ctx), -ENOENT);
+
+    /* one writer at a time (an OFD lock on the file); readers are not locked out */
+    REQUIRE(bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops, &ctx) == 0, "writer");
+    const struct bc_storage_ops *ops2;
+    void *ctx2;
+    CHECK_RC(bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops2, &ctx2), -EBUSY);
+    REQUIRE(bc_storage_local_open(path, 0, BC_CACHE_BUFFERED, &ops2, &ctx2) == 0, "reader beside a writer");
+    ops2->close(ctx2);
+    ops->close(ctx);
+    REQUIRE(bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops, &ctx) == 0, "writer after close");
+    ops->close(ctx);
+
+    /* a FIFO in place of the disk file is refused at once, not waited on */
+    char fifo[4300];
+    snprintf(fifo, sizeof fifo, "%s/fifo", g_dir);
+    REQUIRE(mkfifo(fifo, 0600) == 0, "mkfifo");
+    CHECK_RC(bc_storage_local_open(fifo, 0, BC_CACHE_BUFFERED, &ops, &ctx), -EINVAL);
+    CHECK_RC(bc_storage_local_open(fifo, 1, BC_CACHE_BUFFERED, &ops, &ctx), -EINVAL);
+    unlink(fifo);
 }
 
 /* ---- 3. random operations against a byte-array model ------------------------------- */
