@@ -214,6 +214,13 @@ def disk_copy(c: Ctx, src, dst, des_name, as_json):
 def disk_delete(c: Ctx, name, as_json):
     """Delete a disk and its file (its key dies with it)."""
     from ..control import disks
+    from ..errors import Busy
+    from ..mount.daemon import mount_with_disk_open
+    rec = c.state.catalog.get_disk(name)
+    mp = mount_with_disk_open(c.state, name, rec.disk_id)
+    if mp is not None:
+        raise Busy(f"disk {name!r} is open in the mount at {mp}; close it there (or "
+                   f"`blockcrypt umount {mp}`) and delete it then")
     rec = disks.delete(c.state, name)
     emit({"deleted": rec.name, "id": rec.disk_id}, as_json, f"deleted disk {rec.name}")
 

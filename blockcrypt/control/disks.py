@@ -17,7 +17,7 @@ from pathlib import Path
 from .._util.clock import now_iso
 from ..catalog import DiskRecord, check_name
 from ..crypto import ALG_NULL
-from ..errors import AlreadyExists, BadSize, BlockcryptError, CorruptHeader, NoSpace, Refused, StateError, UsageError
+from ..errors import AlreadyExists, BadSize, BlockcryptError, Busy, CorruptHeader, NoSpace, Refused, StateError, UsageError
 from ..format import ROLE_DATA, ROLE_INFRA, Header, Layout, header_copy_state, read_header, write_header
 from ..format.layout import FEATURE_SECTOR_META
 from ..keys.envelope import DATA_ALG, INFRA_ALG, unwrap_layer, wrap_new_layer
@@ -186,10 +186,28 @@ def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str =
 
 
 def delete(st, name: str) -> DiskRecord:
+    """Remove the disk from the catalog and unlink its file. Refused while anyone has the file
+    open for writing (the engine's writer lock, held here until the file is gone, so no writer
+    opens it in between); the CLI also refuses a disk open in a mount of this state directory."""
     rec = st.catalog.get_disk(name)
-    with st.catalog.transaction() as c:
-        st.catalog.delete_disk(name, c)
-    Path(rec.path).unlink(missing_ok=True)
+    try:
+        b = LocalFileBacking(rec.path, writable=True)
+    except FileNotFoundError:
+        b = None
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # not a regular file: nothing writes it; it goes
+            raise StateError(path=str(st.path), why=f"cannot open the file of disk {name!r} ({e.strerror})") from None
+        b = None
+    try:
+        if b is not None and not b.lock_writer():
+            raise Busy(f"disk {name!r} is open for writing (in a mount, or by another state directory or host); "
+                       "close it there first")
+        with st.catalog.transaction() as c:
+            st.catalog.delete_disk(name, c)
+        Path(rec.path).unlink(missing_ok=True)
+    finally:
+        if b is not None:
+            b.close()
     return rec
 
 

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import stat
+import struct
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -80,6 +81,19 @@ class LocalFileBacking:
 
     def lock(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def lock_writer(self) -> bool:
+        """Take the writer lock the engine takes on a writable open (an OFD write lock on the
+        whole file, native/engine/bc_storage_local.c), without waiting; False when another
+        writer holds it. Held until close."""
+        fl = struct.pack("@hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, fl)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
 
     def clone(self, dst_location: str) -> "LocalFileBacking":
         dst = LocalFileBacking(dst_location, True, create_mode=0o600)
