@@ -374,9 +374,34 @@ def _simple(cmd_name: str, help_text: str, fn, with_version: bool = False):
 
 
 _simple("rotate", "Make a new current version of the key.", lambda c, n, v: c.rotate_key(n))
-_simple("disable", "Disable the key (every operation on it is refused).",
-        lambda c, n, v: c.update_key(n, v, enabled=False), with_version=True)
-_simple("enable", "Enable the key.", lambda c, n, v: c.update_key(n, v, enabled=True), with_version=True)
+def _set_enabled(cmd_name: str, enabled: bool, help_text: str):
+    """``disable``/``enable``: every version of the key (the kill switch must not need to know
+    versions: disks wrapped under an older version stop too), or one with ``--version``."""
+    @click.argument("name")
+    @click.option("--version", help="only this version (default: every version of the key)")
+    @DIR_OPTION
+    @URL_OPTION
+    @JSON_OPTION
+    @friendly
+    def cmd(name, version, vault_dir, url, as_json):
+        c = _client(vault_dir, url)
+        versions = [version] if version else [it["kid"].rsplit("/", 1)[1] for it in c.list_versions(name)]
+        done = []
+        for v in versions:
+            b = c.update_key(name, v, enabled=enabled)
+            done.append({"version": v, "kid": b["key"]["kid"], "enabled": b["attributes"]["enabled"]})
+        out = b if version else c.call("GET", f"/keys/{name}/")
+        out = dict(out, versions=done)
+        what = "enabled" if enabled else "disabled"
+        _emit(out, as_json, "\n".join(f"{what} {d['kid']}" for d in done)
+              + f"\n{what} {len(done)} version(s) of key {name}")
+    cmd.__doc__ = help_text
+    key_grp.command(cmd_name)(cmd)
+
+
+_set_enabled("disable", False, "Disable every version of the key (or one, with --version): every "
+                               "operation on it is refused, and disks under it stop.")
+_set_enabled("enable", True, "Enable every version of the key (or one, with --version).")
 _simple("delete", "Soft-delete the key (recoverable until its scheduled purge date).",
         lambda c, n, v: c.delete_key(n))
 _simple("recover", "Recover a soft-deleted key.", lambda c, n, v: c.recover_key(n))
