@@ -226,6 +226,9 @@ class Catalog:
         self._conn().execute("INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
                              (key, value))
 
+    def delete_setting(self, key: str, conn=None) -> None:
+        (conn or self._conn()).execute("DELETE FROM meta WHERE k = ?", (key,))
+
     # -- disk encryption sets ----------------------------------------------------------------
     @staticmethod
     def _des(row) -> DesRecord:
