@@ -28,3 +28,24 @@ def test_disable_acts_on_every_version_and_says_so(shared_vault):
     assert st.pop(v1) is True and list(st.values()) == [False, False]
     out = json.loads(vault_cli("key", "enable", "ks-k", "--dir", d, "--json").stdout)
     assert len(out["versions"]) == 3 and all(_enabled(d, "ks-k").values())
+
+
+# --- M8: no serving with loose permissions ---------------------------------------------------
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+from vault_helpers import make_vault  # noqa: E402
+
+
+@pytest.mark.parametrize("what,mode", [("master.key", 0o644), ("", 0o755), ("server.key", 0o640)])
+def test_serve_refuses_loose_permissions(tmp_path, what, mode):
+    d = make_vault(tmp_path / "v")
+    p = d / what if what else d
+    os.chmod(p, mode)
+    r = vault_cli("serve", "--dir", d, "--listen", "127.0.0.1:0", check=False, timeout=30)
+    assert r.returncode == 10, (r.returncode, r.stdout, r.stderr)
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and "too open" in line and f"{mode:04o}" in line, r.stderr
+    assert not (d / "serve.json").exists()

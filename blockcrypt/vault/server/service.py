@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import ssl
 import sys
 import threading
@@ -521,11 +522,32 @@ def _refuse_if_served(vault_dir: Path) -> None:
         raise Busy(f"vault {vault_dir} is already served by pid {pid} at {info.get('url')}")
 
 
+#: what must be private to the vault's user: the directory and its secrets
+PRIVATE_FILES = ("", "master.key", "vault.db", "server.key", "ca.key", "admin.json")
+
+
+def refuse_loose_permissions(vault_dir: Path) -> None:
+    """Refuse to serve when the vault directory or a secret in it is open to group or others
+    (as the platform key store refuses): the master key unseals every key in the vault."""
+    for name in PRIVATE_FILES:
+        p = vault_dir / name if name else vault_dir
+        try:
+            mode = stat.S_IMODE(os.stat(p).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            from ...errors import StateError
+            want = "700" if not name else "600"
+            raise StateError(path=str(vault_dir), why=f"{p} has mode {mode:04o}, too open; the vault does not "
+                                                      f"serve with loose permissions (chmod {want} {p})")
+
+
 def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DEFAULT_TOKEN_TTL_SECONDS,
           public_url: str | None = None, hsm=None, verbose: bool = False, ready=None) -> None:
     """Run the vault until SIGTERM/SIGINT. Prints and writes (serve.json) its URL once listening."""
     host, port = parse_listen(listen)
     _refuse_if_served(Path(vault_dir))
+    refuse_loose_permissions(Path(vault_dir))
     store = Store(vault_dir)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     ctx = make_ssl_context(store.dir, store.tls_password)
