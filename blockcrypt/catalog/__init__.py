@@ -56,11 +56,11 @@ CREATE TABLE IF NOT EXISTS des (
 );
 """
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")   # the whole name (fullmatch: no trailing newline)
 
 
 def check_name(kind: str, name: str) -> str:
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UsageError(f"invalid {kind} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name

@@ -201,9 +201,15 @@ def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = F
         del layers
 
 
+#: the largest disk: its file (data offset included) must stay below 2**63 bytes (off_t)
+MAX_DISK_SIZE = (1 << 63) - (16 << 20)
+
+
 def _check_size(size: int, sector_size: int) -> None:
     if sector_size not in (512, 4096):
         raise UsageError(f"invalid sector size {sector_size}: use 512 or 4096")
+    if size > MAX_DISK_SIZE:
+        raise BadSize(value=size, why=f"larger than the largest disk ({MAX_DISK_SIZE} bytes, 8 EiB less 16 MiB)")
     if size % sector_size:
         raise BadSize(value=size, why=f"not a multiple of the sector size ({sector_size} bytes)")
 
@@ -366,6 +372,7 @@ def rebuild_catalog(st) -> dict:
                 except ValueError:
                     expect = None
                 h = read_header(b, path.name, expect_id=expect)
+            check_name("disk", h.name)  # a header's name reaches paths, the mount and hooks
         except BlockcryptError as e:
             bad.append({"path": str(path), "error": str(e)})
             continue
