@@ -160,19 +160,36 @@ class Catalog:
     _migrated = False
 
     def create(self) -> None:
-        self._conn().executescript(SCHEMA)
+        with self._writing():
+            self._conn().executescript(SCHEMA)
+
+    @contextmanager
+    def _writing(self):
+        """A catalog write that fails (a full state file system, an I/O error) is one StateError
+        line, never a traceback; SQLite has rolled it back, so nothing changed."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            if isinstance(e, sqlite3.IntegrityError):
+                raise
+            raise StateError(path=str(self.db_path.parent),
+                             why=f"the catalog cannot be written ({e}); nothing was changed") from None
 
     @contextmanager
     def transaction(self):
         c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        else:
-            c.execute("COMMIT")
+        with self._writing():
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+            except BaseException:
+                try:
+                    c.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # a failed statement may have ended the transaction already
+                raise
+            else:
+                c.execute("COMMIT")
 
     def _rec(self, row) -> DiskRecord:
         return DiskRecord(row["name"], row["disk_id"], row["size"], row["sector_size"],
@@ -223,11 +240,16 @@ class Catalog:
         return row["v"] if row else default
 
     def set_setting(self, key: str, value: str) -> None:
+        with self._writing():
+            self._set_setting(key, value)
+
+    def _set_setting(self, key: str, value: str) -> None:
         self._conn().execute("INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
                              (key, value))
 
     def delete_setting(self, key: str, conn=None) -> None:
-        (conn or self._conn()).execute("DELETE FROM meta WHERE k = ?", (key,))
+        with self._writing():
+            (conn or self._conn()).execute("DELETE FROM meta WHERE k = ?", (key,))
 
     # -- disk encryption sets ----------------------------------------------------------------
     @staticmethod

@@ -310,11 +310,17 @@ def resize(st, name: str, new_size: int) -> DiskRecord:
         _check_layout_size(new_size, Layout.of(h))
         try:
             b.set_size(Layout.of(h).backing_size(new_size))
+            new = write_header(b, h.evolve(size=new_size))
         except OSError as e:
+            if is_enospc(e):
+                raise NoSpace(name=name) from None
             raise BadSize(value=new_size, why=f"the backing file cannot grow ({e.strerror})") from None
-        write_header(b, h.evolve(size=new_size))
-    with st.catalog.transaction() as c:
-        st.catalog.update_disk(name, c, size=new_size)
+        try:
+            with st.catalog.transaction() as c:
+                st.catalog.update_disk(name, c, size=new_size)
+        except BlockcryptError:
+            write_header(b, new.evolve(size=h.size))  # header and catalog keep agreeing on the old size
+            raise
     return st.catalog.get_disk(name)
 
 
