@@ -98,7 +98,7 @@ def _local_audit(store, operation: str, detail: str) -> None:
     from ..vault.server import audit
     with store.tx() as c:
         audit.append(c, {"identity": "local", "operation": operation, "status": 200, "result": "ok",
-                         "detail": detail})
+                         "detail": detail}, store.audit_key)
 
 
 @vault.group("identity")
@@ -260,7 +260,9 @@ def audit_verify(ctx, vault_dir, as_json):
     if as_json:
         click.echo(json.dumps(res, sort_keys=True))
     elif res["ok"]:
-        click.echo(f"audit log intact: {res['records']} records, head {res['head']}")
+        click.echo(f"audit log intact: {res['records']} records, head {res['head']} (keyed chain; "
+                   "keep the head elsewhere to detect a cut tail)"
+                   + (f"; the first {res['unkeyed']} records predate the keyed chain" if res["unkeyed"] else ""))
     if not res["ok"]:
         raise AuditBroken(seq=res["bad_seq"], why=res["why"])
 

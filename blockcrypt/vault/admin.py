@@ -88,7 +88,7 @@ def init_vault(vault_dir: str | os.PathLike, *, sku: str = "standard", retention
         with store.tx() as c:
             audit.append(c, {"identity": "local", "operation": "VaultInit", "result": "ok",
                              "detail": f"sku={sku} retention_days={retention_days} "
-                                       f"purge_protection={bool(purge_protection)}"})
+                                       f"purge_protection={bool(purge_protection)}"}, store.audit_key)
     finally:
         store.close()
     marker.unlink()

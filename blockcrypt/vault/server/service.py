@@ -146,14 +146,15 @@ class VaultApp:
     def audit(self, fields: dict) -> None:
         try:
             with self.store.tx() as c:
-                audit.append(c, fields)
+                audit.append(c, fields, self.store.audit_key)
         except Exception as e:  # the audit must never take the service down; say so loudly
             print(f"vault: audit append failed: {e}", file=sys.stderr, flush=True)
 
     def sweep(self) -> None:
         def on_purge(c, name):
             audit.append(c, {"identity": "system", "operation": "KeyAutoPurge", "key": name, "status": 204,
-                             "result": "ok", "detail": "retention period lapsed"})
+                             "result": "ok", "detail": "retention period lapsed"},
+                         self.store.audit_key)
         try:
             self.ops.sweep(on_purge=on_purge)
         except Exception as e:
@@ -254,7 +255,7 @@ class Handler(BaseHTTPRequestHandler):
             def on_commit(c, result):  # a change and its audit record commit together
                 _note_version(fields, result)
                 fields.update(status=r.status, result="ok")
-                audit.append(c, _done(fields, started))
+                audit.append(c, _done(fields, started), self.app.store.audit_key)
                 committed.append(True)
             result = r.call(body, on_commit)
             if not committed:  # a read: audit it before answering
