@@ -77,9 +77,16 @@ def init_cmd(vault_dir, sku, retention_days, purge_protection, san, cert_file, k
 @click.option("--hsm-token", envvar="BLOCKCRYPT_VAULT_HSM_TOKEN", help="PKCS#11 token label")
 @click.option("--hsm-pin-file", envvar="BLOCKCRYPT_VAULT_HSM_PIN_FILE", type=click.Path(dir_okay=False),
               help="file holding the token user PIN")
+@click.option("--max-connections", type=click.IntRange(1, 100000), default=512, show_default=True,
+              help="connections served at once; more are closed at accept")
+@click.option("--max-per-client", type=click.IntRange(1, 100000), default=64, show_default=True,
+              help="connections from one client address")
+@click.option("--request-timeout", type=click.FloatRange(0.5, 3600), default=30, show_default=True,
+              help="seconds a request's headers and body may take to arrive")
 @click.option("--verbose", is_flag=True)
 @friendly
-def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_token, hsm_pin_file, verbose):
+def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_token, hsm_pin_file,
+              max_connections, max_per_client, request_timeout, verbose):
     """Serve the vault over HTTPS until SIGTERM/SIGINT (prints and writes its URL to serve.json)."""
     from ..vault.server.service import parse_listen, serve
     parse_listen(listen)
@@ -89,7 +96,8 @@ def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_
         if not hsm_token or not hsm_pin_file:
             raise UsageError("--hsm-module needs --hsm-token and --hsm-pin-file")
         hsm = open_hsm(hsm_module, hsm_token, hsm_pin_file)
-    serve(vault_dir, listen, token_ttl_seconds=token_ttl_seconds, public_url=public_url, hsm=hsm, verbose=verbose)
+    serve(vault_dir, listen, token_ttl_seconds=token_ttl_seconds, public_url=public_url, hsm=hsm, verbose=verbose,
+          max_connections=max_connections, max_per_client=max_per_client, request_timeout=request_timeout)
 
 
 # -- identities and policies --------------------------------------------------------------
