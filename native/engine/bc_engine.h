@@ -88,6 +88,21 @@ enum { BC_CACHE_BUFFERED = 0, BC_CACHE_NONE = 1 };
 int bc_storage_local_open(const char *path, int writable, int cache,
                           const struct bc_storage_ops **ops, void **ctx);
 
+/* A fault-injecting backend wrapping another (tests, `make fuzz`): each read, write and
+ * flush fails with probability 1/one_in (0: never) with the errno picked from errs (EIO,
+ * ENOSPC, ...); a failing write may first write a prefix of its buffer (a short write);
+ * a seeded PRNG makes a run repeatable. It takes ownership of the inner backend (closed
+ * with it). Counters say what was injected. */
+struct bc_fault_plan {
+    uint64_t seed;
+    uint32_t read_one_in, write_one_in, flush_one_in;
+    int errs[4];             /* positive errnos, 0-terminated; {EIO} when empty */
+    int short_writes;        /* a failing write first writes a random prefix */
+};
+struct bc_fault_counts { _Atomic uint64_t reads, writes, flushes, short_writes; };
+int bc_storage_faulty_wrap(const struct bc_storage_ops *inner, void *inner_ctx, const struct bc_fault_plan *plan,
+                           struct bc_fault_counts *counts, const struct bc_storage_ops **ops, void **ctx);
+
 /* ---- sector layers ------------------------------------------------------------------ */
 struct bc_layer_ops {
     const char *name;           /* "aes-xts-plain64", "null", ... */
