@@ -12,9 +12,7 @@ import random
 import sqlite3
 import time
 
-import requests
-
-from vault_helpers import tls_context, vault_cli
+from vault_helpers import identity_token, tls_context, vault_cli
 
 SECONDS = float(os.environ.get("BLOCKCRYPT_FUZZ_SECONDS", "8"))
 STATE_TABLES = ("keys", "key_versions", "identities", "policies", "deleted_keys")
@@ -42,21 +40,12 @@ def _state(db):
                 for t in _existing_tables(db) if t not in ("audit",) and not t.startswith("sqlite")}
 
 
-def _token(v, ident):
-    r = requests.post(f"{v.url}/{ident['tenant_id']}/oauth2/v2.0/token",
-                      data={"grant_type": "client_credentials", "client_id": ident["client_id"],
-                            "client_secret": ident["client_secret"], "scope": f"{v.url}/.default"},
-                      verify=str(v.dir / "ca.pem"), timeout=10)
-    r.raise_for_status()
-    return r.json()["access_token"]
-
-
 def test_rest_surface_fuzz(vault_factory):
     v = vault_factory()
     vault_cli("key", "create", "k1", "--dir", v.dir)
     ident = json.loads(vault_cli("identity", "create", "nobody", "--dir", v.dir, "--json").stdout)
     ident.setdefault("tenant_id", v.admin()["tenant_id"])
-    tok = _token(v, ident)
+    tok = identity_token(v, ident)
     before = _state(v.dir / "vault.db")
     rng = random.Random(int(os.environ.get("BLOCKCRYPT_FUZZ_SEED", "15")))
     deadline = time.monotonic() + SECONDS
