@@ -175,6 +175,9 @@ class KeyMonitor:
             self.notices[od.disk_id] = msg
             return True
         vol.revoke(err)
+        drop = getattr(self.fs, "drop_cache", None)
+        if drop is not None:  # no plaintext stays readable from the kernel's page cache or an mmap
+            drop(od.name)
         log.error("disk %s: %s; its key is wiped from memory and its I/O stopped", od.name, err)
         record_event(self.st, {"event": "KeyRevoked", "disk": od.name, "diskId": od.disk_id, "des": rec.des,
                                "reason": err.reason, "message": str(err)})

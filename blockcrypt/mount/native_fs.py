@@ -153,6 +153,15 @@ class NativeFS(FrontEndStatus):
         self._changed()
         return vol.engine
 
+    def drop_cache(self, name: str) -> None:
+        session = getattr(self, "_session", None)
+        if session is None:
+            return
+        try:
+            session.drop_cache(name)
+        except OSError as e:
+            log.warning("disk %s: the kernel's cached pages could not be dropped (%s)", name, e)
+
     def _closed(self, name: str) -> None:
         with self._lock:
             od = self._open.pop(name, None)
