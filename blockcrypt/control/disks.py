@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -270,6 +271,10 @@ def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str =
     return rec
 
 
+#: how long `disk delete` waits for a writer that is closing the disk (seconds)
+CLOSING_WAIT_S = 2.0
+
+
 def delete(st, name: str) -> DiskRecord:
     """Remove the disk from the catalog and unlink its file. Refused while anyone has the file
     open for writing (the engine's writer lock, held here until the file is gone, so no writer
@@ -284,6 +289,10 @@ def delete(st, name: str) -> DiskRecord:
             raise StateError(path=str(st.path), why=f"cannot open the file of disk {name!r} ({e.strerror})") from None
         b = None
     try:
+        # the kernel releases a just-closed handle asynchronously: give a closing writer a moment
+        deadline = time.monotonic() + CLOSING_WAIT_S
+        while b is not None and not b.lock_writer() and time.monotonic() < deadline:
+            time.sleep(0.05)
         if b is not None and not b.lock_writer():
             raise Busy(f"disk {name!r} is open for writing (in a mount, or by another state directory or host); "
                        "close it there first")
