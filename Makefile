@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STATE   ?= $(CURDIR)/demo-state
 
-.PHONY: all deps test-deps venv build test demo demo-clean bench bench-quick clean
+.PHONY: all deps test-deps venv build test fuzz demo demo-clean bench bench-quick clean
 
 all: build
 
@@ -28,6 +28,14 @@ test-deps:
 test: test-deps build
 	$(MAKE) -C native test sanitize
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# the fuzzers of `make test` (header parser, vault REST surface; 8 s each there), for
+# FUZZ_SECONDS each (default 300), with a seed per run (FUZZ_SEED)
+FUZZ_SECONDS ?= 300
+FUZZ_SEED    ?= $(shell date +%s)
+fuzz: test-deps build
+	BLOCKCRYPT_FUZZ_SECONDS=$(FUZZ_SECONDS) BLOCKCRYPT_FUZZ_SEED=$(FUZZ_SEED) \
+	    $(VENV)/bin/pytest -q tests/fuzz tests/vault/test_fuzz_rest.py
 
 demo: build
 	STATE=$(STATE) VENV=$(VENV) bash scripts/demo.sh

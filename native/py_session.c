@@ -8,6 +8,7 @@
  *       dirs: the top-level directory names (default ("disks",))
  *   .set_disk(path, size, mode=0o600, uid=0, gid=0, read_only=False, backing_path=None)
  *   .remove_disk(path)                          FileNotFoundError for an unknown path
+ *   .drop_cache(path)                           the kernel drops the disk's cached pages
  *   .disk_state(path) -> {"handles", "errors", "lastErrno", "open"}
  *       path: "<dir>/<name>", or a bare "<name>" in the first directory
  *   .loop()    serves with the GIL released until unmounted or .exit(); unmounts on return
@@ -483,7 +484,9 @@ static PyObject *Session_set_disk(SessionObject *self, PyObject *args, PyObject 
     return ret;
 }
 
-static PyObject *Session_remove_disk(SessionObject *self, PyObject *arg)
+/* A call on one disk by name, with the GIL released: None, or OSError naming `what`. */
+static PyObject *by_name(SessionObject *self, PyObject *arg, int (*fn)(struct bc_session *, const char *),
+                         const char *what)
 {
     PyObject *name = NULL;
     if (!PyUnicode_FSConverter(arg, &name))
@@ -495,13 +498,23 @@ static PyObject *Session_remove_disk(SessionObject *self, PyObject *arg)
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = bc_session_remove_disk(s, PyBytes_AS_STRING(name));
+    rc = fn(s, PyBytes_AS_STRING(name));
     Py_END_ALLOW_THREADS
     release(self);
     Py_DECREF(name);
     if (rc < 0)
-        return oserror(-rc, "remove_disk", arg);
+        return oserror(-rc, what, arg);
     Py_RETURN_NONE;
+}
+
+static PyObject *Session_remove_disk(SessionObject *self, PyObject *arg)
+{
+    return by_name(self, arg, bc_session_remove_disk, "remove_disk");
+}
+
+static PyObject *Session_drop_cache(SessionObject *self, PyObject *arg)
+{
+    return by_name(self, arg, bc_session_drop_cache, "drop_cache");
 }
 
 static PyObject *Session_disk_state(SessionObject *self, PyObject *arg)
@@ -564,6 +577,8 @@ static PyMethodDef Session_methods[] = {
     {"set_disk", (PyCFunction)(void (*)(void))Session_set_disk, METH_VARARGS | METH_KEYWORDS,
      "set_disk(name, size, mode=0o600, uid=0, gid=0, read_only=False, backing_path=None)\n--\n\n"
      "Add or update a disk of the tree (a new size also resizes its open volume)."},
+    {"drop_cache", (PyCFunction)Session_drop_cache, METH_O,
+     "drop_cache(name)\n--\n\nDrop the kernel's cached pages of a disk (after a revocation)."},
     {"remove_disk", (PyCFunction)Session_remove_disk, METH_O,
      "remove_disk(name)\n--\n\nRemove a disk from the tree; its open handles keep working."},
     {"disk_state", (PyCFunction)Session_disk_state, METH_O,

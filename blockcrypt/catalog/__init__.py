@@ -8,6 +8,14 @@ The disk headers are the source of truth for geometry and keys; the catalog
 maps names to disk files and can be rebuilt from the headers
 (``blockcrypt catalog rebuild``).
 
+Disk files belong to their state directory: the catalog stores their paths
+relative to it (``disks/<id>.img``) and ``DiskRecord.path`` is that path
+resolved against the catalog's own directory, so a copied state directory
+(``cp -a prod copy``) acts on its own copies of the files, never on the
+original's. A catalog of an older release (absolute paths) is converted on
+first open: each absolute path becomes ``disks/<file name>`` of this state
+directory.
+
 Caveat: one SQLite connection per thread (WAL mode), so the multi-threaded
 FUSE daemon and CLI processes can read it concurrently; writers serialize.
 """
@@ -54,11 +62,11 @@ CREATE TABLE IF NOT EXISTS des (
 );
 """
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")   # the whole name (fullmatch: no trailing newline)
 
 
 def check_name(kind: str, name: str) -> str:
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UsageError(f"invalid {kind} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name
@@ -103,7 +111,21 @@ class DesRecord:
 class Catalog:
     def __init__(self, db_path: Path):
         self.db_path = Path(db_path)
+        self.state_dir = self.db_path.parent.absolute()
         self._local = threading.local()
+
+    def _stored_path(self, path: str) -> str:
+        """The path as the catalog stores it: relative to the state directory."""
+        p = Path(path)
+        if not p.is_absolute():
+            return p.as_posix()
+        try:
+            return p.absolute().relative_to(self.state_dir).as_posix()
+        except ValueError:
+            return f"disks/{p.name}"  # a file outside this state directory is not ours: ours is disks/NAME
+
+    def _resolved_path(self, stored: str) -> str:
+        return str(self.state_dir / stored)
 
     def _conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
@@ -133,6 +155,13 @@ class Catalog:
                 for table, col, decl in self.ADDED_COLUMNS:
                     if col not in have:
                         c.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                absolute = c.execute("SELECT name, path FROM disks WHERE path LIKE '/%'").fetchall()
+                if absolute:  # an older catalog, or one copied from another state directory
+                    c.execute("BEGIN IMMEDIATE")
+                    for r in absolute:
+                        c.execute("UPDATE disks SET path = ? WHERE name = ?",
+                                  (self._stored_path(r["path"]), r["name"]))
+                    c.execute("COMMIT")
         except sqlite3.Error as e:
             raise StateError(path=str(self.db_path), why=f"catalog cannot be upgraded ({e})") from None
         self._migrated = True
@@ -140,23 +169,40 @@ class Catalog:
     _migrated = False
 
     def create(self) -> None:
-        self._conn().executescript(SCHEMA)
+        with self._writing():
+            self._conn().executescript(SCHEMA)
+
+    @contextmanager
+    def _writing(self):
+        """A catalog write that fails (a full state file system, an I/O error) is one StateError
+        line, never a traceback; SQLite has rolled it back, so nothing changed."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            if isinstance(e, sqlite3.IntegrityError):
+                raise
+            raise StateError(path=str(self.db_path.parent),
+                             why=f"the catalog cannot be written ({e}); nothing was changed") from None
 
     @contextmanager
     def transaction(self):
         c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        else:
-            c.execute("COMMIT")
+        with self._writing():
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+            except BaseException:
+                try:
+                    c.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # a failed statement may have ended the transaction already
+                raise
+            else:
+                c.execute("COMMIT")
 
-    @staticmethod
-    def _rec(row) -> DiskRecord:
-        return DiskRecord(row["name"], row["disk_id"], row["size"], row["sector_size"], row["path"],
+    def _rec(self, row) -> DiskRecord:
+        return DiskRecord(row["name"], row["disk_id"], row["size"], row["sector_size"],
+                          self._resolved_path(row["path"]),
                           row["kind"], bool(row["read_only"]), row["encryption_type"], row["created"],
                           row["des"], row["revocation"], row["source_id"], row["family_id"])
 
@@ -198,7 +244,7 @@ class Catalog:
         try:
             c.execute("INSERT INTO disks (name, disk_id, size, sector_size, path, kind, read_only, encryption_type, "
                       "created, des, revocation, source_id, family_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                      (rec.name, rec.disk_id, rec.size, rec.sector_size, rec.path, rec.kind,
+                      (rec.name, rec.disk_id, rec.size, rec.sector_size, self._stored_path(rec.path), rec.kind,
                        int(rec.read_only), rec.encryption_type, rec.created, rec.des, rec.revocation,
                        rec.source_id, rec.family_id))
         except sqlite3.IntegrityError:
@@ -206,6 +252,8 @@ class Catalog:
 
     def update_disk(self, name: str, conn=None, **fields) -> None:
         c = conn or self._conn()
+        if "path" in fields:
+            fields["path"] = self._stored_path(fields["path"])
         cols = ", ".join(f"{k} = ?" for k in fields)
         c.execute(f"UPDATE disks SET {cols} WHERE name = ?", (*fields.values(), name))
 
@@ -222,8 +270,16 @@ class Catalog:
         return row["v"] if row else default
 
     def set_setting(self, key: str, value: str) -> None:
+        with self._writing():
+            self._set_setting(key, value)
+
+    def _set_setting(self, key: str, value: str) -> None:
         self._conn().execute("INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
                              (key, value))
+
+    def delete_setting(self, key: str, conn=None) -> None:
+        with self._writing():
+            (conn or self._conn()).execute("DELETE FROM meta WHERE k = ?", (key,))
 
     # -- disk encryption sets ----------------------------------------------------------------
     @staticmethod

@@ -49,21 +49,20 @@ def init(c: Ctx, platform_keys, as_json):
 
 # --- disks ---------------------------------------------------------------------------
 
-def disk_json(st, rec) -> dict:
-    from ..control.disks import encryption_type, is_double, read_disk_header
+def disk_json(st, rec, check_keys: bool = False) -> dict:
+    from ..control.disks import encryption_type, health, is_double
     out = {
         "name": rec.name, "id": rec.disk_id, "kind": rec.kind, "sizeBytes": rec.size,
         "size": format_size(rec.size), "sectorSize": rec.sector_size, "readOnly": rec.read_only,
         "path": rec.path, "created": rec.created,
         "encryption": {"type": rec.encryption_type},
     }
-    try:
-        h = read_disk_header(rec)
-    except BlockcryptError as e:
-        out["health"] = "Corrupt"
-        out["error"] = str(e)
+    state, why, h = health(st, rec, check_keys=check_keys)
+    out["health"] = state
+    if why:
+        out["error"] = why
+    if h is None:
         return out
-    out["health"] = "Healthy"
     out["revocation"] = rec.revocation
     out["encryption"] = {"type": encryption_type(h), "cipher": h.cipher,
                          "doubleEncryption": is_double(h),
@@ -166,7 +165,7 @@ def disk_list(c: Ctx, as_json):
 @pass_ctx
 def disk_show(c: Ctx, name, as_json):
     """Show a disk, its encryption type and key layers (never key bytes)."""
-    d = disk_json(c.state, c.state.catalog.get_disk(name))
+    d = disk_json(c.state, c.state.catalog.get_disk(name), check_keys=True)
     if as_json:
         emit(d, True)
         return
@@ -244,6 +243,13 @@ def disk_copy(c: Ctx, src, dst, des_name, double, as_json):
 def disk_delete(c: Ctx, name, as_json):
     """Delete a disk and its file (its key dies with it)."""
     from ..control import disks
+    from ..errors import Busy
+    from ..mount.daemon import mount_with_disk_open
+    rec = c.state.catalog.get_disk(name)
+    mp = mount_with_disk_open(c.state, name, rec.disk_id)
+    if mp is not None:
+        raise Busy(f"disk {name!r} is open in the mount at {mp}; close it there (or "
+                   f"`blockcrypt umount {mp}`) and delete it then")
     rec = disks.delete(c.state, name)
     emit({"deleted": rec.name, "id": rec.disk_id}, as_json, f"deleted disk {rec.name}")
 
@@ -365,6 +371,11 @@ def pk_rotate(c: Ctx, as_json):
     r = rotate_platform_key(c.state, on_step=progress)
     emit(r, as_json, f"platform key now platform/{r['version']}: re-wrapped {len(r['rewrapped'])} disk(s), "
                      f"retired {len(r['retired'])} old version(s)")
+    if r["failed"]:
+        from ..errors import Refused
+        names = ", ".join(f"{n} ({e})" for n, e in sorted(r["failed"].items()))
+        raise Refused(f"{len(r['failed'])} disk(s) could not be re-wrapped and keep their old key version: "
+                      f"{names}; the other disks are rotated")
 
 
 @cli.group()

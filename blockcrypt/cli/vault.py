@@ -77,9 +77,16 @@ def init_cmd(vault_dir, sku, retention_days, purge_protection, san, cert_file, k
 @click.option("--hsm-token", envvar="BLOCKCRYPT_VAULT_HSM_TOKEN", help="PKCS#11 token label")
 @click.option("--hsm-pin-file", envvar="BLOCKCRYPT_VAULT_HSM_PIN_FILE", type=click.Path(dir_okay=False),
               help="file holding the token user PIN")
+@click.option("--max-connections", type=click.IntRange(1, 100000), default=512, show_default=True,
+              help="connections served at once; more are closed at accept")
+@click.option("--max-per-client", type=click.IntRange(1, 100000), default=64, show_default=True,
+              help="connections from one client address")
+@click.option("--request-timeout", type=click.FloatRange(0.5, 3600), default=30, show_default=True,
+              help="seconds a request's headers and body may take to arrive")
 @click.option("--verbose", is_flag=True)
 @friendly
-def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_token, hsm_pin_file, verbose):
+def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_token, hsm_pin_file,
+              max_connections, max_per_client, request_timeout, verbose):
     """Serve the vault over HTTPS until SIGTERM/SIGINT (prints and writes its URL to serve.json)."""
     from ..vault.server.service import parse_listen, serve
     parse_listen(listen)
@@ -89,7 +96,8 @@ def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_
         if not hsm_token or not hsm_pin_file:
             raise UsageError("--hsm-module needs --hsm-token and --hsm-pin-file")
         hsm = open_hsm(hsm_module, hsm_token, hsm_pin_file)
-    serve(vault_dir, listen, token_ttl_seconds=token_ttl_seconds, public_url=public_url, hsm=hsm, verbose=verbose)
+    serve(vault_dir, listen, token_ttl_seconds=token_ttl_seconds, public_url=public_url, hsm=hsm, verbose=verbose,
+          max_connections=max_connections, max_per_client=max_per_client, request_timeout=request_timeout)
 
 
 # -- identities and policies --------------------------------------------------------------
@@ -98,7 +106,7 @@ def _local_audit(store, operation: str, detail: str) -> None:
     from ..vault.server import audit
     with store.tx() as c:
         audit.append(c, {"identity": "local", "operation": operation, "status": 200, "result": "ok",
-                         "detail": detail})
+                         "detail": detail}, store.audit_key)
 
 
 @vault.group("identity")
@@ -260,7 +268,9 @@ def audit_verify(ctx, vault_dir, as_json):
     if as_json:
         click.echo(json.dumps(res, sort_keys=True))
     elif res["ok"]:
-        click.echo(f"audit log intact: {res['records']} records, head {res['head']}")
+        click.echo(f"audit log intact: {res['records']} records, head {res['head']} (keyed chain; "
+                   "keep the head elsewhere to detect a cut tail)"
+                   + (f"; the first {res['unkeyed']} records predate the keyed chain" if res["unkeyed"] else ""))
     if not res["ok"]:
         raise AuditBroken(seq=res["bad_seq"], why=res["why"])
 
@@ -374,9 +384,34 @@ def _simple(cmd_name: str, help_text: str, fn, with_version: bool = False):
 
 
 _simple("rotate", "Make a new current version of the key.", lambda c, n, v: c.rotate_key(n))
-_simple("disable", "Disable the key (every operation on it is refused).",
-        lambda c, n, v: c.update_key(n, v, enabled=False), with_version=True)
-_simple("enable", "Enable the key.", lambda c, n, v: c.update_key(n, v, enabled=True), with_version=True)
+def _set_enabled(cmd_name: str, enabled: bool, help_text: str):
+    """``disable``/``enable``: every version of the key (the kill switch must not need to know
+    versions: disks wrapped under an older version stop too), or one with ``--version``."""
+    @click.argument("name")
+    @click.option("--version", help="only this version (default: every version of the key)")
+    @DIR_OPTION
+    @URL_OPTION
+    @JSON_OPTION
+    @friendly
+    def cmd(name, version, vault_dir, url, as_json):
+        c = _client(vault_dir, url)
+        versions = [version] if version else [it["kid"].rsplit("/", 1)[1] for it in c.list_versions(name)]
+        done = []
+        for v in versions:
+            b = c.update_key(name, v, enabled=enabled)
+            done.append({"version": v, "kid": b["key"]["kid"], "enabled": b["attributes"]["enabled"]})
+        out = b if version else c.call("GET", f"/keys/{name}/")
+        out = dict(out, versions=done)
+        what = "enabled" if enabled else "disabled"
+        _emit(out, as_json, "\n".join(f"{what} {d['kid']}" for d in done)
+              + f"\n{what} {len(done)} version(s) of key {name}")
+    cmd.__doc__ = help_text
+    key_grp.command(cmd_name)(cmd)
+
+
+_set_enabled("disable", False, "Disable every version of the key (or one, with --version): every "
+                               "operation on it is refused, and disks under it stop.")
+_set_enabled("enable", True, "Enable every version of the key (or one, with --version).")
 _simple("delete", "Soft-delete the key (recoverable until its scheduled purge date).",
         lambda c, n, v: c.delete_key(n))
 _simple("recover", "Recover a soft-deleted key.", lambda c, n, v: c.recover_key(n))

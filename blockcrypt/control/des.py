@@ -26,10 +26,12 @@ file printed by ``blockcrypt vault identity create NAME --json``
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import uuid
 from dataclasses import replace
+from contextlib import contextmanager
 from pathlib import Path
 
 from .._util.b64 import b64u_decode
@@ -253,8 +255,28 @@ def to_json(st, rec: DesRecord) -> dict:
 
 # --- rotation ------------------------------------------------------------------------------
 
+@contextmanager
+def des_lock(st, name: str):
+    """Serializes the DES's rotation with the creation of disks on it (an exclusive flock on
+    STATE/run/des-NAME.lock): a disk created while a rotation runs would be wrapped under the
+    version the rotation leaves, after the rotation listed the disks, and stay there."""
+    d = Path(st.path) / "run"
+    d.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(d / f"des-{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def rotate(st, name: str, target_kid: str | None = None, on_step=None) -> dict:
     """Re-wrap every DEK of the DES under ``target_kid`` (default: the pending or newest version)."""
+    with des_lock(st, name):
+        return _rotate(st, name, target_kid, on_step)
+
+
+def _rotate(st, name: str, target_kid: str | None, on_step) -> dict:
     step = on_step or (lambda s, d=None: None)
     rec = st.catalog.get_des(name)
     pname = provider_of(rec)
@@ -315,13 +337,18 @@ def auto_rotate_pass(st) -> list[dict]:
 # --- disks on a DES -----------------------------------------------------------------------------
 
 def create_disk(st, name: str, size: int, des_name: str, sector_size: int = 4096,
-                revocation: str = "immediate", kind: str = "disk"):
+                revocation: str = "immediate", kind: str = "disk", on_step=None):
     """A disk on a DES: the data layer's DEK wrapped by its customer key; on a DES of type
     EncryptionAtRestWithPlatformAndCustomerKeys also an infrastructure layer whose own DEK
-    the platform key store wraps."""
-    rec = st.catalog.get_des(des_name)
-    return disks.create(st, name, size, sector_size, provider=provider_of(rec), kek_ref=rec.active_key,
-                        des=des_name, revocation=revocation, double=rec.type == disks.TYPE_DOUBLE, kind=kind)
+    the platform key store wraps. Under the DES's lock, so a rotation running at the same
+    time either sees the new disk or runs after it (``on_step("wrap", key)``: tests)."""
+    with des_lock(st, st.catalog.get_des(des_name).name):
+        rec = st.catalog.get_des(des_name)
+        if on_step:
+            on_step("wrap", rec.active_key)
+        return disks.create(st, name, size, sector_size, provider=provider_of(rec), kek_ref=rec.active_key,
+                            des=des_name, revocation=revocation, double=rec.type == disks.TYPE_DOUBLE,
+                            kind=kind)
 
 
 def refuse_type_change(name: str):

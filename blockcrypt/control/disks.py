@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from .._util.clock import now_iso
 from ..catalog import DiskRecord, check_name
 from ..crypto import ALG_NULL
-from ..errors import AlreadyExists, BadSize, BlockcryptError, CorruptHeader, NoSpace, Refused, StateError, UsageError
+from ..errors import AlreadyExists, BadSize, BlockcryptError, Busy, CorruptHeader, NoSpace, Refused, StateError, UsageError
 from ..format import ROLE_DATA, ROLE_INFRA, Header, Layout, header_copy_state, read_header, write_header
 from ..format.layout import FEATURE_SECTOR_META
 from ..keys.envelope import DATA_ALG, INFRA_ALG, unwrap_layer, wrap_new_layer
@@ -60,6 +61,10 @@ def open_backing(path: str, name: str, writable: bool = True) -> LocalFileBackin
         return LocalFileBacking(path, writable=writable)
     except FileNotFoundError:
         raise CorruptHeader(name=name, why=f"disk file {path} is missing") from None
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise CorruptHeader(name=name, why=f"disk file {path} is not a regular file") from None
+        raise
 
 
 @contextmanager
@@ -74,18 +79,94 @@ def header_backing(path: str, name: str, writable: bool = True):
         b.close()
 
 
+def disk_id_of(rec: DiskRecord) -> bytes:
+    """The catalog's disk id: a header copy naming another id is never used nor repaired from."""
+    return bytes.fromhex(rec.disk_id)
+
+
 def read_disk_header(rec: DiskRecord, repair: bool = False) -> Header:
     with header_backing(rec.path, rec.name, writable=repair) as b:
-        return read_header(b, rec.name, repair=repair)
+        return read_header(b, rec.name, repair=repair, expect_id=disk_id_of(rec))
 
 
 def check_headers(rec: DiskRecord) -> dict:
     """Both header copies before and after repairing a damaged or stale one (`disk check`)."""
     with header_backing(rec.path, rec.name) as b:
         before = header_copy_state(b)
-        read_header(b, rec.name, repair=True)
+        read_header(b, rec.name, repair=True, expect_id=disk_id_of(rec))
         after = header_copy_state(b)
     return {"before": before, "after": after, "repaired": [k for k in before if before[k] != after[k]]}
+
+
+def truncated(rec: DiskRecord, h: Header) -> str | None:
+    """Why the disk file is too short for its header's size (the data past it is lost), or None."""
+    try:
+        have = os.stat(rec.path).st_size
+    except OSError:
+        return None
+    need = Layout.of(h).backing_size(h.size)
+    if have < need:
+        return f"the disk file is truncated ({have} of {need} bytes): data past byte {have} is lost"
+    return None
+
+
+HEALTH = ("Healthy", "Corrupt", "Truncated", "KeyUnavailable", "Copying")
+
+
+def health(st, rec: DiskRecord, check_keys: bool = False) -> tuple[str, str | None, Header | None]:
+    """(state, why, header) of disk ``rec``, one of HEALTH: a header that cannot be read or names
+    another disk is Corrupt, a short file Truncated; with ``check_keys`` every layer's DEK is
+    unwrapped (a vault round trip for customer keys): a DEK grafted from another disk is
+    Corrupt, a key that does not answer KeyUnavailable. A copy not finished is Copying."""
+    copying = copy_in_progress(st, rec.name)
+    if copying:
+        return "Copying", copying, None
+    try:
+        h = read_disk_header(rec)
+    except BlockcryptError as e:
+        return "Corrupt", str(e), None
+    why = truncated(rec, h)
+    if why:
+        return "Truncated", why, h
+    if h.size != rec.size or h.sector_size != rec.sector_size:
+        return "Corrupt", (f"the catalog says {rec.size} bytes in {rec.sector_size}-byte sectors, the header "
+                           f"{h.size} in {h.sector_size} (`blockcrypt catalog rebuild` takes the header's)"), h
+    if check_keys:
+        from ..errors import KeyError_, KeyIntegrityError
+        for layer in h.layers:
+            try:
+                del_ = unwrap_layer(st.keys, h, layer.role)
+                del del_
+            except KeyError_ as e:
+                if isinstance(e, KeyIntegrityError):
+                    return "Corrupt", str(e), h
+                return "KeyUnavailable", str(e), h
+            except BlockcryptError as e:  # a wrapped DEK bound to another disk
+                return "Corrupt", str(e), h
+    return "Healthy", None, h
+
+
+COPYING_KEY = "copying/"
+
+
+def copy_in_progress(st, name: str) -> str | None:
+    """Why disk ``name`` is not a whole disk yet (a copy into it runs, or was interrupted), or None."""
+    import json
+    text = st.catalog.get_setting(COPYING_KEY + name)
+    if not text:
+        return None
+    info = json.loads(text)
+    pid = info.get("pid")
+    alive = False
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except (OSError, TypeError):
+        pass
+    if alive:
+        return f"a copy from disk {info.get('from')!r} is running (pid {pid})"
+    return (f"the copy from disk {info.get('from')!r} was interrupted: the disk is incomplete; "
+            f"delete it and copy again")
 
 
 def open_layers(st, h: Header) -> list[tuple]:
@@ -125,6 +206,9 @@ def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = F
     header = read_disk_header(rec, repair=writable)  # a damaged or stale copy is rewritten when writable
     if header.disk_id.hex() != rec.disk_id:
         raise CorruptHeader(name=name, why="the disk file belongs to another disk id")
+    short = truncated(rec, header)
+    if short:
+        raise CorruptHeader(name=name, why=short)
     layers = [(ALG_NULL, b"")] if null_cipher else open_layers(st, header)
     try:
         return Volume(rec.path, header, layers, name=rec.name, kind=rec.kind, read_only=not writable,
@@ -133,9 +217,15 @@ def open_volume(st, name: str, *, null_cipher: bool = False, read_only: bool = F
         wipe_layers(layers)
 
 
+#: the largest disk: its file (data offset included) must stay below 2**63 bytes (off_t)
+MAX_DISK_SIZE = (1 << 63) - (16 << 20)
+
+
 def _check_size(size: int, sector_size: int) -> None:
     if sector_size not in (512, 4096):
         raise UsageError(f"invalid sector size {sector_size}: use 512 or 4096")
+    if size > MAX_DISK_SIZE:
+        raise BadSize(value=size, why=f"larger than the largest disk ({MAX_DISK_SIZE} bytes, 8 EiB less 16 MiB)")
     if size % sector_size:
         raise BadSize(value=size, why=f"not a multiple of the sector size ({sector_size} bytes)")
 
@@ -196,14 +286,41 @@ def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str =
     return rec
 
 
+#: how long `disk delete` waits for a writer that is closing the disk (seconds)
+CLOSING_WAIT_S = 2.0
+
+
 def delete(st, name: str) -> DiskRecord:
+    """Remove the disk from the catalog and unlink its file. Refused while anyone has the file
+    open for writing (the engine's writer lock, held here until the file is gone, so no writer
+    opens it in between); the CLI also refuses a disk open in a mount of this state directory."""
     rec = st.catalog.get_disk(name)
-    if rec.kind != "disk":
+    if rec.kind not in ("disk", "copying"):
         raise Refused(f"{name!r} is a{'n' if rec.kind == 'image' else ''} {rec.kind}: "
                       f"`blockcrypt {rec.kind} delete {name}`")
-    with st.catalog.transaction() as c:
-        st.catalog.delete_disk(name, c)
-    Path(rec.path).unlink(missing_ok=True)
+    try:
+        b = LocalFileBacking(rec.path, writable=True)
+    except FileNotFoundError:
+        b = None
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # not a regular file: nothing writes it; it goes
+            raise StateError(path=str(st.path), why=f"cannot open the file of disk {name!r} ({e.strerror})") from None
+        b = None
+    try:
+        # the kernel releases a just-closed handle asynchronously: give a closing writer a moment
+        deadline = time.monotonic() + CLOSING_WAIT_S
+        while b is not None and not b.lock_writer() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if b is not None and not b.lock_writer():
+            raise Busy(f"disk {name!r} is open for writing (in a mount, or by another state directory or host); "
+                       "close it there first")
+        with st.catalog.transaction() as c:
+            st.catalog.delete_disk(name, c)
+            st.catalog.delete_setting(COPYING_KEY + name, c)
+        Path(rec.path).unlink(missing_ok=True)
+    finally:
+        if b is not None:
+            b.close()
     return rec
 
 
@@ -216,15 +333,21 @@ def resize(st, name: str, new_size: int) -> DiskRecord:
         raise Refused(f"disk {name!r} can only grow ({new_size} < current {rec.size} bytes); "
                       "copy it to a smaller disk instead")
     with header_backing(rec.path, name) as b:
-        h = read_header(b, name, repair=True)
+        h = read_header(b, name, repair=True, expect_id=disk_id_of(rec))
         _check_layout_size(new_size, Layout.of(h))
         try:
             b.set_size(Layout.of(h).backing_size(new_size))
+            new = write_header(b, h.evolve(size=new_size))
         except OSError as e:
+            if is_enospc(e):
+                raise NoSpace(name=name) from None
             raise BadSize(value=new_size, why=f"the backing file cannot grow ({e.strerror})") from None
-        write_header(b, h.evolve(size=new_size))
-    with st.catalog.transaction() as c:
-        st.catalog.update_disk(name, c, size=new_size)
+        try:
+            with st.catalog.transaction() as c:
+                st.catalog.update_disk(name, c, size=new_size)
+        except BlockcryptError:
+            write_header(b, new.evolve(size=h.size))  # header and catalog keep agreeing on the old size
+            raise
     return st.catalog.get_disk(name)
 
 
@@ -283,7 +406,12 @@ def rebuild_catalog(st) -> dict:
     for path in sorted(st.disks_dir.glob("*.img")):
         try:
             with header_backing(str(path), path.name, writable=False) as b:
-                h = read_header(b, path.name)
+                try:
+                    expect = bytes.fromhex(path.stem)  # files are named <disk id>.img
+                except ValueError:
+                    expect = None
+                h = read_header(b, path.name, expect_id=expect)
+            check_name("disk", h.name)  # a header's name reaches paths, the mount and hooks
         except BlockcryptError as e:
             bad.append({"path": str(path), "error": str(e)})
             continue
@@ -356,6 +484,37 @@ def _written_ranges(path: str, start: int, end: int):
         os.close(fd)
 
 
+def written_sector_ranges(path: str, v) -> list[tuple[int, int]]:
+    """[(first sector, end sector)) of open volume ``v`` that hold data in its file ``path``
+    (the rest are holes and read as zeros): copies and scrubs take time by data, not size."""
+    ss, size, lay = v.sector_size, v.size, v.layout
+    if getattr(v, "chain_depth", 0):  # a family member: its data is in the files below too
+        return [(0, size // ss)] if size else []
+    ranges: list[tuple[int, int]] = []
+    for d0, d1 in _written_ranges(path, lay.sector_off(0), lay.sector_off(0) + size):
+        s0 = (d0 - lay.data_off) // ss
+        s1 = (d1 - lay.data_off + ss - 1) // ss
+        if ranges and ranges[-1][1] >= s0:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], s1))
+        else:
+            ranges.append((s0, s1))
+    return ranges
+
+
+@contextmanager
+def writers_held_off(rec: DiskRecord):
+    """Hold the engine's writer lock on the disk file: nobody writes it until the block ends
+    (a copy of one moment). Busy when a writer (a mount) has it open now."""
+    b = open_backing(rec.path, rec.name, writable=True)
+    try:
+        if not b.lock_writer():
+            raise Busy(f"disk {rec.name!r} is open for writing (in a mount?): a copy would be of no single "
+                       "moment; close it there (or unmount) and copy then")
+        yield
+    finally:
+        b.close()
+
+
 def verify(st, name: str, progress=None) -> dict:
     """Scrub: read every written sector of disk ``name`` through its layers and list the ones
     that fail (a tag that does not verify on a double-encrypted disk; a storage error).
@@ -363,16 +522,8 @@ def verify(st, name: str, progress=None) -> dict:
     from ..errors import IntegrityError
     rec = st.catalog.get_disk(name)
     with open_volume(st, name, read_only=True) as v:
-        ss, size = v.sector_size, v.size
-        lay = v.layout
-        ranges = []
-        for d0, d1 in _written_ranges(rec.path, lay.sector_off(0), lay.sector_off(0) + size):
-            s0 = (d0 - lay.data_off) // ss
-            s1 = (d1 - lay.data_off + ss - 1) // ss
-            if ranges and ranges[-1][1] >= s0:
-                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], s1))
-            else:
-                ranges.append((s0, s1))
+        ss = v.sector_size
+        ranges = written_sector_ranges(rec.path, v)
         total = sum(s1 - s0 for s0, s1 in ranges) * ss
         bad, done = [], 0
         chunk = (1 << 20) // ss

@@ -4,11 +4,15 @@
 ``get(st, name)`` returns the typed value (a float for intervals), ``set_(st, name,
 text)`` validates and stores the canonical text.
 
+Every setting has a type and a range in one table (``SETTINGS``); ``set_``
+refuses anything else (``inf``, ``nan``, ``1e300``, negative), so a running
+mount never sees a value it cannot wait on.
+
 Caveat: settings live in the catalog, so a running mount reads a change at its
-next use (the key monitor re-reads them every check), except the ones marked
-``mount_time``: ``encryption_at_host``, ``temp_disks`` and ``temp_dir`` are read
-when a mount starts and a change takes a remount (as a VM is deallocated and
-reallocated to change encryption at host).
+next use (the key monitor re-reads them every second, so a shorter interval
+applies at once), except the ones marked ``mount_time``: ``encryption_at_host``,
+``temp_disks`` and ``temp_dir`` are read when a mount starts and a change takes a
+remount (as a VM is deallocated and reallocated to change encryption at host).
 """
 from __future__ import annotations
 
@@ -20,18 +24,16 @@ from ..errors import UsageError
 from .tempdisks import check_temp_dir, parse_on_off, parse_specs
 
 
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError
-    return v
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise ValueError
-    return v
+def _number(kind: type, low, high) -> Callable[[str], object]:
+    """A parser for a finite ``kind`` (int or float) in [low, high]: ValueError otherwise."""
+    def parse(text: str):
+        v = kind(str(text).strip())
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError
+        if not low <= v <= high:
+            raise ValueError
+        return v
+    return parse
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,20 @@ class Setting:
     mount_time: bool = False          # read when a mount starts only: a change needs a remount
 
 
+DAY_S = 86400
+
+#: every setting with its type and range: `config set` refuses anything else, and a stored
+#: value that does not parse (an older release, a hand-edited catalog) reads as the default
 SETTINGS = {s.name: s for s in (
-    Setting("max_des", "50", _positive_int, "most disk encryption sets in this catalog",
-            "a positive whole number"),
-    Setting("key_check_interval", "60", _positive_float,
-            "seconds between key checks in a mount (revocation bound)", "a positive number"),
-    Setting("key_grace_period", "3600", _positive_float,
-            "seconds a mount serves from a cached key while the vault is unreachable", "a positive number"),
-    Setting("auto_rotate_interval", "3600", _positive_float,
-            "seconds between auto-rotation passes in a mount", "a positive number"),
+    Setting("max_des", "50", _number(int, 1, 10000), "most disk encryption sets in this catalog",
+            "a whole number from 1 to 10000"),
+    Setting("key_check_interval", "60", _number(float, 0.1, DAY_S),
+            "seconds between key checks in a mount (revocation bound)", "seconds, from 0.1 to 86400"),
+    Setting("key_grace_period", "3600", _number(float, 1, 30 * DAY_S),
+            "seconds a mount serves from a cached key while the vault is unreachable",
+            "seconds, from 1 to 2592000 (30 days)"),
+    Setting("auto_rotate_interval", "3600", _number(float, 1, 365 * DAY_S),
+            "seconds between auto-rotation passes in a mount", "seconds, from 1 to 31536000 (a year)"),
     Setting("on_revoke", "", str, "command run with the disk name when a key revocation stops a disk",
             "a command line"),
     Setting("encryption_at_host", "false", parse_on_off,
@@ -83,7 +90,7 @@ def get(st, name: str):
     s = setting(name)
     try:
         return s.parse(get_text(st, name))
-    except (TypeError, ValueError, UsageError):
+    except (TypeError, ValueError, OverflowError, UsageError):
         return s.parse(s.default)
 
 

@@ -10,6 +10,9 @@ Layout::
       logs/           daemon logs
       run/            running mounts (see mount.py)
 
+``init`` creates it, or completes one that already is a state directory; a
+non-empty directory that is not one is refused and left untouched.
+
 The path comes from ``--state``, else ``$BLOCKCRYPT_STATE``, else
 ``/var/lib/blockcrypt``.
 
@@ -50,11 +53,22 @@ class State:
     def run_dir(self) -> Path:
         return self.path / "run"
 
+    #: what marks a directory as a state directory: ``init`` on a non-empty directory
+    #: without one of these is refused (it never takes over /etc or a home directory)
+    MARKERS = ("catalog.db", "keys/platform.json")
+
     @classmethod
     def init(cls, path=None, platform_keys: str | None = None) -> "State":
         """Create (or re-open) the state directory; ``platform_keys`` a ``pkcs11:`` URI keeps the
         platform keys in that token (keys/providers/platform.py)."""
         p = resolve_path(path)
+        try:
+            foreign = p.is_dir() and any(p.iterdir()) and not any((p / m).exists() for m in cls.MARKERS)
+        except OSError as e:
+            raise StateError(path=str(p), why=f"cannot be read ({e.strerror})") from None
+        if foreign:
+            raise StateError(path=str(p), why="is not empty and is not a blockcrypt state directory; "
+                                              "choose a new or empty directory")
         try:
             p.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(p, 0o700)

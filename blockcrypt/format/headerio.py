@@ -3,7 +3,9 @@
 Writes go copy A first, then copy B, each flushed, with the same sequence
 number: a torn copy fails its checksum and the other copy is used, so a header
 write is atomic. On open, the valid copy with the highest sequence number wins
-and a damaged or stale copy is rewritten from it (when opened writable).
+and a damaged or stale copy is rewritten from it (when opened writable), but
+only from a copy of the same disk id: a copy naming another disk (grafted
+from another disk file) is damaged, never a source.
 
 Caveat: ``backing`` is anything with read_at/write_at/flush (storage/base.py);
 callers that update headers hold the backing's lock (control/disks.py).
@@ -38,9 +40,23 @@ def _parse_copies(backing, name_hint: str) -> tuple[dict, dict]:
     return results, errors
 
 
-def read_header(backing, name_hint: str = "?", repair: bool = False) -> Header:
-    """Read both copies; return the newest valid one. Optionally rewrite a bad or stale copy."""
+def read_header(backing, name_hint: str = "?", repair: bool = False, expect_id: bytes | None = None) -> Header:
+    """Read both copies; return the newest valid one. Optionally rewrite a bad or stale copy.
+
+    A copy only ever repairs a copy of the same disk id: with ``expect_id`` (the catalog's id
+    of the disk), a copy naming another disk counts as damaged, and when no copy names this
+    disk the header is corrupt; without it, two valid copies naming different disks are
+    corrupt (a copy grafted from another disk), and nothing is rewritten."""
     results, errors = _parse_copies(backing, name_hint)
+    if expect_id is not None:
+        for label in [k for k, h in results.items() if h.disk_id != expect_id]:
+            errors[label] = f"names another disk ({results.pop(label).disk_id_hex})"
+            if not results:
+                raise CorruptHeader(name=name_hint, why="the header names another disk "
+                                    f"({errors[label].split('(')[1].rstrip(')')}, not {expect_id.hex()})")
+    elif len({h.disk_id for h in results.values()}) > 1:
+        raise CorruptHeader(name=name_hint, why="the two header copies name different disks "
+                            f"(A: {results['A'].disk_id_hex}, B: {results['B'].disk_id_hex})")
     if not results:
         raise CorruptHeader(name=name_hint,
                             why=f"both header copies are damaged (A: {errors['A']}; B: {errors['B']})")

@@ -459,6 +459,18 @@ def status(state) -> list[dict]:
     return [_describe(e) for e in reg.entries()]
 
 
+def mount_with_disk_open(state, name: str, disk_id: str | None = None) -> str | None:
+    """The mount point of a running mount of this state directory that has disk ``name``
+    open (by name, or by ``disk_id``), or None."""
+    for e in status(state):
+        if not e["state"].startswith(("running", "starting")):
+            continue
+        for d in e.get("disks", []):
+            if d.get("state") != "failed" and (d.get("name") == name or (disk_id and d.get("id") == disk_id)):
+                return e.get("mountpoint")
+    return None
+
+
 # --- the daemon ----------------------------------------------------------------------------
 
 def _setup_logging(lp: Path, to_stderr: bool) -> None:

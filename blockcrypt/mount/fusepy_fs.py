@@ -475,21 +475,28 @@ class DiskFS(FrontEndStatus, fuse.Operations):
 
     def release(self, path, fh):
         with self._lock:
-            od = self._handles.pop(fh, None)
+            od = self._handles.get(fh)
             if od is None:
                 return 0
-            od.handles -= 1
-            last = od.handles == 0
-            if last and self._open.get(od.key) is od:
-                del self._open[od.key]
-        if last:
-            try:
-                if od.errors:
-                    self.note_integrity([od])
-                od.vol.close()
-                log.info("disk %s closed", od.name)
-            finally:
-                self._changed()
+            opening = self._opening.setdefault(od.key, threading.Lock())
+        # the last close runs under the disk's opening lock: an open racing it waits, so the
+        # disk file is never open twice for writing (the engine's writer lock would refuse it)
+        with opening:
+            with self._lock:
+                if self._handles.pop(fh, None) is None:
+                    return 0
+                od.handles -= 1
+                last = od.handles == 0
+                if last and self._open.get(od.key) is od:
+                    del self._open[od.key]
+            if last:
+                try:
+                    if od.errors:
+                        self.note_integrity([od])
+                    od.vol.close()
+                    log.info("disk %s closed", od.name)
+                finally:
+                    self._changed()
         return 0
 
     def flush(self, path, fh):

@@ -26,8 +26,9 @@ The daemon loads this module as a plugin (mount.DAEMON_PLUGINS); it talks to
 the file system object only through ``open_disks()`` and ``notify_changed()``.
 
 Caveats: I/O stops within one interval plus the time of one vault round trip;
-settings are re-read at every check, so ``blockcrypt config set`` applies to
-running mounts.
+the interval is re-read every second while the monitor waits (and every
+setting at every check), so ``blockcrypt config set`` applies to running
+mounts at once; a value the catalog cannot give reads as its default.
 """
 from __future__ import annotations
 
@@ -42,12 +43,15 @@ from pathlib import Path
 from .._util.clock import iso_z
 from ..control import des
 from ..control.disks import open_layers, read_disk_header, wipe_layers
-from ..control.settings import get as setting
+from ..control.settings import SETTINGS, get as setting
 from ..errors import BlockcryptError, KeyError_, KeyUnavailable
 from ..format import ROLE_DATA
 from ..keys.envelope import unwrap_layer
 
 log = logging.getLogger("blockcrypt.mount.monitor")
+
+#: how often the monitor re-reads its interval while it waits (seconds)
+SETTINGS_POLL_S = 1.0
 
 
 def record_event(st, event: dict) -> None:
@@ -69,7 +73,7 @@ class KeyMonitor:
         self.stop_event = threading.Event()
         self.last_ok: dict[str, float] = {}       # disk id -> monotonic time of the last good answer
         self.notices: dict[str, str] = {}         # disk id -> warning shown while still serving
-        self.next_rotate = time.monotonic() + setting(st, "auto_rotate_interval")
+        self.next_rotate = time.monotonic() + self._setting("auto_rotate_interval")
         self.thread = threading.Thread(target=self.run, name="key-monitor", daemon=True)
 
     def start(self):
@@ -80,21 +84,37 @@ class KeyMonitor:
         self.stop_event.set()
         self.thread.join(10)
 
+    def _setting(self, name: str):
+        """A setting, or its default when the catalog cannot be read now (busy, full disk)."""
+        try:
+            return setting(self.st, name)
+        except Exception as e:
+            log.warning("cannot read setting %s (%s); using its default", name, e)
+            return SETTINGS[name].parse(SETTINGS[name].default)
+
     def run(self):
-        while not self.stop_event.wait(setting(self.st, "key_check_interval")):
+        last = time.monotonic()
+        while not self.stop_event.is_set():
+            # re-read the interval every SETTINGS_POLL_S: a shorter one set while a long one
+            # runs applies at once, not after the old interval has run out
+            due = last + self._setting("key_check_interval") - time.monotonic()
+            if due > 0:
+                self.stop_event.wait(min(due, SETTINGS_POLL_S))
+                continue
+            last = time.monotonic()
             try:
                 self.check_once()
             except Exception:  # the monitor must outlive any single failure
                 log.exception("key check failed")
             if time.monotonic() >= self.next_rotate:
-                self.next_rotate = time.monotonic() + setting(self.st, "auto_rotate_interval")
+                self.next_rotate = time.monotonic() + self._setting("auto_rotate_interval")
                 try:
                     for r in des.auto_rotate_pass(self.st):
                         log.info("auto-rotation: %s now on %s (%d disk(s) re-wrapped)",
                                  r["des"], r["activeKey"], len(r["rewrapped"]))
                         record_event(self.st, {"event": "KeyRotated", "des": r["des"], "key": r["activeKey"],
                                                "disks": r["rewrapped"]})
-                except BlockcryptError as e:
+                except Exception as e:  # as above: one failed pass must not end the monitor
                     log.warning("auto-rotation pass failed: %s", e)
 
     def check_once(self) -> None:
@@ -161,6 +181,9 @@ class KeyMonitor:
             self.notices[od.disk_id] = msg
             return True
         vol.revoke(err)
+        drop = getattr(self.fs, "drop_cache", None)
+        if drop is not None:  # no plaintext stays readable from the kernel's page cache or an mmap
+            drop(f"{getattr(od, 'dir', 'disks')}/{od.name}")
         log.error("disk %s: %s; its key is wiped from memory and its I/O stopped", od.name, err)
         record_event(self.st, {"event": "KeyRevoked", "disk": od.name, "diskId": od.disk_id, "des": rec.des,
                                "reason": err.reason, "message": str(err)})

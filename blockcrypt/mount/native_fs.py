@@ -181,6 +181,16 @@ class NativeFS(FrontEndStatus):
         self._changed()
         return vol.engine
 
+    def drop_cache(self, name: str) -> None:
+        """The kernel drops its cached pages of ``name`` ("<dir>/<name>", or a disk's bare name)."""
+        session = getattr(self, "_session", None)
+        if session is None:
+            return
+        try:
+            session.drop_cache(name)
+        except OSError as e:
+            log.warning("%s: the kernel's cached pages could not be dropped (%s)", name, e)
+
     def _closed(self, path: str) -> None:
         with self._lock:
             od = self._open.pop(path, None)

@@ -26,6 +26,10 @@ class FrontEndStatus:
         with self._lock:
             return list(self._open.values())
 
+    def drop_cache(self, name: str) -> None:
+        """Make the kernel drop the cached pages of disk ``name`` (after a revocation); a front
+        end that cannot (fusepy: no notify API) does nothing."""
+
     def notify_changed(self) -> None:
         """Rewrite the status registry entry (after a revoke/restore)."""
         self._changed()

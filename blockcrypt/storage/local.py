@@ -2,6 +2,8 @@
 
 Holes read as zeros; punch is fallocate(PUNCH_HOLE|KEEP_SIZE); flush is fsync;
 lock is an exclusive flock (header updates by CLI processes do not interleave);
+anything but a regular file is refused with OSError(EINVAL), without blocking
+(a FIFO put in place of a disk file);
 clone is a reflink (FICLONE) where the file system has one.
 
 Caveat: ext4 has no reflink, so clone raises OSError(EOPNOTSUPP) there; offsets
@@ -14,6 +16,8 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import stat
+import struct
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -33,7 +37,16 @@ class LocalFileBacking:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         if create_mode is not None:
             flags |= os.O_CREAT | os.O_EXCL
-        self.fd = os.open(path, flags, 0o600 if create_mode is None else create_mode)
+        # non-blocking: a FIFO in place of a disk file must not hang the caller (then refused below)
+        self.fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY, 0o600 if create_mode is None else create_mode)
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
+            os.set_blocking(self.fd, True)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
 
     def read_at(self, off: int, length: int) -> bytes:
         data = os.pread(self.fd, length, off)
@@ -68,6 +81,19 @@ class LocalFileBacking:
 
     def lock(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def lock_writer(self) -> bool:
+        """Take the writer lock the engine takes on a writable open (an OFD write lock on the
+        whole file, native/engine/bc_storage_local.c), without waiting; False when another
+        writer holds it. Held until close."""
+        fl = struct.pack("@hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, fl)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
 
     def clone(self, dst_location: str) -> "LocalFileBacking":
         dst = LocalFileBacking(dst_location, True, create_mode=0o600)

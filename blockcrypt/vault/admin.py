@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .._util.clock import now_s
 from .._util.fsutil import fsync_dir
-from ..errors import AlreadyExists, UsageError
+from ..errors import AlreadyExists, Refused, UsageError
 from .server import audit, identities, tlsgen
 from .server.store import (_SCHEMA, DB_NAME, INIT_MARKER, MASTER_KEY_BYTES, MASTER_KEY_NAME, RETENTION_DAYS_MAX,
                            RETENTION_DAYS_MIN, SCHEMA_VERSION, SKUS, Store, write_private)
@@ -41,6 +41,12 @@ def init_vault(vault_dir: str | os.PathLike, *, sku: str = "standard", retention
     marker = d / INIT_MARKER
     if (d / DB_NAME).exists() and not marker.exists():
         raise AlreadyExists(kind="vault", name=str(d))
+    try:
+        foreign = d.is_dir() and any(d.iterdir()) and not marker.exists()
+    except OSError as e:
+        raise UsageError(f"cannot read {d}: {e.strerror}") from None
+    if foreign:  # never chmod and fill a directory that is not ours (/etc, a home directory)
+        raise Refused(f"{d} is not empty and is not a vault directory; choose a new or empty directory")
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     write_private(marker, b"vault init in progress\n")
@@ -82,7 +88,7 @@ def init_vault(vault_dir: str | os.PathLike, *, sku: str = "standard", retention
         with store.tx() as c:
             audit.append(c, {"identity": "local", "operation": "VaultInit", "result": "ok",
                              "detail": f"sku={sku} retention_days={retention_days} "
-                                       f"purge_protection={bool(purge_protection)}"})
+                                       f"purge_protection={bool(purge_protection)}"}, store.audit_key)
     finally:
         store.close()
     marker.unlink()

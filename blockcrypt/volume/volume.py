@@ -31,7 +31,7 @@ import errno
 
 import os
 
-from ..errors import CorruptHeader, IntegrityError, NativeMissing, NoSpace, OutOfRange, ReadOnly
+from ..errors import Busy, CorruptHeader, IntegrityError, NativeMissing, NoSpace, OutOfRange, ReadOnly
 from ..format import Layout, read_header
 from ..format.layout import MAP_AREA_OFFSET, MAX_CHAIN_FILES
 from ..storage import LocalFileBacking
@@ -105,6 +105,13 @@ class Volume:
                                            layers=list(layers), cache=cache, **chain)
         except FileNotFoundError:
             raise CorruptHeader(name=self.name, why=f"disk file {path} is missing") from None
+        except OSError as e:
+            if e.errno == errno.EBUSY:  # the engine's writer lock (native/engine/bc_storage_local.c)
+                raise Busy(f"disk {self.name!r} is open for writing by another process (a mount, another "
+                           f"state directory or another host sharing {path}); close it there first") from None
+            if e.errno == errno.EINVAL:
+                raise CorruptHeader(name=self.name, why=f"disk file {path} is not a regular file") from None
+            raise
 
     def switch(self, path: str) -> None:
         """Go on in another top file (a snapshot froze this one): the engine waits for the

@@ -77,6 +77,7 @@ struct bc_volume {
     _Atomic uint64_t n_integrity;
     _Atomic uint64_t last_bad_sector;
     _Atomic uint64_t hist[32];
+    _Atomic int flush_err;               /* the first failed flush, sticky (fsyncgate) */
 };
 
 /* ---- per-thread scratch ----------------------------------------------------------- */
@@ -734,7 +735,18 @@ int bc_volume_flush(struct bc_volume *v)
     uint64_t t0 = now_ns();
     int rc = gate_enter(v);
     if (rc == 0) {
-        rc = storage_err(v->sops->flush(v->sctx));
+        /* A failed flush is never followed by a successful one: the kernel may have dropped
+         * the dirty pages it could not write and report success on the next fsync
+         * (PostgreSQL's "fsyncgate"), so the volume keeps answering the first error until
+         * it is closed and opened again. */
+        rc = atomic_load(&v->flush_err);
+        if (rc == 0) {
+            rc = storage_err(v->sops->flush(v->sctx));
+            if (rc != 0) {
+                int zero = 0;
+                atomic_compare_exchange_strong(&v->flush_err, &zero, rc);
+            }
+        }
         gate_exit(v);
     }
     account(v, K_FLUSH, t0, rc);

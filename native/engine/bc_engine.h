@@ -111,6 +111,20 @@ struct bc_cow_file {
 int bc_storage_cow_open(const struct bc_cow_params *p, const struct bc_cow_file *files, size_t nfiles,
                         int writable, const struct bc_storage_ops **ops, void **ctx);
 uint64_t bc_storage_cow_copyups(void *ctx);   /* chunks copied up since open (tests, status) */
+/* A fault-injecting backend wrapping another (tests, `make fuzz`): each read, write and
+ * flush fails with probability 1/one_in (0: never) with the errno picked from errs (EIO,
+ * ENOSPC, ...); a failing write may first write a prefix of its buffer (a short write);
+ * a seeded PRNG makes a run repeatable. It takes ownership of the inner backend (closed
+ * with it). Counters say what was injected. */
+struct bc_fault_plan {
+    uint64_t seed;
+    uint32_t read_one_in, write_one_in, flush_one_in;
+    int errs[4];             /* positive errnos, 0-terminated; {EIO} when empty */
+    int short_writes;        /* a failing write first writes a random prefix */
+};
+struct bc_fault_counts { _Atomic uint64_t reads, writes, flushes, short_writes; };
+int bc_storage_faulty_wrap(const struct bc_storage_ops *inner, void *inner_ctx, const struct bc_fault_plan *plan,
+                           struct bc_fault_counts *counts, const struct bc_storage_ops **ops, void **ctx);
 
 /* ---- sector layers ------------------------------------------------------------------ */
 struct bc_layer_ops {

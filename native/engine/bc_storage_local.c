@@ -11,6 +11,19 @@
  * buffer) goes through the buffered descriptor, and the kernel keeps the two
  * coherent. A direct call the kernel refuses with EINVAL is retried buffered.
  *
+ * A writable open takes an exclusive open-file-description lock (F_OFD_SETLK, F_WRLCK)
+ * on the whole file and keeps it until close: a second writer (another mount, another
+ * state directory holding the same file, another host on a shared file system) gets
+ * -EBUSY instead of interleaving its writes. Readers take no lock. OFD locks are
+ * independent of the flock() that header updates take, so a header rewrite (key
+ * rotation) still runs while a mount has the disk open.
+ *
+ * The open is non-blocking (a FIFO or device in place of the disk file gets -EINVAL
+ * at once instead of hanging); anything but a regular file is refused.
+ *
+ * bc_storage_faulty_wrap wraps any backend and injects errors (EIO, ENOSPC, short writes)
+ * at random points of a seeded run: the fault-injection tests of the engine use it.
+ *
  * Caveats: a file system without O_DIRECT (tmpfs before Linux 6.6) makes the
  * BC_CACHE_NONE open fail with its errno; the caller chooses what to do.
  */
@@ -19,6 +32,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -216,7 +231,7 @@ int bc_storage_local_open(const char *path, int writable, int cache, const struc
     l->fd = l->dfd = -1;
     l->writable = writable ? 1 : 0;
     int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
-    l->fd = open(path, flags);
+    l->fd = open(path, flags | O_NONBLOCK | O_NOCTTY);
     if (l->fd < 0) {
         int e = errno;
         free(l);
@@ -228,6 +243,13 @@ int bc_storage_local_open(const char *path, int writable, int cache, const struc
         e = errno;
     else if (!S_ISREG(st.st_mode))
         e = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+    else if (fcntl(l->fd, F_SETFL, fcntl(l->fd, F_GETFL) & ~O_NONBLOCK) != 0)
+        e = errno;
+    else if (writable) {
+        struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+        if (fcntl(l->fd, F_OFD_SETLK, &fl) != 0 && (errno == EAGAIN || errno == EACCES))
+            e = EBUSY;  /* another writer holds it; file systems without locks are not refused */
+    }
     if (e != 0) {
         local_close(l);
         return -e;
@@ -243,5 +265,121 @@ int bc_storage_local_open(const char *path, int writable, int cache, const struc
     }
     *ops = &local_ops;
     *ctx = l;
+    return 0;
+}
+
+/* ---- the fault-injecting wrapper (bc_engine.h) ------------------------------------------ */
+
+struct faulty {
+    const struct bc_storage_ops *in;
+    void *ictx;
+    struct bc_fault_plan plan;
+    struct bc_fault_counts *counts;
+    pthread_mutex_t mu;
+    uint64_t rng;
+};
+
+static uint64_t faulty_next(struct faulty *f)
+{
+    pthread_mutex_lock(&f->mu);
+    uint64_t z = (f->rng += 0x9E3779B97F4A7C15ull);
+    pthread_mutex_unlock(&f->mu);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* 0, or the -errno to inject now */
+static int faulty_pick(struct faulty *f, uint32_t one_in)
+{
+    if (one_in == 0 || faulty_next(f) % one_in != 0)
+        return 0;
+    int n = 0;
+    while (n < 4 && f->plan.errs[n] > 0)
+        n++;
+    return n == 0 ? -EIO : -f->plan.errs[faulty_next(f) % (uint64_t)n];
+}
+
+static int faulty_read(void *ctx, void *buf, size_t len, uint64_t off)
+{
+    struct faulty *f = ctx;
+    int rc = faulty_pick(f, f->plan.read_one_in);
+    if (rc != 0) {
+        if (f->counts)
+            atomic_fetch_add(&f->counts->reads, 1);
+        memset(buf, 0xA5, len);   /* a failed read leaves garbage: the caller must not use it */
+        return rc;
+    }
+    return f->in->read_at(f->ictx, buf, len, off);
+}
+
+static int faulty_write(void *ctx, const void *buf, size_t len, uint64_t off)
+{
+    struct faulty *f = ctx;
+    int rc = faulty_pick(f, f->plan.write_one_in);
+    if (rc == 0)
+        return f->in->write_at(f->ictx, buf, len, off);
+    if (f->counts)
+        atomic_fetch_add(&f->counts->writes, 1);
+    if (f->plan.short_writes && len > 1) {
+        size_t part = (size_t)(faulty_next(f) % len);
+        if (part > 0 && f->in->write_at(f->ictx, buf, part, off) == 0 && f->counts)
+            atomic_fetch_add(&f->counts->short_writes, 1);
+    }
+    return rc;
+}
+
+static int faulty_flush(void *ctx)
+{
+    struct faulty *f = ctx;
+    int rc = faulty_pick(f, f->plan.flush_one_in);
+    if (rc != 0) {
+        if (f->counts)
+            atomic_fetch_add(&f->counts->flushes, 1);
+        return rc;
+    }
+    return f->in->flush(f->ictx);
+}
+
+static int faulty_punch(void *c, uint64_t off, uint64_t len) { struct faulty *f = c; return f->in->punch(f->ictx, off, len); }
+static int faulty_get_size(void *c, uint64_t *v) { struct faulty *f = c; return f->in->get_size(f->ictx, v); }
+static int faulty_set_size(void *c, uint64_t v) { struct faulty *f = c; return f->in->set_size(f->ictx, v); }
+static int faulty_blocks(void *c, uint64_t *v) { struct faulty *f = c; return f->in->blocks_used(f->ictx, v); }
+static void faulty_close(void *c)
+{
+    struct faulty *f = c;
+    f->in->close(f->ictx);
+    pthread_mutex_destroy(&f->mu);
+    free(f);
+}
+
+static const struct bc_storage_ops faulty_ops = {
+    .name = "faulty",
+    .read_at = faulty_read,
+    .write_at = faulty_write,
+    .punch = faulty_punch,
+    .flush = faulty_flush,
+    .get_size = faulty_get_size,
+    .set_size = faulty_set_size,
+    .blocks_used = faulty_blocks,
+    .close = faulty_close,
+};
+
+int bc_storage_faulty_wrap(const struct bc_storage_ops *inner, void *inner_ctx, const struct bc_fault_plan *plan,
+                           struct bc_fault_counts *counts, const struct bc_storage_ops **ops, void **ctx)
+{
+    if (inner == NULL || plan == NULL || ops == NULL || ctx == NULL)
+        return -EINVAL;
+    struct faulty *f = calloc(1, sizeof *f);
+    if (f == NULL)
+        return -ENOMEM;
+    f->in = inner;
+    f->ictx = inner_ctx;
+    f->plan = *plan;
+    f->counts = counts;
+    f->rng = plan->seed;
+    pthread_mutex_init(&f->mu, NULL);
+    *ops = &faulty_ops;
+    *ctx = f;
     return 0;
 }

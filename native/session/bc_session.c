@@ -1365,3 +1365,23 @@ int bc_session_disk_state(struct bc_session *s, const char *name, struct bc_disk
     pthread_rwlock_unlock(&s->table_lock);
     return rc;
 }
+
+int bc_session_drop_cache(struct bc_session *s, const char *name)
+{
+    char key[PATH_MAX_BYTES + 1];
+    unsigned dir;
+    if (name == NULL || canon_path(s, name, key, &dir) < 0)
+        return -EINVAL;
+    pthread_rwlock_rdlock(&s->table_lock);
+    struct bc_disk *d = find_name(s, key);
+    fuse_ino_t ino = (d != NULL && d->present) ? d->ino : 0;
+    pthread_rwlock_unlock(&s->table_lock);
+    if (ino == 0)
+        return -ENOENT;
+    if (s->se == NULL || atomic_load(&s->loop_done))
+        return 0;
+    /* offset 0, length 0: the whole file's cached pages (mmaps too) and its attributes. The
+     * kernel locks the pages it drops, so this is never called from inside a request. */
+    int rc = fuse_lowlevel_notify_inval_inode(s->se, ino, 0, 0);
+    return rc == -ENOENT ? 0 : rc;   /* the kernel never looked the inode up: nothing cached */
+}

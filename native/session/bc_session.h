@@ -109,6 +109,9 @@ void bc_session_destroy(struct bc_session *s);      /* unmounts, unrefs every vo
  * the name vanishes; open handles keep working until released. */
 int bc_session_set_disk(struct bc_session *s, const struct bc_disk_entry *e);
 int bc_session_remove_disk(struct bc_session *s, const char *name);
+/* Drop the kernel's cached pages of disk name (a revoked key: no plaintext stays readable
+ * from the page cache or an mmap); outside a request only. -ENOENT for an unknown name. */
+int bc_session_drop_cache(struct bc_session *s, const char *name);
 
 /* State of one disk for `status`: open handles, the volume (ref'd, or NULL), errors
  * answered and the last one. Returns -ENOENT for an unknown name. */

@@ -55,10 +55,15 @@ def tls_context(v) -> ssl.SSLContext:
 
 
 def admin_token(v) -> str:
-    a = v.admin()
-    r = requests.post(f"{v.url}/{a['tenant_id']}/oauth2/v2.0/token",
-                      data={"grant_type": "client_credentials", "client_id": a["client_id"],
-                            "client_secret": a["client_secret"], "scope": f"{v.url}/.default"},
+    return identity_token(v, v.admin())
+
+
+def identity_token(v, ident: dict) -> str:
+    """A bearer token for identity ``ident`` (client_id, client_secret; the vault's tenant)."""
+    tenant = ident.get("tenant_id") or v.admin()["tenant_id"]
+    r = requests.post(f"{v.url}/{tenant}/oauth2/v2.0/token",
+                      data={"grant_type": "client_credentials", "client_id": ident["client_id"],
+                            "client_secret": ident["client_secret"], "scope": f"{v.url}/.default"},
                       verify=str(v.dir / "ca.pem"), timeout=10)
     r.raise_for_status()
     return r.json()["access_token"]

@@ -35,7 +35,7 @@ from .store import Store
 
 TOKEN_PREFIX = "bcv1"
 DEFAULT_TOKEN_TTL_SECONDS = 600
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # fullmatch: no trailing newline
 _SCRYPT = dict(n=2 ** 14, r=8, p=1, dklen=32)
 
 
@@ -45,7 +45,7 @@ def _hash_secret(secret: str, salt: bytes) -> bytes:
 
 def create_identity(store: Store, name: str, *, is_admin: bool = False) -> dict:
     """Create an identity; returns {name, client_id, client_secret} (the secret only here)."""
-    if not _NAME_RE.match(name or ""):
+    if not _NAME_RE.fullmatch(name or ""):
         raise UsageError(f"invalid identity name {name!r} (letters, digits, '.', '_', '-'; at most 63)")
     client_id = str(uuid.uuid4())
     secret = secrets.token_urlsafe(30)

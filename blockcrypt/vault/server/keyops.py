@@ -43,7 +43,7 @@ ALL_KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey")
 CRYPTO_OPS = ("encrypt", "decrypt", "wrapKey", "unwrapKey")
 ALGORITHMS = ("RSA-OAEP", "RSA-OAEP-256")
 MAX_TAGS = 15
-_NAME_RE = re.compile(r"^[0-9A-Za-z-]{1,127}$")
+_NAME_RE = re.compile(r"[0-9A-Za-z-]{1,127}")  # fullmatch: no trailing newline
 _VERSION_RE = re.compile(r"^[0-9a-f]{32}$")
 _HELP = "For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182"
 
@@ -71,7 +71,7 @@ def not_found(name: str, version: str | None = None) -> ApiError:
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name or ""):
+    if not _NAME_RE.fullmatch(name or ""):
         raise bad(f"The request URI contains an invalid name: {name[:140]!r}. Key names are 1-127 letters, "
                   "digits and dashes.")
     return name

@@ -19,8 +19,12 @@ telling it to use https, and is closed. The stdlib was chosen over an ASGI
 stack because the API is small, the SDK needs nothing more than HTTP/1.1, and
 it adds no dependency.
 
-Caveats: no request-rate limiting; thread count is bounded only by the
-connection count (idle connections time out after ``IDLE_TIMEOUT_SECONDS``);
+Limits (VaultServer): a connection cap (total and per client address) and a
+deadline for each request's headers and body, so slow or trickling clients
+cannot hold threads and file descriptors for long.
+
+Caveats: no request-rate limiting; thread count is bounded by the connection
+cap (idle connections time out after ``IDLE_TIMEOUT_SECONDS``);
 the vault's base URL is derived from ``--listen`` (or ``--public-url``) and is
 what ``kid`` values and token audiences name.
 """
@@ -31,6 +35,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import ssl
 import sys
 import threading
@@ -51,6 +56,9 @@ LATEST_API_VERSION = "2025-07-01"
 MAX_BODY_BYTES = 64 * 1024
 DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
 IDLE_TIMEOUT_SECONDS = 30
+REQUEST_TIMEOUT_SECONDS = 30      # a whole request (headers and body) must arrive within this
+MAX_CONNECTIONS = 512             # below the usual 1024 fd limit: a flood cannot starve accept()
+MAX_PER_CLIENT = 64               # connections from one address
 SWEEP_INTERVAL_SECONDS = 60
 _TOKEN_RE = re.compile(r"^/([^/]{1,100})/oauth2/v2\.0/token$")
 _OIDC_RE = re.compile(r"^/([^/]{1,100})/v2\.0/\.well-known/openid-configuration$")
@@ -145,14 +153,15 @@ class VaultApp:
     def audit(self, fields: dict) -> None:
         try:
             with self.store.tx() as c:
-                audit.append(c, fields)
+                audit.append(c, fields, self.store.audit_key)
         except Exception as e:  # the audit must never take the service down; say so loudly
             print(f"vault: audit append failed: {e}", file=sys.stderr, flush=True)
 
     def sweep(self) -> None:
         def on_purge(c, name):
             audit.append(c, {"identity": "system", "operation": "KeyAutoPurge", "key": name, "status": 204,
-                             "result": "ok", "detail": "retention period lapsed"})
+                             "result": "ok", "detail": "retention period lapsed"},
+                         self.store.audit_key)
         try:
             self.ops.sweep(on_purge=on_purge)
         except Exception as e:
@@ -210,6 +219,11 @@ class Handler(BaseHTTPRequestHandler):
                         "result": codes.get(status, "BadRequest"), "remote": self.client_address[0],
                         "detail": text[:200]})
 
+    def handle_one_request(self):
+        fd = self.connection.fileno()
+        self.server.set_deadline(fd, self.server.request_timeout)  # headers and body, from now
+        super().handle_one_request()
+
     def do_GET(self):
         self._dispatch()
 
@@ -228,6 +242,7 @@ class Handler(BaseHTTPRequestHandler):
         headers = {}
         try:
             body_bytes = self._read_body()
+            self.server.set_deadline(self.connection.fileno(), None)  # in: the work has no deadline
             tm = _TOKEN_RE.match(path)
             om = _OIDC_RE.match(path)
             if tm or om:
@@ -253,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
             def on_commit(c, result):  # a change and its audit record commit together
                 _note_version(fields, result)
                 fields.update(status=r.status, result="ok")
-                audit.append(c, _done(fields, started))
+                audit.append(c, _done(fields, started), self.app.store.audit_key)
                 committed.append(True)
             result = r.call(body, on_commit)
             if not committed:  # a read: audit it before answering
@@ -432,17 +447,77 @@ def _parse_json(data: bytes) -> dict:
 
 
 class VaultServer(ThreadingHTTPServer):
+    """HTTPS on the stdlib server, with limits: at most ``max_connections`` connections (and
+    ``max_per_client`` from one address); a connection over either is closed at accept. Each
+    request, from the wait for its first byte to the last byte of its body (TLS handshake
+    included for the first), must arrive within ``request_timeout`` seconds, or a reaper
+    shuts the connection down: a client trickling a byte every few seconds holds a thread
+    for that long at most."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, addr, handler_cls, ssl_ctx: ssl.SSLContext, app: VaultApp, family=socket.AF_INET):
+    def __init__(self, addr, handler_cls, ssl_ctx: ssl.SSLContext, app: VaultApp, family=socket.AF_INET, *,
+                 max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT,
+                 request_timeout: float = REQUEST_TIMEOUT_SECONDS):
         self.address_family = family
         self.ssl_ctx = ssl_ctx
         self.app = app
+        self.max_connections, self.max_per_client = max_connections, max_per_client
+        self.request_timeout = request_timeout
+        self._conns: dict[int, list] = {}     # fd -> [client address, deadline or None]
+        self._conns_lock = threading.Lock()
+        self.refused_connections = 0
         super().__init__(addr, handler_cls)
+        threading.Thread(target=self._reap, name="vault-reaper", daemon=True).start()
+
+    # -- limits ----------------------------------------------------------------------------------
+    def process_request(self, request, client_address):
+        ip = client_address[0]
+        with self._conns_lock:
+            mine = sum(1 for c in self._conns.values() if c[0] == ip)
+            over = len(self._conns) >= self.max_connections or mine >= self.max_per_client
+            if not over:
+                self._conns[request.fileno()] = [ip, time.monotonic() + self.request_timeout]
+        if over:
+            self.refused_connections += 1
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def set_deadline(self, fd: int, seconds: float | None) -> None:
+        """The request on connection ``fd`` must be in within ``seconds`` (None: no deadline)."""
+        with self._conns_lock:
+            c = self._conns.get(fd)
+            if c is not None:
+                c[1] = None if seconds is None else time.monotonic() + seconds
+
+    def _forget(self, fd: int) -> None:
+        with self._conns_lock:  # before the socket closes: the reaper never touches a reused fd
+            self._conns.pop(fd, None)
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(min(0.5, self.request_timeout / 4))
+            now = time.monotonic()
+            with self._conns_lock:
+                for fd, (_, deadline) in list(self._conns.items()):
+                    if deadline is not None and now > deadline:
+                        self._conns[fd][1] = None
+                        try:  # a duplicate of the fd: shutdown acts on the connection, not the fd
+                            with socket.fromfd(fd, self.address_family, socket.SOCK_STREAM) as dup:
+                                dup.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
 
     def finish_request(self, request, client_address):
+        fd = request.fileno()
+        try:
+            self._finish_request(request, client_address, fd)
+        finally:
+            self._forget(fd)
+
+    def _finish_request(self, request, client_address, fd):
         request.settimeout(IDLE_TIMEOUT_SECONDS)
         try:  # headers and body go out in separate writes: don't let Nagle + delayed ACK add 40 ms
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -466,6 +541,7 @@ class VaultServer(ThreadingHTTPServer):
         except (ssl.SSLError, OSError):
             pass
         finally:
+            self._forget(fd)
             try:
                 tls.close()
             except OSError:
@@ -521,11 +597,34 @@ def _refuse_if_served(vault_dir: Path) -> None:
         raise Busy(f"vault {vault_dir} is already served by pid {pid} at {info.get('url')}")
 
 
+#: what must be private to the vault's user: the directory and its secrets
+PRIVATE_FILES = ("", "master.key", "vault.db", "server.key", "ca.key", "admin.json")
+
+
+def refuse_loose_permissions(vault_dir: Path) -> None:
+    """Refuse to serve when the vault directory or a secret in it is open to group or others
+    (as the platform key store refuses): the master key unseals every key in the vault."""
+    for name in PRIVATE_FILES:
+        p = vault_dir / name if name else vault_dir
+        try:
+            mode = stat.S_IMODE(os.stat(p).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            from ...errors import StateError
+            want = "700" if not name else "600"
+            raise StateError(path=str(vault_dir), why=f"{p} has mode {mode:04o}, too open; the vault does not "
+                                                      f"serve with loose permissions (chmod {want} {p})")
+
+
 def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DEFAULT_TOKEN_TTL_SECONDS,
-          public_url: str | None = None, hsm=None, verbose: bool = False, ready=None) -> None:
+          public_url: str | None = None, hsm=None, verbose: bool = False, ready=None,
+          max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT,
+          request_timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
     """Run the vault until SIGTERM/SIGINT. Prints and writes (serve.json) its URL once listening."""
     host, port = parse_listen(listen)
     _refuse_if_served(Path(vault_dir))
+    refuse_loose_permissions(Path(vault_dir))
     store = Store(vault_dir)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     ctx = make_ssl_context(store.dir, store.tls_password)
@@ -534,7 +633,8 @@ def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DE
         app = VaultApp(store, "https://placeholder", token_ttl_seconds=token_ttl_seconds, hsm=hsm,
                        verbose=verbose)
         handler = type("BoundHandler", (Handler,), {"app": app})
-        server = VaultServer((host, port), handler, ctx, app, family=family)
+        server = VaultServer((host, port), handler, ctx, app, family=family, max_connections=max_connections,
+                             max_per_client=max_per_client, request_timeout=request_timeout)
         real_port = server.server_address[1]
         shown_host = f"[{host}]" if ":" in host else host
         base = (public_url or f"https://{shown_host}:{real_port}").rstrip("/")

@@ -136,6 +136,7 @@ class Store:
         self._seal_key = _derive(master, b"blockcrypt-vault key sealing v1")
         self.token_key = _derive(master, b"blockcrypt-vault token signing v1")
         self.tls_password = _derive(master, b"blockcrypt-vault tls key password v1").hex().encode()
+        self.audit_key = _derive(master, b"blockcrypt-vault audit chain v1")
         del master
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(str(db_path), isolation_level=None, check_same_thread=False, timeout=30)

@@ -518,7 +518,7 @@ static void test_volume(uint32_t ss, int stack)
         REQUIRE(bc_layer_xts_new(k.xts, 64, ss, &ls[1]) == 0, "xts");
         const struct bc_storage_ops *ops;
         void *ctx;
-        REQUIRE(bc_storage_local_open(path2, 1, BC_CACHE_BUFFERED, &ops, &ctx) == 0, "storage");
+        REQUIRE(bc_storage_local_open(path2, 0, BC_CACHE_BUFFERED, &ops, &ctx) == 0, "storage");
         struct bc_volume_params p = {.size_bytes = size, .sector_size = ss, .data_off = DATA_OFF, .meta_off = META_OFF};
         struct bc_volume *bad_v = NULL;
         CHECK_RC(bc_volume_open(&p, ops, ctx, ls, 2, &bad_v), -EINVAL);

@@ -538,6 +538,25 @@ static void test_new_volume(void)
     char missing[4300];
     snprintf(missing, sizeof missing, "%s/missing", g_dir);
     CHECK_RC(bc_storage_local_open(missing, 1, BC_CACHE_BUFFERED, &ops, &ctx), -ENOENT);
+
+    /* one writer at a time (an OFD lock on the file); readers are not locked out */
+    REQUIRE(bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops, &ctx) == 0, "writer");
+    const struct bc_storage_ops *ops2;
+    void *ctx2;
+    CHECK_RC(bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops2, &ctx2), -EBUSY);
+    REQUIRE(bc_storage_local_open(path, 0, BC_CACHE_BUFFERED, &ops2, &ctx2) == 0, "reader beside a writer");
+    ops2->close(ctx2);
+    ops->close(ctx);
+    REQUIRE(bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops, &ctx) == 0, "writer after close");
+    ops->close(ctx);
+
+    /* a FIFO in place of the disk file is refused at once, not waited on */
+    char fifo[4300];
+    snprintf(fifo, sizeof fifo, "%s/fifo", g_dir);
+    REQUIRE(mkfifo(fifo, 0600) == 0, "mkfifo");
+    CHECK_RC(bc_storage_local_open(fifo, 0, BC_CACHE_BUFFERED, &ops, &ctx), -EINVAL);
+    CHECK_RC(bc_storage_local_open(fifo, 1, BC_CACHE_BUFFERED, &ops, &ctx), -EINVAL);
+    unlink(fifo);
 }
 
 /* ---- 3. random operations against a byte-array model ------------------------------- */
@@ -1465,6 +1484,136 @@ static void rm_dir(const char *dir)
         fflush(stdout);                                                                      \
     } while (0)
 
+/* ---- fault injection at the storage seam ----------------------------------------------- */
+
+/* Random unaligned reads, writes and flushes over a backend that fails 1 in a few calls with
+ * EIO or ENOSPC and writes short prefixes: every error reaches the caller, a failed flush
+ * stays failed (fsyncgate), every acknowledged write reads back (now and after reopening
+ * without faults), and a second disk on another file keeps serving throughout. */
+static struct bc_volume *fault_vol(const char *path, uint32_t ss, uint64_t size, const uint8_t *key,
+                                   const struct bc_fault_plan *plan, struct bc_fault_counts *counts)
+{
+    const struct bc_storage_ops *ops, *fops;
+    void *ctx, *fctx;
+    if (bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops, &ctx) != 0)
+        return NULL;
+    if (plan != NULL) {
+        if (bc_storage_faulty_wrap(ops, ctx, plan, counts, &fops, &fctx) != 0) {
+            ops->close(ctx);
+            return NULL;
+        }
+        ops = fops;
+        ctx = fctx;
+    }
+    struct bc_layer l;
+    if (bc_layer_xts_new(key, 64, ss, &l) != 0) {
+        ops->close(ctx);
+        return NULL;
+    }
+    struct bc_volume_params p = {.size_bytes = size, .sector_size = ss, .data_off = 1 << 20};
+    struct bc_volume *v = NULL;
+    if (bc_volume_open(&p, ops, ctx, &l, 1, &v) != 0) {
+        l.ops->destroy(l.ctx);
+        ops->close(ctx);
+        return NULL;
+    }
+    return v;
+}
+
+static void test_faults(uint32_t ss, uint64_t seed)
+{
+    char path[4200], other[4200];
+    path_in_dir(path, sizeof path, "faulty.img");
+    path_in_dir(other, sizeof other, "healthy.img");
+    make_empty(path);
+    make_empty(other);
+    const uint64_t size = 64 * (uint64_t)ss;
+    uint8_t key[64], key2[64];
+    make_key(key, seed);
+    make_key(key2, seed + 1);
+    struct bc_fault_plan plan = {.seed = seed, .read_one_in = 9, .write_one_in = 5, .flush_one_in = 4,
+                                 .errs = {EIO, ENOSPC, 0}, .short_writes = 1};
+    struct bc_fault_counts counts = {0};
+    struct bc_volume *v = fault_vol(path, ss, size, key, &plan, &counts);
+    struct bc_volume *w = fault_vol(other, ss, size, key2, NULL, NULL);
+    REQUIRE(v != NULL && w != NULL, "open");
+    uint8_t *model = calloc(size, 1), *known = malloc(size), *wmodel = calloc(size, 1);
+    uint8_t *buf = malloc(3 * ss + 7), *got = malloc(size);
+    memset(known, 1, size);   /* a new disk reads as zeros everywhere */
+    struct rng r = {seed * 7 + 1};
+    int flush_err = 0, errors = 0, ok_writes = 0, bad_reads = 0, healthy_bad = 0;
+    for (int op = 0; op < 3000; op++) {
+        uint64_t off = rnd_below(&r, size - 1);
+        size_t len = 1 + (size_t)rnd_below(&r, 3 * ss + 6);
+        if (off + len > size)
+            len = (size_t)(size - off);
+        int kind = (int)rnd_below(&r, 10);
+        if (kind < 5) {                                   /* write */
+            rnd_fill(&r, buf, len);
+            ssize_t rc = bc_volume_write(v, buf, len, off);
+            if (rc == (ssize_t)len) {
+                memcpy(model + off, buf, len);
+                memset(known + off, 1, len);
+                ok_writes++;
+            } else {
+                CHECK(rc == -EIO || rc == -ENOSPC, "write error %zd is the injected one", rc);
+                errors++;
+                /* the touched sectors may hold old, new or torn data now: unknown */
+                uint64_t s0 = off / ss * ss, s1 = (off + len + ss - 1) / ss * ss;
+                memset(known + s0, 0, s1 - s0);
+            }
+            /* the healthy disk beside it takes the same write */
+            CHECK_RC(bc_volume_write(w, buf, len, off), len);
+            memcpy(wmodel + off, buf, len);
+        } else if (kind < 9) {                            /* read */
+            ssize_t rc = bc_volume_read(v, got, len, off);
+            if (rc == (ssize_t)len) {
+                for (size_t i = 0; i < len; i++)
+                    if (known[off + i] && got[i] != model[off + i]) {
+                        bad_reads++;
+                        break;
+                    }
+            } else {
+                CHECK(rc == -EIO || rc == -ENOSPC, "read error %zd is the injected one", rc);
+                errors++;
+            }
+            if (bc_volume_read(w, got, len, off) != (ssize_t)len || memcmp(got, wmodel + off, len) != 0)
+                healthy_bad++;
+        } else {                                          /* flush */
+            int rc = bc_volume_flush(v);
+            if (flush_err != 0)
+                CHECK(rc == flush_err, "a failed flush stays failed (%d, first %d)", rc, flush_err);
+            else if (rc != 0) {
+                CHECK(rc == -EIO || rc == -ENOSPC, "flush error %d is the injected one", rc);
+                flush_err = rc;
+            }
+        }
+    }
+    CHECK(bad_reads == 0, "%d reads returned data that was never acknowledged", bad_reads);
+    CHECK(healthy_bad == 0, "the healthy disk failed %d reads", healthy_bad);
+    CHECK(errors > 100 && ok_writes > 500, "faults were injected (%d errors, %d good writes)", errors, ok_writes);
+    CHECK(atomic_load(&counts.short_writes) > 0, "short writes were injected");
+    CHECK(flush_err != 0, "a flush failed");
+    bc_volume_unref(v);
+    /* reopened without faults: every acknowledged byte is there */
+    v = fault_vol(path, ss, size, key, NULL, NULL);
+    REQUIRE(v != NULL, "reopen");
+    CHECK_RC(bc_volume_read(v, got, size, 0), size);
+    size_t lost = 0;
+    for (uint64_t i = 0; i < size; i++)
+        if (known[i] && got[i] != model[i])
+            lost++;
+    CHECK(lost == 0, "%zu acknowledged bytes differ after reopening", lost);
+    CHECK_RC(bc_volume_flush(v), 0);   /* a new open starts with a clean flush state */
+    bc_volume_unref(v);
+    bc_volume_unref(w);
+    free(model);
+    free(known);
+    free(wmodel);
+    free(buf);
+    free(got);
+}
+
 int main(int argc, char **argv)
 {
     int do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
@@ -1507,6 +1656,8 @@ int main(int argc, char **argv)
     RUN(test_metadata(512));
     RUN(test_metadata(4096));
     RUN(test_stats());
+    RUN(test_faults(512, 11));
+    RUN(test_faults(4096, 12));
     rm_dir(g_dir);
     int f = atomic_load(&g_failures);
     printf("%s: %d checks, %d failed\n", f ? "FAILED" : "PASSED", g_checks, f);
