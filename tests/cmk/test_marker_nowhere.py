@@ -177,3 +177,23 @@ def test_the_marker_is_nowhere_on_the_host(root, state, vault, key_name, fronten
     found = hits({"marker": forms(mk)[:2]}, files_below(state.path), {})
     assert found == [f"marker in {state.path / 'temp' / 'plain.tmpdisk'}"]
     m2.stop()
+
+
+def test_the_vault_is_reached_over_tls_only(vault):
+    """In transit to the vault: the client refuses any URL but https://, and the server answers
+    no plain HTTP request (the DEK an unwrapKey returns only ever travels inside TLS)."""
+    import http.client
+
+    from blockcrypt.vault.client import VaultClient
+    with pytest.raises(ValueError, match="must be https"):
+        VaultClient(vault.url.replace("https://", "http://"), tenant_id="t", client_id="c", client_secret="s")
+    conn = http.client.HTTPConnection("127.0.0.1", vault.port, timeout=10)
+    try:
+        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+            conn.request("GET", "/keys?api-version=7.5")
+            r = conn.getresponse()
+            if r.status < 400:
+                raise AssertionError(f"plain HTTP answered {r.status}")
+            raise http.client.HTTPException(f"refused with {r.status}")
+    finally:
+        conn.close()
