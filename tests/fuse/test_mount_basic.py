@@ -24,7 +24,7 @@ def test_layout_modes_and_sizes(state, mnt):
     disks.create(state, "a", 64 * MiB)
     disks.create(state, "b", 8 * MiB, sector_size=512)
     wait_for(lambda: sorted(os.listdir(mnt.mp / "disks")) == ["a", "b"], what="disks listed")
-    assert os.listdir(mnt.mp) == ["disks"]
+    assert os.listdir(mnt.mp) == ["disks", "temp"]  # temp/ is always served (empty: no temp disk here)
     st = os.stat(mnt.disk("a"))
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == (0, 0)
