@@ -502,6 +502,7 @@ class BlockcryptSystem(System):
         self.fresh_dir()
         self.mnt.mkdir()
         self.cli("init", *self.init_args)
+        self.before_disk()
         self.cli("disk", "create", self.disk_name, "--size", str(size_bytes), *self.disk_create_args)
         self._mounted = True  # the mount point was free: from here on, whatever is there is ours
         pid = self._mount()
@@ -509,6 +510,9 @@ class BlockcryptSystem(System):
         self.target = self.mnt / "disks" / self.disk_name
         wait_until(self.target.exists, MOUNT_TIMEOUT_S, f"{self.label} disk file {self.target}")
         self.daemon_pid = pid if pid_alive(pid) else find_fuse_daemon(self.mnt)
+
+    def before_disk(self) -> None:
+        """After `init`, before `disk create` (a key vault and a disk encryption set, say)."""
 
     def _mount(self) -> int | None:
         """Run `blockcrypt mount --json`; the daemon's pid from its answer (None if absent)."""
@@ -534,6 +538,10 @@ class BlockcryptSystem(System):
         return pid if isinstance(pid, int) and pid > 0 else None
 
     def teardown(self) -> None:
+        self.teardown_mount()
+        self.remove_dir()
+
+    def teardown_mount(self) -> None:
         pid = self.daemon_pid
         if self._mounted:
             try:
@@ -548,7 +556,6 @@ class BlockcryptSystem(System):
                 stop_pid(pid)
         self._mounted = False
         self.daemon_pid = None
-        self.remove_dir()
 
 
 class BlockcryptNull(BlockcryptSystem):
@@ -610,10 +617,53 @@ class BlockcryptDouble(BlockcryptSystem):
     baseline, floor = "null", "c-floor"
 
 
+class BlockcryptDoubleCmk(BlockcryptSystem):
+    """The seeds' double encryption: a customer key in a key vault for the outer layer, the
+    platform key for the inner one. The vault (blockcrypt's own, HTTPS on 127.0.0.1) runs
+    for the whole measurement, so the key monitor's periodic unwraps are in the figures."""
+
+    name, label, default = "double-cmk", "blockcrypt double encryption, customer key", False
+    summary = ("blockcrypt mount, a disk on a DES of type EncryptionAtRestWithPlatformAndCustomerKeys: "
+               "aes-xts-plain64 under an RSA vault key over XChaCha20-Poly1305 under the platform key; "
+               "target: >= 0.7x `single`")
+    disk_create_args = ["--des", "dd"]
+    baseline, floor = "null", "c-floor"
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.vault_dir = self.dir / "vault"
+        self._vault: subprocess.Popen | None = None
+
+    def before_disk(self) -> None:
+        cli = self._cli or blockcrypt_cli()
+        run([cli, "vault", "init", "--dir", str(self.vault_dir), "--retention-days", "7", "--purge-protection"])
+        log = open(self.dir / "vault.out", "wb")
+        self._vault = subprocess.Popen([cli, "vault", "serve", "--dir", str(self.vault_dir), "--listen",
+                                        "127.0.0.1:0"], stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        serve = self.vault_dir / "serve.json"
+        wait_until(serve.exists, MOUNT_TIMEOUT_S, "vault serve", alive=lambda: self._vault.poll() is None)
+        url = json.loads(serve.read_text())["url"]
+        run([cli, "vault", "key", "create", "bench", "--dir", str(self.vault_dir)])
+        self.cli("des", "create", "dd", "--key-url", f"{url}/keys/bench", "--vault-dir", str(self.vault_dir),
+                 "--grant", "--type", "EncryptionAtRestWithPlatformAndCustomerKeys")
+
+    def teardown(self) -> None:
+        vault, self._vault = self._vault, None
+        try:
+            super().teardown_mount()
+        finally:
+            if vault is not None and vault.poll() is None:
+                stop_pid(vault.pid)
+            self.remove_dir()
+
+
 # Run order and the keys accepted by --systems.
 SYSTEMS: list[type[System]] = [RawFile, CFloor, CFloorDirect, FusepyFloor, BlockcryptNull, BlockcryptSingle,
                                BlockcryptNullDirect, BlockcryptSingleDirect, BlockcryptFusepyNull,
-                               BlockcryptFusepySingle, BlockcryptFusepySingleDirect, Gocryptfs, QemuLuks, BlockcryptDouble]
+                               BlockcryptFusepySingle, BlockcryptFusepySingleDirect, Gocryptfs, QemuLuks, BlockcryptDouble,
+                               BlockcryptDoubleCmk]
 
 
 def by_name() -> dict[str, type[System]]:

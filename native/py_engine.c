@@ -442,11 +442,12 @@ static PyObject *Volume_stats(VolumeObject *self, PyObject *Py_UNUSED(ignored))
         }
         PyList_SET_ITEM(hist, i, x);
     }
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsN}", "reads", (unsigned long long)st.reads, "writes",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsN}", "reads", (unsigned long long)st.reads, "writes",
                          (unsigned long long)st.writes, "discards", (unsigned long long)st.discards, "flushes",
                          (unsigned long long)st.flushes, "errors", (unsigned long long)st.errors, "bytes_read",
                          (unsigned long long)st.bytes_read, "bytes_written", (unsigned long long)st.bytes_written,
-                         "integrity_errors", (unsigned long long)st.integrity_errors, "lat_us_hist", hist);
+                         "integrity_errors", (unsigned long long)st.integrity_errors, "integrity_last_sector",
+                         (unsigned long long)st.integrity_last_sector, "lat_us_hist", hist);
 }
 
 static PyObject *Volume_revoke(VolumeObject *self, PyObject *args)

@@ -26,6 +26,23 @@ def test_cli_create_show_dump_key(sdir_double, tmp_path):
     assert out.read_bytes().hex() not in p.stdout + p.stderr
     p = run("disk", "create", "x", "--size", "8M", "--double-encryption", "--des", "nope", expect=2)
     assert len(p.stderr.strip().splitlines()) == 1
+    for flag, want in (("--single-encryption", False), ("--double-encryption", True), (None, True)):
+        name = f"copy{int(want)}{flag is None}"
+        p = run("disk", "copy", "dd", name, *([flag] if flag else []), "--json")
+        result = _json_docs(p.stdout)[-1]  # after any progress events
+        assert result["encryption"]["doubleEncryption"] is want, flag
+
+
+def _json_docs(text: str) -> list:
+    """The JSON documents of an output, one after the other (progress events, then a result)."""
+    dec, docs, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        doc, i = dec.raw_decode(text, i)
+        docs.append(doc)
+    return docs
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ that the kernel sees the same through /dev/fuse.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import time
@@ -166,7 +167,7 @@ def test_status_counts_io(fs):
     fs("release", None, fh)
 
 
-def test_a_tampered_sector_answers_eio_and_status_counts_it(state):
+def test_a_tampered_sector_answers_eio_and_status_counts_it(state, caplog):
     rec = disks.create(state, "dbl", 1 * MiB, double=True)
     ops = DiskFS(state)
     try:
@@ -180,11 +181,16 @@ def test_a_tampered_sector_answers_eio_and_status_counts_it(state):
             f.write(bytes([b[0] ^ 1]))
         assert _errno(ops, "read", None, 4096, 4096, fh) == errno.EIO
         assert len(ops("read", None, 4096, 0, fh)) == 4096 and len(ops("read", None, 4096, 8192, fh)) == 4096
+        assert _errno(ops, "read", None, 4096, 4096, fh) == errno.EIO
         (d,) = ops.disk_status()["disks"]
-        assert d["io"]["integrityErrors"] == 1
+        assert d["io"]["integrityErrors"] == 2 and d["io"]["integrityLastSector"] == 1
         ops("release", None, fh)
     finally:
         ops.close_all()
+    # logged once by disk and sector, and recorded as an event (no data, no key)
+    events = [json.loads(x) for x in (state.path / "logs" / "key-events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["disk"], e["sector"]) for e in events] == [("IntegrityError", "dbl", 1)]
+    assert caplog.text.count("disk dbl: sector 1 failed its integrity check") == 1
 
 
 class _ReadOnlyDisks(tree.Source):

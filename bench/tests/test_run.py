@@ -106,7 +106,8 @@ def test_unknown_system_is_one_line(tmp_path):
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
         "bench: error: unknown system zfs; choose from raw, c-floor, c-floor-direct, fusepy, null, single, "
-        "null-direct, single-direct, fusepy-null, fusepy-single, fusepy-single-direct, gocryptfs, qsd, double"]
+        "null-direct, single-direct, fusepy-null, fusepy-single, fusepy-single-direct, gocryptfs, qsd, double, "
+        "double-cmk"]
 
 
 def test_fio_missing_is_one_line(tmp_path):
@@ -328,4 +329,17 @@ def test_front_end_variants_measure(tmp_path):
     assert all(r["value"] > 0 and r["daemon_cpu_s"] is not None for r in raw["runs"])
     rows = {c["system"]: c for c in out["comparisons"]}
     assert rows["single-direct"]["baseline"] == "null-direct" and rows["fusepy-single"]["baseline"] == "fusepy-null"
+    assert _leftovers(tmp_path / "w") == ([], [])
+
+
+def test_double_encryption_systems_measure_and_tear_down(tmp_path):
+    """double (platform + platform) and double-cmk (a customer key in a vault on 127.0.0.1 over
+    the platform key): both measure, their disks have two layers, and nothing is left (no
+    mount, no daemon, no vault)."""
+    p = _bench(tmp_path, "--systems", "double,double-cmk", "--jobs", "rand_read", "--size", "32M",
+               "--runtime", "0.5", "--json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    raw = json.loads((Path(out["out_dir"]) / "raw.json").read_text())
+    assert {r["system"] for r in raw["runs"] if r["value"] > 0} == {"double", "double-cmk"}
     assert _leftovers(tmp_path / "w") == ([], [])

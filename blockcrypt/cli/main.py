@@ -32,14 +32,19 @@ def cli(ctx, state_path):
 
 
 @cli.command()
+@click.option("--platform-keys", "platform_keys", default=None, metavar="PKCS11_URI",
+              help="keep the platform keys in a PKCS#11 token: pkcs11:token=T;object=K"
+                   "?module-path=M&pin-source=file:PATH (or env:VAR); default: a key file in the state")
 @json_opt
 @pass_ctx
-def init(c: Ctx, as_json):
+def init(c: Ctx, platform_keys, as_json):
     """Create the state directory with its platform key store and catalog."""
     from ..control.state import State
-    st = State.init(c.state_path)
-    emit({"state": str(st.path), "platformKeyStore": str(st.path / "keys")}, as_json,
-         f"initialised {st.path}")
+    st = State.init(c.state_path, platform_keys=platform_keys)
+    from ..keys.providers.platform import PlatformKeyStore
+    backend = PlatformKeyStore(st.path / "keys").backend()
+    emit({"state": str(st.path), "platformKeyStore": str(st.path / "keys"), "platformKeyBackend": backend},
+         as_json, f"initialised {st.path}" + (" (platform keys in a PKCS#11 token)" if backend == "pkcs11" else ""))
 
 
 # --- disks ---------------------------------------------------------------------------
@@ -195,17 +200,20 @@ def disk_update(c: Ctx, name, des_name, platform_key, revocation, as_json):
 @click.argument("dst")
 @click.option("--des", "des_name", default=None,
               help="DES of the copy (default: the source's); --des '' for a platform key")
+@click.option("--double-encryption/--single-encryption", "double", default=None,
+              help="with a platform key: give the copy a second, platform-keyed layer, or only one "
+                   "(default: as the source); on a DES its type decides")
 @json_opt
 @pass_ctx
-def disk_copy(c: Ctx, src, dst, des_name, as_json):
-    """Copy a disk's data to a new disk with a new DEK."""
+def disk_copy(c: Ctx, src, dst, des_name, double, as_json):
+    """Copy a disk's data to a new disk with new DEKs (also between single and double encryption)."""
     from ..control.copy import copy
 
     def progress(done, total):
         if not as_json:
             click.echo(f"\r  copied {format_size(done)} of {format_size(total)}", nl=False, err=True)
 
-    rec = copy(c.state, src, dst, des=des_name, progress=progress)
+    rec = copy(c.state, src, dst, des=des_name, double=double, progress=progress)
     if not as_json:
         click.echo("", err=True)
     emit(disk_json(c.state, c.state.catalog.get_disk(rec.name)), as_json, f"copied {src} to {dst}")
@@ -361,7 +369,9 @@ def _des_text(d: dict) -> str:
 
 @des_group.command("create")
 @click.argument("name")
-@click.option("--key-url", required=True, help="https://HOST:PORT/keys/K[/VERSION]")
+@click.option("--key-url", required=True, help="https://HOST:PORT/keys/K[/VERSION] (key vault) or "
+              "transit+https://HOST:PORT/MOUNT/keys/K[/VERSION] (OpenBao/Vault transit) or "
+              "pkcs11:token=T;object=K?module-path=M&pin-source=file:PATH (PKCS#11 token)")
 @click.option("--type", "enc_type", default="EncryptionAtRestWithCustomerKey", show_default=True)
 @click.option("--auto-rotate", is_flag=True, help="follow the key's newest version")
 @click.option("--vault-dir", type=click.Path(), help="the vault's directory (a vault on this host): "

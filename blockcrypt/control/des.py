@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from .._util.b64 import b64u_decode
@@ -36,7 +37,8 @@ from .._util.clock import now_iso
 from ..catalog import DesRecord, check_name
 from ..errors import AlreadyExists, KeyError_, Refused, UsageError
 from ..format import ROLE_DATA
-from ..keys.providers.akv import parse_key_url, secret_path, write_secret
+from ..keys.providers.akv import parse_key_url, secret_path, wrap_alg_for, write_secret
+from ..keys.registry import provider_for_key_url
 from . import disks, settings
 from .rotation import rewrap_disks
 
@@ -81,8 +83,9 @@ def probe(client, key_url: str) -> str:
     doc = client.get_key(name, version)
     check_vault_key(doc, key_url)
     sample = os.urandom(32)
-    kid, blob = client.wrap(name, version, sample)
-    if client.unwrap(name, kid.rsplit("/", 1)[-1], blob) != sample:
+    alg = wrap_alg_for(doc["key"].get("kty"))
+    kid, blob = client.wrap(name, version, sample, alg=alg)
+    if client.unwrap(name, kid.rsplit("/", 1)[-1], blob, alg=alg) != sample:
         raise Refused(f"key {key_url}: the vault's wrap/unwrap round trip failed")
     return doc["key"]["kid"]
 
@@ -122,18 +125,17 @@ def _identity(st, name: str, vault_dir: str | None, identity_file: str | None) -
 def create(st, name: str, key_url: str, *, enc_type: str = disks.TYPE_CMK, auto_rotate: bool = False,
            vault_dir: str | None = None, identity_file: str | None = None, ca_file: str | None = None,
            grant: bool = False) -> DesRecord:
-    from ..vault.client import VaultClient
-
     check_name("disk encryption set", name)
     if enc_type not in TYPES:
         raise UsageError(f"unsupported encryption type {enc_type!r} (one of {', '.join(TYPES)})")
+    provider = provider_for_key_url(key_url)
+    if provider != "vault":
+        return _create_external(st, name, key_url, provider, enc_type=enc_type, auto_rotate=auto_rotate,
+                                identity_file=identity_file, ca_file=ca_file)
+    from ..vault.client import VaultClient
+
     base, _key, version = parse_key_url(key_url)
-    if st.catalog.find_des(name) is not None:
-        raise AlreadyExists(kind="disk encryption set", name=name)
-    limit = max_des(st)
-    if len(st.catalog.list_des()) >= limit:
-        raise Refused(f"this catalog already has {limit} disk encryption sets, its limit "
-                      "(`blockcrypt config set max_des N` to change it)")
+    _check_new(st, name)
     if auto_rotate and version:
         raise UsageError("--auto-rotate needs a key URL without a version (it follows the newest version)")
     if ca_file is None and vault_dir:
@@ -171,6 +173,49 @@ def create(st, name: str, key_url: str, *, enc_type: str = disks.TYPE_CMK, auto_
     return rec
 
 
+def _check_new(st, name: str) -> None:
+    if st.catalog.find_des(name) is not None:
+        raise AlreadyExists(kind="disk encryption set", name=name)
+    limit = max_des(st)
+    if len(st.catalog.list_des()) >= limit:
+        raise Refused(f"this catalog already has {limit} disk encryption sets, its limit "
+                      "(`blockcrypt config set max_des N` to change it)")
+
+
+def _create_external(st, name: str, key_url: str, provider: str, *, enc_type: str, auto_rotate: bool,
+                     identity_file: str | None, ca_file: str | None) -> DesRecord:
+    """A DES on a key of another provider (OpenBao/Vault transit, ...): the identity comes from a
+    file the key server's admin hands over; the provider probes the key and the access."""
+    _check_new(st, name)
+    prov = st.keys.get(provider)
+    doc = None
+    if identity_file:
+        try:
+            doc = json.loads(Path(identity_file).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read identity file {identity_file} ({e.__class__.__name__})") from None
+    ident, secret = prov.identity_from(doc)
+    des_id = uuid.uuid4().hex
+    write_secret(st, des_id, secret)
+    rec = DesRecord(name, des_id, key_url, key_url, (), enc_type, auto_rotate, ident, ca_file, now_iso())
+    try:
+        kid = prov.probe(rec)
+        if auto_rotate and prov.is_versioned(key_url):
+            raise UsageError("--auto-rotate needs a key URL without a version (it follows the newest version)")
+        rec = DesRecord(name, des_id, key_url, kid, (), enc_type, auto_rotate, ident, ca_file, rec.created)
+        st.catalog.insert_des(rec)
+    except BaseException:
+        prov.forget(des_id)
+        secret_path(st, des_id).unlink(missing_ok=True)
+        raise
+    return rec
+
+
+def provider_of(rec: DesRecord) -> str:
+    """The provider name of a DES's key (as recorded in its disks' headers)."""
+    return provider_for_key_url(rec.key_url)
+
+
 def delete(st, name: str) -> DesRecord:
     rec = st.catalog.get_des(name)
     users = st.catalog.disks_of_des(name)
@@ -179,7 +224,7 @@ def delete(st, name: str) -> DesRecord:
                       f"({', '.join(d.name for d in users[:5])}); delete or copy them first")
     st.catalog.delete_des(name)
     secret_path(st, rec.des_id).unlink(missing_ok=True)
-    st.keys.get("vault").forget(rec.des_id)
+    st.keys.get(provider_of(rec)).forget(rec.des_id)
     return rec
 
 
@@ -201,7 +246,8 @@ def rotate(st, name: str, target_kid: str | None = None, on_step=None) -> dict:
     """Re-wrap every DEK of the DES under ``target_kid`` (default: the pending or newest version)."""
     step = on_step or (lambda s, d=None: None)
     rec = st.catalog.get_des(name)
-    prov = st.keys.get("vault")
+    pname = provider_of(rec)
+    prov = st.keys.get(pname)
     if target_kid is None:
         target_kid = rec.active_key if rec.previous_keys else prov.latest_version(rec)
     if target_kid != rec.active_key:
@@ -210,8 +256,8 @@ def rotate(st, name: str, target_kid: str | None = None, on_step=None) -> dict:
         st.catalog.update_des(name, active_key=target_kid, previous_keys=prev)
 
     def plan(h, layer):
-        if layer.role == ROLE_DATA and layer.provider == "vault" and layer.kek_id != target_kid:
-            return "vault", target_kid
+        if layer.role == ROLE_DATA and layer.provider == pname and layer.kek_id != target_kid:
+            return pname, target_kid
         return None
 
     rewrapped, _, _ = rewrap_disks(st, st.catalog.disks_of_des(name), plan, step)
@@ -224,16 +270,16 @@ def update(st, name: str, *, key_url: str | None = None, auto_rotate: bool | Non
     rec = st.catalog.get_des(name)
     result = {"des": name, "rewrapped": []}
     if auto_rotate is not None:
-        if auto_rotate and parse_key_url(key_url or rec.key_url)[2]:
+        if auto_rotate and st.keys.get(provider_of(rec)).is_versioned(key_url or rec.key_url):
             raise UsageError("--auto-rotate needs a key URL without a version")
         st.catalog.update_des(name, auto_rotate=auto_rotate)
     if key_url is not None:
-        base, key, _v = parse_key_url(key_url)
-        if (base, key) != parse_key_url(rec.key_url)[:2]:
-            raise Refused("a disk encryption set keeps its vault key; give a new version of "
-                          f"{parse_key_url(rec.key_url)[0]}/keys/{parse_key_url(rec.key_url)[1]}")
-        client = st.keys.get("vault").client_for(rec)
-        kid = probe(client, key_url)
+        prov = st.keys.get(provider_of(rec))
+        if provider_for_key_url(key_url) != provider_of(rec) or (
+                prov.des_for(key_url).des_id != rec.des_id):
+            raise Refused("a disk encryption set keeps its key; give a new version of " + rec.key_url)
+        new = replace(rec, key_url=key_url)
+        kid = probe(prov.client_for(rec), key_url) if provider_of(rec) == "vault" else prov.probe(new)
         st.catalog.update_des(name, key_url=key_url)
         result = rotate(st, name, kid, on_step=on_step)
     elif rec.previous_keys:
@@ -250,7 +296,7 @@ def auto_rotate_pass(st) -> list[dict]:
             continue
         if not rec.auto_rotate:
             continue
-        latest = st.keys.get("vault").latest_version(rec)
+        latest = st.keys.get(provider_of(rec)).latest_version(rec)
         if latest != rec.active_key:
             done.append(rotate(st, rec.name, latest))
     return done
@@ -264,7 +310,7 @@ def create_disk(st, name: str, size: int, des_name: str, sector_size: int = 4096
     EncryptionAtRestWithPlatformAndCustomerKeys also an infrastructure layer whose own DEK
     the platform key store wraps."""
     rec = st.catalog.get_des(des_name)
-    return disks.create(st, name, size, sector_size, provider="vault", kek_ref=rec.active_key,
+    return disks.create(st, name, size, sector_size, provider=provider_of(rec), kek_ref=rec.active_key,
                         des=des_name, revocation=revocation, double=rec.type == disks.TYPE_DOUBLE)
 
 
@@ -286,7 +332,7 @@ def move_disk_to_des(st, disk_name: str, des_name: str):
         disks.refuse_single_double(disk_name, des.type == disks.TYPE_DOUBLE)
 
     def plan(h, layer):
-        return ("vault", des.active_key) if layer.role == ROLE_DATA else None
+        return (provider_of(des), des.active_key) if layer.role == ROLE_DATA else None
 
     _, _, headers = rewrap_disks(st, [drec], plan)
     new = headers[disk_name]

@@ -51,7 +51,8 @@ def refuse_single_double(name: str, to_double: bool):
     """Moving a disk between single and double encryption changes its data layout: refused."""
     what = "double encryption" if to_double else "single-layer encryption"
     raise Refused(f"disk {name!r} cannot move to {what} in place (another layer stack, another layout); "
-                  f"copy it instead: `blockcrypt disk copy {name} NEW_NAME --des DES`")
+                  f"copy it instead: `blockcrypt disk copy {name} NEW_NAME --des DES` (or, with platform "
+                  f"keys, `--{'double' if to_double else 'single'}-encryption`)")
 
 
 def open_backing(path: str, name: str, writable: bool = True) -> LocalFileBacking:
@@ -254,14 +255,12 @@ def dump_key(st, name: str, out: str) -> str:
 def _des_of_key(st, h: Header) -> str | None:
     """The DES whose vault key wraps this disk's DEK (for a rebuilt catalog)."""
     layer = h.layer(ROLE_DATA)
-    if layer is None or layer.provider != "vault":
+    if layer is None or layer.provider == "platform":
         return None
-    from ..keys.providers.akv import parse_key_url
-    base, name, _version = parse_key_url(layer.kek_id)
-    for d in st.catalog.list_des():
-        if parse_key_url(d.key_url)[:2] == (base, name):
-            return d.name
-    return None
+    try:
+        return st.keys.get(layer.provider).des_for(layer.kek_id).name
+    except BlockcryptError:   # an unknown provider, or no DES (any more) for that key
+        return None
 
 
 # --- catalog rebuild ------------------------------------------------------------------

@@ -4,7 +4,8 @@ Layout::
 
     STATE/            0700
       catalog.db      SQLite catalog (names -> disk files)
-      keys/           0700, platform key store (platform.json, 0600)
+      keys/           0700, platform key store (platform.json, 0600; the keys themselves, or the
+                      PKCS#11 URI of the token that holds them)
       disks/          0700, one sparse file per disk: <disk id>.img
       logs/           daemon logs
       run/            running mounts (see mount.py)
@@ -50,7 +51,9 @@ class State:
         return self.path / "run"
 
     @classmethod
-    def init(cls, path=None) -> "State":
+    def init(cls, path=None, platform_keys: str | None = None) -> "State":
+        """Create (or re-open) the state directory; ``platform_keys`` a ``pkcs11:`` URI keeps the
+        platform keys in that token (keys/providers/platform.py)."""
         p = resolve_path(path)
         try:
             p.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -60,7 +63,7 @@ class State:
         except OSError as e:
             raise StateError(path=str(p), why=f"cannot create it ({e.strerror})") from None
         st = cls(p)
-        PlatformKeyStore(p / "keys").create()
+        PlatformKeyStore(p / "keys").create(platform_keys)
         st.catalog.create()
         return st
 

@@ -13,13 +13,22 @@ from __future__ import annotations
 import importlib
 from importlib import metadata
 
-from ..errors import NotFound
+from ..errors import NotFound, UsageError
 from .base import KekProvider
 
 #: provider name (as in disk headers) -> "module:Class"
 BUILTIN = {
     "platform": "blockcrypt.keys.providers.platform:PlatformKeyProvider",
     "vault": "blockcrypt.keys.providers.akv:AkvKeyProvider",
+    "transit": "blockcrypt.keys.providers.transit:TransitKeyProvider",
+    "pkcs11": "blockcrypt.keys.providers.pkcs11:Pkcs11KeyProvider",
+}
+#: the scheme of a disk encryption set's key URL -> the provider that serves it
+KEY_URL_SCHEMES = {
+    "https": "vault",
+    "transit+https": "transit",
+    "transit+http": "transit",
+    "pkcs11": "pkcs11",
 }
 ENTRY_POINT_GROUP = "blockcrypt.key_providers"
 
@@ -30,6 +39,16 @@ def _entry_points() -> dict[str, str]:
     except Exception:  # a broken distribution must not stop the built-ins
         return {}
     return {ep.name: ep.value for ep in eps if ep.name not in BUILTIN}
+
+
+def provider_for_key_url(url: str) -> str:
+    """The provider name of a DES key URL, by its scheme (``https://`` is the key vault)."""
+    scheme = (url or "").partition("://")[0] if "://" in (url or "") else (url or "").partition(":")[0]
+    name = KEY_URL_SCHEMES.get(scheme.lower())
+    if name is None:
+        raise UsageError(f"invalid key URL {url!r}: its scheme names no key provider "
+                         f"(one of {', '.join(s + ':' for s in sorted(KEY_URL_SCHEMES))})")
+    return name
 
 
 def provider_names() -> list[str]:

@@ -241,6 +241,8 @@ class DiskFS(FrontEndStatus, fuse.Operations):
     def _note_error(self, op, args, code: int, msg: str) -> None:
         """Log an I/O error (at most one line per disk, op and errno every 10 s) and count it."""
         od = self._count_error(op, args, code, msg)
+        if od is not None and code == errno.EIO:
+            self.note_integrity()  # a sector that failed its tag is logged by number, once
         key = (od.disk_id if od else None, op, code)
         now = time.monotonic()
         if now - self._err_log_t.get(key, -1e9) >= 10.0:
@@ -482,6 +484,8 @@ class DiskFS(FrontEndStatus, fuse.Operations):
                 del self._open[od.key]
         if last:
             try:
+                if od.errors:
+                    self.note_integrity([od])
                 od.vol.close()
                 log.info("disk %s closed", od.name)
             finally:

@@ -1,7 +1,7 @@
 """The key monitor: revocation and auto-rotation inside a mount daemon.
 
 Every ``key_check_interval`` seconds (catalog setting, default 60) the monitor
-unwraps the DEK of every open customer-key disk again, through the vault, with
+unwraps the DEK of every open customer-key disk again, through its provider (vault, transit), with
 the disk id as caller context (so the vault's audit shows each check). Then:
 
 - the key answers: the disk serves; a disk that was stopped is restored

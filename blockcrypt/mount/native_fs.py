@@ -142,6 +142,7 @@ class NativeFS(FrontEndStatus):
                     self.sync_table()
                 except Exception as e:  # a busy or broken catalog must not stop the disks being served
                     log.warning("catalog sync failed (%s); serving the previous table", e)
+                self.note_integrity()
             # handle counts and errors change inside the session: rewrite the status when they do
             now = [(od.dir, od.name, *self._counts(od)[:2]) for od in self.open_disks()]
             if now != seen:
@@ -184,6 +185,7 @@ class NativeFS(FrontEndStatus):
         with self._lock:
             od = self._open.pop(path, None)
         if od is not None:
+            self.note_integrity([od])
             od.vol.close()
             log.info("%s closed", path)
         self._changed()

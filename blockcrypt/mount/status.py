@@ -40,6 +40,36 @@ class FrontEndStatus:
         """(open handles, errors answered, the last error as {"errno", "message"} or None)."""
         raise NotImplementedError
 
+    def note_integrity(self, opened=None) -> None:
+        """Log once, with its disk and sector number, a sector newly found failing its
+        integrity check (double-encrypted disks), and record an ``IntegrityError`` event in
+        the key-event log. The engine keeps the last failing sector of each volume, so when
+        several sectors fail between two calls only the last is named (all are counted in
+        ``status``). Front ends call it now and then and before they close a volume
+        (``opened``: just those)."""
+        seen = self.__dict__.setdefault("_integrity_seen", {})
+        logged = self.__dict__.setdefault("_integrity_logged", set())
+        for od in self.open_disks() if opened is None else opened:
+            try:
+                io = io_counters(od.vol)
+            except Exception:  # a volume closing under us
+                continue
+            key = (getattr(od, "dir", "disks"), od.disk_id)
+            n = io["integrityErrors"]
+            if n <= seen.get(key, 0):
+                continue
+            seen[key] = n
+            sector = io["integrityLastSector"]
+            if (key, sector) in logged:
+                continue
+            if len(logged) < 100_000:  # bounded: a disk torn apart is not logged sector by sector forever
+                logged.add((key, sector))
+            log.error("disk %s: sector %s failed its integrity check (changed at rest: tampered with or "
+                      "damaged); reads of it answer EIO", od.name, sector)
+            from .monitor import record_event
+            record_event(self.state, {"event": "IntegrityError", "disk": od.name, "dir": key[0],
+                                      "diskId": od.disk_id, "sector": sector, "integrityErrors": n})
+
     def disk_status(self) -> dict:
         """The state of this mount's disks, for `blockcrypt status` (no key material)."""
         with self._lock:

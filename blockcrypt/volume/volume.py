@@ -179,9 +179,12 @@ class Volume:
 
 def io_counters(vol: Volume) -> dict:
     """A volume's engine counters for `status --json` (camelCase; the latency histogram as
-    counts per power-of-two microseconds, bucket i: up to 2**i us)."""
+    counts per power-of-two microseconds, bucket i: up to 2**i us; ``integrityLastSector``:
+    the last sector that failed its tag, None while none has)."""
     st = vol.stats()
+    bad = st.get("integrity_errors", 0)
     return {"reads": st["reads"], "writes": st["writes"], "discards": st["discards"], "flushes": st["flushes"],
-            "errors": st["errors"], "integrityErrors": st.get("integrity_errors", 0),
+            "errors": st["errors"], "integrityErrors": bad,
+            "integrityLastSector": st.get("integrity_last_sector") if bad else None,
             "bytesRead": st["bytes_read"], "bytesWritten": st["bytes_written"],
             "latencyUsLog2": list(st["lat_us_hist"])}

@@ -75,6 +75,7 @@ struct bc_volume {
 
     _Atomic uint64_t n_reads, n_writes, n_discards, n_flushes, n_errors, n_bytes_read, n_bytes_written;
     _Atomic uint64_t n_integrity;
+    _Atomic uint64_t last_bad_sector;
     _Atomic uint64_t hist[32];
 };
 
@@ -330,6 +331,10 @@ static int decrypt_run(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_
         const struct bc_layer *l = &v->layers[L];
         const uint8_t *m = M ? meta + v->meta_slice[L] : NULL;
         int rc = l->ops->decrypt(l->ctx, buf, n, s, m, M);
+        if (rc == -EBADMSG)   /* the request is counted in account(); this says where */
+            atomic_store_explicit(&v->last_bad_sector,
+                                  l->ops->failed_sector != NULL ? l->ops->failed_sector(l->ctx) : s,
+                                  memory_order_relaxed);
         if (rc != 0)
             return rc < 0 ? rc : -EIO;
     }
@@ -835,4 +840,5 @@ void bc_volume_stats(struct bc_volume *v, struct bc_stats *out)
     for (int i = 0; i < 32; i++)
         out->lat_us_hist[i] = atomic_load_explicit(&v->hist[i], memory_order_relaxed);
     out->integrity_errors = atomic_load_explicit(&v->n_integrity, memory_order_relaxed);
+    out->integrity_last_sector = atomic_load_explicit(&v->last_bad_sector, memory_order_relaxed);
 }

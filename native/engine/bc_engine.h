@@ -110,6 +110,8 @@ struct bc_layer_ops {
                    uint8_t *meta, size_t meta_stride);
     /* a storage write of data encrypted by this layer failed after its metadata was stored */
     void (*write_failed)(void *ctx);
+    /* right after decrypt answered -EBADMSG, on the same thread: the sector that failed */
+    uint64_t (*failed_sector)(void *ctx);
 };
 
 /* A stored sector whose data is all zero is a hole whatever its metadata (the engine's
@@ -136,6 +138,10 @@ int bc_layer_xts_new_ephemeral(uint32_t sector_size, struct bc_layer *out);
 #define BC_ROLE_INFRA 2u
 int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, const uint8_t disk_id[16],
                       uint8_t role, struct bc_layer *out);
+/* Forget the writer ids destroyed AEAD instances left for the next instance of their disk
+ * in this process (bc_layer_aead.c): the state of a new process. Tests that simulate a
+ * kill and a restart inside one process call it. */
+void bc_layer_aead_forget_ids(void);
 /* No encryption at all (benchmarks only). */
 int bc_layer_null_new(uint32_t sector_size, struct bc_layer *out);
 
@@ -153,6 +159,7 @@ struct bc_stats {
     uint64_t bytes_read, bytes_written;
     uint64_t lat_us_hist[32];   /* request latency: bucket i counts 2^(i-1) < us <= 2^i (0: <= 1 us) */
     uint64_t integrity_errors;  /* requests that failed with -EBADMSG (a sector failed its tag) */
+    uint64_t integrity_last_sector;  /* the last sector that failed its tag (when integrity_errors) */
 };
 
 struct bc_volume;

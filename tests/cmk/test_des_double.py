@@ -101,3 +101,35 @@ def test_single_double_moves_are_refused_naming_disk_copy(state, vault, ddes, ke
     with pytest.raises(UsageError):
         des.create(state, "bad", f"{vault.url}/keys/{key_name}", vault_dir=str(vault.dir), grant=True,
                    enc_type="EncryptionAtRestWithPlatformKey")
+
+
+def test_disk_copy_moves_between_single_and_double(state, vault, ddes, key_name, des_rec):
+    """What a re-wrap cannot do, a copy does: into a DES of the other type, or (platform keys)
+    with --double-encryption / --single-encryption; a flag that contradicts the DES is refused."""
+    from blockcrypt.control.copy import copy
+    payload = os.urandom(300_000)
+    disks.create(state, "plain", 1 << 20)
+    with open_volume(state, "plain") as v:
+        v.write(4096 * 3 + 7, payload)
+
+    def content(name):
+        with open_volume(state, name, read_only=True) as v:
+            return v.read(4096 * 3 + 7, len(payload))
+
+    def double(name):
+        return disks.is_double(disks.read_disk_header(state.catalog.get_disk(name)))
+
+    copy(state, "plain", "to-dd", des="dd")                       # single -> double, customer key
+    assert double("to-dd") and state.catalog.get_disk("to-dd").encryption_type == DOUBLE
+    copy(state, "plain", "pp", double=True)                        # single -> double, platform keys
+    assert double("pp") and state.catalog.get_disk("pp").des is None
+    copy(state, "pp", "pp2")                                       # double stays double by default
+    copy(state, "to-dd", "back", des="", double=False)             # customer double -> platform single
+    assert double("pp2") and not double("back") and state.catalog.get_disk("back").des is None
+    for name in ("to-dd", "pp", "pp2", "back"):
+        assert content(name) == payload, name
+    with pytest.raises(Refused, match="of type") as e:
+        copy(state, "plain", "nope", des="dd", double=False)
+    assert "\n" not in str(e.value) and state.catalog.find_disk("nope") is None
+    with pytest.raises(Refused, match="single-encryption"):
+        des.move_disk_to_des(state, "pp", "des1")

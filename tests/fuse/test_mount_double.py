@@ -107,10 +107,26 @@ def test_tampered_sector_is_eio_for_exactly_that_sector(state, mnt, where):
         off = {"data": layout.DATA_OFFSET + k * SS + 999, "nonce": layout.META_AREA_OFFSET + k * META + 8 + 11,
                "tag": layout.META_AREA_OFFSET + k * META + 32 + 1}[where]
         flip(bpath, off)
+    keep = os.open(mnt.disk("t"), os.O_RDONLY)  # the volume stays open: status shows its counters
     with pytest.raises(OSError) as e:
         read_direct(mnt.disk("t"), k * SS)
     for n in (k - 1, k + 1, 0, 63):
         assert read_direct(mnt.disk("t"), n * SS) == data[n * SS:(n + 1) * SS]
+    with pytest.raises(OSError):
+        read_direct(mnt.disk("t"), k * SS)  # again: counted, not logged again
+    # logged once with the disk and the sector's number, and recorded as an event
+    line = f"disk t: sector {k} failed its integrity check"
+    wait_for(lambda: line in "".join(p.read_text() for p in (state.path / "logs").glob("mount-*.log")),
+             what="the integrity error logged")
+    logs = "".join(p.read_text() for p in (state.path / "logs").glob("mount-*.log"))
+    assert logs.count(line) == 1, logs[-2000:]
+    events = [json.loads(x) for x in (state.path / "logs" / "key-events.jsonl").read_text().splitlines()]
+    bad = [ev for ev in events if ev["event"] == "IntegrityError"]
+    assert [(ev["disk"], ev["sector"]) for ev in bad] == [("t", k)]
+    st = bc_json(state, "status")
+    (d,) = [d for m in st["mounts"] for d in m["disks"] if d["name"] == "t"]
+    assert d["io"]["integrityErrors"] == 2 and d["io"]["integrityLastSector"] == k
+    os.close(keep)
     if where != "moved":  # the bit flipped back: the sector serves again
         flip(bpath, off)
         assert read_direct(mnt.disk("t"), k * SS) == data[k * SS:(k + 1) * SS]

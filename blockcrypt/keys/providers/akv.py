@@ -5,7 +5,9 @@ vault identity; this provider wraps and unwraps DEKs with that key through
 that identity:
 
 - wrap:   RSA-OAEP-256 of  DEK (64 bytes) || SHA-256(binding context) (32 bytes)
-- unwrap: RSA-OAEP-256 back; the digest must match this disk and layer role
+          (RSA-OAEP, i.e. OAEP with SHA-1, for RSA-HSM keys: a PKCS#11 token such as
+          SoftHSM2 offers no OAEP with SHA-256; OAEP-SHA-1 is still a sound padding)
+- unwrap: the recorded algorithm back; the digest must match this disk and layer role
 
 Azure's wrapKey has no associated data, so the binding travels inside the
 wrapped plaintext (96 bytes: fits RSA-2048 OAEP-SHA256, whose limit is 190).
@@ -27,11 +29,18 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..._util.fsutil import atomic_write
-from ...errors import KeyError_, KeyIntegrityError, NotFound, UsageError
+from ...errors import KeyDisabled, KeyError_, KeyExpired, KeyIntegrityError, NotFound, UsageError
 from ..base import KekProvider, KeyStatus, WrappedKey
 
 WRAP_ALG = "RSA-OAEP-256"
+HSM_WRAP_ALG = "RSA-OAEP"
+WRAP_ALGS = (WRAP_ALG, HSM_WRAP_ALG)
 DEK_BYTES = 64
+
+
+def wrap_alg_for(kty: str | None) -> str:
+    """The wrap algorithm for a key type: RSA-OAEP for RSA-HSM keys, RSA-OAEP-256 otherwise."""
+    return HSM_WRAP_ALG if kty == "RSA-HSM" else WRAP_ALG
 
 
 def parse_key_url(url: str) -> tuple[str, str, str | None]:
@@ -59,10 +68,11 @@ class AkvKeyProvider(KekProvider):
     def __init__(self, state):
         self.state = state
         self._clients: dict[str, object] = {}
+        self._kty: dict[tuple[str, str], str] = {}   # (vault, key name) -> kty (fixed for a key's life)
         self._lock = threading.Lock()
 
     # -- identity of the DES that owns a key ----------------------------------------------------
-    def _des_for(self, kek_ref: str):
+    def des_for(self, kek_ref: str):
         base, name, _ = parse_key_url(kek_ref)
         for d in self.state.catalog.list_des():
             b, n, _v = parse_key_url(d.key_url)
@@ -83,6 +93,11 @@ class AkvKeyProvider(KekProvider):
                 self._clients[des.des_id] = c
             return c
 
+    @staticmethod
+    def is_versioned(url: str) -> bool:
+        """Whether a key URL names one version (a DES on it cannot follow the newest)."""
+        return parse_key_url(url)[2] is not None
+
     def forget(self, des_id: str) -> None:
         with self._lock:
             self._clients.pop(des_id, None)
@@ -92,34 +107,48 @@ class AkvKeyProvider(KekProvider):
         raise UsageError("a customer-managed key needs a disk encryption set (--des)")
 
     def status(self, kek_ref: str, disk_id: str | None = None) -> KeyStatus:
-        des = self._des_for(kek_ref)
+        des = self.des_for(kek_ref)
         _, name, version = parse_key_url(kek_ref)
         try:
-            key = self.client_for(des).get_key(name, version, disk_id=disk_id)
+            st = self.client_for(des).status(name, version)
         except KeyError_ as e:
             return KeyStatus(kek_ref, False, e.reason, str(e))
-        return KeyStatus(key["key"]["kid"], True)
+        # a disabled or expired key still answers GET: its attributes say it cannot wrap or unwrap
+        if st["state"] == "disabled":
+            err = KeyDisabled(key_id=st["kid"])
+        elif st["state"] in ("expired", "not-yet-valid"):
+            err = KeyExpired(key_id=st["kid"])
+        else:
+            return KeyStatus(st["kid"], True)
+        return KeyStatus(st["kid"], False, err.reason, str(err))
 
     def latest_version(self, des) -> str:
         """The versioned kid of the key's newest version (what 'latest' means now)."""
         _, name, _ = parse_key_url(des.key_url)
         return self.client_for(des).get_key(name, None)["key"]["kid"]
 
+    def _alg(self, des, base: str, name: str, disk_id: str | None) -> str:
+        kty = self._kty.get((base, name))
+        if kty is None:
+            kty = self._kty[(base, name)] = self.client_for(des).get_key(name, None, disk_id=disk_id)["key"]["kty"]
+        return wrap_alg_for(kty)
+
     def wrap(self, kek_ref: str, dek: bytes, context: bytes, disk_id: str | None = None) -> WrappedKey:
         if len(dek) != DEK_BYTES:
             raise ValueError("DEK must be 64 bytes")
-        des = self._des_for(kek_ref)
-        _, name, version = parse_key_url(kek_ref)
+        des = self.des_for(kek_ref)
+        base, name, version = parse_key_url(kek_ref)
+        alg = self._alg(des, base, name, disk_id)
         kid, blob = self.client_for(des).wrap(name, version, bytes(dek) + _context_digest(context),
-                                              alg=WRAP_ALG, disk_id=disk_id)
-        return WrappedKey(self.NAME, kid, WRAP_ALG, blob)
+                                              alg=alg, disk_id=disk_id)
+        return WrappedKey(self.NAME, kid, alg, blob)
 
     def unwrap(self, wrapped: WrappedKey, context: bytes, disk_id: str | None = None) -> bytes:
-        if wrapped.algorithm != WRAP_ALG:
+        if wrapped.algorithm not in WRAP_ALGS:
             raise KeyIntegrityError(key_id=wrapped.kek_id, msg=f"unexpected wrap algorithm {wrapped.algorithm}")
-        des = self._des_for(wrapped.kek_id)
+        des = self.des_for(wrapped.kek_id)
         _, name, version = parse_key_url(wrapped.kek_id)
-        plain = self.client_for(des).unwrap(name, version, wrapped.blob, alg=WRAP_ALG, disk_id=disk_id)
+        plain = self.client_for(des).unwrap(name, version, wrapped.blob, alg=wrapped.algorithm, disk_id=disk_id)
         if len(plain) != DEK_BYTES + 32 or plain[DEK_BYTES:] != _context_digest(context):
             raise KeyIntegrityError(key_id=wrapped.kek_id, msg="the wrapped key belongs to another disk or layer")
         return plain[:DEK_BYTES]

@@ -16,9 +16,19 @@ directory). Rotation adds a version, re-wraps every disk's DEK (no data is
 rewritten) and forgets versions no disk uses any more; see rotate_platform_key()
 in blockcrypt/disks.py for the crash-safe sequence.
 
-Caveat: the platform keys are the root of trust of platform-keyed disks; they
-are stored in plaintext, protected by file permissions (like a LUKS key file).
-Put the state directory on storage you trust, or use an HSM-backed provider.
+With ``blockcrypt init --platform-keys pkcs11:token=T;object=K?module-path=M&pin-source=file:P``
+the keys live in a PKCS#11 token instead (providers/pkcs11.py): the store
+records ``"backend": "pkcs11"`` and the URI, each version is a non-extractable
+AES-256 key object (CKA_ID = the version) and its entries carry no key; the
+wrap is the same AES-256-GCM construction, computed inside the token. A
+rotation creates the new object before the store names it and destroys
+retired objects after the store has forgotten them, so a crash leaves at most
+an unused object (reused or destroyed by the next rotation).
+
+Caveat: the platform keys are the root of trust of platform-keyed disks; in
+the file backend they are stored in plaintext, protected by file permissions
+(like a LUKS key file). Put the state directory on storage you trust, or keep
+the platform keys in a token.
 """
 from __future__ import annotations
 
@@ -33,7 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..._util.clock import now_iso
 from ..._util.fsutil import atomic_write
-from ...errors import KeyIntegrityError, KeyPurged, KeyStoreError
+from ...errors import KeyError_, KeyIntegrityError, KeyPurged, KeyStoreError, UsageError
 from ..base import KekProvider, KeyStatus, WrappedKey
 
 STORE_NAME = "platform.json"
@@ -48,20 +58,41 @@ class PlatformKeyStore:
         self.path = self.dir / STORE_NAME
 
     # -- life cycle -------------------------------------------------------------
-    def create(self) -> None:
+    def create(self, pkcs11_uri: str | None = None) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         if self.path.exists():
-            self.load()  # validates permissions and content
+            doc = self.load()  # validates permissions and content
+            if pkcs11_uri and doc.get("uri") != _token_keys(pkcs11_uri).uri.full():
+                raise KeyStoreError(path=str(self.path), why="exists already with another key backend "
+                                    "(the platform keys cannot move; initialise a new state directory)")
             return
-        doc = {"format": 1, "current": 1, "pending_rotation": None,
-               "versions": [self._new_version(1)]}
+        doc = {"format": 1, "current": 1, "pending_rotation": None, "versions": []}
+        if pkcs11_uri:
+            keys = _token_keys(pkcs11_uri)
+            doc.update(backend="pkcs11", uri=keys.uri.full())
+            version = max(keys.versions() or [0]) + 1   # never reuse an object someone else made
+            doc["current"] = version
+        else:
+            version = 1
+        doc["versions"] = [self._new_version(doc, version)]
         self._save(doc)
 
-    @staticmethod
-    def _new_version(version: int) -> dict:
+    def _new_version(self, doc: dict, version: int) -> dict:
+        if doc.get("backend") == "pkcs11":
+            keys = self.token_keys(doc)
+            if version not in keys.versions():   # made by an interrupted rotation: reuse it
+                keys.create(version)
+            return {"version": version, "created": now_iso()}
         return {"version": version, "created": now_iso(),
                 "key": base64.b64encode(os.urandom(32)).decode()}
+
+    @staticmethod
+    def token_keys(doc: dict):
+        """The token's key objects of a pkcs11-backed store (None for the file backend)."""
+        if doc.get("backend") != "pkcs11":
+            return None
+        return _token_keys(doc["uri"])
 
     def _check_perms(self) -> None:
         for p, want in ((self.dir, 0o700), (self.path, 0o600)):
@@ -83,8 +114,11 @@ class PlatformKeyStore:
         try:
             doc = json.loads(self.path.read_bytes())
             assert doc["format"] == 1 and doc["versions"]
+            assert doc.get("backend", "file") in ("file", "pkcs11")
             for v in doc["versions"]:
-                if len(base64.b64decode(v["key"])) != 32:
+                if doc.get("backend") == "pkcs11":
+                    assert "key" not in v and isinstance(v["version"], int) and doc["uri"]
+                elif len(base64.b64decode(v["key"])) != 32:
                     raise ValueError
         except PermissionError:
             raise KeyStoreError(path=str(self.path), why="not readable by this user") from None
@@ -97,10 +131,23 @@ class PlatformKeyStore:
 
     # -- queries ------------------------------------------------------------------
     def key(self, version: int) -> bytes:
-        for v in self.load()["versions"]:
+        doc = self.load()
+        if doc.get("backend") == "pkcs11":
+            raise TypeError("the platform keys of this store are in a PKCS#11 token and never leave it")
+        for v in doc["versions"]:
             if v["version"] == version:
                 return base64.b64decode(v["key"])
         raise KeyPurged(key_id=f"platform/{version}")
+
+    def keys_for(self, version: int):
+        """(doc, token keys or None) for a version the store knows; KeyPurged for one it forgot."""
+        doc = self.load()
+        if not any(v["version"] == version for v in doc["versions"]):
+            raise KeyPurged(key_id=f"platform/{version}")
+        return doc, self.token_keys(doc)
+
+    def backend(self) -> str:
+        return self.load().get("backend", "file")
 
     def current(self) -> int:
         return self.load()["current"]
@@ -121,7 +168,7 @@ class PlatformKeyStore:
         if doc.get("pending_rotation"):
             return doc["pending_rotation"]
         new = max(v["version"] for v in doc["versions"]) + 1
-        doc["versions"].append(self._new_version(new))
+        doc["versions"].append(self._new_version(doc, new))
         doc["current"] = new
         doc["pending_rotation"] = new
         self._save(doc)
@@ -135,7 +182,20 @@ class PlatformKeyStore:
         doc["versions"] = [v for v in doc["versions"] if v["version"] in keep]
         doc["pending_rotation"] = None
         self._save(doc)
+        keys = self.token_keys(doc)
+        if keys is not None:   # after the store forgot them: a crash here leaves unused objects only
+            for v in keys.versions():
+                if v not in keep and v < doc["current"]:
+                    keys.destroy(v)
         return removed
+
+
+def _token_keys(uri: str):
+    from .pkcs11 import Pkcs11Keys, parse_uri
+    u = parse_uri(uri)
+    if u.version is not None:
+        raise UsageError("--platform-keys names the key, not a version: drop ;id= from the PKCS#11 URI")
+    return Pkcs11Keys(u)
 
 
 def parse_platform_kek_id(kek_id: str) -> int:
@@ -165,14 +225,20 @@ class PlatformKeyProvider(KekProvider):
         version = self._resolve(kek_ref)
         kek_id = f"platform/{version}"
         try:
-            self.store.key(version)
-        except KeyPurged as e:
+            _doc, keys = self.store.keys_for(version)
+            if keys is not None:
+                keys.check(version)
+        except KeyError_ as e:
             return KeyStatus(kek_id, False, e.reason, str(e))
         return KeyStatus(kek_id, True)
 
     def wrap(self, kek_ref: str, dek: bytes, context: bytes, disk_id: str | None = None) -> WrappedKey:
         version = self._resolve(kek_ref)
         kek_id = f"platform/{version}"
+        _doc, keys = self.store.keys_for(version)
+        if keys is not None:
+            return WrappedKey(self.NAME, kek_id, WRAP_ALG,
+                              keys.encrypt(version, bytes(dek), context + kek_id.encode()))
         nonce = os.urandom(12)
         ct = AESGCM(self.store.key(version)).encrypt(nonce, bytes(dek), context + kek_id.encode())
         return WrappedKey(self.NAME, kek_id, WRAP_ALG, nonce + ct)
@@ -181,6 +247,9 @@ class PlatformKeyProvider(KekProvider):
         version = parse_platform_kek_id(wrapped.kek_id)
         if wrapped.algorithm != WRAP_ALG or len(wrapped.blob) < 12 + 16:
             raise KeyIntegrityError(key_id=wrapped.kek_id, msg="unknown wrap algorithm or short blob")
+        _doc, keys = self.store.keys_for(version)
+        if keys is not None:
+            return keys.decrypt(version, wrapped.blob, context + wrapped.kek_id.encode())
         key = self.store.key(version)
         try:
             return AESGCM(key).decrypt(wrapped.blob[:12], wrapped.blob[12:],

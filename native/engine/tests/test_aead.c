@@ -196,9 +196,12 @@ struct crash {
     long fail_at;         /* >0: the write call with this number (1-based) fails with -ENOSPC */
 };
 
+static uint64_t g_read_bytes;   /* bytes read through any crash wrapper */
+
 static int cr_read(void *c, void *buf, size_t len, uint64_t off)
 {
     struct crash *s = c;
+    g_read_bytes += len;
     return s->in->read_at(s->ictx, buf, len, off);
 }
 
@@ -289,8 +292,21 @@ static int make_stack(const struct keys *k, int stack, uint32_t ss, uint8_t role
 }
 
 /* budget < 0: no crash wrapper limit */
+/* Open as a process of its own would (no writer id left by an earlier instance in this
+ * process): every test here that reopens after a simulated kill means a new process. */
+static struct bc_volume *vopen_here(const char *path, const struct keys *k, int stack, uint32_t ss,
+                                    uint64_t size, long budget, int tear, uint8_t role);
+
 static struct bc_volume *vopen(const char *path, const struct keys *k, int stack, uint32_t ss, uint64_t size,
                                long budget, int tear, uint8_t role)
+{
+    bc_layer_aead_forget_ids();
+    return vopen_here(path, k, stack, ss, size, budget, tear, role);
+}
+
+/* Open in this process: a destroyed instance of the same disk hands its writer id on. */
+static struct bc_volume *vopen_here(const char *path, const struct keys *k, int stack, uint32_t ss,
+                                    uint64_t size, long budget, int tear, uint8_t role)
 {
     const struct bc_storage_ops *ops;
     void *ctx;
@@ -434,6 +450,7 @@ static void test_volume(uint32_t ss, int stack)
         struct bc_stats stt;
         bc_volume_stats(v, &stt);
         CHECK(stt.integrity_errors == (uint64_t)(2 * (t + 1)), "integrity_errors %" PRIu64, stt.integrity_errors);
+        CHECK(stt.integrity_last_sector == 3, "integrity_last_sector %" PRIu64, stt.integrity_last_sector);
         flip(path, bits[t], 0x10);
         CHECK_RC(bc_volume_read(v, got, ss, 3 * ss), ss);
         CHECK(memcmp(got, model + 3 * ss, ss) == 0, "repaired bit %d", t);
@@ -446,7 +463,12 @@ static void test_volume(uint32_t ss, int stack)
     raw_pread(path, meta, M, META_OFF + 5 * M);
     raw_pwrite(path, c, ss, DATA_OFF + 6 * ss);
     raw_pwrite(path, meta, M, META_OFF + 6 * M);
-    CHECK_RC(bc_volume_read(v, got, ss, 6 * ss), -EBADMSG);
+    CHECK_RC(bc_volume_read(v, got, 3 * ss, 4 * ss), -EBADMSG);   /* sectors 4..6: 6 fails */
+    {
+        struct bc_stats stt;
+        bc_volume_stats(v, &stt);
+        CHECK(stt.integrity_last_sector == 6, "integrity_last_sector %" PRIu64, stt.integrity_last_sector);
+    }
     CHECK_RC(bc_volume_read(v, got, ss, 5 * ss), ss);
     /* swap 5 and 6 */
     raw_pwrite(path, save, ss, DATA_OFF + 5 * ss);
@@ -690,6 +712,56 @@ static void test_repeated_kills(uint32_t ss)
     free(a), free(b), free(got);
 }
 
+/* A disk closed cleanly and reopened in the same process keeps its writer id: its first
+ * overwrites read only the metadata, not the stored data; a new process reads both. */
+static void test_reopen_keeps_writer(uint32_t ss)
+{
+    char path[4200];
+    path_in_dir(path, sizeof path, "w.img");
+    make_empty(path);
+    struct keys k;
+    make_keys(&k, 1100 + ss);
+    const size_t n = 8;
+    uint8_t *a = malloc(n * ss), *b = malloc(n * ss), *got = malloc(n * ss);
+    fill(a, n * ss, 31), fill(b, n * ss, 32);
+    struct bc_volume *v = vopen(path, &k, ST_XTS_AEAD, ss, 16 * ss, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "open");
+    CHECK_RC(bc_volume_write(v, a, n * ss, 0), (ssize_t)(n * ss));
+    bc_volume_unref(v);
+    v = vopen_here(path, &k, ST_XTS_AEAD, ss, 16 * ss, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "reopen");
+    g_read_bytes = 0;
+    CHECK_RC(bc_volume_write(v, b, n * ss, 0), (ssize_t)(n * ss));
+    CHECK(g_read_bytes == n * M, "reopened in-process: %" PRIu64 " bytes read, want %zu (metadata only)",
+          g_read_bytes, n * M);
+    bc_volume_unref(v);
+    v = vopen(path, &k, ST_XTS_AEAD, ss, 16 * ss, -1, 0, BC_ROLE_INFRA);   /* a new process */
+    REQUIRE(v != NULL, "open again");
+    g_read_bytes = 0;
+    CHECK_RC(bc_volume_write(v, a, n * ss, 0), (ssize_t)(n * ss));
+    CHECK(g_read_bytes == n * M + n * ss, "new process: %" PRIu64 " bytes read, want %zu (metadata + data)",
+          g_read_bytes, n * M + n * ss);
+    /* another key for the same disk id shares nothing */
+    bc_volume_unref(v);
+    struct keys k2;
+    make_keys(&k2, 1200 + ss);
+    memcpy(k2.id, k.id, sizeof k.id);
+    v = vopen(path, &k2, ST_XTS_AEAD, ss, 16 * ss, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "open with another key");
+    g_read_bytes = 0;
+    CHECK_RC(bc_volume_write(v, b, ss, 8 * ss), (ssize_t)ss);   /* an empty sector: no data read needed */
+    bc_volume_unref(v);
+    v = vopen_here(path, &k, ST_XTS_AEAD, ss, 16 * ss, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "reopen with the first key");
+    g_read_bytes = 0;
+    CHECK_RC(bc_volume_write(v, b, n * ss, 0), (ssize_t)(n * ss));
+    CHECK(g_read_bytes == n * M + n * ss, "another key's instance must not pass on an id: %" PRIu64, g_read_bytes);
+    CHECK_RC(bc_volume_read(v, got, n * ss, 0), (ssize_t)(n * ss));
+    CHECK(memcmp(got, b, n * ss) == 0, "content after the reopens");
+    bc_volume_unref(v);
+    free(a), free(b), free(got);
+}
+
 /* A data write that fails after its metadata was stored (ENOSPC) leaves a newer slot
  * that does not match the data, in a live instance: the layer must stop trusting its
  * own slots (write_failed), or the next write of that sector overwrites the only valid
@@ -874,6 +946,8 @@ int main(int argc, char **argv)
     RUN(test_crash(4096, 0));
     RUN(test_crash(4096, 1));
     RUN(test_crash(512, 1));
+    RUN(test_reopen_keeps_writer(4096));
+    RUN(test_reopen_keeps_writer(512));
     RUN(test_repeated_kills(4096));
     RUN(test_repeated_kills(512));
     RUN(test_failed_data_write(4096));
