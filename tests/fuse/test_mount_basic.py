@@ -24,9 +24,10 @@ def test_layout_modes_and_sizes(state, mnt):
     disks.create(state, "a", 64 * MiB)
     disks.create(state, "b", 8 * MiB, sector_size=512)
     wait_for(lambda: sorted(os.listdir(mnt.mp / "disks")) == ["a", "b"], what="disks listed")
-    # the tree's directories (tree.DIRS order); temp/ belongs to another feature
-    assert [d for d in os.listdir(mnt.mp) if d != "temp"] == ["disks", "snapshots", "images"]
+    # the tree's directories, in tree.DIRS order; temp/ is always served (empty: no temp disk here)
+    assert os.listdir(mnt.mp) == ["disks", "snapshots", "images", "temp"]
     assert os.listdir(mnt.mp / "snapshots") == [] and os.listdir(mnt.mp / "images") == []
+    assert os.listdir(mnt.mp / "temp") == []
     st = os.stat(mnt.disk("a"))
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == (0, 0)
