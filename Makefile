@@ -35,7 +35,7 @@ FUZZ_SECONDS ?= 300
 FUZZ_SEED    ?= $(shell date +%s)
 fuzz: test-deps build
 	BLOCKCRYPT_FUZZ_SECONDS=$(FUZZ_SECONDS) BLOCKCRYPT_FUZZ_SEED=$(FUZZ_SEED) \
-	    $(VENV)/bin/pytest -q tests/fuzz tests/vault/test_fuzz_rest.py
+	    $(VENV)/bin/pytest -q tests/fuzz tests/vault/test_fuzz_rest.py tests/fuse/test_fuzz_ops.py
 
 demo: build
 	STATE=$(STATE) VENV=$(VENV) bash scripts/demo.sh

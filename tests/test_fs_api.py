@@ -76,6 +76,8 @@ def test_handles_share_one_volume_and_the_last_release_closes_it(fs):
 def test_errno_boundary(fs, state):
     fh = fs("open", "/disks/a", os.O_RDWR)
     assert _errno(fs, "write", None, b"x", 8 * MiB, fh) == errno.EFBIG        # at the end
+    assert fs("write", None, b"y" * 300, 8 * MiB - 100, fh) == 100              # across it: clipped
+    assert fs("read", None, 200, 8 * MiB - 100, fh) == b"y" * 100
     assert _errno(fs, "truncate", None, 4 * MiB, fh) == errno.EPERM           # resizing is disk resize
     assert fs("truncate", None, 8 * MiB, fh) == 0                              # the same size is fine
     assert _errno(fs, "chmod", "/disks/a", 0o644) == errno.EPERM

@@ -40,8 +40,9 @@ Semantics worth knowing:
   any other mode EOPNOTSUPP. Ranges past the end are clipped.
 * ``fsync``/``fdatasync`` -> ``vol.flush()`` (fsync of the backing file).
 * ``st_blocks`` is the 512-byte blocks the backing file really uses.
-* A write straddling the end of the disk is clipped by the kernel (short
-  write); a write starting at or past the end answers EFBIG.
+* A write straddling the end of the disk is clipped here (a short write:
+  the kernel sends it whole once the last page is cached); a write starting
+  at or past the end answers EFBIG.
 * No extended attributes (ENOSYS to libfuse, so the kernel stops asking
   ``security.capability`` before every write).
 
@@ -507,7 +508,11 @@ class DiskFS(FrontEndStatus, fuse.Operations):
         return self._handles[fh].vol.read(offset, size)
 
     def write(self, path, data, offset, fh):
-        return self._handles[fh].vol.write(offset, data)
+        vol = self._handles[fh].vol
+        end = vol.size
+        if offset < end < offset + len(data):  # straddling the end: clipped (a short write), as the
+            data = memoryview(data)[:end - offset]  # native session does; the kernel does not always
+        return vol.write(offset, data)
 
     def fsync(self, path, datasync, fh):
         self._handles[fh].vol.flush()
