@@ -104,7 +104,10 @@ def truncated(rec: DiskRecord, h: Header) -> str | None:
         have = os.stat(rec.path).st_size
     except OSError:
         return None
-    need = Layout.of(h).backing_size(h.size)
+    lay = Layout.of(h)
+    # an overlay member's first file keeps the length it had as a plain disk: its data area is
+    # what must be there (a newer overlay file is longer still, up to its chunk bitmap)
+    need = lay.sector_off(0) + h.size if lay.overlay else lay.backing_size(h.size)
     if have < need:
         return f"the disk file is truncated ({have} of {need} bytes): data past byte {have} is lost"
     return None
