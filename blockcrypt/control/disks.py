@@ -410,10 +410,13 @@ def rebuild_catalog(st) -> dict:
         try:
             with header_backing(str(path), path.name, writable=False) as b:
                 try:
-                    expect = bytes.fromhex(path.stem)  # files are named <disk id>.img
-                except ValueError:
+                    expect = bytes.fromhex(path.stem)  # files are named <disk id>.img (<file id>.img
+                except ValueError:                     # in an overlay chain)
                     expect = None
-                h = read_header(b, path.name, expect_id=expect)
+                h = read_header(b, path.name)
+            if expect is not None and h.own_file_id != expect:
+                raise CorruptHeader(name=path.name, why=f"the header names file {h.own_file_id.hex()}, "
+                                                        f"not {expect.hex()}")
             check_name("disk", h.name)  # a header's name reaches paths, the mount and hooks
         except BlockcryptError as e:
             bad.append({"path": str(path), "error": str(e)})
