@@ -283,3 +283,22 @@ def test_copy_progress_events_and_an_interrupted_copy_leaves_no_disk(state, tmp_
     assert "half" not in [r.name for r in state.catalog.list_disks()]
     diskcopy.copy(state, "src", "half")
     assert read(state, "half", 0, MiB) == read(state, "src", 0, MiB)
+
+
+def test_copy_and_verify_of_a_member_see_the_data_in_its_chain(state):
+    """A disk whose data sits in the file below its top (frozen by a snapshot) copies and
+    scrubs that data: the allocated ranges are those of every file of the chain."""
+    disks.create(state, "d", 64 * MiB)
+    a, b = os.urandom(3 * MiB), os.urandom(MiB)
+    write(state, "d", 5 * MiB, a)
+    snapshots.create_snapshot(state, "d", "s")       # a's chunks are now in the snapshot's file only
+    write(state, "d", 40 * MiB, b)                   # b's in the disk's new top file
+    diskcopy.copy(state, "d", "c")
+    assert read(state, "c", 5 * MiB, len(a)) == a and read(state, "c", 40 * MiB, len(b)) == b
+    with disks.open_volume(state, "d", read_only=True) as v:
+        ranges = disks.written_sector_ranges(v)
+        assert len(v.files) == 2
+    ss = 4096
+    covered = lambda off, n: any(s0 * ss <= off and off + n <= s1 * ss for s0, s1 in ranges)  # noqa: E731
+    assert covered(5 * MiB, len(a)) and covered(40 * MiB, len(b))
+    assert sum(s1 - s0 for s0, s1 in ranges) * ss < 16 * MiB      # by data, not by size

@@ -83,7 +83,7 @@ def copy(st, src: str, dst: str, *, des: str | None = None, double: bool | None 
         try:
             with disks.open_volume(st, src, read_only=True) as a, disks.open_volume(st, dst) as b:
                 ss = a.sector_size
-                for s0, s1 in disks.written_sector_ranges(srec.path, a):
+                for s0, s1 in disks.written_sector_ranges(a):
                     for off in range(s0 * ss, s1 * ss, CHUNK):
                         data = a.read(off, min(CHUNK, s1 * ss - off))
                         if data != zero[:len(data)]:

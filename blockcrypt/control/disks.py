@@ -490,14 +490,14 @@ def _written_ranges(path: str, start: int, end: int):
         os.close(fd)
 
 
-def written_sector_ranges(path: str, v) -> list[tuple[int, int]]:
-    """[(first sector, end sector)) of open volume ``v`` that hold data in its file ``path``
-    (the rest are holes and read as zeros): copies and scrubs take time by data, not size."""
+def written_sector_ranges(v) -> list[tuple[int, int]]:
+    """[(first sector, end sector)) of open volume ``v`` that hold data in any of its files (its
+    own and, for a family member, its chain's; the rest are holes and read as zeros): copies and
+    scrubs take time by data, not size."""
     ss, size, lay = v.sector_size, v.size, v.layout
-    if getattr(v, "chain_depth", 0):  # a family member: its data is in the files below too
-        return [(0, size // ss)] if size else []
+    spans = sorted(r for f in v.files for r in _written_ranges(f, lay.sector_off(0), lay.sector_off(0) + size))
     ranges: list[tuple[int, int]] = []
-    for d0, d1 in _written_ranges(path, lay.sector_off(0), lay.sector_off(0) + size):
+    for d0, d1 in spans:
         s0 = (d0 - lay.data_off) // ss
         s1 = (d1 - lay.data_off + ss - 1) // ss
         if ranges and ranges[-1][1] >= s0:
@@ -529,7 +529,7 @@ def verify(st, name: str, progress=None) -> dict:
     rec = st.catalog.get_disk(name)
     with open_volume(st, name, read_only=True) as v:
         ss = v.sector_size
-        ranges = written_sector_ranges(rec.path, v)
+        ranges = written_sector_ranges(v)
         total = sum(s1 - s0 for s0, s1 in ranges) * ss
         bad, done = [], 0
         chunk = (1 << 20) // ss

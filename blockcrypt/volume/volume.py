@@ -97,7 +97,8 @@ class Volume:
         self.cache = cache
         self._key_error = None
         chain = _storage_kw(path, header, self.name)
-        self.chain_depth = len(chain.get("lowers", ()))
+        #: the files that hold this volume's data: its own, then its chain's (nearest first)
+        self.files = [path] + [p for p, _mc in chain.get("lowers", ())]
         try:
             self.engine = _engine().Volume(path, size=header.size, sector_size=header.sector_size,
                                            data_off=header.data_offset, meta_off=self.layout.meta_area_off,
@@ -124,7 +125,7 @@ class Volume:
         except OSError as e:
             self._raise(e)
         self.path = path
-        self.chain_depth = len(chain.get("lowers", ()))
+        self.files = [path] + [p for p, _mc in chain.get("lowers", ())]
 
     # -- errors -----------------------------------------------------------------------
     def _raise(self, e: OSError):
