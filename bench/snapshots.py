@@ -2,7 +2,8 @@
 """Snapshot, image and disk-from-snapshot times, and fio on a disk with 0, 1 and 10 snapshots.
 
     .venv/bin/python bench/snapshots.py [--size 1T] [--written 10G] [--trials 5] [--dir DIR]
-                                        [--fio] [--fio-size 1G] [--fio-runtime 10] [--json]
+                                        [--fio] [--fio-size 1G] [--fio-runtime 10] [--reps 3]
+                                        [--jobs a,b] [--json]
 
 Create times: a disk of --size with --written bytes of random data spread over it
 (64 MiB runs at even intervals, written through the engine and flushed), then per
@@ -15,12 +16,11 @@ grow with the data).
 
 --fio: a real mount; for n in 0, 1, 10: a disk of --fio-size filled sequentially,
 n snapshots taken (each after rewriting a tenth of the disk, so chains hold data at
-every level), then the bench matrix's random and sequential jobs (bench/jobs.py
-shapes: 4 KiB randread/randwrite, 1 MiB seq read/write, O_DIRECT, libaio depth 4)
-for --fio-runtime seconds each; ratios against n = 0. The first writes after a
-snapshot copy 64 KiB chunks up; the randwrite job runs after a warm-up pass so it
-measures the steady state, and reports the warm-up's rate as well. Run on a quiet
-host (the script prints the load average it saw).
+every level), then bench/jobs.py's 8 jobs (the same matrix as bench/run.py, with its
+cold start before every job), --reps times, the three disks back to back per job;
+ratios of medians against n = 0. The first writes after a snapshot copy 64 KiB
+chunks up: one rand_write run per disk before the matrix measures that, apart. Run
+on a quiet host (the script prints the load average it saw).
 
 Everything happens in a temporary directory (or --dir) that is removed at the end.
 """
@@ -103,28 +103,26 @@ def create_times(st, size: int, written: int, trials: int) -> dict:
 
 # --- fio -----------------------------------------------------------------------------------
 
-JOBS = (("randread-4k", "randread", "4k"), ("randwrite-4k", "randwrite", "4k"),
-        ("seqread-1m", "read", "1M"), ("seqwrite-1m", "write", "1M"))
+def fio_matrix(st, root: Path, size: int, runtime: int, reps: int, jobs: list[str] | None = None) -> dict:
+    """bench/jobs.py's 8 jobs on disks with 0, 1 and 10 snapshots, on one mount.
 
-
-def _fio(path: Path, rw: str, bs: str, size: int, runtime: int) -> float:
-    r = subprocess.run(["fio", "--name=j", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
-                        "--direct=1", "--ioengine=libaio", "--iodepth=4", "--time_based", f"--runtime={runtime}",
-                        "--randrepeat=0", "--output-format=json"], capture_output=True, text=True, check=True,
-                       timeout=runtime + 120)
-    j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    side = j["read"] if "read" in rw else j["write"]
-    return side["iops"] if bs == "4k" else side["bw_bytes"] / MiB
-
-
-def fio_matrix(st, root: Path, size: int, runtime: int) -> dict:
+    Every (rep, job) runs the three disks back to back, each after the same cold start
+    (bench/jobs.py DEFAULT_COLD_START: drop caches, settle 5 s, prefault 3 GiB of page
+    cache), so host drift lands on all three alike; ratios are of medians over reps."""
+    from bench.jobs import JOBS, run_fio
     from blockcrypt.mount import daemon
+    chosen = [j for j in JOBS if jobs is None or j.name in jobs]
     mp = root / "mnt"
     mp.mkdir()
+    scratch = root / "scratch"
+    scratch.mkdir()
     daemon.mount(st, str(mp))
-    out = {}
+    counts = (0, 1, 10)
+    runs = {str(n): {j.name: [] for j in chosen} for n in counts}
+    first = {}
     try:
-        for n in (0, 1, 10):
+        paths = {}
+        for n in counts:
             name = f"f{n}"
             disks.create(st, name, size)
             path = mp / "disks" / name
@@ -140,17 +138,27 @@ def fio_matrix(st, root: Path, size: int, runtime: int) -> dict:
                                 f"--size={size}", f"--io_size={size // 10}", "--direct=1", "--ioengine=libaio",
                                 "--iodepth=4", "--output-format=json"], check=True, capture_output=True)
                 snapshots.create_snapshot(st, name, f"{name}-s{k}")
-            res = {}
-            if n:  # the first writes after the last snapshot copy chunks up: measured apart
-                res["randwrite-4k-first"] = _fio(path, "randwrite", "4k", size, runtime)
-            for label, rw, bs in JOBS:
-                res[label] = _fio(path, rw, bs, size, runtime)
-            out[str(n)] = res
+            paths[n] = path
+        # The first 4 KiB writes after the last snapshot copy 64 KiB chunks up: measured once,
+        # apart, before the matrix (later writes land in chunks already copied).
+        rw = next(j for j in JOBS if j.name == "rand_write")
+        for n in counts:
+            first[str(n)] = round(run_fio(rw, paths[n], size, runtime, 0, None, scratch_dir=scratch)["value"], 1)
+        for rep in range(reps):
+            for job in chosen:
+                for n in counts:
+                    r = run_fio(job, paths[n], size, runtime, 0, None, scratch_dir=scratch)
+                    runs[str(n)][job.name].append(round(r["value"], 1))
+                    print(f"rep {rep + 1}/{reps} {job.name:<14} {n:>2} snapshots: {r['value']:10.1f} {job.unit}",
+                          file=sys.stderr, flush=True)
     finally:
         daemon.umount(st, str(mp))
-    base = out["0"]
-    out["ratios"] = {n: {k: round(out[n][k] / base[k], 3) for k, _, _ in JOBS} for n in ("1", "10")}
-    return out
+    med = {n: {k: statistics.median(v) for k, v in runs[n].items()} for n in runs}
+    return {"sizeBytes": size, "runtimeS": runtime, "reps": reps,
+            "coldStart": "drop_caches, settle 5 s, prefault 3072 MiB pagecache",
+            "units": {j.name: j.unit for j in chosen}, "runs": runs, "medians": med,
+            "randWriteFirstAfterSnapshot": first,
+            "ratios": {n: {k: round(med[n][k] / med["0"][k], 3) for k in med["0"]} for n in ("1", "10")}}
 
 
 def main() -> int:
@@ -162,6 +170,8 @@ def main() -> int:
     ap.add_argument("--fio", action="store_true")
     ap.add_argument("--fio-size", default="1G")
     ap.add_argument("--fio-runtime", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--jobs", default=None, help="comma-separated bench/jobs.py job names (default: all 8)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bc-snapbench-", dir=a.dir))
@@ -173,7 +183,8 @@ def main() -> int:
             if shutil.which("fio") is None:
                 raise SystemExit("fio is not installed (scripts/install-deps.sh --bench)")
             st2 = State.init(root / "state2")
-            res["fio"] = fio_matrix(st2, root, parse_size(a.fio_size), a.fio_runtime)
+            res["fio"] = fio_matrix(st2, root, parse_size(a.fio_size), a.fio_runtime, a.reps,
+                                    a.jobs.split(",") if a.jobs else None)
             res["host"]["loadavgAfter"] = os.getloadavg()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -188,7 +199,13 @@ def main() -> int:
         print(f"  CLI (process start included): {c['cliSeconds']}")
         print(f"  new files' own space: {c['newFileBytes']}; target < 1 s: {'met' if c['targetMet'] else 'MISSED'}")
         if "fio" in res:
-            print("  fio ratios vs no snapshot:", json.dumps(res["fio"]["ratios"]))
+            f = res["fio"]
+            print(f"  fio, median of {f['reps']} reps; ratio to no snapshot (target >= 0.8):")
+            for k, unit in f["units"].items():
+                m = f["medians"]
+                print(f"    {k:<14} {m['0'][k]:9.1f} {unit:<5}  1: {f['ratios']['1'][k]:5.2f}  "
+                      f"10: {f['ratios']['10'][k]:5.2f}")
+            print(f"  first 4 KiB random writes after the last snapshot: {f['randWriteFirstAfterSnapshot']}")
     return 0
 
 
