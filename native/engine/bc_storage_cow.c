@@ -21,9 +21,11 @@
  * NONE (no file: zeros). A request then costs one lookup per chunk it touches and one
  * storage call per run of chunks with the same holder, whatever the chain's depth.
  *
- * Writes go to the top. A write into a chunk the top does not hold first copies the
- * chunk up (its data and metadata from the holder, or zeros: punched) under a per-chunk
- * lock, then sets the index; the write follows. Discard copies up, then punches in the
+ * Writes go to the top. A write into part of a chunk the top does not hold first copies
+ * the chunk up (its data and metadata from the holder, or zeros: punched) under a
+ * per-chunk lock, then sets the index; the write follows. A write that covers a chunk's
+ * piece whole does not copy that piece (only the chunk's other piece, if any): it writes,
+ * then sets the index (cow_write_at). Discard copies up, then punches in the
  * top. The map bit is made durable later, by the next flush: flush = flush the top
  * (the copied and written data durable), then write the bitmap pages of the chunks
  * copied up before that flush started, then flush again. So a bit never reaches the
@@ -148,7 +150,10 @@ static int push_dirty(struct cow *w, uint64_t c)
     return 0;
 }
 
-static int copy_up(struct cow *w, uint64_t c)
+/* Copy chunk c up, except the piece of region `skip` (R_DATA or R_META; R_OTHER copies
+ * both) that the caller is about to overwrite whole. claim: set the index (the top holds
+ * the chunk) now; without it the caller claims the chunk after its write (claim()). */
+static int copy_up_part(struct cow *w, uint64_t c, int skip, int do_claim)
 {
     pthread_mutex_t *mu = &w->stripe[c % STRIPES];
     pthread_mutex_lock(mu);
@@ -158,20 +163,46 @@ static int copy_up(struct cow *w, uint64_t c)
         const struct bc_cow_params *p = &w->p;
         size_t cb = p->chunk_bytes;
         size_t need = cb > w->meta_chunk_bytes ? cb : (size_t)w->meta_chunk_bytes;
+        int data = skip != R_DATA, meta = p->meta_bytes && skip != R_META;
         void *buf = NULL;
-        if (posix_memalign(&buf, 4096, need) != 0) {
+        if ((data || meta) && posix_memalign(&buf, 4096, need) != 0) {
             rc = -ENOMEM;
         } else {
-            rc = copy_range(w, buf, h, p->data_off + c * cb, cb);
-            if (rc == 0 && p->meta_bytes)
+            if (data)
+                rc = copy_range(w, buf, h, p->data_off + c * cb, cb);
+            if (rc == 0 && meta)
                 rc = copy_range(w, buf, h, p->meta_off + c * w->meta_chunk_bytes, (size_t)w->meta_chunk_bytes);
             free(buf);   /* ciphertext only */
         }
-        if (rc == 0) {
+        if (rc == 0 && do_claim) {
             pthread_mutex_lock(&w->dirty_mu);
             rc = push_dirty(w, c);
             pthread_mutex_unlock(&w->dirty_mu);
         }
+        if (rc == 0 && do_claim) {
+            atomic_store_explicit(&w->index[c], 0, memory_order_release);
+            atomic_fetch_add_explicit(&w->copyups, 1, memory_order_relaxed);
+        }
+    }
+    pthread_mutex_unlock(mu);
+    return rc;
+}
+
+static int copy_up(struct cow *w, uint64_t c)
+{
+    return copy_up_part(w, c, R_OTHER, 1);
+}
+
+/* The top holds chunk c from now on (its pieces were copied up or written whole). */
+static int claim(struct cow *w, uint64_t c)
+{
+    pthread_mutex_t *mu = &w->stripe[c % STRIPES];
+    pthread_mutex_lock(mu);
+    int rc = 0;
+    if (atomic_load_explicit(&w->index[c], memory_order_acquire) != 0) {
+        pthread_mutex_lock(&w->dirty_mu);
+        rc = push_dirty(w, c);
+        pthread_mutex_unlock(&w->dirty_mu);
         if (rc == 0) {
             atomic_store_explicit(&w->index[c], 0, memory_order_release);
             atomic_fetch_add_explicit(&w->copyups, 1, memory_order_relaxed);
@@ -234,11 +265,50 @@ static int cow_read_at(void *ctx, void *buf, size_t len, uint64_t off)
     return 0;
 }
 
+/* A write copies up the shared chunks it covers in part. A chunk whose piece it covers
+ * whole (the usual case for requests of a chunk or more) is not read from below: only
+ * its other piece is copied (the metadata of a data piece, or the data of a metadata
+ * piece, when the layers keep metadata), the write goes to the top, and only then does
+ * the top claim the chunk. A write that fails claims nothing, so the chunk still reads
+ * from below (what the top got is overwritten by a later copy-up). Overlapping requests
+ * are serialised by the engine's range locks, so nothing reads or copies the chunk
+ * between the write and the claim. */
 static int cow_write_at(void *ctx, const void *buf, size_t len, uint64_t off)
 {
     struct cow *w = ctx;
-    int rc = w->writable ? own_range(w, off, len) : -EBADF;
-    return rc != 0 ? rc : w->files[0].ops->write_at(w->files[0].ctx, buf, len, off);
+    if (!w->writable)
+        return -EBADF;
+    uint64_t whole0 = 0, whole1 = 0;   /* the run of chunks [whole0, whole1) this write covers whole */
+    int wregion = R_OTHER;
+    uint64_t o = off, left = len;
+    while (left > 0) {
+        uint64_t c, end;
+        int r = region_of(w, o, &c, &end);
+        uint64_t step = end - o;
+        if (step == 0 || step > left)
+            step = left;
+        if (r != R_OTHER && c < w->nchunks) {
+            uint64_t piece = r == R_DATA ? w->p.chunk_bytes : w->meta_chunk_bytes;
+            uint64_t start = r == R_DATA ? w->p.data_off + c * piece : w->p.meta_off + c * piece;
+            int in_run = o == start && step == piece && (whole1 == whole0 || (wregion == r && c == whole1));
+            if (in_run) {
+                if (whole1 == whole0)
+                    whole0 = c, wregion = r;
+                whole1 = c + 1;
+            }
+            if (atomic_load_explicit(&w->index[c], memory_order_acquire) != 0) {
+                int rc = in_run ? copy_up_part(w, c, r, 0) : copy_up(w, c);
+                if (rc != 0)
+                    return rc;
+            }
+        }
+        o += step;
+        left -= step;
+    }
+    int rc = w->files[0].ops->write_at(w->files[0].ctx, buf, len, off);
+    for (uint64_t c = whole0; rc == 0 && c < whole1; c++)
+        rc = claim(w, c);
+    return rc;
 }
 
 static int cow_punch(void *ctx, uint64_t off, uint64_t len)

@@ -346,6 +346,87 @@ static void test_map_after_flush(void)
     bc_volume_unref(v);
 }
 
+/* A storage that counts the bytes read through it (the lower file of a chain). */
+struct counting {
+    const struct bc_storage_ops *in;
+    void *ictx;
+    _Atomic uint64_t read_bytes;
+};
+static int cnt_read(void *c, void *b, size_t n, uint64_t o)
+{
+    struct counting *k = c;
+    atomic_fetch_add(&k->read_bytes, n);
+    return k->in->read_at(k->ictx, b, n, o);
+}
+static int cnt_write(void *c, const void *b, size_t n, uint64_t o) { struct counting *k = c; return k->in->write_at(k->ictx, b, n, o); }
+static int cnt_flush(void *c) { struct counting *k = c; return k->in->flush(k->ictx); }
+static int cnt_size(void *c, uint64_t *v) { struct counting *k = c; return k->in->get_size(k->ictx, v); }
+static void cnt_close(void *c) { struct counting *k = c; k->in->close(k->ictx); }
+static const struct bc_storage_ops counting_ops = {.name = "counting", .read_at = cnt_read, .write_at = cnt_write,
+                                                   .flush = cnt_flush, .get_size = cnt_size, .close = cnt_close};
+
+/* A write that covers whole chunks does not read them from below (nothing to keep); a
+ * write into part of a chunk copies the chunk up (reads it); both read back right, before
+ * and after a flush and a reopen, with the map bits from the file. */
+static void test_whole_chunk_writes_read_nothing_below(void)
+{
+    const uint64_t size = 1u << 20;
+    const uint32_t ss = 4096;
+    char base[4200], top[4200];
+    path_of(base, sizeof base, "wc-base.img");
+    path_of(top, sizeof top, "wc-top.img");
+    make_empty(base);
+    static uint8_t model[1u << 20];
+    struct rng r = {77};
+    rnd_fill(&r, model, size);
+    struct member b = {.paths = {base}, .map_chunks = {0}, .n = 1}, t;
+    struct bc_volume *v = NULL;
+    REQUIRE(open_chain(&b, size, ss, ST_XTS, 1, &v) == 0, "open base");
+    CHECK(bc_volume_write(v, model, size, 0) == (ssize_t)size, "fill the base");
+    bc_volume_unref(v);
+    child_of(&t, &b, top, size);
+
+    struct bc_cow_file files[2] = {{0}};
+    struct counting lower = {0};
+    REQUIRE(bc_storage_local_open(top, 1, BC_CACHE_BUFFERED, &files[0].ops, &files[0].ctx) == 0, "open top");
+    REQUIRE(bc_storage_local_open(base, 0, BC_CACHE_BUFFERED, &lower.in, &lower.ictx) == 0, "open base file");
+    files[0].map_chunks = t.map_chunks[0];
+    files[1].ops = &counting_ops;
+    files[1].ctx = &lower;
+    files[1].map_chunks = 0;
+    struct bc_cow_params p = {.sector_size = ss, .chunk_bytes = CHUNK, .data_off = DATA_OFF, .map_off = MAP_OFF};
+    const struct bc_storage_ops *ops = NULL;
+    void *ctx = NULL;
+    REQUIRE(bc_storage_cow_open(&p, files, 2, 1, &ops, &ctx) == 0, "open the chain");
+    struct bc_layer ls[2];
+    size_t nl = 0;
+    REQUIRE(layers_for(ST_XTS, ss, ls, &nl) == 0, "layers");
+    struct bc_volume_params vp = {.size_bytes = size, .sector_size = ss, .data_off = DATA_OFF};
+    REQUIRE(bc_volume_open(&vp, ops, ctx, ls, nl, &v) == 0, "open the volume");
+    atomic_store(&lower.read_bytes, 0);
+    uint8_t buf[4 * CHUNK];
+    rnd_fill(&r, buf, sizeof buf);
+    /* chunks 2..5 whole, then chunk 9 whole: no read below */
+    CHECK(bc_volume_write(v, buf, 4 * CHUNK, 2 * CHUNK) == 4 * CHUNK, "write chunks 2-5");
+    memcpy(model + 2 * CHUNK, buf, 4 * CHUNK);
+    CHECK(bc_volume_write(v, buf, CHUNK, 9 * CHUNK) == CHUNK, "write chunk 9");
+    memcpy(model + 9 * CHUNK, buf, CHUNK);
+    CHECK(atomic_load(&lower.read_bytes) == 0, "whole-chunk writes read %llu bytes below",
+          (unsigned long long)atomic_load(&lower.read_bytes));
+    CHECK(bc_storage_cow_copyups(ctx) == 5, "5 chunks claimed (%llu)", (unsigned long long)bc_storage_cow_copyups(ctx));
+    /* half of chunk 12 plus the whole of 13: 12 is copied up (read), 13 is not */
+    CHECK(bc_volume_write(v, buf, CHUNK + CHUNK / 2, 12 * CHUNK + CHUNK / 2) == CHUNK + CHUNK / 2, "write 12.5-14");
+    memcpy(model + 12 * CHUNK + CHUNK / 2, buf, CHUNK + CHUNK / 2);
+    CHECK(atomic_load(&lower.read_bytes) == CHUNK, "a partial chunk is copied up: %llu bytes read below",
+          (unsigned long long)atomic_load(&lower.read_bytes));
+    CHECK(same_as(v, model, size), "reads match the model");
+    CHECK(bc_volume_flush(v) == 0, "flush");
+    bc_volume_unref(v);
+    REQUIRE(open_chain(&t, size, ss, ST_XTS, 0, &v) == 0, "reopen");
+    CHECK(same_as(v, model, size), "reads match the model after a reopen");
+    bc_volume_unref(v);
+}
+
 /* SIGKILL in the middle of writes, 10 rounds: every chunk reads old or new as a whole
  * (per sector: some version that was written to it), every flushed write survives. */
 static void test_kill_rounds(int stack)
@@ -675,6 +756,7 @@ int main(int argc, char **argv)
     RUN(test_snapshot_model(512, ST_AEAD, 4));
     RUN(test_deep_chain());
     RUN(test_map_after_flush());
+    RUN(test_whole_chunk_writes_read_nothing_below());
     RUN(test_kill_rounds(ST_XTS));
     RUN(test_kill_rounds(ST_AEAD));
     RUN(test_switch_storage());
