@@ -5,7 +5,10 @@
  * set_layers and resize take it for writing, so they wait for requests in flight and
  * new requests wait for them), take the range lock over the touched sectors, then
  * one storage read or write of the whole span (plus one of its metadata range when
- * the layers have metadata) and one call per layer for the whole span. Unaligned
+ * the layers have metadata) and one call per layer for the whole span (a span of
+ * 256 KiB or more is cut into parts of whole sectors that helper threads encrypt or
+ * decrypt beside the serving thread, bc_parallel.c: a queue-depth-1 stream of 1 MiB
+ * requests then uses more than one core for its crypto). Unaligned
  * writes first load (read + decrypt) their partial first and last sectors. Requests
  * larger than BC_MAX_REQUEST loop over chunks under one range lock.
  *
@@ -343,7 +346,7 @@ static int decrypt_run(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_
 }
 
 /* Decrypt n stored sectors in place, skipping holes; runs of non-holes in one call. */
-static int decrypt_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
+static int decrypt_serial(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
 {
     if (v->nlayers == 0)
         return 0;
@@ -362,6 +365,87 @@ static int decrypt_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uin
     if (run < n)
         return decrypt_run(v, buf + run * ss, M ? meta + run * M : NULL, s + run, n - run);
     return 0;
+}
+
+/* ---- one span's crypto on several threads (bc_parallel.c) ---------------------- */
+
+#define PAR_MIN_BYTES (256u << 10)   /* a span smaller than this stays on one thread */
+#define PAR_PART_MIN (128u << 10)    /* and no part is smaller than this */
+#define PAR_MAX_PARTS 4u
+
+struct part {
+    struct bc_volume *v;
+    uint8_t *buf, *meta;
+    uint64_t s;
+    size_t n;
+    int rc;
+};
+
+/* Every layer's encryption of n plaintext sectors in place, layer 0 first. */
+static int encrypt_serial(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
+{
+    size_t M = v->meta_bytes;
+    for (size_t L = 0; L < v->nlayers; L++) {
+        const struct bc_layer *l = &v->layers[L];
+        int rc = l->ops->encrypt(l->ctx, buf, n, s, M ? meta + v->meta_slice[L] : NULL, M);
+        if (rc != 0)
+            return rc < 0 ? rc : -EIO;
+    }
+    return 0;
+}
+
+static void decrypt_part(void *p)
+{
+    struct part *x = p;
+    x->rc = decrypt_serial(x->v, x->buf, x->meta, x->s, x->n);
+}
+
+static void encrypt_part(void *p)
+{
+    struct part *x = p;
+    x->rc = encrypt_serial(x->v, x->buf, x->meta, x->s, x->n);
+}
+
+/* fn over n sectors, cut into parts of whole sectors run side by side when the span is
+ * large enough and the process has helper threads; the first failing part's error. */
+static int split_span(struct bc_volume *v, void (*fn)(void *), uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
+{
+    size_t ss = v->sector_size, M = v->meta_bytes;
+    size_t bytes = n * ss, k = 1;
+    if (bytes >= PAR_MIN_BYTES) {
+        k = bc_parallel_width();
+        if (k > PAR_MAX_PARTS)
+            k = PAR_MAX_PARTS;
+        if (k > bytes / PAR_PART_MIN)
+            k = bytes / PAR_PART_MIN;
+        if (k < 1)
+            k = 1;
+    }
+    struct part parts[PAR_MAX_PARTS];
+    void *args[PAR_MAX_PARTS];
+    size_t per = (n + k - 1) / k, at = 0, used = 0;
+    for (; used < k && at < n; used++) {
+        size_t m = n - at < per ? n - at : per;
+        parts[used] = (struct part){.v = v, .buf = buf + at * ss, .meta = M ? meta + at * M : NULL,
+                                    .s = s + at, .n = m, .rc = 0};
+        args[used] = &parts[used];
+        at += m;
+    }
+    if (used == 1)
+        fn(&parts[0]);
+    else
+        bc_parallel_run(fn, args, used);
+    for (size_t i = 0; i < used; i++)
+        if (parts[i].rc != 0)
+            return parts[i].rc;
+    return 0;
+}
+
+static int decrypt_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
+{
+    if (v->nlayers == 0)
+        return 0;
+    return split_span(v, decrypt_part, buf, meta, s, n);
 }
 
 /* Read n sectors from sector s (data, and metadata into meta) and decrypt them. */
@@ -418,13 +502,9 @@ static int prepare_meta(struct bc_volume *v, struct scratch *sc, uint8_t *meta, 
 static int store_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
 {
     size_t ss = v->sector_size, M = v->meta_bytes;
-    for (size_t L = 0; L < v->nlayers; L++) {
-        const struct bc_layer *l = &v->layers[L];
-        int rc = l->ops->encrypt(l->ctx, buf, n, s, M ? meta + v->meta_slice[L] : NULL, M);
-        if (rc != 0)
-            return rc < 0 ? rc : -EIO;
-    }
-    int rc = 0;
+    int rc = v->nlayers ? split_span(v, encrypt_part, buf, meta, s, n) : 0;
+    if (rc != 0)
+        return rc;
     if (M)
         rc = v->sops->write_at(v->sctx, meta, n * M, v->meta_off + s * M);
     if (rc != 0)

@@ -180,6 +180,15 @@ int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, 
  * in this process (bc_layer_aead.c): the state of a new process. Tests that simulate a
  * kill and a restart inside one process call it. */
 void bc_layer_aead_forget_ids(void);
+
+/* ---- helper threads for one large request's crypto (bc_parallel.c) ---------------- */
+
+/* 1 + the helper threads this process runs (started on first call; fewer on 1 CPU or
+ * with BLOCKCRYPT_CRYPTO_THREADS=0). */
+unsigned bc_parallel_width(void);
+/* fn(args[0]) in the caller, the other parts on helpers (or the caller, when none has
+ * taken one by then); returns when every part is done. */
+void bc_parallel_run(void (*fn)(void *), void *const *args, size_t n);
 /* No encryption at all (benchmarks only). */
 int bc_layer_null_new(uint32_t sector_size, struct bc_layer *out);
 

@@ -51,8 +51,9 @@
  * Poly1305-only check of resolve() stay in libsodium. Each thread keeps one EVP context.
  *
  * Key: 32 bytes in sodium_malloc'd memory (guard pages, mlock'ed, zeroed by
- * sodium_free on destroy). Verification never writes the buffer before the tag
- * checks out, so a failed slot leaves the ciphertext intact for the other slot.
+ * sodium_free on destroy). A read decrypts each sector in place; when the newer slot's
+ * tag fails, the same stream is applied again (XOR: the ciphertext comes back) before
+ * the other slot is tried, so a failure costs a pass and success costs no copy.
  */
 #define _GNU_SOURCE
 #include "bc_engine.h"
@@ -217,11 +218,9 @@ static pthread_key_t evp_key;
 static pthread_once_t evp_once = PTHREAD_ONCE_INIT;
 static int evp_key_ok;
 static __thread EVP_CIPHER_CTX *tls_evp;
-static __thread uint8_t *tls_plain;   /* a sector's worth: decryption lands here first */
 
 struct evp_tls {
     EVP_CIPHER_CTX *ctx;
-    uint8_t *plain;
 };
 
 static void evp_free(void *p)
@@ -230,10 +229,6 @@ static void evp_free(void *p)
     if (t == NULL)
         return;
     EVP_CIPHER_CTX_free(t->ctx);   /* cleanses the key schedule */
-    if (t->plain != NULL) {
-        sodium_memzero(t->plain, 4096);
-        free(t->plain);
-    }
     free(t);
 }
 
@@ -242,7 +237,7 @@ static void evp_key_make(void)
     evp_key_ok = pthread_key_create(&evp_key, evp_free) == 0;
 }
 
-/* This thread's EVP context (set up for ChaCha20-Poly1305) and plaintext buffer, or -ENOMEM. */
+/* This thread's EVP context (set up for ChaCha20-Poly1305), or -ENOMEM. */
 static int evp_get(void)
 {
     if (tls_evp != NULL)
@@ -254,15 +249,13 @@ static int evp_get(void)
     if (t == NULL)
         return -ENOMEM;
     t->ctx = EVP_CIPHER_CTX_new();
-    t->plain = malloc(4096);
-    if (t->ctx == NULL || t->plain == NULL ||
+    if (t->ctx == NULL ||
         EVP_CipherInit_ex(t->ctx, EVP_chacha20_poly1305(), NULL, NULL, NULL, 1) != 1 ||
         pthread_setspecific(evp_key, t) != 0) {
         evp_free(t);
         return -ENOMEM;
     }
     tls_evp = t->ctx;
-    tls_plain = t->plain;
     return 0;
 }
 
@@ -279,8 +272,9 @@ static int bulk_seal(uint8_t *p, size_t n, const uint8_t *ad, const uint8_t k2[3
     return 0;
 }
 
-/* Open n bytes of ciphertext c against tag into out (this thread's buffer): 1 if the tag
- * checks out, 0 if not, -EIO on a library failure. c is not written. */
+/* Open n bytes of ciphertext c against tag into out (c itself: in place): 1 if the tag
+ * checks out, 0 if not (out then holds c XOR the stream, which bulk_seal under the same
+ * key and nonce turns back into c), -EIO on a library failure. */
 static int bulk_open(const uint8_t *c, size_t n, const uint8_t *ad, const uint8_t k2[32], const uint8_t n2[12],
                      const uint8_t tag[16], uint8_t *out)
 {
@@ -378,8 +372,7 @@ static int aead_decrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, const uin
     if (evp_get() != 0)
         return -ENOMEM;
     int rc = 0;
-    uint8_t k2[32], n2[12], ad[AD_BYTES];
-    uint8_t *plain = tls_plain;
+    uint8_t k2[32], n2[12], ad[AD_BYTES], tag[16];
     for (size_t i = 0; i < n; i++) {
         const uint8_t *m = meta + i * stride;
         uint8_t *p = buf + i * ss;
@@ -391,7 +384,11 @@ static int aead_decrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, const uin
                 break;
             make_ad(a, s + i, slot, ad);
             subkey(a, slot + NONCE_OFF, k2, n2);
-            ok = bulk_open(p, ss, ad, k2, n2, slot + TAG_OFF, plain);
+            /* in place: the stream XOR lands in p even when the tag fails; then the same
+             * stream again gives the ciphertext back for the other slot's try */
+            ok = bulk_open(p, ss, ad, k2, n2, slot + TAG_OFF, p);
+            if (ok == 0 && bulk_seal(p, ss, ad, k2, n2, tag) != 0)
+                ok = -EIO;
         }
         if (ok < 0) {
             rc = ok;
@@ -402,9 +399,7 @@ static int aead_decrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, const uin
             rc = -EBADMSG;
             break;
         }
-        memcpy(p, plain, ss);
     }
-    sodium_memzero(plain, ss);
     sodium_memzero(k2, sizeof k2);
     return rc;
 }

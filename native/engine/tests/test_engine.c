@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <openssl/evp.h>
@@ -950,6 +951,74 @@ static void test_concurrency(uint32_t ss, int stack)
 
 /* disjoint ranges proceed while a request is stuck in the store; overlapping ones wait */
 struct bg_io { struct bc_volume *v; uint64_t off; size_t len; atomic_int done; long long rc; int write; };
+/* ---- bc_parallel.c: parts of one request on helper threads ------------------------- */
+
+struct ppart {
+    uint64_t in, out;
+    pthread_t ran_on;
+};
+
+static void ppart_fn(void *p)
+{
+    struct ppart *x = p;
+    x->out = splitmix64(x->in);
+    x->ran_on = pthread_self();
+}
+
+static atomic_int g_par_bad, g_par_helped;
+
+static void *par_main(void *arg)
+{
+    uint64_t base = (uint64_t)(uintptr_t)arg;
+    for (unsigned r = 0; r < 3000; r++) {
+        struct ppart parts[6];
+        void *args[6];
+        size_t n = 1 + r % 6;   /* 1 part up to more parts than helpers */
+        for (size_t i = 0; i < n; i++) {
+            parts[i] = (struct ppart){.in = base * 100000 + r * 10 + i};
+            args[i] = &parts[i];
+        }
+        bc_parallel_run(ppart_fn, args, n);
+        for (size_t i = 0; i < n; i++) {
+            if (parts[i].out != splitmix64(parts[i].in))
+                atomic_fetch_add(&g_par_bad, 1);
+            if (!pthread_equal(parts[i].ran_on, pthread_self()))
+                atomic_fetch_add(&g_par_helped, 1);
+        }
+    }
+    return NULL;
+}
+
+/* Every part runs exactly once and is done when bc_parallel_run returns, from 4 calling
+ * threads at once; helpers take parts (on a host with more than one CPU); a forked child
+ * (no helper threads there) still gets every part done. */
+static void test_parallel_parts(void)
+{
+    unsigned w = bc_parallel_width();
+    CHECK(w >= 1 && w <= 4, "width %u", w);
+    if (sysconf(_SC_NPROCESSORS_ONLN) > 1 && getenv("BLOCKCRYPT_CRYPTO_THREADS") == NULL)
+        CHECK(w >= 2, "helpers on %ld CPUs", sysconf(_SC_NPROCESSORS_ONLN));
+    atomic_store(&g_par_bad, 0);
+    atomic_store(&g_par_helped, 0);
+    pthread_t t[4];
+    for (uintptr_t i = 0; i < 4; i++)
+        pthread_create(&t[i], NULL, par_main, (void *)(i + 1));
+    for (int i = 0; i < 4; i++)
+        pthread_join(t[i], NULL);
+    CHECK(atomic_load(&g_par_bad) == 0, "%d parts wrong", atomic_load(&g_par_bad));
+    if (w >= 2)
+        CHECK(atomic_load(&g_par_helped) > 0, "no part ran on a helper");
+    pid_t pid = fork();
+    if (pid == 0) {
+        atomic_store(&g_par_bad, 0);
+        par_main((void *)(uintptr_t)9);
+        _exit(atomic_load(&g_par_bad) == 0 ? 0 : 1);
+    }
+    int status = 0;
+    CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+          "a forked child's parts (status %d)", status);
+}
+
 static void *bg_main(void *arg)
 {
     struct bg_io *b = arg;
@@ -1651,6 +1720,7 @@ int main(int argc, char **argv)
     RUN(test_concurrency(4096, STACK_XTS));
     RUN(test_concurrency(4096, STACK_META));
     RUN(test_range_lock_parallel());
+    RUN(test_parallel_parts());
     RUN(test_revoke_waits());
     RUN(test_revoke_race());
     RUN(test_metadata(512));
