@@ -9,12 +9,16 @@ of built-ins, plus entry points). The control plane only ever calls::
     wrap(kek_ref, dek, context, disk_id=None)          -> WrappedKey
     unwrap(wrapped, context, disk_id=None)             -> bytes (the DEK)
     rewrap(wrapped, context, to_ref, disk_id=None)     -> WrappedKey
+    rewrap_many([(wrapped, context, to_ref, disk_id)]) -> [WrappedKey or KeyError_], optional
 
 ``kek_ref`` names a key, optionally unversioned ("latest"); a ``WrappedKey``
 always records the *versioned* KEK id it was wrapped under. ``context`` is the
 binding (disk id + layer role): providers with AEAD use it as associated data,
 others carry a digest of it inside the wrapped plaintext and check it on unwrap.
 ``disk_id`` (hex) is caller context for the provider's audit trail only.
+``rewrap_many`` is a rotation's batch: a provider with a batch API (transit
+``batch_input``) re-wraps many DEKs in one round trip; ``BATCH = False`` (the
+default) means it has none and callers re-wrap one at a time, in parallel.
 
 Failures are typed (blockcrypt.errors): KeyUnavailable (transient: retry and
 keep serving from a cached DEK), KeyAccessDenied, KeyDisabled, KeyExpired,
@@ -48,6 +52,8 @@ class KeyStatus:
 
 class KekProvider(abc.ABC):
     NAME: ClassVar[str] = ""
+    #: whether rewrap_many is one round trip (else callers spread single rewraps over threads)
+    BATCH: ClassVar[bool] = False
 
     @abc.abstractmethod
     def default_ref(self) -> str:
@@ -68,3 +74,15 @@ class KekProvider(abc.ABC):
             return self.wrap(to_ref, dek, context, disk_id=disk_id)
         finally:
             del dek
+
+    def rewrap_many(self, items) -> list:
+        """Re-wrap each ``(wrapped, context, to_ref, disk_id)``; one result per item, in order:
+        the new WrappedKey, or the KeyError_ (any BlockcryptError) that item failed with."""
+        from ..errors import BlockcryptError
+        out = []
+        for wrapped, context, to_ref, disk_id in items:
+            try:
+                out.append(self.rewrap(wrapped, context, to_ref, disk_id=disk_id))
+            except BlockcryptError as e:
+                out.append(e)
+        return out

@@ -85,3 +85,50 @@ def rewrap_layer(keys, h: Header, role: int, provider: str, to_ref: str) -> Laye
         finally:
             del dek
     return layer_from(role, wk, h.binding_id, layer.data_alg)
+
+
+def rewrap_layers(keys, jobs, workers: int = 4) -> list:
+    """Re-wrap many layers: ``jobs`` is ``[(header, role, provider, to_ref)]``; returns one
+    result per job, in order: the new Layer, or the BlockcryptError that job failed with.
+
+    Jobs that stay within a provider offering a batch API (``BATCH``) go to it in one
+    ``rewrap_many`` call (transit: one request for the lot); the others are re-wrapped one by
+    one, up to ``workers`` at once (each a key server round trip: threads overlap the waits)."""
+    from ..errors import BlockcryptError
+    out: list = [None] * len(jobs)
+    batched: dict[str, list[int]] = {}
+    single: list[int] = []
+    for i, (h, role, provider, to_ref) in enumerate(jobs):
+        try:
+            layer = _checked_layer(h, role)
+        except BlockcryptError as e:
+            out[i] = e
+            continue
+        if provider == layer.provider and keys.get(provider).BATCH:
+            batched.setdefault(provider, []).append(i)
+        else:
+            single.append(i)
+    for provider, idx in batched.items():
+        items = []
+        for i in idx:
+            h, role, _, to_ref = jobs[i]
+            items.append((wrapped_of(h.layer(role)), binding_context(h.binding_id, role), to_ref, h.disk_id_hex))
+        for i, wk in zip(idx, keys.get(provider).rewrap_many(items)):
+            h, role = jobs[i][0], jobs[i][1]
+            out[i] = wk if isinstance(wk, BaseException) else layer_from(role, wk, h.binding_id,
+                                                                         h.layer(role).data_alg)
+
+    def one(i):
+        try:
+            return rewrap_layer(keys, *jobs[i])
+        except BlockcryptError as e:
+            return e
+    if workers <= 1 or len(single) <= 1:
+        for i in single:
+            out[i] = one(i)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=min(workers, len(single)), thread_name_prefix="rewrap") as ex:
+            for i, r in zip(single, ex.map(one, single)):
+                out[i] = r
+    return out
