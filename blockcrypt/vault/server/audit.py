@@ -15,6 +15,13 @@ keep their plain SHA-256 links; ``meta.audit_keyed_from`` names the first keyed
 record and carries its own MAC, so it cannot be moved to unkey the chain. Records are appended inside the caller's write transaction, so a
 record and the change it describes commit (or vanish) together.
 
+Records of requests that change nothing (reads, wrap/unwrap, refusals) go through
+:class:`GroupCommit`: the records of concurrent requests are appended in one
+transaction, so one fsync makes a whole group durable, and each request is
+answered only once the transaction holding its record has committed (the audit
+never loses an answered operation). The chain is the same as one record per
+transaction: records get their ``seq`` and link in the order they are appended.
+
 :func:`verify` walks the chain and names the first record that was edited,
 removed (a gap in ``seq``), reordered, or whose stored hash does not match.
 
@@ -28,6 +35,7 @@ import hashlib
 import hmac
 import json
 import sqlite3
+import threading
 
 from ..._util.clock import iso_ms
 from .store import Store
@@ -82,6 +90,72 @@ def append(conn: sqlite3.Connection, fields: dict, key: bytes) -> dict:
     conn.execute("INSERT INTO audit (seq, record, prev_hash, hash) VALUES (?, ?, ?, ?)",
                  (seq, _canon(record), prev, h))
     return record
+
+
+class GroupCommit:
+    """Durable audit appends from many threads, one transaction (one fsync) per group.
+
+    :meth:`append` queues a record and returns once a transaction holding it has committed.
+    The first caller that finds no commit under way leads: it takes every queued record,
+    appends them in queue order in one transaction and commits, while records of requests
+    arriving meanwhile queue for the next group (led by one of their callers). No thread, no
+    timer: an idle vault commits each record alone, a busy one groups as many records as
+    arrive during one commit. A failed commit fails every record of its group (each caller
+    gets the error); later groups are tried afresh."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._cv = threading.Condition()
+        self._queue: list[dict] = []   # records of tickets [_settled, _next)
+        self._next = 0                  # the next ticket
+        self._settled = 0               # tickets below this are committed (or failed)
+        self._leading = False
+        self._failed: dict[int, BaseException] = {}
+        self.groups = 0                 # transactions committed (tests, benchmarks)
+        self.appended = 0               # records committed
+
+    def append(self, fields: dict) -> None:
+        """Append one record; returns once it is durable, or raises the commit's error. Called
+        inside this thread's open write transaction, the record joins that one instead (a group
+        must never commit or vanish with a transaction it does not own)."""
+        if self.store.in_tx():
+            with self.store.tx() as c:
+                append(c, fields, self.store.audit_key)
+            return
+        with self._cv:
+            ticket = self._next
+            self._next += 1
+            self._queue.append(fields)
+            while self._settled <= ticket and self._leading:
+                self._cv.wait()
+            if self._settled > ticket:   # a leader committed it (or failed trying)
+                err = self._failed.pop(ticket, None)
+                if err is not None:
+                    raise err
+                return
+            self._leading = True
+            group, self._queue = self._queue, []
+            first = self._settled
+        err = None
+        try:
+            with self.store.tx() as c:
+                for f in group:
+                    append(c, f, self.store.audit_key)
+        except BaseException as e:
+            err = e
+        with self._cv:
+            self._leading = False
+            self._settled = first + len(group)
+            if err is None:
+                self.groups += 1
+                self.appended += len(group)
+            else:
+                for t in range(first, first + len(group)):
+                    if t != ticket:
+                        self._failed[t] = err
+            self._cv.notify_all()
+        if err is not None:
+            raise err
 
 
 def records(store: Store, key: str | None = None, limit: int | None = None) -> list[dict]:
