@@ -47,7 +47,7 @@ def test_batches_rewrap_every_disk_with_two_sync_passes_each(state, monkeypatch)
     before = _contents(state, names)
     passes = []
     real = rotation._sync_pass
-    monkeypatch.setattr(rotation, "_sync_pass", lambda bs: (passes.append(len(bs)), real(bs)))
+    monkeypatch.setattr(rotation, "_sync_pass", lambda bs, pool=None: (passes.append(len(bs)), real(bs, pool)))
     monkeypatch.setattr(rotation, "REWRAP_BATCH", 4)
     r = rotation.rotate_platform_key(state)
     assert r["rewrapped"] == names and r["failed"] == {}
@@ -65,8 +65,8 @@ def test_interrupted_inside_a_batch_every_disk_opens(state, monkeypatch, at):
     real = rotation._sync_pass
     calls = []
 
-    def sync(bs):
-        real(bs)
+    def sync(bs, pool=None):
+        real(bs, pool)
         calls.append(len(bs))
         if (at, len(calls)) in (("sync-a", 3), ("sync-b", 4)):   # in the second batch
             raise Crash

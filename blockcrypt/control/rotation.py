@@ -38,8 +38,10 @@ ROTATION_STEPS = ("new-version", "rewrap", "write", "retire")
 
 
 #: re-wraps in flight at once for a provider without a batch API: each is a key server round
-#: trip, a wait, so threads overlap them
-REWRAP_WORKERS = 4
+#: trip, a wait, so threads overlap them; the vault commits the audit records of concurrent
+#: requests together, so the more in flight, the fewer fsyncs per disk (the KMIP and PKCS#11
+#: providers serialise on their own session lock)
+REWRAP_WORKERS = 16
 #: disks handled together: their headers are read under their locks, their DEKs re-wrapped (one
 #: request for the lot where the provider has a batch API) and their headers written with two
 #: sync passes for the batch (format/headerio.py write_headers) instead of two fsyncs per disk
@@ -48,19 +50,18 @@ REWRAP_BATCH = 64
 SYNC_THREADS = 16
 
 
-def _sync_pass(backings) -> None:
-    """Flush every backing, many at once; the first error is raised once all are done."""
-    if len(backings) <= 1:
+def _sync_pass(backings, pool=None) -> None:
+    """Flush every backing, many at once on ``pool`` (a thread pool); the first error is raised
+    once all are done."""
+    if pool is None or len(backings) <= 1:
         for b in backings:
             b.flush()
         return
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=min(SYNC_THREADS, len(backings)), thread_name_prefix="hsync") as ex:
-        for f in [ex.submit(b.flush) for b in backings]:
-            f.result()
+    for f in [pool.submit(b.flush) for b in backings]:
+        f.result()
 
 
-def _rewrap_batch(st, recs, plan, step, workers: int, failed: dict | None, results: dict) -> None:
+def _rewrap_batch(st, recs, plan, step, workers: int, failed: dict | None, results: dict, pools) -> None:
     """One batch (see rewrap_disks): lock and read, re-wrap, write; results[name] = header|None."""
     from contextlib import ExitStack
 
@@ -91,7 +92,7 @@ def _rewrap_batch(st, recs, plan, step, workers: int, failed: dict | None, resul
                     owner.append(rec.name)
         new: dict[str, Header] = {}
         bad: set[str] = set()
-        for name, r in zip(owner, rewrap_layers(st.keys, jobs, workers)):
+        for name, r in zip(owner, rewrap_layers(st.keys, jobs, workers, pool=pools[0])):
             if isinstance(r, BaseException):
                 if name not in bad:
                     bad.add(name)
@@ -100,7 +101,8 @@ def _rewrap_batch(st, recs, plan, step, workers: int, failed: dict | None, resul
                 new[name] = new.get(name, opened[name][1]).with_layer(r)
         todo = [rec.name for rec in recs if rec.name in new and rec.name not in bad]
         step("write", todo)
-        written = write_headers([(opened[n][0], new[n], opened[n][1]) for n in todo], sync=_sync_pass)
+        written = write_headers([(opened[n][0], new[n], opened[n][1]) for n in todo],
+                                sync=lambda bs: _sync_pass(bs, pools[1]))
         for rec in recs:
             if rec.name in opened and rec.name not in bad:
                 results[rec.name] = None
@@ -131,8 +133,13 @@ def rewrap_disks(st, recs, plan, on_step=None, workers: int | None = None, faile
     batch = REWRAP_BATCH if batch is None else max(1, batch)
     recs = list(recs)
     results: dict[str, Header | None] = {}
-    for i in range(0, len(recs), batch):
-        _rewrap_batch(st, recs[i:i + batch], plan, step, workers, failed, results)
+    from concurrent.futures import ThreadPoolExecutor
+    # one pool of each for the whole run: its threads (and their key server connections) stay
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rewrap") as rewrap_pool, \
+            ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="hsync") as sync_pool:
+        for i in range(0, len(recs), batch):
+            _rewrap_batch(st, recs[i:i + batch], plan, step, workers, failed, results,
+                          (rewrap_pool if workers > 1 else None, sync_pool))
     failed_names = set(failed or ())
     rewrapped = [r.name for r in recs if results.get(r.name) is not None]
     unchanged = [r.name for r in recs if r.name in results and results[r.name] is None

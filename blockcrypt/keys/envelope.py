@@ -87,13 +87,14 @@ def rewrap_layer(keys, h: Header, role: int, provider: str, to_ref: str) -> Laye
     return layer_from(role, wk, h.binding_id, layer.data_alg)
 
 
-def rewrap_layers(keys, jobs, workers: int = 4) -> list:
+def rewrap_layers(keys, jobs, workers: int = 4, pool=None) -> list:
     """Re-wrap many layers: ``jobs`` is ``[(header, role, provider, to_ref)]``; returns one
     result per job, in order: the new Layer, or the BlockcryptError that job failed with.
 
     Jobs that stay within a provider offering a batch API (``BATCH``) go to it in one
     ``rewrap_many`` call (transit: one request for the lot); the others are re-wrapped one by
-    one, up to ``workers`` at once (each a key server round trip: threads overlap the waits)."""
+    one, up to ``workers`` at once (each a key server round trip: threads overlap the waits), on
+    ``pool`` (a ThreadPoolExecutor the caller keeps across calls) when given."""
     from ..errors import BlockcryptError
     out: list = [None] * len(jobs)
     batched: dict[str, list[int]] = {}
@@ -123,7 +124,10 @@ def rewrap_layers(keys, jobs, workers: int = 4) -> list:
             return rewrap_layer(keys, *jobs[i])
         except BlockcryptError as e:
             return e
-    if workers <= 1 or len(single) <= 1:
+    if pool is not None and len(single) > 1:
+        for i, r in zip(single, pool.map(one, single)):
+            out[i] = r
+    elif workers <= 1 or len(single) <= 1:
         for i in single:
             out[i] = one(i)
     else:

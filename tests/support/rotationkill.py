@@ -31,8 +31,8 @@ CHILD = textwrap.dedent("""
 
     real = rotation._sync_pass
 
-    def sync(bs):
-        real(bs)
+    def sync(bs, pool=None):
+        real(bs, pool)
         n["sync"] += 1
         i, phase = divmod(n["sync"] - 1, 2)
         mark(f"synced-{'AB'[phase]}-{i}")

@@ -114,21 +114,22 @@ class GroupCommit:
     """Durable audit appends from many threads, one transaction (one fsync) per group.
 
     :meth:`append` queues a record and returns once a transaction holding it has committed.
-    The first caller that finds no commit under way leads: it takes every queued record,
-    appends them in queue order in one transaction and commits, while records of requests
-    arriving meanwhile queue for the next group (led by one of their callers). No thread, no
-    timer: an idle vault commits each record alone, a busy one groups as many records as
-    arrive during one commit. A failed commit fails every record of its group (each caller
-    gets the error); later groups are tried afresh."""
+    A caller that finds no commit under way leads: it takes every queued record, appends them
+    in queue order in one transaction and commits, while records of requests arriving
+    meanwhile queue for the next group. When it is done it wakes the callers of its group and
+    hands the lead to the first caller still queued, if any (each caller waits on an event of
+    its own: no herd of waiters wakes at every commit). No thread, no timer: an idle vault
+    commits each record alone, a busy one groups as many records as arrive during one commit.
+    A failed commit fails every record of its group (each caller gets the error); later groups
+    are tried afresh."""
+
+    _LEAD = object()
 
     def __init__(self, store: Store):
         self.store = store
-        self._cv = threading.Condition()
-        self._queue: list[dict] = []   # records of tickets [_settled, _next)
-        self._next = 0                  # the next ticket
-        self._settled = 0               # tickets below this are committed (or failed)
+        self._lock = threading.Lock()
+        self._queue: list[list] = []    # [fields, event, outcome] of callers not yet committed
         self._leading = False
-        self._failed: dict[int, BaseException] = {}
         self.groups = 0                 # transactions committed (tests, benchmarks)
         self.appended = 0               # records committed
 
@@ -140,40 +141,45 @@ class GroupCommit:
             with self.store.tx() as c:
                 append(c, fields, self.store.audit_key)
             return
-        with self._cv:
-            ticket = self._next
-            self._next += 1
-            self._queue.append(fields)
-            while self._settled <= ticket and self._leading:
-                self._cv.wait()
-            if self._settled > ticket:   # a leader committed it (or failed trying)
-                err = self._failed.pop(ticket, None)
-                if err is not None:
-                    raise err
-                return
+        entry = [fields, threading.Event(), None]
+        with self._lock:
+            self._queue.append(entry)
+            lead = not self._leading
             self._leading = True
+        if not lead:
+            entry[1].wait()
+            if entry[2] is not self._LEAD:   # committed (None) or failed (the error)
+                if entry[2] is not None:
+                    raise entry[2]
+                return
+        self._lead()
+        if entry[2] is not None and entry[2] is not self._LEAD:
+            raise entry[2]
+
+    def _lead(self) -> None:
+        with self._lock:
             group, self._queue = self._queue, []
-            first = self._settled
         err = None
         try:
             with self.store.tx() as c:
-                for f in group:
+                for f, _, _ in group:
                     append(c, f, self.store.audit_key)
         except BaseException as e:
             err = e
-        with self._cv:
-            self._leading = False
-            self._settled = first + len(group)
+        with self._lock:
             if err is None:
                 self.groups += 1
                 self.appended += len(group)
+            nxt = self._queue[0] if self._queue else None
+            if nxt is None:
+                self._leading = False
             else:
-                for t in range(first, first + len(group)):
-                    if t != ticket:
-                        self._failed[t] = err
-            self._cv.notify_all()
-        if err is not None:
-            raise err
+                nxt[2] = self._LEAD
+        for entry in group:
+            entry[2] = err
+            entry[1].set()
+        if nxt is not None:
+            nxt[1].set()
 
 
 def records(store: Store, key: str | None = None, limit: int | None = None) -> list[dict]:
