@@ -127,7 +127,6 @@ class TransitKeyProvider(KekProvider):
     """DEKs wrapped by a derived key in an OpenBao/Vault transit engine, through an AppRole."""
 
     NAME = "transit"
-    BATCH = True
 
     def __init__(self, state):
         self.state = state
@@ -263,7 +262,7 @@ class TransitKeyProvider(KekProvider):
         new = doc["ciphertext"]
         return WrappedKey(self.NAME, key_url(server, mount, name, _version_of(new)), WRAP_ALG, new.encode())
 
-    def rewrap_many(self, items) -> list:
+    def rewrap_many(self, items, pool=None) -> list:
         """Re-wrap ``[(wrapped, context, to_ref, disk_id)]`` with one transit ``rewrap`` request per
         key, target version and BATCH_MAX items (``batch_input``); one result per item, in order
         (a WrappedKey, or its typed error). A refused request (any item failed: the server then
