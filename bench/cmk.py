@@ -4,17 +4,23 @@
     .venv/bin/python bench/cmk.py [--disks 1000] [--sizes 1G,1T] [--trials 5] [--interval 1,2] [--json]
 
 Rotation: N disks on one disk encryption set, then the vault key is rotated and
-``des.rotate`` re-wraps every DEK (one unwrap + one wrap through the vault over
-HTTPS and one atomic header write per disk). Run for each disk size: the time
+``des.rotate`` re-wraps every DEK (one unwrap through the vault over HTTPS per disk,
+the wrap under the new version with its public key after one vault wrapKey per
+batch, and one atomic header write per disk, synced per batch). Run for each disk size: the time
 must not depend on it, because no data is rewritten. The platform-key rotation
 of the same disks is timed too.
 
 The same for a DES on an OpenBao transit key (``--providers vault,transit``): its
 re-wrap is transit ``rewrap`` (the DEK never leaves the server). ``--workers``
-sets how many disks are re-wrapped at once (control/rotation.py REWRAP_WORKERS).
+sets how many re-wraps are in flight at once for a provider without a batch API
+(control/rotation.py REWRAP_WORKERS), ``--batch`` how many disks go together
+(REWRAP_BATCH: one transit request, two header sync passes). Each figure
+carries the 1-minute load average before and after it (``load1m*``): on a
+shared host, rerun on a quiet one.
 
 Unwrap: milliseconds for one unwrap of a DEK, per provider (platform file and
-PKCS#11, vault, transit, PKCS#11, KMIP), each against its real key store.
+PKCS#11, vault RSA and RSA-HSM in SoftHSM2, transit, PKCS#11, KMIP), each
+against its real key store.
 
 Revocation: a CMK disk held open through a real mount (like a VM), the key
 disabled at a random moment, O_DIRECT writes every 10 ms until EIO: latency per
@@ -57,12 +63,12 @@ def vault_cli(*args):
 
 
 class Vault:
-    def __init__(self, d: Path):
+    def __init__(self, d: Path, init_args=(), serve_args=()):
         self.dir = d
-        vault_cli("init", "--dir", d, "--purge-protection", "--retention-days", "7")
+        vault_cli("init", "--dir", d, "--purge-protection", "--retention-days", "7", *init_args)
         self.proc = subprocess.Popen([sys.executable, "-m", "blockcrypt", "vault", "serve", "--dir", str(d),
-                                      "--listen", "127.0.0.1:0"], cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
+                                      "--listen", "127.0.0.1:0", *map(str, serve_args)], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         line = self.proc.stdout.readline().decode()
         if not line.startswith("vault listening on "):
             raise SystemExit("vault serve did not start")
@@ -110,8 +116,12 @@ def _vault_des(vault: "Vault", st, key: str) -> str:
     return key
 
 
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 def bench_rotation(root: Path, vault: Vault, n_disks: int, size: int, transit: TransitServer | None = None,
-                   workers: int = rotation.REWRAP_WORKERS) -> dict:
+                   workers: int = rotation.REWRAP_WORKERS, batch: int = rotation.REWRAP_BATCH) -> dict:
     kind = "transit" if transit else "vault"
     st = State.init(root / f"state-{kind}-{size}")
     key = f"rot{size}"
@@ -124,26 +134,32 @@ def bench_rotation(root: Path, vault: Vault, n_disks: int, size: int, transit: T
         des.create_disk(st, f"d{i:04d}", size, "des")
     t_create = time.perf_counter() - t0
     new_kid = transit.rotate(st, key) if transit else vault.key("rotate", key)["key"]["kid"]
-    old_workers = rotation.REWRAP_WORKERS
-    rotation.REWRAP_WORKERS = workers
+    old = rotation.REWRAP_WORKERS, rotation.REWRAP_BATCH
+    rotation.REWRAP_WORKERS, rotation.REWRAP_BATCH = workers, batch
     try:
+        load0 = _load()
         t0 = time.perf_counter()
         r = des.rotate(st, "des", new_kid)
         t_rotate = time.perf_counter() - t0
+        load1 = _load()
     finally:
-        rotation.REWRAP_WORKERS = old_workers
+        rotation.REWRAP_WORKERS, rotation.REWRAP_BATCH = old
     assert len(r["rewrapped"]) == n_disks
-    out = {"provider": kind, "workers": workers, "disks": n_disks, "diskSizeBytes": size,
+    out = {"provider": kind, "workers": workers, "batch": batch, "disks": n_disks, "diskSizeBytes": size,
            "createSeconds": round(t_create, 2), "rotateSeconds": round(t_rotate, 2),
-           "msPerDisk": round(1000 * t_rotate / n_disks, 2)}
+           "msPerDisk": round(1000 * t_rotate / n_disks, 2), "load1mBefore": load0, "load1mAfter": load1}
     if not transit:
         # the same disks moved off the DES would be platform keys; time a platform rotation on as many disks
         pst = State.init(root / f"pstate-{size}")
         for i in range(n_disks):
             disks.create(pst, f"p{i:04d}", size)
-        t0 = time.perf_counter()
-        pr = rotation.rotate_platform_key(pst)
-        out["platformRotateSeconds"] = round(time.perf_counter() - t0, 2)
+        rotation.REWRAP_WORKERS, rotation.REWRAP_BATCH = workers, batch
+        try:
+            t0 = time.perf_counter()
+            pr = rotation.rotate_platform_key(pst)
+            out["platformRotateSeconds"] = round(time.perf_counter() - t0, 2)
+        finally:
+            rotation.REWRAP_WORKERS, rotation.REWRAP_BATCH = old
         assert len(pr["rewrapped"]) == n_disks
         shutil.rmtree(pst.path)
     out["backingBytesUsed"] = sum(f.stat().st_blocks * 512 for f in (st.path / "disks").glob("*.img"))
@@ -201,8 +217,21 @@ def bench_unwrap(root: Path, vault: Vault, transit: TransitServer, n: int = 200)
             st = State.init(root / "u-platform-pkcs11", platform_keys=uri % "platform")
             return st.keys.get("platform"), "platform/latest"
         setups["platform pkcs11 (SoftHSM2)"] = platform_pkcs11
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "bench-vault", "--pin", "1234",
+                        "--so-pin", "5678"], check=True, capture_output=True)
+
+        def on_vault_hsm():
+            v = Vault(root / "vault-hsm", ("--sku", "premium"),
+                      ("--hsm-module", softhsm, "--hsm-token", "bench-vault", "--hsm-pin-file", hd / "pin"))
+            hsm_vaults.append(v)
+            st = State.init(root / "u-vault-hsm")
+            v.key("create", "unwrap-bench", "--kty", "RSA-HSM")
+            des.create(st, "des", f"{v.url}/keys/unwrap-bench", vault_dir=str(v.dir), grant=True)
+            return st.keys.get("vault"), st.catalog.get_des("des").active_key
+        setups["vault RSA-HSM-2048 (SoftHSM2)"] = on_vault_hsm
 
     kmip = None
+    hsm_vaults: list[Vault] = []
 
     def on_kmip():
         nonlocal kmip
@@ -236,10 +265,12 @@ def bench_unwrap(root: Path, vault: Vault, transit: TransitServer, n: int = 200)
                 times.append((time.perf_counter() - t0) * 1000)
             times.sort()
             out.append({"provider": name, "unwraps": n, "medianMs": round(statistics.median(times), 2),
-                        "p90Ms": round(times[int(0.9 * n)], 2)})
+                        "p90Ms": round(times[int(0.9 * n)], 2), "load1m": _load()})
     finally:
         if kmip is not None:
             kmip.stop()
+        for v in hsm_vaults:
+            v.stop()
     return out
 
 
@@ -301,6 +332,8 @@ def main() -> int:
     ap.add_argument("--providers", default="vault,transit", help="DES providers to rotate (vault, transit)")
     ap.add_argument("--workers", default=str(rotation.REWRAP_WORKERS),
                     help="re-wrap workers, comma-separated to compare (1 = one disk at a time)")
+    ap.add_argument("--batch", default=str(rotation.REWRAP_BATCH),
+                    help="disks per re-wrap batch, comma-separated to compare (control/rotation.py REWRAP_BATCH)")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--interval", default="1,2")
     ap.add_argument("--skip-revocation", action="store_true")
@@ -312,24 +345,25 @@ def main() -> int:
     transit = TransitServer(root / "bao")
     out = {"load": os.getloadavg(), "rotation": [], "unwrap": [], "revocation": []}
     try:
-        for prov in a.providers.split(","):
-            for w in a.workers.split(","):
-                for s in a.sizes.split(","):
-                    r = bench_rotation(root, vault, a.disks, parse_size(s),
-                                       transit if prov == "transit" else None, int(w))
-                    out["rotation"].append(r)
-                    if not a.json:
-                        extra = (f", platform re-wrap {r['platformRotateSeconds']} s"
-                                 if "platformRotateSeconds" in r else "")
-                        print(f"rotation ({prov}, {w} workers): {r['disks']} disks of {s}: DES re-wrap "
-                              f"{r['rotateSeconds']} s ({r['msPerDisk']} ms/disk){extra}, "
-                              f"backing space used {r['backingBytesUsed'] >> 20} MiB", flush=True)
+        import itertools
+        for prov, w, b, s in itertools.product(a.providers.split(","), a.workers.split(","), a.batch.split(","),
+                                               a.sizes.split(",")):
+            r = bench_rotation(root, vault, a.disks, parse_size(s), transit if prov == "transit" else None,
+                               int(w), int(b))
+            out["rotation"].append(r)
+            if not a.json:
+                extra = (f", platform re-wrap {r['platformRotateSeconds']} s"
+                         if "platformRotateSeconds" in r else "")
+                print(f"rotation ({prov}, {w} workers, batch {b}): {r['disks']} disks of {s}: DES re-wrap "
+                      f"{r['rotateSeconds']} s ({r['msPerDisk']} ms/disk){extra}, "
+                      f"backing space used {r['backingBytesUsed'] >> 20} MiB "
+                      f"(load {r['load1mBefore']} -> {r['load1mAfter']})", flush=True)
         if not a.skip_unwrap:
             out["unwrap"] = bench_unwrap(root, vault, transit)
             if not a.json:
                 for r in out["unwrap"]:
                     print(f"unwrap: {r['provider']}: median {r['medianMs']} ms, p90 {r['p90Ms']} ms "
-                          f"({r['unwraps']} unwraps)", flush=True)
+                          f"({r['unwraps']} unwraps, load {r['load1m']})", flush=True)
         if not a.skip_revocation:
             for iv in a.interval.split(","):
                 r = bench_revocation(root, vault, float(iv), a.trials)

@@ -270,9 +270,53 @@ def audit_verify(ctx, vault_dir, as_json):
     elif res["ok"]:
         click.echo(f"audit log intact: {res['records']} records, head {res['head']} (keyed chain; "
                    "keep the head elsewhere to detect a cut tail)"
-                   + (f"; the first {res['unkeyed']} records predate the keyed chain" if res["unkeyed"] else ""))
+                   + (f"; the first {res['unkeyed']} records predate the keyed chain" if res["unkeyed"] else "")
+                   + (f"; {res['pruned']} earlier records pruned behind a signed checkpoint"
+                      if res.get("pruned") else ""))
     if not res["ok"]:
         raise AuditBroken(seq=res["bad_seq"], why=res["why"])
+
+
+@audit_grp.command("prune")
+@click.option("--before", "before", required=True, metavar="DATE",
+              help="delete the records older than this ISO 8601 date or UTC time "
+                   "(2026-12-01 or 2026-12-01T16:30:00Z)")
+@click.option("--dir", "vault_dir", envvar="BLOCKCRYPT_VAULT_DIR", type=click.Path(file_okay=False),
+              help="vault directory (or BLOCKCRYPT_VAULT_DIR)")
+@click.option("--yes", is_flag=True, help="do not ask: the records are deleted for good")
+@JSON_OPTION
+@click.pass_context
+@friendly
+def audit_prune(ctx, before, vault_dir, yes, as_json):
+    """Delete the audit records older than DATE; a signed checkpoint keeps the chain verifiable.
+
+    The chain must verify first (nothing is pruned otherwise). Export the records first
+    (`vault audit --json`) if they must be kept."""
+    import sys
+
+    vault_dir = vault_dir or (ctx.obj or {}).get("vault_dir")
+    as_json = as_json or (ctx.obj or {}).get("as_json")
+    if not vault_dir:
+        raise UsageError("missing --dir (or BLOCKCRYPT_VAULT_DIR)")
+    from ..vault.server import audit
+    from ..vault.server.store import open_store
+    when = audit.parse_before(before)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("`vault audit prune` deletes audit records for good; pass --yes to do it "
+                             "without a terminal")
+        if not click.confirm(f"Delete the audit records of {vault_dir} older than "
+                             f"{when.strftime('%Y-%m-%dT%H:%M:%SZ')}?", default=False, err=True):
+            raise UsageError("nothing pruned (not confirmed; pass --yes to skip the question)")
+    store = open_store(vault_dir)
+    try:
+        res = audit.prune(store, when)
+    finally:
+        store.close()
+    _emit(res, as_json, f"pruned {res['pruned']} audit records older than {res['before']} "
+                        f"({res['prunedTotal']} in all, behind the checkpoint at record {res['checkpointSeq']}); "
+                        f"{res['records']} records kept, head {res['head']}"
+          if res["checkpointSeq"] else f"no audit record is older than {res['before']}; nothing pruned")
 
 
 # -- keys over HTTPS --------------------------------------------------------------------------

@@ -7,6 +7,13 @@ and a damaged or stale copy is rewritten from it (when opened writable), but
 only from a copy of the same disk id: a copy naming another disk (grafted
 from another disk file) is damaged, never a source.
 
+Many headers at once (:func:`write_headers`, a rotation's batch of disks) are written in two
+passes with one sync pass after each: copy A of every header, sync them all, then copy B of
+every header, sync them all. Each header keeps the argument above: while its copy A is being
+written its copy B is untouched (the old header, valid), and copy B is only touched once every
+copy A of the pass is durable (the new header, valid); so a crash anywhere leaves each disk
+with its old or its new header, and the fsyncs of a pass overlap instead of queueing.
+
 Caveat: ``backing`` is anything with read_at/write_at/flush (storage/base.py);
 callers that update headers hold the backing's lock (control/disks.py).
 """
@@ -20,11 +27,19 @@ from .header import MAGIC_A, MAGIC_B, Header, pack, unpack
 from .layout import COPY_A_OFF, COPY_B_OFF, COPY_MAX
 
 
-def _write_copy(backing, h: Header, magic: bytes, off: int) -> None:
+_PAGE = 4096
+
+
+def _write_copy(backing, h: Header, magic: bytes, off: int, flush: bool = True, old: Header | None = None) -> None:
     raw = pack(h, magic)
-    # zero the rest of a previous, longer copy so no stale bytes linger
-    backing.write_at(off, raw + bytes(COPY_MAX - len(raw)))
-    backing.flush()
+    # zero the rest of a previous, longer copy so no stale bytes (an older wrapped DEK) linger:
+    # the whole copy area, or, knowing the copy being replaced (``old``), up to its end
+    end = COPY_MAX
+    if old is not None:
+        end = min(COPY_MAX, -(-max(len(raw), len(pack(old, magic))) // _PAGE) * _PAGE)
+    backing.write_at(off, raw + bytes(end - len(raw)))
+    if flush:
+        backing.flush()
 
 
 def _parse_copies(backing, name_hint: str) -> tuple[dict, dict]:
@@ -74,6 +89,26 @@ def write_header(backing, h: Header) -> Header:
     new = replace(h, seqno=h.seqno + 1)
     _write_copy(backing, new, MAGIC_A, COPY_A_OFF)
     _write_copy(backing, new, MAGIC_B, COPY_B_OFF)
+    return new
+
+
+def write_headers(items, sync=None) -> list[Header]:
+    """Write a new version of each ``(backing, header[, on_disk])`` in ``items``, each atomically
+    (see the module docstring): copy A of all, ``sync(backings)``, copy B of all,
+    ``sync(backings)``. ``on_disk``, the header both copies hold now (read_header with repair),
+    lets each copy be cleared up to the end of that one's copy instead of the whole 64 KiB
+    area. ``sync`` (default: flush each in turn) makes every listed backing's writes durable; a
+    caller passes one that flushes them in parallel. Returns the headers with their seqnos."""
+    items = [tuple(it) + (None,) * (3 - len(it)) for it in items]
+    backings = [b for b, _, _ in items]
+    sync = sync or (lambda bs: [b.flush() for b in bs])
+    new = [replace(h, seqno=h.seqno + 1) for _, h, _ in items]
+    for (b, _, old), h in zip(items, new):
+        _write_copy(b, h, MAGIC_A, COPY_A_OFF, flush=False, old=old)
+    sync(backings)
+    for (b, _, old), h in zip(items, new):
+        _write_copy(b, h, MAGIC_B, COPY_B_OFF, flush=False, old=old)
+    sync(backings)
     return new
 
 

@@ -9,12 +9,16 @@ of built-ins, plus entry points). The control plane only ever calls::
     wrap(kek_ref, dek, context, disk_id=None)          -> WrappedKey
     unwrap(wrapped, context, disk_id=None)             -> bytes (the DEK)
     rewrap(wrapped, context, to_ref, disk_id=None)     -> WrappedKey
+    rewrap_many([(wrapped, context, to_ref, disk_id)], pool=None) -> [WrappedKey or error]
 
 ``kek_ref`` names a key, optionally unversioned ("latest"); a ``WrappedKey``
 always records the *versioned* KEK id it was wrapped under. ``context`` is the
 binding (disk id + layer role): providers with AEAD use it as associated data,
 others carry a digest of it inside the wrapped plaintext and check it on unwrap.
 ``disk_id`` (hex) is caller context for the provider's audit trail only.
+``rewrap_many`` is a rotation's batch: by default one ``rewrap`` per item over the
+caller's thread pool; a provider with a batch API re-wraps many DEKs in fewer
+round trips (transit: one ``batch_input`` request; the vault: see akv.py).
 
 Failures are typed (blockcrypt.errors): KeyUnavailable (transient: retry and
 keep serving from a cached DEK), KeyAccessDenied, KeyDisabled, KeyExpired,
@@ -68,3 +72,19 @@ class KekProvider(abc.ABC):
             return self.wrap(to_ref, dek, context, disk_id=disk_id)
         finally:
             del dek
+
+    def rewrap_many(self, items, pool=None) -> list:
+        """Re-wrap each ``(wrapped, context, to_ref, disk_id)``; one result per item, in order:
+        the new WrappedKey, or the BlockcryptError that item failed with. Here: one rewrap per
+        item, spread over ``pool`` (a ThreadPoolExecutor) when given."""
+        from ..errors import BlockcryptError
+
+        def one(item):
+            wrapped, context, to_ref, disk_id = item
+            try:
+                return self.rewrap(wrapped, context, to_ref, disk_id=disk_id)
+            except BlockcryptError as e:
+                return e
+        if pool is not None and len(items) > 1:
+            return list(pool.map(one, items))
+        return [one(it) for it in items]

@@ -85,3 +85,49 @@ def rewrap_layer(keys, h: Header, role: int, provider: str, to_ref: str) -> Laye
         finally:
             del dek
     return layer_from(role, wk, h.binding_id, layer.data_alg)
+
+
+def rewrap_layers(keys, jobs, workers: int = 4, pool=None) -> list:
+    """Re-wrap many layers: ``jobs`` is ``[(header, role, provider, to_ref)]``; returns one
+    result per job, in order: the new Layer, or the BlockcryptError that job failed with.
+
+    Jobs that stay within their provider go to its ``rewrap_many`` together (one call per
+    provider: transit sends them in one request, the vault unwraps them in parallel and wraps
+    them with the target version's public key, others re-wrap one by one); jobs that move a
+    layer to another provider are an unwrap and a wrap each. Both use ``pool`` (a
+    ThreadPoolExecutor the caller keeps across calls), or one of ``workers`` threads made here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..errors import BlockcryptError
+    if pool is None and workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="rewrap") as own:
+            return rewrap_layers(keys, jobs, workers, pool=own)
+    out: list = [None] * len(jobs)
+    same: dict[str, list[int]] = {}
+    moves: list[int] = []
+    for i, (h, role, provider, to_ref) in enumerate(jobs):
+        try:
+            layer = _checked_layer(h, role)
+        except BlockcryptError as e:
+            out[i] = e
+            continue
+        (same.setdefault(provider, []) if provider == layer.provider else moves).append(i)
+    for provider, idx in same.items():
+        items = []
+        for i in idx:
+            h, role, _, to_ref = jobs[i]
+            items.append((wrapped_of(h.layer(role)), binding_context(h.binding_id, role), to_ref, h.disk_id_hex))
+        for i, wk in zip(idx, keys.get(provider).rewrap_many(items, pool=pool)):
+            h, role = jobs[i][0], jobs[i][1]
+            out[i] = wk if isinstance(wk, BaseException) else layer_from(role, wk, h.binding_id,
+                                                                         h.layer(role).data_alg)
+
+    def move(i):
+        try:
+            return rewrap_layer(keys, *jobs[i])
+        except BlockcryptError as e:
+            return e
+    results = pool.map(move, moves) if pool is not None and len(moves) > 1 else map(move, moves)
+    for i, r in zip(moves, results):
+        out[i] = r
+    return out

@@ -15,6 +15,11 @@ The versioned key id (``https://HOST:PORT/keys/NAME/VERSION``) is recorded in
 the disk header; the DES whose key it is supplies the identity. Calls carry
 the disk id (``x-blockcrypt-disk-id``) so the vault's audit names the disk.
 
+A rotation's batch (``rewrap_many``) has the vault unwrap every DEK but wraps
+them under the new version with its public key here (after one full vault
+re-wrap per batch proves the identity may wrap and the version is usable), so a
+re-wrapped disk costs the vault one request, not two.
+
 Caveats: the identity secret lives in STATE/keys/des/<des id>.json (0600);
 vault errors arrive already typed (KeyUnavailable, KeyDisabled, ...) from
 blockcrypt.vault.client, which this module imports lazily.
@@ -25,11 +30,13 @@ import hashlib
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..._util.fsutil import atomic_write
-from ...errors import KeyDisabled, KeyError_, KeyExpired, KeyIntegrityError, NotFound, UsageError
+from ...errors import (BlockcryptError, KeyDisabled, KeyError_, KeyExpired, KeyIntegrityError, NotFound,
+                       UsageError)
 from ..base import KekProvider, KeyStatus, WrappedKey
 
 WRAP_ALG = "RSA-OAEP-256"
@@ -152,6 +159,92 @@ class AkvKeyProvider(KekProvider):
         if len(plain) != DEK_BYTES + 32 or plain[DEK_BYTES:] != _context_digest(context):
             raise KeyIntegrityError(key_id=wrapped.kek_id, msg="the wrapped key belongs to another disk or layer")
         return plain[:DEK_BYTES]
+
+
+    # -- a rotation's batch ------------------------------------------------------------------------
+    def rewrap_many(self, items, pool=None) -> list:
+        """A rotation's batch (``[(wrapped, context, to_ref, disk_id)]``, one result per item).
+
+        Within one key and to one version: the first item is re-wrapped wholly by the vault
+        (unwrap, then wrapKey under the target version), which proves for the batch that the
+        identity may still wrap and the version is usable; the version's public key and
+        attributes come with one GET; then every other DEK is unwrapped by the vault (the
+        private key never leaves it: one request each, in parallel over ``pool``) and wrapped
+        here with that public key and the same algorithm, as Azure's CryptographyClient wraps
+        locally. Each disk's unwrap is audited with its disk id; the batch's wrapKey once. A
+        version that is disabled, outside its validity window or without wrapKey in its
+        key_ops, or a vault that refuses the first item, sends every item the single way
+        (each gets the vault's own answer); so does another key or an unversioned target."""
+        single = super().rewrap_many
+        out: list = [None] * len(items)
+        groups: dict[str, list[int]] = {}
+        rest: list[int] = []
+        for i, (wrapped, _, to_ref, _) in enumerate(items):
+            try:
+                base, name, version = parse_key_url(to_ref)
+                same = parse_key_url(wrapped.kek_id)[:2] == (base, name)
+            except UsageError:
+                same, version = False, None
+            if same and version and wrapped.algorithm in WRAP_ALGS:
+                groups.setdefault(to_ref, []).append(i)
+            else:
+                rest.append(i)
+        for i, r in zip(rest, single([items[i] for i in rest], pool=pool)):
+            out[i] = r
+        for to_ref, idx in groups.items():
+            first, others = idx[0], idx[1:]
+            out[first] = single([items[first]])[0]
+            key = None
+            if others and not isinstance(out[first], BaseException):
+                key = self._wrapping_key(to_ref, out[first])
+            if key is None:
+                for i, r in zip(others, single([items[i] for i in others], pool=pool)):
+                    out[i] = r
+                continue
+
+            def one(i, key=key):
+                wrapped, context, _, disk_id = items[i]
+                try:
+                    dek = self.unwrap(wrapped, context, disk_id=disk_id)
+                except BlockcryptError as e:
+                    return e
+                pub, alg, kid = key
+                try:
+                    return WrappedKey(self.NAME, kid, alg, pub.encrypt(dek + _context_digest(context), _oaep(alg)))
+                finally:
+                    del dek
+            results = pool.map(one, others) if pool is not None and len(others) > 1 else map(one, others)
+            for i, r in zip(others, results):
+                out[i] = r
+        return out
+
+    def _wrapping_key(self, to_ref: str, proof: WrappedKey):
+        """(public key, algorithm, kid) of the version the vault just wrapped ``proof`` under, if
+        that version may wrap now; else None."""
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        from ..._util.b64 import b64u_decode
+        _, name, version = parse_key_url(to_ref)
+        try:
+            b = self.client_for(self.des_for(to_ref)).get_key(name, version)
+            jwk, a = b["key"], b.get("attributes", {})
+            now = time.time()
+            if (jwk.get("kid") != proof.kek_id or not a.get("enabled") or "wrapKey" not in jwk.get("key_ops", ())
+                    or (a.get("nbf") is not None and now < a["nbf"])
+                    or (a.get("exp") is not None and now >= a["exp"])):
+                return None
+            pub = rsa.RSAPublicNumbers(int.from_bytes(b64u_decode(jwk["e"]), "big"),
+                                       int.from_bytes(b64u_decode(jwk["n"]), "big")).public_key()
+        except (BlockcryptError, KeyError, TypeError, ValueError):
+            return None
+        return pub, proof.algorithm, proof.kek_id
+
+
+def _oaep(alg: str):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    h = hashes.SHA256() if alg == WRAP_ALG else hashes.SHA1()
+    return padding.OAEP(mgf=padding.MGF1(algorithm=h), algorithm=h, label=None)
 
 
 def write_secret(state, des_id: str, doc: dict) -> Path:

@@ -15,7 +15,9 @@ token before half its TTL has passed and logs in again when renewal is refused.
           its AES-GCM tag). blob = the ``vault:vN:...`` ciphertext (ASCII).
 - unwrap: transit ``decrypt`` with the same context.
 - rewrap: transit ``rewrap`` to the target version with the same context; the
-          DEK never leaves the server in the clear.
+          DEK never leaves the server in the clear. A rotation's batch of disks
+          goes in one request (``rewrap_many``: ``batch_input``, up to BATCH_MAX
+          DEKs); an item the server refuses is retried alone, for its typed error.
 
 The versioned KEK id is the key URL with the version the ciphertext names
 (``.../keys/NAME/3``); "latest" is the key's ``latest_version`` (what
@@ -41,8 +43,8 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from ...errors import (KeyAccessDenied, KeyDeleted, KeyDisabled, KeyError_, KeyIntegrityError, KeyPurged,
-                       KeyUnavailable, NotFound, Refused, UsageError)
+from ...errors import (BlockcryptError, KeyAccessDenied, KeyDeleted, KeyDisabled, KeyError_, KeyIntegrityError,
+                       KeyPurged, KeyUnavailable, NotFound, Refused, UsageError)
 from ..base import KekProvider, KeyStatus, WrappedKey
 from .akv import secret_path
 
@@ -50,6 +52,7 @@ SCHEMES = ("transit+https", "transit+http")
 WRAP_ALG = "TRANSIT-DERIVED"
 DEK_BYTES = 64
 TIMEOUT_S = 5.0
+BATCH_MAX = 256         # DEKs in one batch_input request
 KEY_TYPES = ("aes256-gcm96", "chacha20-poly1305", "xchacha20-poly1305")
 
 
@@ -258,6 +261,60 @@ class TransitKeyProvider(KekProvider):
                                                                  mount_point=mount, **kw))["data"]
         new = doc["ciphertext"]
         return WrappedKey(self.NAME, key_url(server, mount, name, _version_of(new)), WRAP_ALG, new.encode())
+
+    def rewrap_many(self, items, pool=None) -> list:
+        """Re-wrap ``[(wrapped, context, to_ref, disk_id)]`` with one transit ``rewrap`` request per
+        key, target version and BATCH_MAX items (``batch_input``); one result per item, in order
+        (a WrappedKey, or its typed error). A refused request (any item failed: the server then
+        answers 400 for the lot) falls back to one request per item, so each gets its own error;
+        an unreachable server fails every item of the request with KeyUnavailable."""
+        out: list = [None] * len(items)
+        groups: dict[tuple, list] = {}
+        for i, (wrapped, context, to_ref, disk_id) in enumerate(items):
+            try:
+                server, mount, name, ct = self._checked(wrapped)
+                to = parse_key_url(to_ref)
+            except BlockcryptError as e:
+                out[i] = e
+                continue
+            if to[:3] != (server, mount, name):   # another key: the single path (unwrap + wrap)
+                out[i] = super().rewrap_many([items[i]])[0]
+                continue
+            groups.setdefault((server, mount, name, to[3]), []).append((i, ct))
+        for (server, mount, name, version), members in groups.items():
+            for k in range(0, len(members), BATCH_MAX):
+                chunk = members[k:k + BATCH_MAX]
+                self._rewrap_chunk(items, out, chunk, server, mount, name, version)
+        return out
+
+    def _rewrap_chunk(self, items, out, chunk, server, mount, name, version) -> None:
+        kid = items[chunk[0][0]][0].kek_id
+        body = {"batch_input": [{"ciphertext": ct, "context": _b64(items[i][1])} for i, ct in chunk]}
+        if version:
+            body["key_version"] = version
+        try:
+            doc = self._call(self.session_for(self.des_for(kid)), kid,
+                             lambda c: c.adapter.post(f"/v1/{mount}/rewrap/{name}", json=body))
+            results = doc["data"]["batch_results"]
+            if len(results) != len(chunk):
+                raise KeyIntegrityError(key_id=kid, msg="the batch answer has the wrong length")
+        except KeyUnavailable as e:
+            for i, _ in chunk:
+                out[i] = e
+            return
+        except (BlockcryptError, KeyError, TypeError):   # refused, or an answer of another shape
+            results = [{"error": "refused"}] * len(chunk)
+        for (i, _), r in zip(chunk, results):
+            ct = r.get("ciphertext") if isinstance(r, dict) and not r.get("error") else None
+            try:
+                if ct is None:   # this item failed: alone, it gets its typed error
+                    out[i] = self.rewrap(*items[i][:3], disk_id=items[i][3])
+                else:
+                    out[i] = WrappedKey(self.NAME, key_url(server, mount, name, _version_of(ct)), WRAP_ALG,
+                                        ct.encode())
+            except (BlockcryptError, ValueError) as e:
+                out[i] = e if isinstance(e, BlockcryptError) else KeyIntegrityError(
+                    key_id=kid, msg="the server answered something that is not a transit ciphertext")
 
     # -- disk encryption sets ----------------------------------------------------------------------
     def identity_from(self, doc: dict | None) -> tuple[dict, dict]:

@@ -19,6 +19,12 @@ Layout of a vault directory ``D`` (made by :func:`init_vault`)::
 All writes go through :meth:`Store.tx`, one ``BEGIN IMMEDIATE`` transaction at a
 time behind a process-local lock; SQLite's WAL makes every committed
 transaction survive a kill -9 of the process, and an uncommitted one vanish.
+Reads (:meth:`Store.read`) run on connections of their own (a small pool), each
+in one read transaction: a consistent snapshot of what was committed, that
+never waits for a writer's commit (its fsync), so key lookups and RSA work of
+concurrent requests go on while the audit group commit (audit.py) syncs. A read
+inside this thread's open write transaction uses the writer's connection and
+sees its changes.
 
 Caveats: whoever can read ``master.key`` and ``vault.db`` holds every software
 key; keep the directory on an encrypted, root-only file system. The master key
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -145,6 +152,12 @@ class Store:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._in_tx = False
+        self._tx_thread: int | None = None
+        self._db_path = db_path
+        self._readers: queue.SimpleQueue = queue.SimpleQueue()   # idle read connections
+        self._all_readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()    # not the write lock: a read never waits for a commit
+        self._closed = False
         self.config = self._load_config()
 
     # -- config -----------------------------------------------------------------
@@ -170,24 +183,61 @@ class Store:
                 yield self._conn
                 return
             self._conn.execute("BEGIN IMMEDIATE")
-            self._in_tx = True
+            self._in_tx, self._tx_thread = True, threading.get_ident()
             try:
                 yield self._conn
             except BaseException:
-                self._in_tx = False
+                self._in_tx, self._tx_thread = False, None
                 self._conn.execute("ROLLBACK")
                 raise
             else:
-                self._in_tx = False
+                self._in_tx, self._tx_thread = False, None
                 self._conn.execute("COMMIT")
+
+    def in_tx(self) -> bool:
+        """Whether this thread has a write transaction open."""
+        return self._tx_thread == threading.get_ident()
 
     @contextlib.contextmanager
     def read(self):
-        with self._lock:
+        """A read-only snapshot of the committed state (this thread's open transaction, if any)."""
+        if self.in_tx():
             yield self._conn
+            return
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = self._new_reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                conn.close()
+            else:
+                self._readers.put(conn)
+
+    def _new_reader(self) -> sqlite3.Connection:
+        with self._readers_lock:
+            if self._closed:
+                raise StateError(path=str(self.dir), why="the vault store is closed")
+            conn = sqlite3.connect(str(self._db_path), isolation_level=None, check_same_thread=False, timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA query_only=ON")
+            self._all_readers.append(conn)
+            return conn
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
+            self._closed = True
+            for conn in self._all_readers:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
             self._conn.close()
 
     # -- private key sealing --------------------------------------------------------
