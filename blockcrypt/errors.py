@@ -83,6 +83,30 @@ class Busy(BlockcryptError):
     errno = _errno.EBUSY
 
 
+# extended attributes of disk files (issue 16: libvirt's DAC driver keeps owners in them)
+
+class XattrUnsupported(UsageError):
+    """extended attribute {name!r}: only the user. and trusted. namespaces are kept on disk files"""
+
+    errno = _errno.EOPNOTSUPP
+
+
+class XattrMissing(NotFound):
+    """{kind} has no extended attribute {xname!r}"""
+
+    errno = _errno.ENODATA
+
+
+class XattrExists(AlreadyExists):
+    """{kind} already has an extended attribute {xname!r}"""
+
+
+class XattrTooLarge(UsageError):
+    """extended attribute {name!r} does not fit: {limit}"""
+
+    errno = _errno.ENOSPC
+
+
 # --- environment ---------------------------------------------------------------
 
 class StateError(BlockcryptError):

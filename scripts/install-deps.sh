@@ -10,6 +10,7 @@ PKGS=(
   fuse3 libfuse2                                     # FUSE: fusermount + libfuse.so.2 for fusepy
   util-linux e2fsprogs kmod procps                   # losetup, mkfs.ext4, fsck, lsmod
   fio qemu-utils                                     # I/O tests, qemu-img
+  qemu-system-x86 busybox-static                     # the VM boot test (TCG) and its initramfs
   softhsm2 opensc                                    # PKCS#11 token for HSM-backed keys
 )
 if [ "${1:-}" = "--bench" ]; then
@@ -20,14 +21,16 @@ missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all ${#PKGS[@]} packages present"
-  exit 0
-fi
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-echo "install-deps: done"
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#PKGS[@]} packages present"
+else
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "install-deps: done"
+fi
+# the Debian kernel the VM boot test boots (unpacked into a cache, not installed)
+$SUDO bash "$(dirname "$0")/fetch-test-kernel.sh"
