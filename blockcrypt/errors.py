@@ -236,6 +236,41 @@ class KeyStoreError(KeyError_):
         super().__init__(msg, **kw)
 
 
+# backing up and moving platform keys (issue 16)
+
+class KeyNotInStore(KeyError_):
+    """platform key {version} is not in this key store; import it with `blockcrypt platform-key import`"""
+
+    exit_code = 38
+    reason = "KeyNotFound"
+
+    def __init__(self, msg=None, **kw):
+        kw.setdefault("key_id", f"platform/{kw.get('version')}")
+        super().__init__(msg, **kw)
+
+
+class KeyBackupError(KeyError_):
+    """cannot read the platform-key backup: {why}"""
+
+    exit_code = 38
+
+    def __init__(self, msg=None, **kw):
+        kw.setdefault("key_id", "platform")
+        super().__init__(msg, **kw)
+
+
+class PlatformKeyConflict(KeyError_):
+    """platform key {version} of the backup differs from this store's platform key {version}; nothing was imported{hint}"""
+
+    exit_code = 39
+    reason = "KeyConflict"
+
+    def __init__(self, msg=None, **kw):
+        kw.setdefault("key_id", f"platform/{kw.get('version')}")
+        kw.setdefault("hint", "")
+        super().__init__(msg, **kw)
+
+
 # --- the key vault -------------------------------------------------------------------
 
 class VaultRequestError(BlockcryptError):
