@@ -505,7 +505,9 @@ static int attr_of(struct bc_session *s, fuse_ino_t ino, struct fuse_file_info *
  * dirty page of a shared writable mmap would make the invalidation wait for our reply. The
  * invalidation runs in a thread of its own and the request waits for it at most
  * INVAL_WAIT_MS: the usual case (no dirty page) drops everything before the reply; the
- * pathological one finishes right after it (the page's write-back then reaches us). */
+ * pathological one finishes right after it (the page's write-back then reaches us).
+ * Caveat: such a late invalidation thread is detached; a session destroyed within that
+ * second after an ftruncate(fd, 0) of a disk with dirty mmap pages could outlive it. */
 #define INVAL_WAIT_MS 1000
 
 struct inval_job {
