@@ -83,6 +83,30 @@ class Busy(BlockcryptError):
     errno = _errno.EBUSY
 
 
+# extended attributes of disk files (issue 16: libvirt's DAC driver keeps owners in them)
+
+class XattrUnsupported(UsageError):
+    """extended attribute {name!r}: only the user. and trusted. namespaces are kept on disk files"""
+
+    errno = _errno.EOPNOTSUPP
+
+
+class XattrMissing(NotFound):
+    """{kind} has no extended attribute {xname!r}"""
+
+    errno = _errno.ENODATA
+
+
+class XattrExists(AlreadyExists):
+    """{kind} already has an extended attribute {xname!r}"""
+
+
+class XattrTooLarge(UsageError):
+    """extended attribute {name!r} does not fit: {limit}"""
+
+    errno = _errno.ENOSPC
+
+
 # --- environment ---------------------------------------------------------------
 
 class StateError(BlockcryptError):
@@ -209,6 +233,41 @@ class KeyStoreError(KeyError_):
 
     def __init__(self, msg=None, **kw):
         kw.setdefault("key_id", "platform")
+        super().__init__(msg, **kw)
+
+
+# backing up and moving platform keys (issue 16)
+
+class KeyNotInStore(KeyError_):
+    """platform key {version} is not in this key store; import it with `blockcrypt platform-key import`"""
+
+    exit_code = 38
+    reason = "KeyNotFound"
+
+    def __init__(self, msg=None, **kw):
+        kw.setdefault("key_id", f"platform/{kw.get('version')}")
+        super().__init__(msg, **kw)
+
+
+class KeyBackupError(KeyError_):
+    """cannot read the platform-key backup: {why}"""
+
+    exit_code = 38
+
+    def __init__(self, msg=None, **kw):
+        kw.setdefault("key_id", "platform")
+        super().__init__(msg, **kw)
+
+
+class PlatformKeyConflict(KeyError_):
+    """platform key {version} of the backup differs from this store's platform key {version}; nothing was imported{hint}"""
+
+    exit_code = 39
+    reason = "KeyConflict"
+
+    def __init__(self, msg=None, **kw):
+        kw.setdefault("key_id", f"platform/{kw.get('version')}")
+        kw.setdefault("hint", "")
         super().__init__(msg, **kw)
 
 

@@ -3,10 +3,12 @@
  * Python. See py_engine.h for the API.
  *
  *   Session(mountpoint, *, statfs_path, allow_other=False, max_threads=0,
- *           open_disk=None, closed=None, lookup_miss=None, debug=False, dirs=None)
+ *           open_disk=None, closed=None, lookup_miss=None, debug=False, dirs=None,
+ *           set_attr=None, set_xattr=None)
  *       mounts (OSError(errno, "cannot mount ...: ...") on failure); serve with .loop();
  *       dirs: the top-level directory names (default ("disks",))
- *   .set_disk(path, size, mode=0o600, uid=0, gid=0, read_only=False, backing_path=None)
+ *   .set_disk(path, size, mode=0o600, uid=0, gid=0, read_only=False, backing_path=None,
+ *             xattrs=b"")    xattrs: packed as native/session/bc_xattr.h draws it
  *   .remove_disk(path)                          FileNotFoundError for an unknown path
  *   .drop_cache(path)                           the kernel drops the disk's cached pages
  *   .disk_state(path) -> {"handles", "errors", "lastErrno", "open"}
@@ -17,7 +19,10 @@
  *   .mountpoint   .last_error -> None | (name, exception) of the last failed hook
  *
  * Hooks run in libfuse worker threads with the GIL taken (PyGILState_Ensure), on open,
- * last release and lookup only, with the path "<dir>/<name>". open_disk(path) must return a blockcrypt._engine.Volume
+ * last release, lookup, chmod/chown and xattr changes only, with the path "<dir>/<name>".
+ * set_attr(path, mode, uid, gid): each None when not being set; set_xattr(path, name,
+ * value, flags): value bytes, or None for a removal; both answer through exceptions with
+ * an int .errno (a return value is ignored) and push the new entry with set_disk. open_disk(path) must return a blockcrypt._engine.Volume
  * (the session takes a reference of its own on the engine volume); an exception with an
  * int .errno answers that errno, anything else EIO. Exceptions are never printed (their
  * messages are the control plane's to log): the last one is kept in .last_error with its
@@ -39,6 +44,8 @@ typedef struct {
     PyObject *open_disk;
     PyObject *closed;
     PyObject *lookup_miss;
+    PyObject *set_attr;
+    PyObject *set_xattr;
     PyObject *last_error;
     PyObject *mountpoint;
     pthread_mutex_t mu;
@@ -156,6 +163,59 @@ static void hook_lookup_miss(void *arg, const char *name)
     PyGILState_Release(g);
 }
 
+static int hook_set_attr(void *arg, const char *name, int to_set, uint32_t mode, uint32_t uid,
+                         uint32_t gid)
+{
+    SessionObject *self = arg;
+    if (py_finalizing())
+        return -EIO;
+    PyGILState_STATE g = PyGILState_Ensure();
+    int rc = -EPERM;
+    PyObject *cb = self->set_attr;
+    if (cb != NULL && cb != Py_None) {
+        PyObject *m = to_set & BC_SET_MODE ? PyLong_FromUnsignedLong(mode) : Py_NewRef(Py_None);
+        PyObject *u = to_set & BC_SET_UID ? PyLong_FromUnsignedLong(uid) : Py_NewRef(Py_None);
+        PyObject *gg = to_set & BC_SET_GID ? PyLong_FromUnsignedLong(gid) : Py_NewRef(Py_None);
+        Py_INCREF(cb);
+        PyObject *r = (m && u && gg) ? PyObject_CallFunction(cb, "NOOO", PyUnicode_DecodeFSDefault(name),
+                                                             m, u, gg)
+                                     : NULL;
+        Py_DECREF(cb);
+        Py_XDECREF(m);
+        Py_XDECREF(u);
+        Py_XDECREF(gg);
+        rc = r == NULL ? -take_exception(self, name) : 0;
+        Py_XDECREF(r);
+    }
+    PyGILState_Release(g);
+    return rc;
+}
+
+static int hook_set_xattr(void *arg, const char *name, const char *xname, const void *value,
+                          size_t size, int flags)
+{
+    SessionObject *self = arg;
+    if (py_finalizing())
+        return -EIO;
+    PyGILState_STATE g = PyGILState_Ensure();
+    int rc = -EOPNOTSUPP;
+    PyObject *cb = self->set_xattr;
+    if (cb != NULL && cb != Py_None) {
+        PyObject *v = value != NULL ? PyBytes_FromStringAndSize(value, (Py_ssize_t)size)
+                                    : Py_NewRef(Py_None);
+        Py_INCREF(cb);
+        PyObject *r = v != NULL ? PyObject_CallFunction(cb, "NNOi", PyUnicode_DecodeFSDefault(name),
+                                                        PyUnicode_DecodeFSDefault(xname), v, flags)
+                                : NULL;
+        Py_DECREF(cb);
+        Py_XDECREF(v);
+        rc = r == NULL ? -take_exception(self, name) : 0;
+        Py_XDECREF(r);
+    }
+    PyGILState_Release(g);
+    return rc;
+}
+
 /* ---- use of the C session with the GIL released ------------------------------------- */
 
 static struct bc_session *acquire(SessionObject *self)
@@ -228,6 +288,8 @@ static int Session_traverse(SessionObject *self, visitproc visit, void *arg)
     Py_VISIT(self->open_disk);
     Py_VISIT(self->closed);
     Py_VISIT(self->lookup_miss);
+    Py_VISIT(self->set_attr);
+    Py_VISIT(self->set_xattr);
     Py_VISIT(self->last_error);
     return 0;
 }
@@ -237,6 +299,8 @@ static int Session_clear(SessionObject *self)
     Py_CLEAR(self->open_disk);
     Py_CLEAR(self->closed);
     Py_CLEAR(self->lookup_miss);
+    Py_CLEAR(self->set_attr);
+    Py_CLEAR(self->set_xattr);
     Py_CLEAR(self->last_error);
     return 0;
 }
@@ -279,20 +343,22 @@ static int check_callable(PyObject *o, const char *what)
 static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"mountpoint", "statfs_path", "allow_other", "max_threads",
-                             "open_disk", "closed", "lookup_miss", "debug", "dirs", NULL};
+                             "open_disk", "closed", "lookup_miss", "debug", "dirs",
+                             "set_attr", "set_xattr", NULL};
     PyObject *mp = NULL, *sp = NULL, *dirs = Py_None, *dirs_fast = NULL;
     const char *dir_names[BC_SESSION_MAX_DIRS];
     unsigned ndirs = 0;
     int allow_other = 0, max_threads = 0, debug = 0;
     PyObject *open_disk = Py_None, *closed = Py_None, *lookup_miss = Py_None;
+    PyObject *set_attr = Py_None, *set_xattr = Py_None;
     if (self->s != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Session is already mounted");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|$O&piOOOpO", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|$O&piOOOpOOO", kwlist,
                                      PyUnicode_FSConverter, &mp, PyUnicode_FSConverter, &sp,
                                      &allow_other, &max_threads, &open_disk, &closed,
-                                     &lookup_miss, &debug, &dirs))
+                                     &lookup_miss, &debug, &dirs, &set_attr, &set_xattr))
         goto fail;
     if (dirs != Py_None) {
         dirs_fast = PySequence_Fast(dirs, "dirs must be a sequence of str");
@@ -323,11 +389,14 @@ static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
         goto fail;
     }
     if (check_callable(open_disk, "open_disk") || check_callable(closed, "closed") ||
-        check_callable(lookup_miss, "lookup_miss"))
+        check_callable(lookup_miss, "lookup_miss") || check_callable(set_attr, "set_attr") ||
+        check_callable(set_xattr, "set_xattr"))
         goto fail;
     Py_XSETREF(self->open_disk, Py_NewRef(open_disk));
     Py_XSETREF(self->closed, Py_NewRef(closed));
     Py_XSETREF(self->lookup_miss, Py_NewRef(lookup_miss));
+    Py_XSETREF(self->set_attr, Py_NewRef(set_attr));
+    Py_XSETREF(self->set_xattr, Py_NewRef(set_xattr));
     Py_XSETREF(self->mountpoint, PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(mp)));
     if (self->mountpoint == NULL)
         goto fail;
@@ -347,6 +416,8 @@ static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
         .open_disk = hook_open_disk,
         .closed = hook_closed,
         .lookup_miss = hook_lookup_miss,
+        .set_attr = hook_set_attr,
+        .set_xattr = hook_set_xattr,
     };
     struct bc_session *s = NULL;
     int rc;
@@ -437,22 +508,28 @@ static PyObject *Session_exit_ctx(SessionObject *self, PyObject *args)
 
 static PyObject *Session_set_disk(SessionObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"name", "size", "mode", "uid", "gid", "read_only", "backing_path", NULL};
+    static char *kwlist[] = {"name", "size", "mode", "uid", "gid", "read_only", "backing_path",
+                             "xattrs", NULL};
     PyObject *name = NULL, *bp_obj = Py_None, *bp = NULL;
     unsigned long long size;
     unsigned int mode = 0600, uid = 0, gid = 0;
     int read_only = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&K|IIIpO", kwlist, PyUnicode_FSConverter, &name,
-                                     &size, &mode, &uid, &gid, &read_only, &bp_obj))
+    Py_buffer xa = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&K|IIIpOy*", kwlist, PyUnicode_FSConverter, &name,
+                                     &size, &mode, &uid, &gid, &read_only, &bp_obj, &xa))
         return NULL;
     if (bp_obj != Py_None && !PyUnicode_FSConverter(bp_obj, &bp)) {
         Py_DECREF(name);
+        if (xa.obj != NULL)
+            PyBuffer_Release(&xa);
         return NULL;
     }
     struct bc_session *s = acquire(self);
     if (s == NULL) {
         Py_DECREF(name);
         Py_XDECREF(bp);
+        if (xa.obj != NULL)
+            PyBuffer_Release(&xa);
         return NULL;
     }
     struct bc_disk_entry e = {
@@ -463,6 +540,8 @@ static PyObject *Session_set_disk(SessionObject *self, PyObject *args, PyObject 
         .gid = gid,
         .read_only = read_only,
         .backing_path = bp != NULL ? PyBytes_AS_STRING(bp) : NULL,
+        .xattrs = xa.obj != NULL ? xa.buf : NULL,
+        .xattrs_len = xa.obj != NULL ? (size_t)xa.len : 0,
     };
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -481,6 +560,8 @@ static PyObject *Session_set_disk(SessionObject *self, PyObject *args, PyObject 
     }
     Py_DECREF(name);
     Py_XDECREF(bp);
+    if (xa.obj != NULL)
+        PyBuffer_Release(&xa);
     return ret;
 }
 
@@ -575,8 +656,9 @@ static PyMethodDef Session_methods[] = {
     {"close", (PyCFunction)Session_close, METH_NOARGS,
      "close()\n--\n\nExit, wait for loop() to return, unmount and drop every volume reference."},
     {"set_disk", (PyCFunction)(void (*)(void))Session_set_disk, METH_VARARGS | METH_KEYWORDS,
-     "set_disk(name, size, mode=0o600, uid=0, gid=0, read_only=False, backing_path=None)\n--\n\n"
-     "Add or update a disk of the tree (a new size also resizes its open volume)."},
+     "set_disk(name, size, mode=0o600, uid=0, gid=0, read_only=False, backing_path=None, xattrs=b'')\n--\n\n"
+     "Add or update a disk of the tree (a new size also resizes its open volume); xattrs packed\n"
+     "as native/session/bc_xattr.h draws it."},
     {"drop_cache", (PyCFunction)Session_drop_cache, METH_O,
      "drop_cache(name)\n--\n\nDrop the kernel's cached pages of a disk (after a revocation)."},
     {"remove_disk", (PyCFunction)Session_remove_disk, METH_O,

@@ -10,6 +10,8 @@ PKGS=(
   fuse3 libfuse2                                     # FUSE: fusermount + libfuse.so.2 for fusepy
   util-linux e2fsprogs kmod procps                   # losetup, mkfs.ext4, fsck, lsmod
   fio qemu-utils                                     # I/O tests, qemu-img
+  qemu-system-x86 busybox-static                     # the VM boot test (TCG) and its initramfs
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the same boot through virsh (its own libvirtd)
   softhsm2 opensc                                    # PKCS#11 token for HSM-backed keys
 )
 if [ "${1:-}" = "--bench" ]; then
@@ -20,14 +22,22 @@ missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all ${#PKGS[@]} packages present"
-  exit 0
-fi
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-echo "install-deps: done"
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#PKGS[@]} packages present"
+else
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "install-deps: done"
+fi
+# libvirt's QEMU user, as libvirt-daemon-system makes it (without pulling systemd into a container)
+if ! getent passwd libvirt-qemu >/dev/null; then
+  getent group libvirt-qemu >/dev/null || $SUDO groupadd --system --gid 64055 libvirt-qemu
+  $SUDO useradd --system --uid 64055 --gid libvirt-qemu --no-create-home --home-dir /var/lib/libvirt \
+    --shell /usr/sbin/nologin libvirt-qemu 2>/dev/null
+fi
+# the Debian kernel the VM boot test boots (unpacked into a cache, not installed)
+$SUDO bash "$(dirname "$0")/fetch-test-kernel.sh"

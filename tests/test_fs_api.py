@@ -80,7 +80,11 @@ def test_errno_boundary(fs, state):
     assert fs("read", None, 200, 8 * MiB - 100, fh) == b"y" * 100
     assert _errno(fs, "truncate", None, 4 * MiB, fh) == errno.EPERM           # resizing is disk resize
     assert fs("truncate", None, 8 * MiB, fh) == 0                              # the same size is fine
-    assert _errno(fs, "chmod", "/disks/a", 0o644) == errno.EPERM
+    assert _errno(fs, "chmod", "/disks/a", 0o4644) == errno.EPERM             # setuid bits are not kept
+    assert _errno(fs, "chmod", None, 0o644) == errno.EPERM                    # fchmod: no path under nopath
+    assert _errno(fs, "chmod", "/disks", 0o777) == errno.EPERM
+    assert _errno(fs, "setxattr", "/disks/a", "security.x", b"1", 0) == errno.EOPNOTSUPP
+    assert _errno(fs, "getxattr", "/disks/a", "user.none") == errno.ENODATA
     assert _errno(fs, "unlink", "/disks/a") == errno.EPERM
     assert _errno(fs, "fallocate", None, 0x40, 0, 4096, fh) == errno.EOPNOTSUPP
     assert _errno(fs, "open", "/disks", os.O_RDONLY) == errno.EISDIR
@@ -240,3 +244,30 @@ def test_a_second_source_is_a_second_directory(state):
         DiskFS(state, sources=[_ReadOnlyDisks(state)])                 # disks/ is always served
     with pytest.raises(ValueError):
         DiskFS(state, sources=[tree.CatalogDisks(state), tree.CatalogDisks(state)])
+
+
+def test_owner_mode_and_xattrs_are_kept_per_disk(fs, state):
+    assert fs("getattr", "/disks/a")["st_mode"] & 0o777 == 0o600
+    fs("chmod", "/disks/a", 0o100640)
+    fs("chown", "/disks/a", 107, 0xFFFFFFFF)          # -1 from libfuse: the gid stays
+    fs("setxattr", "/disks/a", "trusted.libvirt.security.dac", b"+0:+0", 0)
+    st = fs("getattr", "/disks/a")
+    assert (st["st_mode"] & 0o777, st["st_uid"], st["st_gid"]) == (0o640, 107, 0)
+    assert fs("getxattr", "/disks/a", "trusted.libvirt.security.dac") == b"+0:+0"
+    assert fs("listxattr", "/disks/a") == ["trusted.libvirt.security.dac"]
+    assert fs("getattr", "/disks/b")["st_mode"] & 0o777 == 0o600       # per disk
+    assert _errno(fs, "setxattr", "/disks/a", "trusted.libvirt.security.dac", b"x", 1) == errno.EEXIST
+    fh = fs("open", "/disks/a", os.O_RDWR)                            # through a handle too
+    assert fs("getattr", None, fh)["st_uid"] == 107
+    fs("release", None, fh)
+    rec = state.catalog.get_disk("a")
+    a = state.catalog.get_attrs(rec.disk_id)
+    assert (a.mode, a.uid, a.gid) == (0o640, 107, None) and dict(a.xattrs) == {
+        "trusted.libvirt.security.dac": b"+0:+0"}
+    fs("removexattr", "/disks/a", "trusted.libvirt.security.dac")
+    assert fs("listxattr", "/disks/a") == []
+    from blockcrypt.control import disks as cdisks
+    cdisks.delete(state, "b")
+    assert state.catalog.all_attrs().keys() == {rec.disk_id}
+    cdisks.delete(state, "a")
+    assert state.catalog.all_attrs() == {}                              # a deleted disk's attributes go with it

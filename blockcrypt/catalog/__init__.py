@@ -29,7 +29,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import AlreadyExists, NotFound, StateError, UsageError
+from .._util.b64 import b64u_decode as b64d, b64u_encode as b64e
+from ..errors import (AlreadyExists, NotFound, Refused, StateError, UsageError, XattrExists, XattrMissing,
+                      XattrTooLarge, XattrUnsupported)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS disks (
@@ -48,6 +50,13 @@ CREATE TABLE IF NOT EXISTS disks (
     family_id TEXT                  -- the key lineage it shares with its family (NULL: none yet)
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS disk_attrs (  -- what chmod, chown and setxattr did to a disk file
+    disk_id TEXT PRIMARY KEY,
+    mode INTEGER,                   -- NULL: the mount's default (0600, 0660 with --allow-other)
+    uid INTEGER,
+    gid INTEGER,
+    xattrs TEXT NOT NULL DEFAULT '{}'   -- JSON: name -> base64 value (user.* and trusted.* only)
+);
 CREATE TABLE IF NOT EXISTS des (
     name TEXT PRIMARY KEY,
     des_id TEXT NOT NULL UNIQUE,
@@ -92,6 +101,39 @@ class DiskRecord:
         d = asdict(self)
         d["read_only"] = bool(self.read_only)
         return d
+
+
+#: bounds on one disk's extended attributes (libvirt's DAC driver keeps three short ones)
+XATTR_NAME_MAX = 255           # bytes (the kernel's XATTR_NAME_MAX)
+XATTR_VALUE_MAX = 4096         # bytes per value
+XATTRS_PER_DISK_MAX = 32
+XATTRS_BYTES_MAX = 16384       # names and values of one disk together
+XATTR_NAMESPACES = ("user.", "trusted.")
+XATTR_CREATE, XATTR_REPLACE = 1, 2   # setxattr(2) flags
+
+
+def check_xattr_name(name: str) -> str:
+    """A name this catalog stores: ``user.*`` or ``trusted.*``, at most 255 bytes."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > XATTR_NAME_MAX:
+        raise XattrTooLarge(name=name, limit=f"names of at most {XATTR_NAME_MAX} bytes")
+    if not any(name.startswith(ns) and len(name) > len(ns) for ns in XATTR_NAMESPACES):
+        raise XattrUnsupported(name=name)
+    return name
+
+
+@dataclass(frozen=True)
+class DiskAttrs:
+    """What chmod, chown and setxattr recorded for one disk file (None: the mount's default)."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    xattrs: tuple = ()          # ((name, value bytes), ...) sorted by name
+
+    def to_json(self) -> dict:
+        return {"mode": None if self.mode is None else f"{self.mode:04o}", "uid": self.uid, "gid": self.gid,
+                "xattrs": sorted(n for n, _ in self.xattrs)}
 
 
 @dataclass(frozen=True)
@@ -258,7 +300,71 @@ class Catalog:
         c.execute(f"UPDATE disks SET {cols} WHERE name = ?", (*fields.values(), name))
 
     def delete_disk(self, name: str, conn=None) -> None:
-        (conn or self._conn()).execute("DELETE FROM disks WHERE name = ?", (name,))
+        c = conn or self._conn()
+        c.execute("DELETE FROM disk_attrs WHERE disk_id IN (SELECT disk_id FROM disks WHERE name = ?)", (name,))
+        c.execute("DELETE FROM disks WHERE name = ?", (name,))
+
+    # -- owners, modes and extended attributes of disk files -------------------------------
+    @staticmethod
+    def _attrs(row) -> DiskAttrs:
+        xa = tuple(sorted((n, b64d(v)) for n, v in json.loads(row["xattrs"]).items()))
+        return DiskAttrs(row["mode"], row["uid"], row["gid"], xa)
+
+    def get_attrs(self, disk_id: str) -> DiskAttrs:
+        row = self._conn().execute("SELECT * FROM disk_attrs WHERE disk_id = ?", (disk_id,)).fetchone()
+        return self._attrs(row) if row else DiskAttrs()
+
+    def all_attrs(self) -> dict[str, DiskAttrs]:
+        """disk id -> its attributes, for every disk that has any (one query for a whole table push)."""
+        return {r["disk_id"]: self._attrs(r) for r in self._conn().execute("SELECT * FROM disk_attrs").fetchall()}
+
+    def _attrs_row(self, c, disk_id: str) -> DiskAttrs:
+        c.execute("INSERT OR IGNORE INTO disk_attrs (disk_id) VALUES (?)", (disk_id,))
+        return self._attrs(c.execute("SELECT * FROM disk_attrs WHERE disk_id = ?", (disk_id,)).fetchone())
+
+    def set_owner(self, disk_id: str, *, mode: int | None = None, uid: int | None = None,
+                  gid: int | None = None) -> DiskAttrs:
+        """Record a chmod (permission bits only) and/or chown of a disk file; None leaves one as it is."""
+        if mode is not None and mode & ~0o777:
+            raise Refused("setuid, setgid and sticky bits are not kept on disk files: chmod the permission "
+                          "bits (0o777) only")
+        for what, v in (("uid", uid), ("gid", gid)):
+            if v is not None and not 0 <= v < 2 ** 32 - 1:
+                raise UsageError(f"invalid {what} {v}")
+        with self.transaction() as c:
+            self._attrs_row(c, disk_id)
+            for col, v in (("mode", mode), ("uid", uid), ("gid", gid)):
+                if v is not None:
+                    c.execute(f"UPDATE disk_attrs SET {col} = ? WHERE disk_id = ?", (v, disk_id))
+            return self._attrs(c.execute("SELECT * FROM disk_attrs WHERE disk_id = ?", (disk_id,)).fetchone())
+
+    def set_xattr(self, disk_id: str, name: str, value: bytes | None, flags: int = 0,
+                  *, what: str = "disk") -> DiskAttrs:
+        """setxattr (``value`` bytes; XATTR_CREATE/XATTR_REPLACE in ``flags``) or removexattr
+        (``value`` None) of a disk file, within the bounds above."""
+        check_xattr_name(name)
+        if value is not None and len(value) > XATTR_VALUE_MAX:
+            raise XattrTooLarge(name=name, limit=f"values of at most {XATTR_VALUE_MAX} bytes")
+        with self.transaction() as c:
+            cur = dict(self._attrs_row(c, disk_id).xattrs)
+            if value is None:
+                if name not in cur:
+                    raise XattrMissing(kind=what, xname=name)
+                del cur[name]
+            else:
+                if flags & XATTR_CREATE and name in cur:
+                    raise XattrExists(kind=what, xname=name)
+                if flags & XATTR_REPLACE and name not in cur:
+                    raise XattrMissing(kind=what, xname=name)
+                cur[name] = bytes(value)
+                if len(cur) > XATTRS_PER_DISK_MAX:
+                    raise XattrTooLarge(name=name, limit=f"{XATTRS_PER_DISK_MAX} attributes per disk")
+                total = sum(len(n.encode("utf-8", "surrogateescape")) + len(v) for n, v in cur.items())
+                if total > XATTRS_BYTES_MAX:
+                    raise XattrTooLarge(name=name, limit=f"{XATTRS_BYTES_MAX} bytes of names and values per disk")
+            c.execute("UPDATE disk_attrs SET xattrs = ? WHERE disk_id = ?",
+                      (json.dumps({n: b64e(v) for n, v in sorted(cur.items())}), disk_id))
+            return self._attrs(c.execute("SELECT * FROM disk_attrs WHERE disk_id = ?", (disk_id,)).fetchone())
 
     def disks_of_des(self, des_name: str) -> list[DiskRecord]:
         rows = self._conn().execute("SELECT * FROM disks WHERE des = ? ORDER BY name", (des_name,)).fetchall()

@@ -552,6 +552,8 @@ def _attach() -> None:
     from .vault import vault
     for cmd in (mount_cmd, umount_cmd, status_cmd, vault, snapshot, image):
         cli.add_command(cmd)
+    from .platformkey import register
+    register(platform_key)  # platform-key export, platform-key import
 
 
 _attach()

@@ -31,8 +31,11 @@ catch-all, and no request can take the mount down.
 
 Semantics worth knowing:
 
-* ``truncate`` to the current size succeeds; to any other size it answers
-  **EPERM** (resizing is ``blockcrypt disk resize``). So do create, unlink,
+* ``truncate`` to the current size succeeds; ``ftruncate(fd, 0)`` on an open
+  disk wipes it (``vol.discard`` of all of it: it reads as zeros) and keeps its
+  size, which is what ``qemu-img convert``/``create`` do to a raw target
+  (truncate to 0, then to the image size); truncate to 0 by path, ``O_TRUNC``
+  and any other size answer **EPERM** (resizing is ``blockcrypt disk resize``). So do create, unlink,
   rename, mkdir, chmod and chown. ``utimens`` is accepted and ignored.
 * ``fallocate``: PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE -> ``vol.discard`` /
   ``vol.zero_range`` (holes in the backing file, read back as zeros); mode 0
@@ -43,8 +46,11 @@ Semantics worth knowing:
 * A write straddling the end of the disk is clipped here (a short write:
   the kernel sends it whole once the last page is cached); a write starting
   at or past the end answers EFBIG.
-* No extended attributes (ENOSYS to libfuse, so the kernel stops asking
-  ``security.capability`` before every write).
+* ``chmod``/``chown`` and extended attributes (``user.*``, ``trusted.*``) are
+  kept per disk by the file's source (tree.py: in the catalog) and served back,
+  after a remount too; other namespaces answer EOPNOTSUPP to set, ENODATA to get.
+  (``fchmod``/``fchown`` arrive with the file's path: libfuse 2 builds it for
+  chmod/chown even under ``flag_nopath``; a call without one answers EPERM.)
 
 Performance notes: requests are at most 128 KiB (libfuse 2 cannot negotiate
 more pages) and an O_DIRECT request is sent by the kernel one 128 KiB piece at
@@ -176,9 +182,6 @@ class DiskFS(FrontEndStatus, fuse.Operations):
     """fusepy Operations serving ``/<dir>/<name>`` from the sources of a mount tree (tree.py)."""
 
     use_ns = True
-    # No xattr operations at all: libfuse then answers ENOSYS and the kernel stops asking
-    # (with EOPNOTSUPP it would ask getxattr("security.capability") before every write).
-    getxattr = listxattr = setxattr = removexattr = None
     # read/write/fsync/release/fgetattr/fallocate work on file handles: let libfuse skip
     # building the path (and taking its tree lock) for them.
     flag_nullpath_ok = 1
@@ -349,11 +352,13 @@ class DiskFS(FrontEndStatus, fuse.Operations):
             with self._lock:
                 od = self._open.get((tree.split(name)[0], rec.ident))
             if od is None:
-                return self._file_attrs(rec.backing_path, rec.size, rec.read_only, None)
+                return self._file_attrs(rec.backing_path, rec.size, rec.read_only, None, rec.attrs)
         vol = od.vol
-        return self._file_attrs(vol.path, vol.size, vol.read_only, vol)
+        rec = self._records().get(tree.join(od.dir, od.name))
+        attrs = rec.attrs if rec is not None and rec.ident == od.disk_id else None
+        return self._file_attrs(vol.path, vol.size, vol.read_only, vol, attrs)
 
-    def _file_attrs(self, backing_path: str | None, size: int, read_only: bool, vol) -> dict:
+    def _file_attrs(self, backing_path: str | None, size: int, read_only: bool, vol, attrs=None) -> dict:
         try:
             if backing_path is None:
                 raise FileNotFoundError
@@ -363,8 +368,12 @@ class DiskFS(FrontEndStatus, fuse.Operations):
         except OSError:
             blocks, at = 0, int(self.t_start * 1e9)
             mt = ct = at
-        return dict(st_mode=stat.S_IFREG | self._disk_mode(read_only), st_nlink=1,
-                    st_uid=self._uid, st_gid=self._mount_gid if self.allow_other else 0,
+        mode, uid, gid = self._disk_mode(read_only), self._uid, self._mount_gid if self.allow_other else 0
+        if attrs is not None:  # what chmod/chown recorded (tree.py: in the catalog)
+            mode = mode if attrs.mode is None else attrs.mode
+            uid = uid if attrs.uid is None else attrs.uid
+            gid = gid if attrs.gid is None else attrs.gid
+        return dict(st_mode=stat.S_IFREG | mode, st_nlink=1, st_uid=uid, st_gid=gid,
                     st_size=size, st_blocks=blocks, st_blksize=4096,
                     st_atime=at, st_mtime=mt, st_ctime=ct)
 
@@ -405,7 +414,68 @@ class DiskFS(FrontEndStatus, fuse.Operations):
     def _refuse(self, *args, **kw):
         raise fuse.FuseOSError(errno.EPERM)
 
-    chmod = chown = create = mkdir = mknod = rename = rmdir = symlink = unlink = link = _refuse
+    create = mkdir = mknod = rename = rmdir = symlink = unlink = link = _refuse
+
+    # -- owners, modes, extended attributes (kept by the source: tree.py) --------------------
+    def _file(self, path):
+        """(source, name in it) of a file path; EPERM for the root and the directories, and for
+        a call without a path (libfuse 2 gives chmod/chown no handle)."""
+        if path is None:
+            raise fuse.FuseOSError(errno.EPERM)
+        kind, name = self._split(path)
+        if kind != "disk":
+            raise fuse.FuseOSError(errno.EPERM)
+        self._record(name)  # ENOENT for an unknown name
+        d, leaf = tree.split(name)
+        return self._by_dir[d], leaf
+
+    def _recorded(self):
+        self._view = None  # the next lookup serves what was recorded
+
+    def chmod(self, path, mode):
+        src, leaf = self._file(path)
+        src.set_owner(leaf, mode=stat.S_IMODE(mode))
+        self._recorded()
+        return 0
+
+    def chown(self, path, uid, gid):
+        src, leaf = self._file(path)
+        # -1 (as an unsigned 32-bit value from libfuse): leave that one as it is
+        src.set_owner(leaf, uid=None if uid in (-1, 0xFFFFFFFF) else uid,
+                      gid=None if gid in (-1, 0xFFFFFFFF) else gid)
+        self._recorded()
+        return 0
+
+    def _xattrs(self, path) -> dict:
+        kind, name = self._split(path)
+        if kind != "disk":
+            return {}
+        return dict(self._record(name).attrs.xattrs)
+
+    def getxattr(self, path, name, position=0):
+        value = self._xattrs(path).get(name)
+        if value is None:  # security.capability before writes too: not kept, so ENODATA
+            raise fuse.FuseOSError(errno.ENODATA)
+        return value
+
+    def listxattr(self, path):
+        try:  # trusted.* for privileged callers, as on ext4
+            privileged = fuse.fuse_get_context()[0] == 0
+        except ValueError:  # no request context (a direct call): this process's own
+            privileged = os.geteuid() == 0
+        return [n for n in self._xattrs(path) if privileged or not n.startswith("trusted.")]
+
+    def setxattr(self, path, name, value, options, position=0):
+        src, leaf = self._file(path)
+        src.set_xattr(leaf, name, bytes(value), options)
+        self._recorded()
+        return 0
+
+    def removexattr(self, path, name):
+        src, leaf = self._file(path)
+        src.set_xattr(leaf, name, None)
+        self._recorded()
+        return 0
 
     def truncate(self, path, length, fh=None):
         od = self._handles.get(fh) if fh is not None else None
@@ -416,9 +486,15 @@ class DiskFS(FrontEndStatus, fuse.Operations):
             if kind != "disk":
                 raise fuse.FuseOSError(errno.EISDIR)
             size = self._record(name).size
-        if length != size:
-            raise fuse.FuseOSError(errno.EPERM)
-        return 0
+        if length == size:
+            return 0
+        if length == 0 and od is not None:
+            # ftruncate(fd, 0): qemu-img's create step (truncate to 0, then to the image size).
+            # The disk is wiped (all of it reads as zeros) and keeps its size, which libfuse
+            # answers from getattr, so the following ftruncate to that size is a no-op.
+            od.vol.discard(0, size)  # ReadOnly -> EROFS at the errno boundary
+            return 0
+        raise fuse.FuseOSError(errno.EPERM)
 
     # -- open / release ---------------------------------------------------------------
     def open(self, path, flags):

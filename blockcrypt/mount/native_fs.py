@@ -15,6 +15,10 @@ direct I/O. Python is the control plane here:
   any data request): the source opens the volume (header, DEK unwrap) and the
   session gets its engine volume; the last release calls ``closed`` and the
   volume is closed (the engine flushed it and wiped its key);
+- ``set_attr``/``set_xattr`` (hooks on chmod/chown and setxattr/removexattr of a
+  file): its source records them (tree.py: in the catalog, per disk) and the entry
+  is pushed again at once, its xattrs packed for the session (:func:`pack_xattrs`);
+  getxattr and listxattr never leave the session;
 - status (``disk_status``), and the plugin interface of the key monitor
   (``open_disks``/``notify_changed``): revoking a volume closes the engine's
   gate, so the session's next request on it fails with EIO.
@@ -30,6 +34,7 @@ import grp
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 
@@ -42,6 +47,16 @@ log = logging.getLogger("blockcrypt.mount.native_fs")
 CATALOG_TTL_S = 1.0
 #: how often the status file is brought up to date with the session's handle and error counts
 STATUS_TICK_S = 0.2
+
+
+def pack_xattrs(xattrs) -> bytes:
+    """((name, value), ...) as native/session/bc_xattr.h draws it: u16 LE name length, u32 LE
+    value length, name, value; one record after the other."""
+    out = bytearray()
+    for name, value in xattrs:
+        raw = name.encode("utf-8", "surrogateescape")
+        out += struct.pack("<HI", len(raw), len(value)) + raw + bytes(value)
+    return bytes(out)
 
 
 class _OpenDisk:
@@ -90,6 +105,17 @@ class NativeFS(FrontEndStatus):
             return 0o440 if read_only else 0o660
         return 0o400 if read_only else 0o600
 
+    def _owner(self, e) -> tuple[int, int, int]:
+        """(mode, uid, gid) of an entry: what chmod/chown recorded, else the defaults."""
+        a = e.attrs
+        return (self._mode(e.read_only) if a.mode is None else a.mode,
+                self._uid if a.uid is None else a.uid, self._gid if a.gid is None else a.gid)
+
+    def _push(self, path: str, e) -> None:
+        mode, uid, gid = self._owner(e)
+        self._session.set_disk(path, e.size, mode, uid, gid, e.read_only, e.backing_path,
+                               pack_xattrs(e.attrs.xattrs))
+
     def _entries(self) -> dict:
         """path -> Entry over every source; a source that fails keeps its previous rows."""
         out = {}
@@ -113,13 +139,12 @@ class NativeFS(FrontEndStatus):
             s = self._session
             changed = False
             for path, e in ents.items():
-                row = (e.size, e.read_only, e.backing_path, e.ident, e)
+                row = (e.size, e.read_only, e.backing_path, e.ident, e, e.attrs)
                 old = self._table.get(path)
-                if old is None or old[:4] != row[:4]:
+                if old is None or old[:4] != row[:4] or old[5] != row[5]:
                     if old is not None and old[3] != e.ident:
                         s.remove_disk(path)  # deleted and re-created under the same name
-                    s.set_disk(path, e.size, self._mode(e.read_only), self._uid, self._gid, e.read_only,
-                               e.backing_path)
+                    self._push(path, e)
                     if old is not None and old[0] != e.size:
                         log.info("%s: size now %d bytes", path, e.size)
                         changed = True
@@ -161,6 +186,30 @@ class NativeFS(FrontEndStatus):
             log.warning("lookup of %s failed: %s", path, e)
 
     # -- hooks from the session (outside data requests) -------------------------------
+    def _refresh_one(self, path: str) -> None:
+        """Push one entry again after its source changed it (chmod, chown, xattrs)."""
+        d, name = tree.split(path)
+        e = self._by_dir[d].find(name)
+        if e is None:
+            return
+        with self._sync_lock:
+            old = self._table.get(path)
+            if old is not None and old[3] == e.ident:
+                self._push(path, e)
+                self._table[path] = (e.size, e.read_only, e.backing_path, e.ident, e, e.attrs)
+
+    def _set_attr(self, path: str, mode, uid, gid) -> None:
+        d, name = tree.split(path)
+        self._by_dir[d].set_owner(name, mode=mode, uid=uid, gid=gid)
+        log.info("%s: %s", path, ", ".join(f"{k} {v:o}" if k == "mode" else f"{k} {v}" for k, v in
+                                           (("mode", mode), ("uid", uid), ("gid", gid)) if v is not None))
+        self._refresh_one(path)
+
+    def _set_xattr(self, path: str, xname: str, value, flags: int) -> None:
+        d, name = tree.split(path)
+        self._by_dir[d].set_xattr(name, xname, value, flags)
+        self._refresh_one(path)
+
     def _open_disk(self, path: str):
         d, name = tree.split(path)
         src = self._by_dir[d]
@@ -207,7 +256,8 @@ class NativeFS(FrontEndStatus):
         self._session = _engine.Session(mountpoint, statfs_path=str(self.state.path), allow_other=self.allow_other,
                                         max_threads=self.max_threads, open_disk=self._open_disk,
                                         closed=self._closed, lookup_miss=self._lookup_miss,
-                                        dirs=[src.dir for src in self.sources])
+                                        dirs=[src.dir for src in self.sources], set_attr=self._set_attr,
+                                        set_xattr=self._set_xattr)
         try:
             self.sync_table()
             syncer = threading.Thread(target=self._sync_loop, name="bc-catalog-sync", daemon=True)

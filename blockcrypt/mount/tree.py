@@ -19,13 +19,22 @@ Both front ends serve the directories of the sources they are given, in
 :data:`DIRS` order, disks/ first; the native session gets them as its ``dirs`` and
 names entries ``"<dir>/<name>"`` (:func:`join`, :func:`split`).
 
+Owners, modes and extended attributes: a source whose files are catalog members keeps
+what chmod, chown and setxattr do to them in the catalog, per disk id
+(:meth:`Source.set_owner`, :meth:`Source.set_xattr`; ``Entry.attrs`` serves them back,
+after a remount too); the front ends apply their defaults (0600 root, or root:disk 0660
+with ``--allow-other``) where nothing was recorded. Other sources refuse both.
+
 Caveat: an entry's ``ident`` must change when a name is deleted and made again (the
 disk id does), so a front end does not serve the new disk through the old one's
 open volume.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ..catalog import DiskAttrs
+from ..errors import NotFound, Refused, XattrUnsupported
 
 #: every top-level directory a mount may serve, in the order it lists them
 DIRS = ("disks", "snapshots", "images", "temp")
@@ -40,6 +49,7 @@ class Entry:
     size: int
     read_only: bool
     backing_path: str | None    # for st_blocks and times while the file is not open
+    attrs: DiskAttrs = field(default_factory=DiskAttrs)   # recorded chmod/chown/xattrs
 
 
 class Source:
@@ -63,8 +73,36 @@ class Source:
         ``errno`` when it cannot be)."""
         raise NotImplementedError
 
+    def set_owner(self, name: str, *, mode: int | None = None, uid: int | None = None,
+                  gid: int | None = None) -> None:
+        """chmod/chown of ``name`` (None: not changed); refused unless the source keeps them."""
+        raise Refused(f"{self.dir}/{name}: owner and mode are fixed here")
 
-class CatalogDisks(Source):
+    def set_xattr(self, name: str, xname: str, value: bytes | None, flags: int = 0) -> None:
+        """setxattr (value bytes) or removexattr (value None) of ``name``."""
+        raise XattrUnsupported(name=xname)
+
+
+class CatalogAttrs:
+    """Owners, modes and xattrs of catalog members, kept in the catalog per disk id."""
+
+    state = None
+
+    def _ident(self, name: str) -> str:
+        e = self.find(name)
+        if e is None:
+            raise NotFound(kind=self.dir.rstrip("s"), name=name)
+        return e.ident
+
+    def set_owner(self, name: str, *, mode: int | None = None, uid: int | None = None,
+                  gid: int | None = None) -> None:
+        self.state.catalog.set_owner(self._ident(name), mode=mode, uid=uid, gid=gid)
+
+    def set_xattr(self, name: str, xname: str, value: bytes | None, flags: int = 0) -> None:
+        self.state.catalog.set_xattr(self._ident(name), xname, value, flags, what=f"{self.dir}/{name}")
+
+
+class CatalogDisks(CatalogAttrs, Source):
     """disks/: the disks of the state directory's catalog."""
 
     dir = "disks"
@@ -74,15 +112,18 @@ class CatalogDisks(Source):
         self.state = state
 
     @staticmethod
-    def _entry(r) -> Entry:
-        return Entry(r.name, r.disk_id, r.size, bool(r.read_only), r.path)
+    def _entry(r, attrs: DiskAttrs | None = None) -> Entry:
+        return Entry(r.name, r.disk_id, r.size, bool(r.read_only), r.path, attrs or DiskAttrs())
 
     def entries(self) -> dict[str, Entry]:
-        return {r.name: self._entry(r) for r in self.state.catalog.list_disks()}
+        attrs = self.state.catalog.all_attrs()
+        return {r.name: self._entry(r, attrs.get(r.disk_id)) for r in self.state.catalog.list_disks()}
 
     def find(self, name: str) -> Entry | None:
         r = self.state.catalog.find_disk(name)
-        return None if r is None or r.kind != "disk" else self._entry(r)  # snapshots share the table
+        if r is None or r.kind != "disk":  # snapshots share the table
+            return None
+        return self._entry(r, self.state.catalog.get_attrs(r.disk_id))
 
     def open(self, name: str, *, null_cipher: bool = False, cache: str = "buffered"):
         from ..control.disks import open_volume

@@ -34,6 +34,7 @@
 #define FUSE_USE_VERSION 312
 
 #include "bc_session.h"
+#include "bc_xattr.h"
 
 #include <fuse3/fuse_lowlevel.h>
 
@@ -86,6 +87,8 @@ struct bc_disk {
     uint32_t mode, uid, gid;
     int read_only;
     char *backing_path;
+    uint8_t *xattrs;               /* packed (bc_xattr.h), or NULL */
+    size_t xattrs_len;
     /* open state */
     pthread_mutex_t open_mu;
     pthread_mutex_t mu;
@@ -497,6 +500,97 @@ static int attr_of(struct bc_session *s, fuse_ino_t ino, struct fuse_file_info *
     return err;
 }
 
+/* Dropping the kernel's pages of an inode from inside its setattr: the kernel holds no page
+ * lock then, but it holds the inode's write-back off (fuse_set_nowrite) until we reply, so a
+ * dirty page of a shared writable mmap would make the invalidation wait for our reply. The
+ * invalidation runs in a thread of its own and the request waits for it at most
+ * INVAL_WAIT_MS: the usual case (no dirty page) drops everything before the reply; the
+ * pathological one finishes right after it (the page's write-back then reaches us).
+ * Caveat: such a late invalidation thread is detached; a session destroyed within that
+ * second after an ftruncate(fd, 0) of a disk with dirty mmap pages could outlive it. */
+#define INVAL_WAIT_MS 1000
+
+struct inval_job {
+    struct fuse_session *se;
+    fuse_ino_t ino;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done, refs;
+};
+
+static void inval_job_put(struct inval_job *j)
+{
+    pthread_mutex_lock(&j->mu);
+    int last = --j->refs == 0;
+    pthread_mutex_unlock(&j->mu);
+    if (last) {
+        pthread_mutex_destroy(&j->mu);
+        pthread_cond_destroy(&j->cv);
+        free(j);
+    }
+}
+
+static void *inval_main(void *arg)
+{
+    struct inval_job *j = arg;
+    (void)fuse_lowlevel_notify_inval_inode(j->se, j->ino, 0, 0);
+    pthread_mutex_lock(&j->mu);
+    j->done = 1;
+    pthread_cond_broadcast(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+    inval_job_put(j);
+    return NULL;
+}
+
+static void drop_pages_before_reply(struct bc_session *s, fuse_ino_t ino)
+{
+    if (s->se == NULL || atomic_load(&s->loop_done))
+        return;
+    struct inval_job *j = calloc(1, sizeof(*j));
+    if (j == NULL)
+        return;
+    j->se = s->se;
+    j->ino = ino;
+    j->refs = 2;
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_cond_init(&j->cv, NULL);
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&t, &attr, inval_main, j) != 0) {
+        pthread_attr_destroy(&attr);
+        j->refs = 1;
+        (void)fuse_lowlevel_notify_inval_inode(s->se, ino, -1, 0);   /* attributes only */
+        inval_job_put(j);
+        return;
+    }
+    pthread_attr_destroy(&attr);
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += INVAL_WAIT_MS / 1000;
+    deadline.tv_nsec += (long)(INVAL_WAIT_MS % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&j->mu);
+    while (!j->done)
+        if (pthread_cond_timedwait(&j->cv, &j->mu, &deadline) == ETIMEDOUT)
+            break;
+    pthread_mutex_unlock(&j->mu);
+    inval_job_put(j);
+}
+
+int bc_session_truncate_plan(uint64_t size_bytes, uint64_t new_size_bytes, int through_handle)
+{
+    if (new_size_bytes == size_bytes)
+        return BC_TRUNCATE_NOOP;
+    if (new_size_bytes == 0 && through_handle)
+        return BC_TRUNCATE_WIPE;
+    return -EPERM;
+}
+
 static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct bc_session *s = fuse_req_userdata(req);
@@ -506,6 +600,37 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         fuse_reply_err(req, err);
     else
         fuse_reply_attr(req, &st, TIMEOUT_S);
+}
+
+/* The path of disk ino into buf (PATH_MAX_BYTES + 1), or -ENOENT. */
+static int path_of(struct bc_session *s, fuse_ino_t ino, char *buf)
+{
+    int err = -ENOENT;
+    pthread_rwlock_rdlock(&s->table_lock);
+    struct bc_disk *d = find_ino(s, ino);
+    if (d != NULL && d->present) {
+        snprintf(buf, PATH_MAX_BYTES + 1, "%s", d->name);
+        err = 0;
+    }
+    pthread_rwlock_unlock(&s->table_lock);
+    return err;
+}
+
+/* chmod/chown of ino through the set_attr hook: 0 or an errno. Directories are fixed. */
+static int set_owner(struct bc_session *s, fuse_ino_t ino, mode_t cur_mode, int to_set,
+                     const struct stat *attr)
+{
+    if (S_ISDIR(cur_mode) || s->hooks.set_attr == NULL)
+        return EPERM;
+    char path[PATH_MAX_BYTES + 1];
+    if (path_of(s, ino, path) < 0)
+        return ENOENT;
+    int what = (to_set & FUSE_SET_ATTR_MODE ? BC_SET_MODE : 0) |
+               (to_set & FUSE_SET_ATTR_UID ? BC_SET_UID : 0) |
+               (to_set & FUSE_SET_ATTR_GID ? BC_SET_GID : 0);
+    int rc = s->hooks.set_attr(s->hooks.arg, path, what, (uint32_t)attr->st_mode & 07777,
+                               (uint32_t)attr->st_uid, (uint32_t)attr->st_gid);
+    return rc < 0 ? -rc : 0;
 }
 
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
@@ -519,19 +644,46 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
         return;
     }
     if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
-        fuse_reply_err(req, EPERM);
-        return;
+        err = set_owner(s, ino, st.st_mode, to_set, attr);
+        if (err == 0)
+            err = attr_of(s, ino, fi, &st);   /* what the control plane pushed back */
+        if (err) {
+            fuse_reply_err(req, err);
+            return;
+        }
     }
+    int wiped = 0;
     if (to_set & FUSE_SET_ATTR_SIZE) {
         if (S_ISDIR(st.st_mode)) {
             fuse_reply_err(req, EISDIR);
             return;
         }
-        if (attr->st_size != st.st_size) {   /* resizing is the control plane's job */
-            fuse_reply_err(req, EPERM);
+        int plan = bc_session_truncate_plan((uint64_t)st.st_size, (uint64_t)attr->st_size,
+                                            fi != NULL);
+        if (plan < 0) {   /* resizing is the control plane's job */
+            fuse_reply_err(req, -plan);
             return;
         }
+        if (plan == BC_TRUNCATE_WIPE) {
+            struct bc_handle *h = fh_of(fi);
+            if (bc_volume_read_only(h->vol)) {
+                fuse_reply_err(req, EROFS);
+                return;
+            }
+            int rc = bc_volume_discard(h->vol, 0, bc_volume_size(h->vol));
+            if (rc < 0) {
+                note_error(h->inst->disk, -rc);
+                fuse_reply_err(req, -rc);
+                return;
+            }
+            wiped = 1;
+        }
     }
+    /* A wipe answers the disk's own size, so the kernel keeps it (and its cached pages: they
+     * hold the old data, so they are dropped first) and a following ftruncate to that size
+     * (what qemu-img does after truncating to 0) is the no-op it expects. */
+    if (wiped)
+        drop_pages_before_reply(s, ino);
     /* atime/mtime/ctime: accepted and ignored (times come from the backing file) */
     fuse_reply_attr(req, &st, TIMEOUT_S);
 }
@@ -989,7 +1141,118 @@ static void op_create(fuse_req_t req, fuse_ino_t p, const char *n, mode_t m, str
     fuse_reply_err(req, EPERM);
 }
 
-/* No xattr operations: libfuse answers ENOSYS and the kernel stops asking. */
+/* ---- extended attributes -------------------------------------------------------------- */
+
+/* getxattr: from the disk's blob (directories have none). */
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    struct bc_session *s = fuse_req_userdata(req);
+    if (ino == INO_ROOT || is_dir_ino(s, ino)) {
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
+    uint8_t small[256];
+    uint8_t *copy = NULL;
+    size_t len = 0;
+    int err = 0;
+    pthread_rwlock_rdlock(&s->table_lock);
+    struct bc_disk *d = find_ino(s, ino);
+    const uint8_t *v = NULL;
+    if (d == NULL)
+        err = ENOENT;
+    else if (bc_xattr_get(d->xattrs, d->xattrs_len, name, &v, &len) < 0)
+        err = ENODATA;
+    else if (size != 0 && len > size)
+        err = ERANGE;
+    else if (size != 0) {
+        copy = len <= sizeof(small) ? small : malloc(len);
+        if (copy == NULL)
+            err = ENOMEM;
+        else if (len > 0)
+            memcpy(copy, v, len);
+    }
+    pthread_rwlock_unlock(&s->table_lock);
+    if (err)
+        fuse_reply_err(req, err);
+    else if (size == 0)
+        fuse_reply_xattr(req, len);
+    else
+        fuse_reply_buf(req, (const char *)copy, len);
+    if (copy != NULL && copy != small)
+        free(copy);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    struct bc_session *s = fuse_req_userdata(req);
+    if (ino == INO_ROOT || is_dir_ino(s, ino)) {
+        if (size == 0)
+            fuse_reply_xattr(req, 0);
+        else
+            fuse_reply_buf(req, NULL, 0);
+        return;
+    }
+    /* trusted.* is for privileged callers, as on ext4 (the kernel checks get and set) */
+    int with_trusted = fuse_req_ctx(req)->uid == 0;
+    char *buf = NULL;
+    size_t need = 0;
+    int err = 0;
+    pthread_rwlock_rdlock(&s->table_lock);
+    struct bc_disk *d = find_ino(s, ino);
+    if (d == NULL) {
+        err = ENOENT;
+    } else {
+        need = bc_xattr_list(d->xattrs, d->xattrs_len, with_trusted, NULL, 0);
+        if (size != 0 && need > size)
+            err = ERANGE;
+        else if (size != 0 && need > 0) {
+            if ((buf = malloc(need)) == NULL)
+                err = ENOMEM;
+            else
+                (void)bc_xattr_list(d->xattrs, d->xattrs_len, with_trusted, buf, need);
+        }
+    }
+    pthread_rwlock_unlock(&s->table_lock);
+    if (err)
+        fuse_reply_err(req, err);
+    else if (size == 0)
+        fuse_reply_xattr(req, need);
+    else
+        fuse_reply_buf(req, buf, need);
+    free(buf);
+}
+
+/* setxattr/removexattr: validated here (namespace), stored by the control plane. */
+static void change_xattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
+                         size_t size, int flags)
+{
+    struct bc_session *s = fuse_req_userdata(req);
+    if (ino == INO_ROOT || is_dir_ino(s, ino)) {
+        fuse_reply_err(req, EPERM);   /* the tree is the control plane's */
+        return;
+    }
+    int rc = bc_xattr_name_ok(name);
+    if (rc == 0 && s->hooks.set_xattr == NULL)
+        rc = -EOPNOTSUPP;
+    char path[PATH_MAX_BYTES + 1];
+    if (rc == 0)
+        rc = path_of(s, ino, path);
+    if (rc == 0)
+        rc = s->hooks.set_xattr(s->hooks.arg, path, name, value, size, flags);
+    fuse_reply_err(req, rc < 0 ? -rc : 0);
+}
+
+static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
+                        size_t size, int flags)
+{
+    change_xattr(req, ino, name, value != NULL ? value : "", size, flags);
+}
+
+static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
+{
+    change_xattr(req, ino, name, NULL, 0, 0);
+}
+
 static const struct fuse_lowlevel_ops bc_ops = {
     .init = op_init,
     .lookup = op_lookup,
@@ -1018,6 +1281,10 @@ static const struct fuse_lowlevel_ops bc_ops = {
     .statfs = op_statfs,
     .create = op_create,
     .fallocate = op_fallocate,
+    .getxattr = op_getxattr,
+    .listxattr = op_listxattr,
+    .setxattr = op_setxattr,
+    .removexattr = op_removexattr,
 };
 
 /* ---- life cycle ------------------------------------------------------------------- */
@@ -1044,6 +1311,7 @@ static void free_session(struct bc_session *s)
         pthread_mutex_destroy(&d->mu);
         free(d->name);
         free(d->backing_path);
+        free(d->xattrs);
         free(d);
     }
     free(s->disks);
@@ -1275,9 +1543,19 @@ int bc_session_set_disk(struct bc_session *s, const struct bc_disk_entry *e)
     unsigned dir;
     if (e == NULL || e->name == NULL || canon_path(s, e->name, key, &dir) < 0)
         return -EINVAL;
+    if (bc_xattr_valid(e->xattrs, e->xattrs_len) < 0)
+        return -EINVAL;
+    uint8_t *xa = NULL;
+    if (e->xattrs_len > 0) {
+        if ((xa = malloc(e->xattrs_len)) == NULL)
+            return -ENOMEM;
+        memcpy(xa, e->xattrs, e->xattrs_len);
+    }
     char *path = NULL;
-    if (e->backing_path != NULL && (path = strdup(e->backing_path)) == NULL)
+    if (e->backing_path != NULL && (path = strdup(e->backing_path)) == NULL) {
+        free(xa);
         return -ENOMEM;
+    }
     int rc = 0, notify = 0;
     fuse_ino_t ino = 0;
     pthread_rwlock_wrlock(&s->table_lock);
@@ -1285,11 +1563,13 @@ int bc_session_set_disk(struct bc_session *s, const struct bc_disk_entry *e)
     if (d == NULL && (d = add_disk(s, key, dir)) == NULL) {
         pthread_rwlock_unlock(&s->table_lock);
         free(path);
+        free(xa);
         return -ENOMEM;
     }
     uint64_t size = e->size_bytes;
-    if (d->present && d->size_bytes != size)
-        notify = 1;
+    if (d->present && (d->size_bytes != size || d->mode != (e->mode & 07777) ||
+                       d->uid != e->uid || d->gid != e->gid))
+        notify = 1;   /* the kernel caches attributes (and checks permissions on them) */
     struct bc_volume *v = current_volume(d);
     if (v != NULL) {
         if (bc_volume_size(v) != size) {
@@ -1306,6 +1586,9 @@ int bc_session_set_disk(struct bc_session *s, const struct bc_disk_entry *e)
     d->read_only = e->read_only != 0;
     free(d->backing_path);
     d->backing_path = path;
+    free(d->xattrs);
+    d->xattrs = xa;
+    d->xattrs_len = e->xattrs_len;
     d->present = 1;
     ino = d->ino;
     pthread_rwlock_unlock(&s->table_lock);

@@ -25,11 +25,20 @@
  *   lookup_miss on a lookup of an unknown name: the control plane may refresh the
  *              table (rate-limited by the caller) before the session answers ENOENT.
  *
- * Semantics: truncate to the current size succeeds, to another size EPERM; chmod,
- * chown, create, unlink, rename, mkdir, mknod, symlink, link EPERM; utimens accepted;
+ * Owners, modes and xattrs: chmod/chown go to the set_attr hook and xattr changes to
+ * set_xattr (the control plane keeps them per disk and pushes them back with set_disk);
+ * getxattr/listxattr are answered from the pushed blob without a hook (the kernel asks
+ * security.capability before writes: ENODATA at once), trusted.* listed to uid 0 only;
+ * names outside user.* and trusted.* EOPNOTSUPP to set, ENODATA to get.
+ *
+ * Semantics: truncate to the current size succeeds; ftruncate to 0 through a writable handle
+ * wipes the disk (bc_volume_discard of all of it: it reads as zeros) and answers its unchanged
+ * size, as qemu-img's create step needs (truncate to 0, then to the image size); truncate by
+ * path to 0 (truncate(2), O_TRUNC) and to any other size EPERM;
+ * create, unlink, rename, mkdir, mknod, symlink, link EPERM; utimens accepted;
  * fallocate PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE go to the volume, mode 0 inside the
  * disk is a no-op, past the end EPERM, other modes EOPNOTSUPP; fsync/fdatasync ->
- * bc_volume_flush; no xattrs (ENOSYS); statfs of the state directory; st_blocks from
+ * bc_volume_flush; statfs of the state directory; st_blocks from
  * bc_volume_blocks_used (or the table's value when not open). Writes starting at or
  * past the end: EFBIG; a write straddling the end is clipped.
  *
@@ -70,11 +79,26 @@ struct bc_session;
 
 #define BC_SESSION_MAX_DIRS 8
 
+/* set_attr's to_set bits */
+#define BC_SET_MODE 1
+#define BC_SET_UID 2
+#define BC_SET_GID 4
+
 struct bc_session_hooks {
     void *arg;
     int (*open_disk)(void *arg, const char *name, struct bc_volume **out);
     void (*closed)(void *arg, const char *name);
     void (*lookup_miss)(void *arg, const char *name);
+    /* chmod/chown of a disk (the kernel checked the caller's right: default_permissions):
+     * the control plane stores what to_set names and pushes the entry again (set_disk);
+     * 0 or -errno. NULL: EPERM. */
+    int (*set_attr)(void *arg, const char *name, int to_set, uint32_t mode, uint32_t uid,
+                    uint32_t gid);
+    /* setxattr (value != NULL; flags XATTR_CREATE/XATTR_REPLACE) or removexattr (value
+     * NULL) of a name bc_xattr_name_ok accepts: the control plane stores it and pushes the
+     * entry's new blob; 0 or -errno (EEXIST, ENODATA, ENOSPC, ...). NULL: EOPNOTSUPP. */
+    int (*set_xattr)(void *arg, const char *name, const char *xname, const void *value,
+                     size_t size, int flags);
 };
 
 struct bc_session_opts {
@@ -96,6 +120,8 @@ struct bc_disk_entry {
     uint32_t uid, gid;
     int read_only;
     const char *backing_path;     /* for st_blocks/times while not open */
+    const void *xattrs;           /* its extended attributes, packed (bc_xattr.h), or NULL */
+    size_t xattrs_len;
 };
 
 int bc_session_new(const struct bc_session_opts *opts, const struct bc_session_hooks *hooks,
@@ -121,6 +147,12 @@ struct bc_disk_state {
     int last_errno;
     struct bc_volume *volume;     /* caller unrefs */
 };
+/* What a truncate of a disk of size_bytes to new_size_bytes does (pure, for op_setattr and
+ * its C test): BC_TRUNCATE_NOOP, BC_TRUNCATE_WIPE (to 0 through an open handle), or -EPERM. */
+#define BC_TRUNCATE_NOOP 0
+#define BC_TRUNCATE_WIPE 1
+int bc_session_truncate_plan(uint64_t size_bytes, uint64_t new_size_bytes, int through_handle);
+
 int bc_session_disk_state(struct bc_session *s, const char *name, struct bc_disk_state *out);
 
 #ifdef __cplusplus

@@ -142,7 +142,7 @@ def test_refused_operations_answer_eperm(state, mnt):
     with pytest.raises(PermissionError):
         os.rename(p, mnt.mp / "disks" / "x")
     with pytest.raises(PermissionError):
-        os.chmod(p, 0o644)
+        os.chmod(p, 0o4644)  # setuid bits; chmod and chown themselves are kept (test_mount_attrs.py)
     with pytest.raises(PermissionError):
         os.mkdir(mnt.mp / "disks" / "dir")
     os.utime(p)  # accepted, ignored
@@ -152,10 +152,6 @@ def test_refused_operations_answer_eperm(state, mnt):
         os.ftruncate(fd, 8 * MiB)
         with pytest.raises(PermissionError):
             os.ftruncate(fd, MiB)
-        with pytest.raises(PermissionError):
-            os.fchmod(fd, 0o644)
-        with pytest.raises(PermissionError):
-            os.fchown(fd, 1, 1)
     finally:
         os.close(fd)
     assert os.stat(p).st_size == 8 * MiB
@@ -368,12 +364,10 @@ def test_bad_request_never_takes_the_mount_down(state, mnt):
         (m,) = bc_json(state, "status")["mounts"]
         (d,) = m["disks"]
         assert d["errors"] >= 1 and d["lastError"]["errno"] == "EFBIG", d
-        with pytest.raises(OSError):
-            os.listxattr(mnt.disk("d"))
-            os.getxattr(mnt.disk("d"), "user.x")
+        assert os.listxattr(mnt.disk("d")) == []   # xattrs: test_mount_attrs.py
         with pytest.raises(OSError) as ei:
-            os.setxattr(mnt.disk("d"), "user.x", b"1")
-        assert ei.value.errno != errno.EINVAL
+            os.setxattr(mnt.disk("d"), "security.x", b"1")
+        assert ei.value.errno == errno.EOPNOTSUPP
     finally:
         os.close(fd)
     assert bmount._pid_alive(mnt.pid)

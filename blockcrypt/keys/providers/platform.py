@@ -3,8 +3,13 @@
 The store is ``STATE/keys/platform.json`` (directory 0700, file 0600, owned by
 the user running blockcrypt). It holds 256-bit platform keys by version::
 
-    {"format": 1, "current": 2, "pending_rotation": 2 | null,
+    {"format": 1, "current": 2, "pending_rotation": 2 | null, "retired": [1],
      "versions": [{"version": 1, "created": "...", "key": "<base64>"}, ...]}
+
+``retired`` lists the versions a rotation forgot (purged: data under them is gone); a
+version the store has neither kept nor retired is *not in this store* (a disk file
+copied from another host): ``KeyNotInStore`` says to import it (``platform-key import``
+of a backup that ``platform-key export`` wrote, keys/keyfile.py).
 
 A DEK is wrapped with AES-256-GCM under the current version: blob = nonce(12)
 || ciphertext || tag(16); the associated data is the binding context (disk id
@@ -43,7 +48,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..._util.clock import now_iso
 from ..._util.fsutil import atomic_write
-from ...errors import KeyError_, KeyIntegrityError, KeyPurged, KeyStoreError, UsageError
+from ...errors import (KeyError_, KeyIntegrityError, KeyNotInStore, KeyPurged, KeyStoreError, PlatformKeyConflict,
+                       UsageError)
 from ..base import KekProvider, KeyStatus, WrappedKey
 
 STORE_NAME = "platform.json"
@@ -130,6 +136,14 @@ class PlatformKeyStore:
         atomic_write(self.path, json.dumps(doc, indent=1).encode())
 
     # -- queries ------------------------------------------------------------------
+    @staticmethod
+    def _absent(doc: dict, version: int) -> KeyError_:
+        """The error for a version the store lacks: purged when a rotation retired it here,
+        otherwise not in this store (it may be in another host's: import it)."""
+        if version in doc.get("retired", ()):
+            return KeyPurged(key_id=f"platform/{version}")
+        return KeyNotInStore(version=version)
+
     def key(self, version: int) -> bytes:
         doc = self.load()
         if doc.get("backend") == "pkcs11":
@@ -137,13 +151,14 @@ class PlatformKeyStore:
         for v in doc["versions"]:
             if v["version"] == version:
                 return base64.b64decode(v["key"])
-        raise KeyPurged(key_id=f"platform/{version}")
+        raise self._absent(doc, version)
 
     def keys_for(self, version: int):
-        """(doc, token keys or None) for a version the store knows; KeyPurged for one it forgot."""
+        """(doc, token keys or None) for a version the store knows; KeyPurged for one it forgot,
+        KeyNotInStore for one it never had."""
         doc = self.load()
         if not any(v["version"] == version for v in doc["versions"]):
-            raise KeyPurged(key_id=f"platform/{version}")
+            raise self._absent(doc, version)
         return doc, self.token_keys(doc)
 
     def backend(self) -> str:
@@ -180,6 +195,7 @@ class PlatformKeyStore:
         keep = in_use | {doc["current"]}
         removed = [v["version"] for v in doc["versions"] if v["version"] not in keep]
         doc["versions"] = [v for v in doc["versions"] if v["version"] in keep]
+        doc["retired"] = sorted(set(doc.get("retired", [])) | set(removed))
         doc["pending_rotation"] = None
         self._save(doc)
         keys = self.token_keys(doc)
@@ -188,6 +204,65 @@ class PlatformKeyStore:
                 if v not in keep and v < doc["current"]:
                     keys.destroy(v)
         return removed
+
+
+    # -- backup and moving hosts (keys/keyfile.py; cli/platformkey.py) -------------------
+    def _file_doc(self) -> dict:
+        doc = self.load()
+        if doc.get("backend") == "pkcs11":
+            raise KeyStoreError(path=str(self.path), why="its platform keys are in a PKCS#11 token and never "
+                                "leave it: back up the token with its own tools")
+        return doc
+
+    def export_versions(self, versions: list[int] | None = None) -> tuple[list[dict], int]:
+        """([{"version", "created", "key"}], current) of every version (or of ``versions``)."""
+        doc = self._file_doc()
+        have = {v["version"]: v for v in doc["versions"]}
+        for n in versions or ():
+            if n not in have:
+                raise self._absent(doc, n)
+        picked = [have[n] for n in sorted(versions)] if versions else [have[n] for n in sorted(have)]
+        return [{"version": v["version"], "created": v["created"], "key": v["key"]} for v in picked], doc["current"]
+
+    def import_versions(self, versions: list[dict], *, unused: set[int] = frozenset(),
+                        replace_unused: bool = False) -> dict:
+        """Add the backup's versions this store lacks. A version it holds with the same key is
+        left as it is (an import is idempotent); with a different key the import is refused
+        (PlatformKeyConflict, nothing written), unless ``replace_unused`` and the version is in
+        ``unused`` (no disk of this state directory uses it: the caller checked), as on a host
+        made with `blockcrypt init` for a restore. The current version does not change.
+        Returns {"added": [...], "unchanged": [...], "replaced": [...]}."""
+        doc = self._file_doc()
+        have = {v["version"]: v for v in doc["versions"]}
+        added, same, replaced = [], [], []
+        for v in sorted(versions, key=lambda v: v["version"]):
+            n = v["version"]
+            mine = have.get(n)
+            if mine is None:
+                added.append(n)
+            elif base64.b64decode(mine["key"]) == base64.b64decode(v["key"]):
+                same.append(n)
+            elif n in unused and replace_unused:
+                replaced.append(n)
+            elif n in unused:
+                raise PlatformKeyConflict(version=n, hint=f"; no disk here uses this store's platform key {n}: "
+                                          "pass --replace-unused to replace it with the backup's")
+            else:
+                raise PlatformKeyConflict(version=n, hint="; disks here use it, so it stays (docs/OPERATIONS.md: "
+                                          "moving a disk between hosts whose key versions collide)")
+        if doc.get("pending_rotation") is not None and (added or replaced):
+            raise KeyStoreError(path=str(self.path), why="a platform-key rotation is pending: finish it "
+                                "(`blockcrypt platform-key rotate`) before importing keys")
+        if added or replaced:
+            byv = {x["version"]: x for x in versions}
+            for n in replaced:
+                have[n] = {"version": n, "created": byv[n]["created"], "key": byv[n]["key"]}
+            for n in added:
+                have[n] = {"version": n, "created": byv[n]["created"], "key": byv[n]["key"]}
+            doc["versions"] = [have[n] for n in sorted(have)]
+            doc["retired"] = [n for n in doc.get("retired", []) if n not in have]
+            self._save(doc)
+        return {"added": added, "unchanged": same, "replaced": replaced}
 
 
 def _token_keys(uri: str):
@@ -256,4 +331,6 @@ class PlatformKeyProvider(KekProvider):
                                        context + wrapped.kek_id.encode())
         except InvalidTag:
             raise KeyIntegrityError(key_id=wrapped.kek_id,
-                                    msg="authentication failed: wrong disk, role or key version, or tampered") from None
+                                    msg="authentication failed: wrong disk, role or key version, or tampered; a disk "
+                                        "from another host was wrapped under that host's key of this version "
+                                        "(docs/OPERATIONS.md: moving a disk to another host)") from None
