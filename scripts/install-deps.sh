@@ -11,6 +11,7 @@ PKGS=(
   util-linux e2fsprogs kmod procps                   # losetup, mkfs.ext4, fsck, lsmod
   fio qemu-utils                                     # I/O tests, qemu-img
   softhsm2 opensc                                    # PKCS#11 token for HSM-backed keys
+  systemd                                            # systemd-analyze verify, systemd-escape (units)
 )
 if [ "${1:-}" = "--bench" ]; then
   PKGS+=(gocryptfs qemu-system-common python3-matplotlib)  # peers for bench/ (qemu-storage-daemon)
