@@ -27,7 +27,7 @@ reload_systemd() {
   fi
 }
 
-install() {
+do_install() {
   if [ ! -x "$PREFIX/bin/python" ]; then
     echo "install: creating the virtualenv $PREFIX"
     "$PY" -m venv "$PREFIX"
@@ -60,7 +60,7 @@ install() {
        "$BINDIR/blockcrypt, units in $UNITDIR"
 }
 
-uninstall() {
+do_uninstall() {
   if [ -L "$BINDIR/blockcrypt" ] && [ "$(readlink "$BINDIR/blockcrypt")" = "$PREFIX/bin/blockcrypt" ]; then
     rm -f "$BINDIR/blockcrypt"
   fi
@@ -75,7 +75,7 @@ uninstall() {
 }
 
 case "${1:-}" in
-  install) install ;;
-  uninstall) uninstall ;;
+  install) do_install ;;
+  uninstall) do_uninstall ;;
   *) echo "usage: $0 install|uninstall" >&2; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ import pytest
 
 from blockcrypt.control.state import State
 from support.fusehelpers import cleanup_tree
-from support.vaultproc import VaultProcess, make_vault
+from support.vaultfixtures import key_name, vault  # noqa: F401  (fixtures)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FUSE_TESTS = ("test_notify.py", "test_metrics.py", "test_status.py", "test_keychecks.py", "test_logs.py")
@@ -33,18 +33,3 @@ def root(tmp_path):
 @pytest.fixture
 def state(root):
     return State.init(root / "state")
-
-
-@pytest.fixture(scope="module")
-def vault(tmp_path_factory):
-    v = VaultProcess(make_vault(tmp_path_factory.mktemp("ops") / "vault", "--retention-days", "7",
-                                "--purge-protection")).start()
-    yield v
-    v.stop()
-
-
-@pytest.fixture
-def key_name(vault, request):
-    name = "k-" + request.node.name.replace("_", "-").replace("[", "-").replace("]", "")[:40]
-    vault.key("create", name)
-    return name

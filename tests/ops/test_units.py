@@ -2,7 +2,7 @@
 fresh prefix (a virtualenv with blockcrypt built from this tree, not editable), `blockcrypt`
 on the BINDIR, the units in UNITDIR with their paths rewritten; `systemd-analyze verify`
 accepts both units (the mount unit as an instance named by `systemd-escape --path`); a
-second install is a no-op that still works; `make uninstall` removes what install made and
+second install upgrades in place and still works; `make uninstall` removes what install made and
 nothing else. PID 1 here is not systemd, so the units are verified, not started: their
 readiness protocol is tested for real in test_notify.py."""
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_make_install_units_verify_idempotent_uninstall(tmp_path):
     assert r.returncode == 0 and "blockcrypt" in r.stdout
     # not editable: the package and its native modules live in the prefix
     r = run(prefix / "bin" / "python", "-c", "import blockcrypt, blockcrypt._engine, blockcrypt._xts, "
-            "blockcrypt._aead; print(blockcrypt.__file__); print(blockcrypt._engine.__file__)")
+            "blockcrypt._aead; print(blockcrypt.__file__); print(blockcrypt._engine.__file__)", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert all(line.startswith(str(prefix)) for line in r.stdout.split()), r.stdout
     # the installed CLI works: a state directory, a disk
@@ -65,8 +65,8 @@ def test_make_install_units_verify_idempotent_uninstall(tmp_path):
     # the units: paths rewritten, and systemd-analyze verify accepts them
     mount_unit = (unitdir / "blockcrypt-mount@.service").read_text()
     assert f"ExecStart={exe} mount --foreground" in mount_unit and "/usr/local/bin" not in mount_unit
-    inst = run("systemd-escape", "--path", "--template=blockcrypt-mount@.service", "/srv/blockcrypt disks").stdout.strip()
-    assert inst.startswith("blockcrypt-mount@srv-blockcrypt\\x20disks")
+    inst = run("systemd-escape", "--path", "--template=blockcrypt-mount@.service", "/srv/bc/vm-disks").stdout.strip()
+    assert inst == "blockcrypt-mount@srv-bc-vm\\x2ddisks.service", inst
     check = tmp_path / "check"
     check.mkdir()
     shutil.copy(unitdir / "blockcrypt-mount@.service", check / inst)
