@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STATE   ?= $(CURDIR)/demo-state
 
-.PHONY: all deps test-deps venv build test fuzz demo demo-clean bench bench-quick clean
+.PHONY: all deps test-deps venv build test fuzz demo demo-clean bench bench-quick clean install uninstall
 
 all: build
 
@@ -50,6 +50,19 @@ bench: build
 bench-quick: build
 	bash scripts/install-deps.sh --bench
 	$(VPY) bench/run.py --mode quick
+
+# `make install`: a virtualenv in PREFIX with blockcrypt built from this tree (not editable),
+# `blockcrypt` linked into BINDIR, the systemd units into UNITDIR (docs/OPERATIONS.md).
+# Idempotent; `make uninstall` removes them again (never a state directory or a vault).
+PREFIX  ?= /opt/blockcrypt
+BINDIR  ?= /usr/local/bin
+UNITDIR ?= /etc/systemd/system
+
+install: deps
+	PREFIX=$(PREFIX) BINDIR=$(BINDIR) UNITDIR=$(UNITDIR) PY=$(PY) bash scripts/install.sh install
+
+uninstall:
+	PREFIX=$(PREFIX) BINDIR=$(BINDIR) UNITDIR=$(UNITDIR) bash scripts/install.sh uninstall
 
 clean:
 	rm -rf build *.egg-info blockcrypt/_*.so $(VENV)

@@ -312,3 +312,30 @@ class AuditBroken(BlockcryptError):
     """audit log BROKEN at record {seq}: {why}"""
 
     exit_code = 22
+
+
+# --- what `blockcrypt status` exits with (issue 16; for monitoring scripts) ---------------
+# `status` prints the whole picture first, then the worst finding as one error line.
+
+class StatusMountDead(BlockcryptError):
+    """{msg}"""
+
+    exit_code = 50
+
+
+class StatusDiskStopped(BlockcryptError):
+    """{msg}"""
+
+    exit_code = 51
+
+
+class StatusDiskCorrupt(BlockcryptError):
+    """{msg}"""
+
+    exit_code = 52
+
+
+class StatusServingOnGrace(BlockcryptError):
+    """{msg}"""
+
+    exit_code = 53

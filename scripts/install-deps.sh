@@ -13,6 +13,7 @@ PKGS=(
   qemu-system-x86 busybox-static                     # the VM boot test (TCG) and its initramfs
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the same boot through virsh (its own libvirtd)
   softhsm2 opensc                                    # PKCS#11 token for HSM-backed keys
+  systemd                                            # systemd-analyze verify, systemd-escape (units)
 )
 if [ "${1:-}" = "--bench" ]; then
   PKGS+=(gocryptfs qemu-system-common python3-matplotlib)  # peers for bench/ (qemu-storage-daemon)

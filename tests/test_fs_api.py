@@ -96,7 +96,7 @@ def test_errno_boundary(fs, state):
             f.seek(off)
             f.write(bytes(200))
     assert _errno(fs, "open", "/disks/a", os.O_RDWR) == errno.EIO
-    failed = [d for d in fs.disk_status()["disks"] if d["state"] == "failed"]
+    failed = [d for d in fs.disk_status()["disks"] if d["state"] == "Corrupt"]  # issue 16: its one state
     assert failed and failed[0]["name"] == "a" and "corrupt" in failed[0]["error"]["message"]
     fh = fs("open", "/disks/b", os.O_RDWR)
     assert fs("write", None, b"ok", 0, fh) == 2

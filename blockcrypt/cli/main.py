@@ -165,12 +165,22 @@ def disk_list(c: Ctx, as_json):
 @pass_ctx
 def disk_show(c: Ctx, name, as_json):
     """Show a disk, its encryption type and key layers (never key bytes)."""
-    d = disk_json(c.state, c.state.catalog.get_disk(name), check_keys=True)
+    from ..mount.daemon import disk_state
+    rec = c.state.catalog.get_disk(name)
+    d = disk_json(c.state, rec, check_keys=True)
+    d["live"] = disk_state(c.state, rec, d["health"])  # issue 16: the state a running mount serves it in
+    d["state"] = d["live"]["state"]
     if as_json:
         emit(d, True)
         return
     for k in ("name", "id", "kind", "size", "sectorSize", "readOnly", "path", "created", "health"):
         click.echo(f"{k:<12} {d[k]}")
+    live = d["live"]
+    extra = (f" ({live['keyError']['reason']})" if live.get("keyError") and live["state"] == "KeyUnavailable"
+             else f" ({live.get('graceSecondsLeft')} s left)" if live["state"] == "ServingOnGrace"
+             else f" ({live.get('integrityErrors')} integrity failure(s))" if live.get("integrityErrors") else "")
+    click.echo(f"{'state':<12} {live['state']}{extra}" + (f" in the mount at {live['mountpoint']}"
+                                                          if live.get("mountpoint") else ""))
     click.echo(f"{'encryption':<12} {d['encryption']['type']}")
     if "encryptionAtHost" in d:
         click.echo(f"{'at host':<12} {'on' if d['encryptionAtHost'] else 'off'} ({d['encryptionAtHostFrom']})")
@@ -510,7 +520,8 @@ def des_delete(c: Ctx, name, as_json):
 @cli.group("config")
 def config_group():
     """Catalog settings: max_des, key_check_interval, key_grace_period, auto_rotate_interval, on_revoke,
-    encryption_at_host, temp_disks, temp_dir."""
+    encryption_at_host, temp_disks, temp_dir, metrics_listen, log_max_bytes, log_files,
+    warning_repeat_interval."""
 
 
 @config_group.command("set")

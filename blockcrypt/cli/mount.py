@@ -38,10 +38,15 @@ def _state(ctx: click.Context):
 @click.option("--encryption-at-host/--no-encryption-at-host", default=None,
               help="temp disks under an ephemeral key that only this mount's memory holds; without it they "
                    "are PLAIN sectors on this host (default: the encryption_at_host setting)")
+@click.option("--metrics", metavar="HOST:PORT", default=None,
+              help="serve Prometheus metrics at http://HOST:PORT/metrics, loopback only (port 0 picks one; "
+                   "'off' for none; default: the metrics_listen setting, empty = off)")
+@click.option("--metrics-allow-remote", is_flag=True,
+              help="allow a --metrics address that is not loopback (the endpoint has no authentication)")
 @json_opt
 @click.pass_context
 def mount_cmd(ctx, mountpoint, foreground, allow_other, frontend, backing_cache, bench_null_cipher, temp_disks,
-              temp_dir, encryption_at_host, as_json):
+              temp_dir, encryption_at_host, metrics, metrics_allow_remote, as_json):
     """Mount every disk of the catalog as MOUNTPOINT/disks/<name>, and the mount's temp disks as
     MOUNTPOINT/temp/<name>."""
     from ..mount import daemon as mount
@@ -51,7 +56,8 @@ def mount_cmd(ctx, mountpoint, foreground, allow_other, frontend, backing_cache,
                    "use scratch disks only", err=True)
     r = mount.mount(st, mountpoint, foreground=foreground, allow_other=allow_other,
                     null_cipher=bench_null_cipher, frontend=frontend, backing_cache=backing_cache,
-                    temp_disks=list(temp_disks) or None, temp_dir=temp_dir, encryption_at_host=encryption_at_host)
+                    temp_disks=list(temp_disks) or None, temp_dir=temp_dir, encryption_at_host=encryption_at_host,
+                    metrics=metrics, metrics_allow_remote=metrics_allow_remote)
     if foreground:
         return
     temp = ""
@@ -60,7 +66,8 @@ def mount_cmd(ctx, mountpoint, foreground, allow_other, frontend, backing_cache,
                 + ("(encryption at host: ephemeral key)" if r.get("encryptionAtHost")
                    else "(NOT ENCRYPTED: plain sectors on this host; --encryption-at-host encrypts them)"))
     emit(r, as_json, f"mounted {st.path} at {r['mountpoint']} (id {r['id']}, pid {r['pid']}); "
-                      f"disks are in {r['mountpoint']}/disks/{temp}, log in {r['log']}")
+                      f"disks are in {r['mountpoint']}/disks/{temp}, log in {r['log']}"
+                      + (f", metrics at {r['metricsUrl']}" if r.get("metricsUrl") else ""))
 
 
 @click.command("umount")
@@ -85,38 +92,56 @@ def _age(t) -> str:
 @json_opt
 @click.pass_context
 def status_cmd(ctx, as_json):
-    """List the mounts of this state directory and the state of each open disk."""
+    """List the mounts of this state directory and the state of each open disk: open,
+    KeyUnavailable (reason), ServingOnGrace (seconds left) or Corrupt. Exits 0 when all is
+    well, else with the worst finding: 50 a mount is dead (daemon gone or mount point stale),
+    51 a disk is stopped (key unavailable, or it failed to open), 52 a disk is corrupt,
+    53 a disk serves on its grace period (docs/OPERATIONS.md)."""
     from ..mount import daemon as mount
     st = _state(ctx)
     mounts = mount.status(st)
+    found = mount.problems(mounts)
     if as_json:
-        emit({"state": str(st.path), "mounts": mounts}, True, "")
-        return
-    if not mounts:
+        emit({"state": str(st.path), "mounts": mounts,
+              "exitCode": found[0].exit_code if found else 0}, True, "")
+    elif not mounts:
         click.echo(f"no mounts of {st.path}")
-        return
-    for m in mounts:
+    for m in mounts if not as_json else ():
         cipher = m.get("cipher", "?")
         click.echo(f"mount {m['id']}  {m['state']}  pid {m.get('pid')}  up {_age(m.get('started'))}  "
                    f"{m.get('mountpoint')}  cipher {cipher}"
                    + ("  allow-other" if m.get("allowOther") else ""))
         click.echo("  encryption at host: " + ("on" if m.get("encryptionAtHost") else "off"))
+        if m.get("metricsUrl"):
+            click.echo(f"  metrics: {m['metricsUrl']}")
         for t in m.get("tempDisks") or []:
             click.echo(f"  temp disk {t['name']}  {format_size(t['sizeBytes'])}  {t['encryption']}  {t['path']}")
         disks = m.get("disks") or []
         if not disks:
             click.echo("  no open disks")
         for d in disks:
-            if d.get("keyError"):
-                k = d["keyError"]
-                click.echo(f"  disk {d['name']}  {d.get('state')}  {k.get('reason')}: {k.get('message')}  "
-                           f"{d.get('openHandles', 0)} handle(s)")
-            elif d.get("state") == "open":
-                err = d.get("lastError")
-                click.echo(f"  disk {d['name']}  open  {d['openHandles']} handle(s)  {d['cipher']}  "
-                           f"{d['sizeBytes']} bytes{'  read-only' if d.get('readOnly') else ''}"
-                           f"  errors {d.get('errors', 0)}"
-                           + (f" (last: {err['errno']} {err['message']})" if err else ""))
-            else:
-                e = d.get("error") or {}
-                click.echo(f"  disk {d['name']}  {d.get('state')}  {e.get('errno', '')} {e.get('message', '')}")
+            click.echo("  " + _disk_line(d))
+    if found:
+        cls, line = found
+        raise cls(line)
+
+
+def _disk_line(d: dict) -> str:
+    state = d.get("state")
+    k = d.get("keyError") or {}
+    if state == "ServingOnGrace":
+        return (f"disk {d['name']}  ServingOnGrace ({d.get('graceSecondsLeft', 0)} s left)  {k.get('message', '')}  "
+                f"{d.get('openHandles', 0)} handle(s)")
+    if state == "KeyUnavailable" and "error" not in d:
+        tail = "  serving until the next mount" if d.get("serving") else "  stopped"
+        return (f"disk {d['name']}  KeyUnavailable ({k.get('reason')})  {k.get('message')}{tail}  "
+                f"{d.get('openHandles', 0)} handle(s)")
+    if state in ("open", "Corrupt") and "error" not in d:
+        err = d.get("lastError")
+        return (f"disk {d['name']}  {state}  {d['openHandles']} handle(s)  {d['cipher']}  "
+                f"{d['sizeBytes']} bytes{'  read-only' if d.get('readOnly') else ''}"
+                + (f"  integrity failures {d.get('integrityErrors')}" if d.get("integrityErrors") else "")
+                + f"  errors {d.get('errors', 0)}"
+                + (f" (last: {err['errno']} {err['message']})" if err else ""))
+    e = d.get("error") or {}
+    return f"disk {d['name']}  {state} (failed to open)  {e.get('errno', '')} {e.get('message', '')}"

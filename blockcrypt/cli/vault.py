@@ -83,10 +83,14 @@ def init_cmd(vault_dir, sku, retention_days, purge_protection, san, cert_file, k
               help="connections from one client address")
 @click.option("--request-timeout", type=click.FloatRange(0.5, 3600), default=30, show_default=True,
               help="seconds a request's headers and body may take to arrive")
-@click.option("--verbose", is_flag=True)
+@click.option("--verbose", is_flag=True, help="log every HTTP request on stderr (the audit has them anyway)")
+@click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
+              help="serve Prometheus metrics at http://HOST:PORT/metrics, loopback only (port 0 picks one)")
+@click.option("--metrics-allow-remote", is_flag=True,
+              help="allow a --metrics address that is not loopback (the endpoint has no authentication)")
 @friendly
 def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_token, hsm_pin_file,
-              max_connections, max_per_client, request_timeout, verbose):
+              max_connections, max_per_client, request_timeout, verbose, metrics_listen, metrics_allow_remote):
     """Serve the vault over HTTPS until SIGTERM/SIGINT (prints and writes its URL to serve.json)."""
     from ..vault.server.service import parse_listen, serve
     parse_listen(listen)
@@ -97,7 +101,8 @@ def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_
             raise UsageError("--hsm-module needs --hsm-token and --hsm-pin-file")
         hsm = open_hsm(hsm_module, hsm_token, hsm_pin_file)
     serve(vault_dir, listen, token_ttl_seconds=token_ttl_seconds, public_url=public_url, hsm=hsm, verbose=verbose,
-          max_connections=max_connections, max_per_client=max_per_client, request_timeout=request_timeout)
+          max_connections=max_connections, max_per_client=max_per_client, request_timeout=request_timeout,
+          metrics_listen=metrics_listen, metrics_allow_remote=metrics_allow_remote)
 
 
 # -- identities and policies --------------------------------------------------------------

@@ -48,6 +48,16 @@ class Setting:
 
 DAY_S = 86400
 
+
+def _metrics_listen(text: str) -> str:
+    """'' (off) or a loopback HOST:PORT (the option --metrics-allow-remote alone opens others)."""
+    text = str(text).strip()
+    if text in ("", "off"):
+        return ""
+    from .._util.metricsweb import check_listen
+    check_listen(text)
+    return text
+
 #: every setting with its type and range: `config set` refuses anything else, and a stored
 #: value that does not parse (an older release, a hand-edited catalog) reads as the default
 SETTINGS = {s.name: s for s in (
@@ -71,6 +81,19 @@ SETTINGS = {s.name: s for s in (
     Setting("temp_dir", "", check_temp_dir,
             "host-local directory of the temp disk files, default STATE/temp (read at mount time)",
             "an absolute path, or empty for STATE/temp", mount_time=True),
+    # -- issue 16: operations (metrics, logs) --------------------------------------------------
+    Setting("metrics_listen", "", _metrics_listen,
+            "HOST:PORT of the mount's Prometheus endpoint, loopback only (empty: off; read at mount time)",
+            "HOST:PORT on a loopback address, e.g. 127.0.0.1:9464, or empty for off", mount_time=True),
+    Setting("log_max_bytes", "10485760", _number(int, 65536, 1 << 40),
+            "size at which the mount's log file rotates (read at mount time)",
+            "a whole number of bytes from 65536", mount_time=True),
+    Setting("log_files", "5", _number(int, 1, 1000),
+            "rotated mount log files kept besides the current one (read at mount time)",
+            "a whole number from 1 to 1000", mount_time=True),
+    Setting("warning_repeat_interval", "300", _number(float, 0, DAY_S),
+            "seconds between repeats of a warning that lasts (a vault outage): the first one is logged, "
+            "then one per interval, then a line when it ends", "seconds, from 0 to 86400"),
 )}
 
 

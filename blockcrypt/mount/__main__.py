@@ -33,6 +33,8 @@ def _main(argv=None) -> int:
     s.add_argument("--temp-disk", action="append", default=[])
     s.add_argument("--temp-dir")
     s.add_argument("--encryption-at-host", action="store_true")
+    s.add_argument("--metrics")
+    s.add_argument("--metrics-allow-remote", action="store_true")
     a = ap.parse_args(argv)
     if a.daemon:
         if os.fork() > 0:
@@ -48,7 +50,8 @@ def _main(argv=None) -> int:
         if a.temp_dir is not None:  # `blockcrypt mount` resolved options and settings already
             temp = TempConfig(tuple(parse_specs(a.temp_disk)), a.temp_dir, a.encryption_at_host)
         serve(a.state, a.mountpoint, a.id, allow_other=a.allow_other, null_cipher=a.bench_null_cipher,
-              frontend=a.frontend, backing_cache=a.backing_cache, temp=temp, ready_fd=a.ready_fd)
+              frontend=a.frontend, backing_cache=a.backing_cache, temp=temp, ready_fd=a.ready_fd,
+              metrics=a.metrics, metrics_allow_remote=a.metrics_allow_remote)
     except BlockcryptError as e:
         logging.getLogger("blockcrypt.mount").error("mount failed: %s", e)
         print(f"blockcrypt: error: {e}", file=sys.stderr)

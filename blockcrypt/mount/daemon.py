@@ -3,9 +3,19 @@
 ``mount()`` checks the mount point, then either serves in the foreground or
 starts a detached daemon (``python -m blockcrypt.mount serve --daemon``: it
 forks once more, so the daemon belongs to init, starts a new session and logs
-to ``STATE/logs/mount-<id>.log``) and waits until the kernel has sent FUSE
-INIT, so that a returned ``mount()`` means a usable mount and a failed one
-gives the daemon's own one-line error.
+to ``STATE/logs/mount.log``) and waits until the mount answers (the daemon
+lists its own mount point through FUSE before it says it is ready), so that a
+returned ``mount()`` means a usable mount and a failed one gives the daemon's
+own one-line error.
+
+Logs: ``STATE/logs/mount.log`` rotates by size (settings ``log_max_bytes``,
+``log_files``), the daemon's stderr following the current file; under systemd
+(``$JOURNAL_STREAM`` names stderr) the daemon logs to stderr only, with syslog
+priority prefixes, for the journal. Under systemd ``Type=notify``
+(``$NOTIFY_SOCKET``) the daemon sends ``READY=1`` once the mount answers and
+``STOPPING=1`` when it leaves its loop (_util/sdnotify.py). With a metrics
+address (``--metrics`` or the ``metrics_listen`` setting) it serves Prometheus
+metrics (mount/metrics.py) from before it is ready until it stops.
 
 The status registry is ``STATE/run/mount-<id>.json``, one file per running
 daemon, written atomically by the daemon when it starts and whenever a disk is
@@ -34,6 +44,7 @@ import fcntl
 import functools
 import json
 import logging
+import logging.handlers
 import os
 import secrets
 import select
@@ -197,6 +208,8 @@ def _describe(entry: dict) -> dict:
     mounted = FSTYPE in mounts_at(mp)
     if alive and mounted:
         state = "running"
+    elif alive and time.time() - (entry.get("started") or time.time()) > READY_TIMEOUT_S + 5:
+        state = f"dead (its mount point is gone but the daemon, pid {entry.get('pid')}, still runs)"
     elif alive:
         state = "starting"
     elif mounted:
@@ -245,10 +258,13 @@ BACKING_CACHES = ("buffered", "none")
 def mount(state, mountpoint: str, *, foreground: bool = False, allow_other: bool = False,
           null_cipher: bool = False, frontend: str | None = None, backing_cache: str = "buffered",
           temp_disks=None, temp_dir: str | None = None, encryption_at_host: bool | None = None,
-          ready_timeout_s: float = READY_TIMEOUT_S) -> dict:
+          ready_timeout_s: float = READY_TIMEOUT_S, metrics: str | None = None,
+          metrics_allow_remote: bool = False) -> dict:
     """Mount ``state``'s disks at ``mountpoint``. Returns the registry entry (background) or
     blocks until unmounted (foreground). ``temp_disks`` (``NAME:SIZE`` texts), ``temp_dir`` and
-    ``encryption_at_host``: None takes the catalog setting, read now and never again."""
+    ``encryption_at_host``: None takes the catalog setting, read now and never again.
+    ``metrics``: HOST:PORT of the Prometheus endpoint ("off": none; None: the
+    ``metrics_listen`` setting); a non-loopback address needs ``metrics_allow_remote``."""
     from .temp_source import TempConfig
     frontend = frontend or os.environ.get("BLOCKCRYPT_FRONTEND") or "native"
     if frontend not in FRONTENDS:
@@ -256,6 +272,7 @@ def mount(state, mountpoint: str, *, foreground: bool = False, allow_other: bool
     if backing_cache not in BACKING_CACHES:
         raise UsageError(f"unknown backing cache mode {backing_cache!r} (use {' or '.join(BACKING_CACHES)})")
     temp = TempConfig.resolve(state, temp_disks, temp_dir, encryption_at_host)  # bad specs fail here
+    metrics = resolve_metrics(state, metrics, metrics_allow_remote)
     mp = os.path.realpath(mountpoint)
     reg = Registry(state)
     if _state_locked(state):  # the daemon's flock is the authority; the registry only informs
@@ -268,18 +285,36 @@ def mount(state, mountpoint: str, *, foreground: bool = False, allow_other: bool
     mount_id = secrets.token_hex(4)
     if foreground:
         serve(state.path, mp, mount_id, allow_other=allow_other, null_cipher=null_cipher,
-              frontend=frontend, backing_cache=backing_cache, temp=temp, log_to_stderr=True)
+              frontend=frontend, backing_cache=backing_cache, temp=temp, log_to_stderr=True,
+              metrics=metrics, metrics_allow_remote=metrics_allow_remote)
         return {"id": mount_id, "mountpoint": mp}
     return _spawn(state, mp, mount_id, allow_other=allow_other, null_cipher=null_cipher,
-                  frontend=frontend, backing_cache=backing_cache, temp=temp, ready_timeout_s=ready_timeout_s)
+                  frontend=frontend, backing_cache=backing_cache, temp=temp, ready_timeout_s=ready_timeout_s,
+                  metrics=metrics, metrics_allow_remote=metrics_allow_remote)
 
 
-def log_path(state, mount_id: str) -> Path:
-    return Path(state.path) / "logs" / f"mount-{mount_id}.log"
+def resolve_metrics(state, metrics: str | None, allow_remote: bool = False) -> str | None:
+    """The metrics address a mount serves on (None: none), checked now: an option beats the
+    ``metrics_listen`` setting; ``off`` or empty turns it off."""
+    from .._util.metricsweb import check_listen
+    if metrics is None:
+        from ..control import settings
+        metrics = settings.get(state, "metrics_listen")
+    metrics = (metrics or "").strip()
+    if metrics in ("", "off"):
+        return None
+    check_listen(metrics, allow_remote)
+    return metrics
+
+
+def log_path(state, mount_id: str | None = None) -> Path:
+    """The mount log of a state directory (one daemon at a time; rotated by size)."""
+    return Path(state.path) / "logs" / "mount.log"
 
 
 def _spawn(state, mp: str, mount_id: str, *, allow_other: bool, null_cipher: bool, frontend: str,
-           backing_cache: str, temp, ready_timeout_s: float) -> dict:
+           backing_cache: str, temp, ready_timeout_s: float, metrics: str | None = None,
+           metrics_allow_remote: bool = False) -> dict:
     lp = log_path(state, mount_id)
     lp.parent.mkdir(mode=0o700, exist_ok=True)
     r, w = os.pipe()
@@ -291,6 +326,8 @@ def _spawn(state, mp: str, mount_id: str, *, allow_other: bool, null_cipher: boo
     if null_cipher:
         cmd.append("--bench-null-cipher")
     cmd += temp.argv()
+    if metrics:
+        cmd += ["--metrics", metrics] + (["--metrics-allow-remote"] if metrics_allow_remote else [])
     logf = open(lp, "ab")
     try:
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -323,10 +360,14 @@ def _spawn(state, mp: str, mount_id: str, *, allow_other: bool, null_cipher: boo
     if not msg.startswith(b"ready "):
         raise MountError(_failure_line(lp, mount_id) or f"the mount daemon failed; see {lp}")
     pid = int(msg.split()[1])
-    return {"id": mount_id, "pid": pid, "mountpoint": mp, "log": str(lp), "nullCipher": null_cipher,
+    out = {"id": mount_id, "pid": pid, "mountpoint": mp, "log": str(lp), "nullCipher": null_cipher,
             "allowOther": allow_other, "frontend": frontend, "backingCache": backing_cache,
             "encryptionAtHost": temp.encryption_at_host, "tempDir": temp.temp_dir,
             "tempDisks": [s.name for s in temp.specs]}
+    if metrics:
+        entry = next((e for e in Registry(state).entries() if e.get("id") == mount_id), {})
+        out["metricsUrl"] = entry.get("metricsUrl")
+    return out
 
 
 def _failure_line(lp: Path, mount_id: str) -> str | None:
@@ -459,6 +500,60 @@ def status(state) -> list[dict]:
     return [_describe(e) for e in reg.entries()]
 
 
+def problems(mounts: list[dict]):
+    """What `status` exits with for ``mounts`` (as status() gives them): None when every mount
+    runs and every disk serves normally, else (error class, one line), the worst first: a dead
+    mount, then a stopped disk (key unavailable, or it failed to open), then a corrupt disk,
+    then a disk serving on its grace period."""
+    from ..errors import StatusDiskCorrupt, StatusDiskStopped, StatusMountDead, StatusServingOnGrace
+    dead, stopped, corrupt, grace = [], [], [], []
+    for m in mounts:
+        if m["state"].startswith("dead"):
+            dead.append(f"mount {m.get('id')} at {m.get('mountpoint')} is {m['state']}")
+            continue
+        for d in m.get("disks") or []:
+            where = f"{d.get('dir', 'disks')}/{d.get('name')}"
+            st = d.get("state")
+            if st == "KeyUnavailable" or st == "failed":
+                why = (d.get("keyError") or {}).get("reason") or (d.get("error") or {}).get("message", "")
+                stopped.append(f"{where} {'serves until the next mount but its key is revoked' if d.get('serving') else 'is stopped'} ({why})")
+            elif st == "Corrupt":
+                n = d.get("integrityErrors")
+                corrupt.append(f"{where} is corrupt ("
+                               + (f"{n} integrity failure(s)" if n else (d.get("error") or {}).get("message", "")) + ")")
+            elif st == "ServingOnGrace":
+                grace.append(f"{where} serves on its grace period ({d.get('graceSecondsLeft', 0):.0f} s left)")
+    for cls, found, hint in ((StatusMountDead, dead, "clean up with `blockcrypt umount MOUNTPOINT` and mount again"),
+                             (StatusDiskStopped, stopped, "see its keyError and the mount log"),
+                             (StatusDiskCorrupt, corrupt, "run `blockcrypt disk verify NAME`"),
+                             (StatusServingOnGrace, grace, "bring the key vault back before the grace period ends")):
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            return cls, f"{found[0]}{more}; {hint}"
+    return None
+
+
+#: `disk show`'s state for a disk that no mount has open, from its health
+CLOSED_STATES = {"Healthy": "closed", "KeyUnavailable": "KeyUnavailable", "Corrupt": "Corrupt",
+                 "Truncated": "Corrupt", "Copying": "Copying"}
+
+
+def disk_state(state, rec, health: str) -> dict:
+    """The one state of disk ``rec`` for `disk show`: as the mount that has it open says
+    (open, KeyUnavailable, ServingOnGrace, Corrupt, with their details and ``mountpoint``), else
+    from its ``health`` (closed when Healthy)."""
+    for m in status(state):
+        if not m["state"].startswith("running"):
+            continue
+        for d in m.get("disks") or []:
+            if d.get("dir", "disks") != "temp" and d.get("id") == rec.disk_id:
+                keep = ("state", "serving", "keyError", "graceSecondsLeft", "graceEndsAt", "integrityErrors",
+                        "lastKeyCheck", "stopsAt", "error")
+                return {"state": d.get("state"), "mountpoint": m.get("mountpoint"),
+                        **{k: d[k] for k in keep if k in d and k != "state"}}
+    return {"state": CLOSED_STATES.get(health, health), "mountpoint": None}
+
+
 def mount_with_disk_open(state, name: str, disk_id: str | None = None) -> str | None:
     """The mount point of a running mount of this state directory that has disk ``name``
     open (by name, or by ``disk_id``), or None."""
@@ -466,31 +561,100 @@ def mount_with_disk_open(state, name: str, disk_id: str | None = None) -> str | 
         if not e["state"].startswith(("running", "starting")):
             continue
         for d in e.get("disks", []):
-            if d.get("state") != "failed" and (d.get("name") == name or (disk_id and d.get("id") == disk_id)):
+            if "error" not in d and (d.get("name") == name or (disk_id and d.get("id") == disk_id)):
                 return e.get("mountpoint")
     return None
 
 
 # --- the daemon ----------------------------------------------------------------------------
 
-def _setup_logging(lp: Path, to_stderr: bool) -> None:
+class _JournalFormatter(logging.Formatter):
+    """``<N>name: message`` lines: journald reads the syslog priority N and adds the time."""
+    PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+    def format(self, record):
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>" + super().format(record)
+
+
+class _RotatingLog(logging.handlers.RotatingFileHandler):
+    """Size-rotated log; in a detached daemon, stderr and stdout (libfuse's own lines, a
+    traceback) follow the current file after each rotation."""
+
+    def __init__(self, path, max_bytes: int, backups: int, own_std: bool):
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups)
+        self.own_std = own_std
+
+    def doRollover(self):
+        super().doRollover()
+        if self.own_std and self.stream is not None:
+            for fd in (1, 2):
+                try:
+                    os.dup2(self.stream.fileno(), fd)
+                except OSError:
+                    pass
+
+
+def _setup_logging(st, lp: Path, to_stderr: bool) -> str:
+    """Log to the journal (stderr, when $JOURNAL_STREAM names it) or to the rotated file
+    ``lp`` (and stderr in the foreground). Returns where the log goes, for status."""
+    from .._util.sdnotify import under_journal
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    if under_journal():
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+        root.addHandler(h)
+        return "journal"
+    from ..control import settings
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    h = logging.FileHandler(lp)
+    try:
+        max_bytes, backups = settings.get(st, "log_max_bytes"), settings.get(st, "log_files")
+    except Exception:  # a busy catalog must not stop the mount
+        max_bytes, backups = 10 << 20, 5
+    h = _RotatingLog(lp, max_bytes, backups, own_std=not to_stderr)
     h.setFormatter(fmt)
     root.addHandler(h)
     if to_stderr:
         s = logging.StreamHandler(sys.stderr)
         s.setFormatter(fmt)
         root.addHandler(s)
+    return str(lp)
+
+
+def _announce_when_serving(mp: str, ready_fd: int | None, log_to_stderr: bool, st, mount_id: str,
+                           timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Say "ready" (to ``mount()`` on ``ready_fd``, to systemd with READY=1) only once the
+    mount answers: it is in the mount table and a listing of its root went through FUSE."""
+    from .._util.sdnotify import notify
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if FSTYPE in mounts_at(mp) and os.listdir(mp):
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            log.error("the mount at %s did not answer within %.0f s", mp, timeout_s)
+            return
+        time.sleep(0.02)
+    log.info("mounted at %s", mp)
+    notify("READY=1", f"STATUS=serving {st.path} at {mp} (mount {mount_id})")
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, f"ready {os.getpid()}\n".encode())
+            os.close(ready_fd)
+        except OSError:
+            pass
+    if log_to_stderr:
+        print(f"blockcrypt: mounted {st.path} at {mp} (id {mount_id}); Ctrl-C or "
+              f"`blockcrypt umount {mp}` to unmount", file=sys.stderr, flush=True)
 
 
 def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null_cipher: bool = False,
           frontend: str = "native", backing_cache: str = "buffered", temp=None, ready_fd: int | None = None,
-          log_to_stderr: bool = False) -> None:
+          log_to_stderr: bool = False, metrics: str | None = None, metrics_allow_remote: bool = False) -> None:
     """Run the daemon in this process until unmounted or signalled. ``temp``: a TempConfig
-    (None: the catalog settings, read now)."""
+    (None: the catalog settings, read now); ``metrics``: HOST:PORT of the Prometheus endpoint."""
     from ..control.state import State
     from .hostsec import harden
     from .temp_source import TempConfig, TempSource
@@ -499,7 +663,7 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
     st = State.open(state_path)
     lp = log_path(st, mount_id)
     lp.parent.mkdir(mode=0o700, exist_ok=True)
-    _setup_logging(lp, log_to_stderr)
+    log_to = _setup_logging(st, lp, log_to_stderr)
     log.info("host hardening: core dumps %s, process %s", "off" if hardening["coreLimit"] == 0 else
              f"LIMITED TO {hardening['coreLimit']} BYTES", "DUMPABLE" if hardening["dumpable"] else "non-dumpable")
     log.info("mount %s starting: %s at %s (pid %d, %s front end, backing cache %s)%s", mount_id, st.path, mp,
@@ -520,7 +684,7 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
     # one thread with sigwait, so it is served even while the main thread is inside libfuse.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     entry = {"id": mount_id, "pid": os.getpid(), "mountpoint": mp, "state": str(st.path),
-             "started": time.time(), "log": str(lp), "allowOther": allow_other,
+             "started": time.time(), "log": log_to, "allowOther": allow_other,
              "nullCipher": null_cipher, "frontend": frontend, "backingCache": backing_cache,
              "cipher": "null (benchmark only, NOT ENCRYPTED)" if null_cipher else "aes-xts-plain64",
              "hostHardening": hardening, "encryptionAtHost": temp.encryption_at_host,
@@ -533,17 +697,9 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         except OSError as e:
             log.warning("cannot update the status file: %s", e)
 
-    def on_ready():
-        log.info("mounted at %s", mp)
-        if ready_fd is not None:
-            try:
-                os.write(ready_fd, f"ready {os.getpid()}\n".encode())
-                os.close(ready_fd)
-            except OSError:
-                pass
-        if log_to_stderr:
-            print(f"blockcrypt: mounted {st.path} at {mp} (id {mount_id}); Ctrl-C or "
-                  f"`blockcrypt umount {mp}` to unmount", file=sys.stderr, flush=True)
+    def on_ready():  # the session runs: readiness waits in a thread until the mount answers
+        threading.Thread(target=_announce_when_serving, args=(mp, ready_fd, log_to_stderr, st, mount_id),
+                         name="bc-ready", daemon=True).start()
 
     sources = tree_sources(st, temps)
     if frontend == "native":
@@ -556,12 +712,18 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         ops = fusepy_fs.DiskFS(st, null_cipher=null_cipher, allow_other=allow_other, cache=backing_cache,
                                on_change=on_change, on_ready=on_ready, sources=sources)
         run = functools.partial(fusepy_fs.run, ops, allow_other=allow_other)
+    stops = []
+    if metrics:
+        from .metrics import start_metrics
+        entry["metricsUrl"], stop_metrics = start_metrics(ops, st, entry, metrics, metrics_allow_remote)
+        stops.append(stop_metrics)
+        log.info("metrics at %s", entry["metricsUrl"])
     try:
         reg.write(entry)
     except OSError as e:  # a full state file system must not stop the disks from being served
         log.warning("cannot write the status file %s: %s", reg.path(mount_id), e)
     threading.Thread(target=_status_on_request, args=(on_change, ops), name="bc-status", daemon=True).start()
-    stops = _start_plugins(ops, st)
+    stops += _start_plugins(ops, st)
     try:
         run(mp)
     except BlockcryptError:
@@ -570,6 +732,8 @@ def serve(state_path, mp: str, mount_id: str, *, allow_other: bool = False, null
         log.error("mount failed: libfuse could not serve %s (%s: %s)", mp, type(e).__name__, e)
         raise MountError(f"mount at {mp} failed; see {lp}") from None
     finally:
+        from .._util.sdnotify import notify
+        notify("STOPPING=1", f"STATUS=unmounted {mp}; flushing and closing the disks")
         for stop in stops:
             try:
                 stop()

@@ -537,7 +537,8 @@ class DiskFS(FrontEndStatus, fuse.Operations):
         except BlockcryptError as e:
             with self._lock:
                 self._failed[path] = {"errno": errno.errorcode.get(e.errno, str(e.errno)),
-                                      "message": str(e), "time": time.time()}
+                                      "message": str(e), "time": time.time(),
+                                      "reason": getattr(e, "reason", type(e).__name__)}
             log.error("%s cannot be opened: %s", path, e)
             self._changed()
             raise

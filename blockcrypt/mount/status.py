@@ -12,6 +12,7 @@ Caveat: no key material in any of it: key errors appear by reason and message.
 from __future__ import annotations
 
 import logging
+import time
 
 from ..volume import io_counters
 from .tree import split
@@ -74,6 +75,35 @@ class FrontEndStatus:
             record_event(self.state, {"event": "IntegrityError", "disk": od.name, "dir": key[0],
                                       "diskId": od.disk_id, "sector": sector, "integrityErrors": n})
 
+    def open_disk_state(self, od, io: dict) -> dict:
+        """The one state of an open disk, with what explains it: ``open``; ``KeyUnavailable``
+        (keyError: reason, message; ``serving`` false once stopped, true for an on-restart disk
+        whose key is revoked); ``Corrupt`` (integrityErrors: sectors that failed their tag);
+        ``ServingOnGrace`` (graceSecondsLeft: the key vault does not answer). Plus the key
+        monitor's lastKeyCheck (ISO 8601 UTC) for customer-key disks."""
+        from .._util.clock import iso_z
+        kerr = od.vol.key_error
+        mon = getattr(self, "key_monitor", None)
+        ki = mon.disk_info(od.disk_id) if mon is not None else None
+        out = {"state": "open", "serving": kerr is None, "keyError": None}
+        if kerr is not None:
+            out.update(state="KeyUnavailable", keyError={"reason": getattr(kerr, "reason", type(kerr).__name__),
+                                                         "message": str(kerr)})
+        elif ki and ki.get("revokedOnRestart"):
+            out.update(state="KeyUnavailable", keyError=dict(ki["revokedOnRestart"]), stopsAt="next mount")
+        elif io.get("integrityErrors"):
+            out.update(state="Corrupt")
+        elif ki and ki.get("graceSecondsLeft") is not None:
+            out.update(state="ServingOnGrace", graceSecondsLeft=round(ki["graceSecondsLeft"]),
+                       graceEndsAt=iso_z(time.time() + ki["graceSecondsLeft"]),
+                       keyError={"reason": "KeyProviderUnavailable",
+                                 "message": "the key provider does not answer; serving from the cached key"})
+        out["integrityErrors"] = io.get("integrityErrors", 0)
+        if ki:
+            out["lastKeyCheck"] = iso_z(ki["lastCheck"]) if ki.get("lastCheck") else None
+            out["keyId"] = ki.get("keyId")
+        return out
+
     def disk_status(self) -> dict:
         """The state of this mount's disks, for `blockcrypt status` (no key material)."""
         with self._lock:
@@ -82,16 +112,29 @@ class FrontEndStatus:
         disks = []
         for od in opened:
             vol = od.vol
-            kerr = vol.key_error
             handles, errors, last_error = self._counts(od)
+            io = io_counters(vol)
             disks.append({"name": od.name, "dir": getattr(od, "dir", "disks"), "id": od.disk_id,
-                          "state": "open" if kerr is None else "KeyUnavailable",
-                          "keyError": None if kerr is None else {
-                              "reason": getattr(kerr, "reason", type(kerr).__name__), "message": str(kerr)},
+                          **self.open_disk_state(od, io),
                           "cipher": vol.cipher_name, "readOnly": bool(vol.read_only),
                           "sizeBytes": vol.size, "openHandles": handles, "openedAt": od.opened,
-                          "io": io_counters(vol), "errors": errors, "lastError": last_error})
+                          "io": io, "errors": errors, "lastError": last_error})
         for path, f in sorted(failed.items()):
             d, name = split(path)
-            disks.append({"name": name, "dir": d, "state": "failed", "error": f})
+            disks.append({"name": name, "dir": d, "state": failed_state(f), "serving": False, "error": f})
         return {"disks": disks}
+
+
+#: open failures that mean the disk's data or header is damaged, not its key
+CORRUPT_REASONS = ("CorruptHeader", "UnsupportedFormat", "IntegrityError")
+
+
+def failed_state(f: dict) -> str:
+    """The state of a disk that failed to open: Corrupt (its header), KeyUnavailable (its key),
+    else ``failed``."""
+    reason = f.get("reason") or ""
+    if reason in CORRUPT_REASONS:
+        return "Corrupt"
+    if reason.startswith("Key"):
+        return "KeyUnavailable"
+    return "failed"

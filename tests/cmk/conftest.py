@@ -4,27 +4,12 @@ import pytest
 
 from blockcrypt.control import des
 from blockcrypt.control.state import State
-from support.vaultproc import VaultProcess, make_vault
-
-
-@pytest.fixture(scope="module")
-def vault(tmp_path_factory):
-    v = VaultProcess(make_vault(tmp_path_factory.mktemp("cmk") / "vault", "--retention-days", "7",
-                                "--purge-protection")).start()
-    yield v
-    v.stop()
+from support.vaultfixtures import key_name, vault  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
 def state(tmp_path):
     return State.init(tmp_path / "state")
-
-
-@pytest.fixture
-def key_name(vault, request):
-    name = "k-" + request.node.name.replace("_", "-").replace("[", "-").replace("]", "")[:40]
-    vault.key("create", name)
-    return name
 
 
 @pytest.fixture

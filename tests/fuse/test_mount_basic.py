@@ -225,13 +225,14 @@ def test_corrupt_header_is_eio_for_that_disk_only(state, mnt):
         f.write(b"still fine")
         f.seek(0)
         assert f.read(10) == b"still fine"
-        (m,) = bc_json(state, "status")["mounts"]
+        (m,) = bc_json(state, "status", codes=(52,))["mounts"]  # issue 16: Corrupt, exit 52
         by = {d["name"]: d for d in m["disks"]}
         assert by["good"]["state"] == "open"
-        assert by["bad"]["state"] == "failed" and by["bad"]["error"]["errno"] == "EIO"
-        assert "corrupt" in by["bad"]["error"]["message"]
-    text = bc(state, "status").stdout
-    assert "bad  failed" in text and "corrupt" in text
+        assert by["bad"]["state"] == "Corrupt" and by["bad"]["error"]["errno"] == "EIO"
+        assert "corrupt" in by["bad"]["error"]["message"] and by["bad"]["serving"] is False
+    r = bc(state, "status", codes=(52,))
+    assert "bad  Corrupt (failed to open)" in r.stdout and "corrupt" in r.stdout
+    assert r.stderr.startswith("blockcrypt: error: disks/bad is corrupt") and len(r.stderr.splitlines()) == 1
 
 
 def test_read_only_disk_is_erofs(state, mnt):

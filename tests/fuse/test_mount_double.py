@@ -116,16 +116,17 @@ def test_tampered_sector_is_eio_for_exactly_that_sector(state, mnt, where):
         read_direct(mnt.disk("t"), k * SS)  # again: counted, not logged again
     # logged once with the disk and the sector's number, and recorded as an event
     line = f"disk t: sector {k} failed its integrity check"
-    wait_for(lambda: line in "".join(p.read_text() for p in (state.path / "logs").glob("mount-*.log")),
+    wait_for(lambda: line in "".join(p.read_text() for p in (state.path / "logs").glob("mount*.log*")),
              what="the integrity error logged")
-    logs = "".join(p.read_text() for p in (state.path / "logs").glob("mount-*.log"))
+    logs = "".join(p.read_text() for p in (state.path / "logs").glob("mount*.log*"))
     assert logs.count(line) == 1, logs[-2000:]
     events = [json.loads(x) for x in (state.path / "logs" / "key-events.jsonl").read_text().splitlines()]
     bad = [ev for ev in events if ev["event"] == "IntegrityError"]
     assert [(ev["disk"], ev["sector"]) for ev in bad] == [("t", k)]
-    st = bc_json(state, "status")
+    st = bc_json(state, "status", codes=(52,))  # issue 16: a disk with tampered sectors is Corrupt
     (d,) = [d for m in st["mounts"] for d in m["disks"] if d["name"] == "t"]
     assert d["io"]["integrityErrors"] == 2 and d["io"]["integrityLastSector"] == k
+    assert d["state"] == "Corrupt" and d["integrityErrors"] == 2 and st["exitCode"] == 52
     os.close(keep)
     if where != "moved":  # the bit flipped back: the sector serves again
         flip(bpath, off)

@@ -179,7 +179,7 @@ def test_kill9_during_writes_keeps_fsynced_data_and_headers(state, mnt, root):
     finally:
         w.kill()
         w.wait()
-    st = bc_json(state, "status")["mounts"]
+    st = bc_json(state, "status", codes=(50,))["mounts"]  # issue 16: a dead mount exits 50
     assert st and st[0]["state"].startswith("dead")
     mnt.start()  # cleans the stale mount of the dead daemon by itself
     assert bc_json(state, "status")["mounts"][0]["state"] == "running"

@@ -18,7 +18,7 @@ import pytest
 
 from blockcrypt.control import des
 from blockcrypt.format import ROLE_DATA
-from support.fusehelpers import Mount, cleanup_tree, loopdev, mounted_fs, need, sh
+from support.fusehelpers import Mount, cleanup_tree, loopdev, mounted_fs, need, sh, until
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is absent")
 
@@ -38,15 +38,6 @@ def probe(fd: int) -> int:
         return e.errno
     finally:
         buf.close()
-
-
-def until(pred, timeout_s):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    return None
 
 
 def assert_stops(fd: int, what: str) -> None:

@@ -10,6 +10,7 @@ Caveat: needs root (loop devices, mount); tests run serially.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -134,23 +135,24 @@ class Mount:
 
 def assert_clean_logs(state: State) -> None:
     """No request fell into fusepy's EINVAL catch-all and nothing crashed."""
-    for lp in (state.path / "logs").glob("mount-*.log"):
+    for lp in (state.path / "logs").glob("mount*.log*"):
         text = lp.read_text(errors="replace")
         assert "returning errno.EINVAL" not in text, f"{lp}: fusepy catch-all hit:\n{text[-3000:]}"
         assert "unexpected" not in text, f"{lp}: internal error:\n{text[-3000:]}"
 
 
-def bc(state: State, *args, check=True, env=None):
-    """Run the blockcrypt CLI on this state directory."""
+def bc(state: State, *args, check=True, env=None, codes=(0,)):
+    """Run the blockcrypt CLI on this state directory (``codes``: the exit codes that pass
+    ``check``, e.g. `status`'s 51 while a disk is meant to be stopped)."""
     p = subprocess.run([*CLI, "--state", str(state.path), *map(str, args)], capture_output=True,
                        text=True, env=env)
-    if check and p.returncode != 0:
+    if check and p.returncode not in codes:
         raise AssertionError(f"blockcrypt {' '.join(map(str, args))} failed ({p.returncode}): {p.stderr}")
     return p
 
 
-def bc_json(state: State, *args):
-    return json.loads(bc(state, *args, "--json").stdout)
+def bc_json(state: State, *args, codes=(0,)):
+    return json.loads(bc(state, *args, "--json", codes=codes).stdout)
 
 
 @contextmanager
@@ -189,3 +191,40 @@ def wait_for(pred, timeout_s=5.0, what="condition"):
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def direct_io(path, write: bool, off: int = 1 << 20) -> int:
+    """One 4 KiB O_DIRECT request (no page cache in the way) on a path (opened for it) or an
+    open fd (a VM that keeps its disk open): 0 or the errno."""
+    buf = mmap.mmap(-1, 4096)
+    if isinstance(path, int):
+        fd, own = path, False
+    else:
+        own = True
+        try:
+            fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_DIRECT)
+        except OSError as e:
+            return e.errno
+    try:
+        if write:
+            buf.write(os.urandom(4096))
+            os.pwritev(fd, [buf], off)
+        else:
+            os.preadv(fd, [buf], off)
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        if own:
+            os.close(fd)
+        buf.close()
+
+
+def until(pred, timeout_s):
+    """Seconds until pred() holds (polling every 20 ms), or None at the timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if pred():
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    return None

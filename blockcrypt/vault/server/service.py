@@ -147,6 +147,13 @@ class VaultApp:
         self.ops = KeyOps(store, self.base_url, hsm=hsm)
         self.verbose = verbose
         self.audit_log = audit.GroupCommit(store)
+        self.metrics = None  # metrics.VaultMetrics when serve() has --metrics
+
+    def observe(self, fields: dict, started: float | None = None) -> None:
+        """Count one answered request in the metrics (issue 16), by its audit fields."""
+        if self.metrics is not None:
+            self.metrics.observe(fields.get("operation"), fields.get("status"),
+                                 None if started is None else time.monotonic() - started)
 
     def challenge(self) -> str:
         return f'Bearer authorization="{self.base_url}/{self.tenant_id}", resource="{self.base_url}"'
@@ -220,6 +227,7 @@ class Handler(BaseHTTPRequestHandler):
         self.app.audit({"identity": "-", "operation": "HttpError", "status": status,
                         "result": codes.get(status, "BadRequest"), "remote": self.client_address[0],
                         "detail": text[:200]})
+        self.app.observe({"operation": "HttpError", "status": status})
 
     def handle_one_request(self):
         fd = self.connection.fileno()
@@ -233,14 +241,21 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- the request -------------------------------------------------------------------------
     def _dispatch(self) -> None:
-        self._request_id = str(uuid.uuid4())
         started = time.monotonic()
+        fields = {}
+        try:
+            self._dispatch_one(started, fields)
+        finally:
+            self.app.observe(fields, started)
+
+    def _dispatch_one(self, started: float, fields: dict) -> None:
+        self._request_id = str(uuid.uuid4())
         parsed = urlsplit(self.path)
         path = parsed.path
-        fields = {"identity": "-", "operation": "Unknown", "remote": self.client_address[0],
+        fields.update({"identity": "-", "operation": "Unknown", "remote": self.client_address[0],
                   "request_id": _ctx(self.headers.get("x-ms-client-request-id")),
                   "disk_id": _ctx(self.headers.get("x-blockcrypt-disk-id")),
-                  "method": self.command, "path": path[:200]}
+                  "method": self.command, "path": path[:200]})
         headers = {}
         try:
             body_bytes = self._read_body()
@@ -567,6 +582,7 @@ class VaultServer(ThreadingHTTPServer):
             pass
         self.app.audit({"identity": "-", "operation": "PlainHttpRefused", "status": 400, "result": "BadRequest",
                         "remote": client_address[0], "detail": line})
+        self.app.observe({"operation": "PlainHttpRefused", "status": 400})
 
 
 def make_ssl_context(vault_dir: Path, password: bytes) -> ssl.SSLContext:
@@ -622,9 +638,16 @@ def refuse_loose_permissions(vault_dir: Path) -> None:
 def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DEFAULT_TOKEN_TTL_SECONDS,
           public_url: str | None = None, hsm=None, verbose: bool = False, ready=None,
           max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT,
-          request_timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
-    """Run the vault until SIGTERM/SIGINT. Prints and writes (serve.json) its URL once listening."""
+          request_timeout: float = REQUEST_TIMEOUT_SECONDS, metrics_listen: str | None = None,
+          metrics_allow_remote: bool = False) -> None:
+    """Run the vault until SIGTERM/SIGINT. Prints and writes (serve.json) its URL once listening.
+    ``metrics_listen``: HOST:PORT of a Prometheus endpoint (loopback unless allowed). Under
+    systemd Type=notify it sends READY=1 once listening and STOPPING=1 when it stops."""
+    from ..._util.sdnotify import notify
     host, port = parse_listen(listen)
+    if metrics_listen:
+        from ..._util.metricsweb import check_listen
+        check_listen(metrics_listen, metrics_allow_remote)
     _refuse_if_served(Path(vault_dir))
     refuse_loose_permissions(Path(vault_dir))
     store = Store(vault_dir)
@@ -644,6 +667,12 @@ def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DE
         app.ops.base_url = base
         app.sweep()
         info = {"url": base, "pid": os.getpid(), "ca": str(store.dir / "ca.pem"), "tenant_id": store.config.tenant_id}
+        stop_metrics = None
+        if metrics_listen:
+            from . import metrics as vault_metrics
+            app.metrics, info["metrics"], stop_metrics = vault_metrics.start(metrics_listen, server,
+                                                                             metrics_allow_remote)
+            print(f"vault metrics on {info['metrics']}", flush=True)
         write_private(store.dir / "serve.json", json.dumps(info).encode())
         app.audit({"identity": "system", "operation": "VaultStart", "status": 200, "result": "ok", "detail": base})
 
@@ -658,6 +687,7 @@ def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DE
             raise KeyboardInterrupt
         signal.signal(signal.SIGTERM, on_signal)
         print(f"vault listening on {base}", flush=True)
+        notify("READY=1", f"STATUS=serving {base}")
         if ready:
             ready(base)
         try:
@@ -665,7 +695,10 @@ def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DE
         except KeyboardInterrupt:
             pass
         finally:
+            notify("STOPPING=1")
             stop.set()
+            if stop_metrics is not None:
+                stop_metrics()
             app.audit({"identity": "system", "operation": "VaultStop", "status": 200, "result": "ok"})
             try:
                 (store.dir / "serve.json").unlink()
