@@ -83,6 +83,10 @@ class Busy(BlockcryptError):
     errno = _errno.EBUSY
 
 
+class ConfirmationNeeded(UsageError):
+    """refusing to {action} unasked: there is no terminal to ask on; pass --yes to confirm"""
+
+
 # --- environment ---------------------------------------------------------------
 
 class StateError(BlockcryptError):
@@ -212,10 +216,17 @@ class KeyStoreError(KeyError_):
         super().__init__(msg, **kw)
 
 
+class KeyNotFound(KeyError_):
+    """key {key_id} was not found in its vault: check the key name and the vault URL (`blockcrypt vault key list` lists the keys, `vault key list --deleted` the soft-deleted ones)"""
+
+    exit_code = 38
+    reason = "KeyNotFound"
+
+
 # --- the key vault -------------------------------------------------------------------
 
 class VaultRequestError(BlockcryptError):
-    """vault: {msg}"""
+    """{msg}"""
 
     exit_code = 40
 
@@ -253,3 +264,34 @@ class AuditBroken(BlockcryptError):
     """audit log BROKEN at record {seq}: {why}"""
 
     exit_code = 22
+
+
+class VaultNotFound(VaultRequestError):
+    """{msg}"""
+
+    exit_code = 43
+
+
+class VaultForbidden(VaultRequestError):
+    """{msg}"""
+
+    exit_code = 44
+
+
+class VaultAudienceMismatch(KeyAccessDenied):
+    """vault {url} issues tokens for {audience}, not for {url}: use {audience} in the key URL and --url (localhost and 127.0.0.1 are different token audiences; the vault's own URL is in its serve.json)"""
+
+    exit_code = 45
+    reason = "VaultAudienceMismatch"
+
+
+#: exit codes that are not an error class here: what the CLI's documentation table lists
+#: beside the classes (docs/CLI.md; tests/cli/test_contract.py checks both)
+OTHER_EXIT_CODES = {
+    0: "success",
+    1: "a failure outside this hierarchy, e.g. a file the system refused (code `OSError`); the message says what",
+    2: "bad usage: an unknown command or option, a missing or invalid argument (code `UsageError`, as the class)",
+    50: "reserved: `status`: a mount of this state directory is dead",
+    51: "reserved: `status`: a disk of a mount is stopped (key unavailable or corrupt)",
+    130: "interrupted by Ctrl-C (code `Interrupted`) or answered no at a confirmation (code `Aborted`)",
+}
