@@ -133,7 +133,7 @@ def test_cmk_end_to_end(root, state, vault, key_name):
     vault.key("delete", key_name)
     assert until(lambda: direct_io(disk, True) == errno.EIO, BOUND_S + 1) is not None
     assert disk_states(state)["cmk1"]["keyError"]["reason"] == "KeyDeleted"
-    purge = vault.key("purge", key_name, check=False)
+    purge = vault.key("purge", key_name, "--yes", check=False)
     assert purge.returncode != 0  # purge protection holds
     vault.key("recover", key_name)
     assert until(lambda: direct_io(disk, True) == 0, BOUND_S + 2) is not None

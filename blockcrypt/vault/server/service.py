@@ -620,8 +620,9 @@ def refuse_loose_permissions(vault_dir: Path) -> None:
 def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DEFAULT_TOKEN_TTL_SECONDS,
           public_url: str | None = None, hsm=None, verbose: bool = False, ready=None,
           max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT,
-          request_timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
-    """Run the vault until SIGTERM/SIGINT. Prints and writes (serve.json) its URL once listening."""
+          request_timeout: float = REQUEST_TIMEOUT_SECONDS, announce: bool = True) -> None:
+    """Run the vault until SIGTERM/SIGINT. Prints (unless not ``announce``) and writes
+    (serve.json) its URL once listening."""
     host, port = parse_listen(listen)
     _refuse_if_served(Path(vault_dir))
     refuse_loose_permissions(Path(vault_dir))
@@ -655,7 +656,8 @@ def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DE
         def on_signal(signum, frame):
             raise KeyboardInterrupt
         signal.signal(signal.SIGTERM, on_signal)
-        print(f"vault listening on {base}", flush=True)
+        if announce:
+            print(f"vault listening on {base}", flush=True)
         if ready:
             ready(base)
         try:
