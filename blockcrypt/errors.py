@@ -121,6 +121,10 @@ class NoSpace(BlockcryptError):
     errno = _errno.ENOSPC
 
 
+class VaultDirError(StateError):
+    """vault directory {path}: {why} (--dir or $BLOCKCRYPT_VAULT_DIR names the vault's directory; the default is the state directory's path + '-vault')"""
+
+
 # --- data ----------------------------------------------------------------------
 
 class CorruptHeader(BlockcryptError):

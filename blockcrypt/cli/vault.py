@@ -18,7 +18,7 @@ import os
 import click
 
 from .._util.clock import iso_z
-from ..errors import AuditBroken, UsageError
+from ..errors import AuditBroken, StateError, UsageError, VaultDirError
 from .options import Ctx, confirm, yes_opt
 from .options import emit as _emit
 from .options import json_opt as JSON_OPTION
@@ -48,13 +48,19 @@ DIR_OPTION = click.option("--dir", "vault_dir", envvar="BLOCKCRYPT_VAULT_DIR", c
 
 
 def friendly(fn):
-    """ValueError from argument parsing below click (permissions, URLs) is a usage error."""
+    """ValueError from argument parsing below click (permissions, URLs) is a usage error; a
+    StateError about the vault directory says "vault directory" and how to name another."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        except StateError as e:
+            vd = kw.get("vault_dir")
+            if type(e) is StateError and vd and os.path.abspath(str(e.kw.get("path", ""))) == os.path.abspath(vd):
+                raise VaultDirError(path=vd, why=e.kw.get("why", "")) from None
+            raise
     return wrapper
 
 
