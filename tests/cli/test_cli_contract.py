@@ -98,6 +98,9 @@ def test_cli_md_is_generated_and_current():
 
 
 
+TOP = {n for n in cli.commands if n not in ("mount", "umount", "status", "init")}  # also plain words
+
+
 def doc_commands():
     """(file, line, words) of every `blockcrypt SUBCOMMAND ...` in a code block or inline code."""
     out = []
@@ -109,8 +112,10 @@ def doc_commands():
                 continue
             # a command line starts a code line, an inline code span, or follows ; && | $(
             chunks = [line.strip()] if in_block else re.findall(r"`([^`]+)`", line)
+            if not in_block:  # `disk copy --des ''`: a command named without its program
+                chunks = ["blockcrypt " + ch if ch.split(" ", 1)[0] in TOP and " " in ch else ch for ch in chunks]
             for ch in chunks:
-                for m in re.finditer(r"(?:^|[;&|(]\s*)(?:\$ )?(?:[A-Z_]+=\S+\s+)*(blockcrypt (?:[a-z][\w-]*)[^#;&|)]*)",
+                for m in re.finditer(r"(?:^|[;&|(]\s*)(?:\$ )?(?:[A-Z_]+=\S+\s+)*(blockcrypt (?:--state \S+ )?(?:[a-z][\w-]*)[^#;&|)]*)",
                                      ch):
                     out.append((f.name, n, m.group(1).split()))
     return out
@@ -120,6 +125,8 @@ def resolve(words):
     """(command path, command, option words) for `blockcrypt ...` words; None if not a command."""
     cmd, path = cli, []
     rest = words[1:]
+    if rest[:1] == ["--state"]:
+        rest = rest[2:]
     while rest and isinstance(cmd, click.Group) and rest[0] in cmd.commands:
         cmd = cmd.commands[rest[0]]
         path.append(rest.pop(0))
@@ -271,3 +278,13 @@ def test_progress_bar_on_a_terminal(sdir):
     assert "/s ETA" in out and "copied big to big2" in out
     code, out = _on_terminal(sdir, ("disk", "verify", "big"), b"")
     assert code == 0 and "100.0%" in out and "ETA" in out, out
+
+
+def test_rotation_progress_counts_disks(sdir):
+    for n in ("r1", "r2", "r3"):
+        run(sdir, "disk", "create", n, "--size", "1M")
+    p = run(sdir, "platform-key", "rotate", "--json")
+    assert sorted(json.loads(p.stdout)["rewrapped"]) == ["r1", "r2", "r3"]
+    events = [json.loads(l) for l in p.stderr.splitlines()]
+    assert events and all(e["operation"] == "platform-key rotate" and e["unit"] == "disks" for e in events)
+    assert events[-1]["done"] == events[-1]["total"] == 3 and len(events) <= 3
