@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STATE   ?= $(CURDIR)/demo-state
 
-.PHONY: all deps test-deps venv build test fuzz demo demo-clean bench bench-quick clean install uninstall
+.PHONY: all deps test-deps venv build test fuzz demo demo-clean bench bench-quick clean install uninstall cli-doc
 
 all: build
 
@@ -28,6 +28,10 @@ test-deps:
 test: test-deps build
 	$(MAKE) -C native test sanitize
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# docs/CLI.md from the click tree and blockcrypt/errors.py (tests/cli/test_contract.py fails when stale)
+cli-doc: build
+	$(VPY) -m blockcrypt.cli.reference --write docs/CLI.md
 
 # the fuzzers of `make test` (header parser, vault REST surface; 8 s each there), for
 # FUZZ_SECONDS each (default 300), with a seed per run (FUZZ_SEED)

@@ -107,6 +107,10 @@ class XattrTooLarge(UsageError):
     errno = _errno.ENOSPC
 
 
+class ConfirmationNeeded(UsageError):
+    """refusing to {action} unasked: there is no terminal to ask on; pass --yes to confirm"""
+
+
 # --- environment ---------------------------------------------------------------
 
 class StateError(BlockcryptError):
@@ -139,6 +143,10 @@ class NoSpace(BlockcryptError):
 
     exit_code = 12
     errno = _errno.ENOSPC
+
+
+class VaultDirError(StateError):
+    """vault directory {path}: {why} (--dir or $BLOCKCRYPT_VAULT_DIR names the vault's directory; the default is the state directory's path + '-vault')"""
 
 
 # --- data ----------------------------------------------------------------------
@@ -236,6 +244,13 @@ class KeyStoreError(KeyError_):
         super().__init__(msg, **kw)
 
 
+class KeyNotFound(KeyError_):
+    """key {key_id} was not found in its vault: check the key name and the vault URL (`blockcrypt vault key list` lists the keys, `vault key list --deleted` the soft-deleted ones)"""
+
+    exit_code = 38
+    reason = "KeyNotFound"
+
+
 # backing up and moving platform keys (issue 16)
 
 class KeyNotInStore(KeyError_):
@@ -274,7 +289,7 @@ class PlatformKeyConflict(KeyError_):
 # --- the key vault -------------------------------------------------------------------
 
 class VaultRequestError(BlockcryptError):
-    """vault: {msg}"""
+    """{msg}"""
 
     exit_code = 40
 
@@ -339,3 +354,32 @@ class StatusServingOnGrace(BlockcryptError):
     """{msg}"""
 
     exit_code = 53
+
+
+class VaultNotFound(VaultRequestError):
+    """{msg}"""
+
+    exit_code = 43
+
+
+class VaultForbidden(VaultRequestError):
+    """{msg}"""
+
+    exit_code = 44
+
+
+class VaultAudienceMismatch(KeyAccessDenied):
+    """vault {url} issues tokens for {audience}, not for {url}: use {audience} in the key URL and --url (localhost and 127.0.0.1 are different token audiences; the vault's own URL is in its serve.json)"""
+
+    exit_code = 45
+    reason = "VaultAudienceMismatch"
+
+
+#: exit codes that are not an error class here: what the CLI's documentation table lists
+#: beside the classes (docs/CLI.md; tests/cli/test_contract.py checks both)
+OTHER_EXIT_CODES = {
+    0: "success",
+    1: "a failure outside this hierarchy, e.g. a file the system refused (code `OSError`); the message says what",
+    2: "bad usage: an unknown command or option, a missing or invalid argument (code `UsageError`, as the class)",
+    130: "interrupted by Ctrl-C (code `Interrupted`) or answered no at a confirmation (code `Aborted`)",
+}

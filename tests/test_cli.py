@@ -47,7 +47,7 @@ def test_disk_lifecycle_json(sdir):
     assert os.path.getsize(show["path"]) == (1 << 20) + (1 << 20)
     rot = json.loads(run(sdir, "platform-key", "rotate", "--json").stdout)
     assert rot["version"] == 2 and sorted(rot["rewrapped"]) == ["vm1", "vm2"]
-    run(sdir, "disk", "delete", "vm1")
+    run(sdir, "disk", "delete", "vm1", "--yes")
     assert not os.path.exists(d["path"])
     assert "vm1" not in run(sdir, "disk", "list").stdout
 

@@ -252,7 +252,7 @@ def test_cli_json_and_one_line_errors(state):
     assert "not found" in one_line(run(state, "disk", "create", "x", "--source", "d", expect=3))
     assert "already exists" in one_line(run(state, "snapshot", "create", "d", "s", expect=4))
     before = read(state, "c", 0, 8 * MiB)
-    assert json.loads(run(state, "image", "delete", "i", "--json").stdout) == {"deleted": "i", "merged": "c"}
+    assert json.loads(run(state, "image", "delete", "i", "--yes", "--json").stdout) == {"deleted": "i", "merged": "c"}
     assert read(state, "c", 0, 8 * MiB) == before
 
 
@@ -261,10 +261,10 @@ def test_copy_progress_events_and_an_interrupted_copy_leaves_no_disk(state, tmp_
     write(state, "src", 0, os.urandom(24 * MiB))
     snapshots.create_snapshot(state, "src", "s")
     p = run(state, "disk", "copy", "s", "cp", "--json")
-    # a copy under a new DEK: progress events (one JSON line each), then the disk
-    lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{\"event")]
-    assert json.loads(p.stdout[p.stdout.index("{\n"):])["name"] == "cp"
-    assert lines and lines[-1]["doneBytes"] == lines[-1]["totalBytes"] == 24 * MiB
+    # a copy under a new DEK: progress events on stderr (one JSON line each), the disk on stdout
+    lines = [json.loads(x) for x in p.stderr.splitlines()]
+    assert json.loads(p.stdout)["name"] == "cp"
+    assert lines and lines[-1]["event"] == "progress" and lines[-1]["done"] == lines[-1]["total"] == 24 * MiB
     assert len(lines) <= 3  # at most one a second (and the last)
     assert read(state, "cp", 0, 24 * MiB) == read(state, "s", 0, 24 * MiB)
     assert disks.read_disk_header(state.catalog.get_disk("cp")).disk_id != \

@@ -1,10 +1,11 @@
 """The `blockcrypt` command line (click): the group, the disk, platform-key, catalog,
 des and config commands, and the one error boundary (``main``).
 
-Every command takes ``--json`` for scripts. Errors from the blockcrypt
-hierarchy print one line on stderr (``blockcrypt: error: ...``) and exit with
-the error's exit code; no traceback reaches the user. The mount commands
-(cli/mount.py) and the vault group (cli/vault.py) join the group here.
+Every command takes ``--json`` for scripts (the contract is cli/output.py and
+docs/CLI.md). Errors print one line on stderr (``blockcrypt: error: ...``, or
+with ``--json`` a JSON object ``{"error": {"code", "message", "exitCode"}}``) and
+exit with the error's exit code; no traceback reaches the user. The mount
+commands (cli/mount.py) and the vault group (cli/vault.py) join the group here.
 
 Caveat: this is a front end: it calls control/ and formats results; it holds
 no policy of its own.
@@ -18,16 +19,20 @@ import click
 from .. import __version__
 from .._util.units import format_size, parse_size
 from ..errors import BlockcryptError, IntegrityError, UsageError
-from .options import Ctx, emit, json_opt, pass_ctx
+from .options import Ctx, Progress, confirm, emit, json_opt, pass_ctx, yes_opt
+from .output import contract, error_code, report_error, wants_json
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--state", "state_path", envvar="BLOCKCRYPT_STATE", type=click.Path(),
               help="state directory (default: $BLOCKCRYPT_STATE or /var/lib/blockcrypt)")
-@click.version_option(__version__, prog_name="blockcrypt")
+@click.version_option(__version__, prog_name="blockcrypt", help="show the version and exit")
 @click.pass_context
 def cli(ctx, state_path):
-    """Encrypted virtual disks: AES-256-XTS sectors, per-disk keys, FUSE disk files."""
+    """Encrypted virtual disks: AES-256-XTS sectors, per-disk keys, FUSE disk files.
+
+    Every command takes --json (one JSON document on stdout; docs/CLI.md is the reference).
+    Shell completion: eval "$(_BLOCKCRYPT_COMPLETE=bash_source blockcrypt)" (zsh_source, fish_source)."""
     ctx.obj = Ctx(state_path)
 
 
@@ -98,7 +103,8 @@ def _size_arg(value):
 @click.argument("name")
 @click.option("--size", help="size with K/M/G/T, e.g. 10G (with --source: the source's, or bigger)")
 @click.option("--source", help="a snapshot or image to make the disk from (copy-on-write, O(1))")
-@click.option("--sector-size", type=click.Choice(["512", "4096"]), default="4096", show_default=True)
+@click.option("--sector-size", type=click.Choice(["512", "4096"]), default="4096", show_default=True,
+              help="bytes per sector the disk shows (4096 unless a guest needs 512)")
 @click.option("--des", "des_name", help="disk encryption set: wrap the DEK with its customer-managed key")
 @click.option("--revocation", type=click.Choice(["immediate", "on-restart"]), default="immediate",
               show_default=True, help="when a revoked customer key stops this disk's I/O")
@@ -114,11 +120,10 @@ def disk_create(c: Ctx, name, size, source, sector_size, des_name, revocation, d
     from ..control import des, disks
     if source:
         from ..control import snapshots
-        from .snapshots import Progress
         if double:
             raise UsageError("--double-encryption cannot be combined with --source: the disk keeps its "
                              "source's layers")
-        prog = Progress(as_json, f"copying {source}")
+        prog = Progress(as_json, f"copying {source}", "copy")
         rec = snapshots.create_disk_from(c.state, name, source, size=parse_size(size) if size else None,
                                          des=des_name, revocation=revocation, progress=prog)
         prog.done()
@@ -170,6 +175,7 @@ def disk_show(c: Ctx, name, as_json):
     d = disk_json(c.state, rec, check_keys=True)
     d["live"] = disk_state(c.state, rec, d["health"])  # issue 16: the state a running mount serves it in
     d["state"] = d["live"]["state"]
+    d = contract(d)
     if as_json:
         emit(d, True)
         return
@@ -206,7 +212,8 @@ def disk_resize(c: Ctx, name, size, as_json):
 @click.argument("name")
 @click.option("--des", "des_name", help="move a platform-key disk to this disk encryption set (re-wrap only)")
 @click.option("--platform-key", is_flag=True, help="(refused for customer-key disks: use `disk copy`)")
-@click.option("--revocation", type=click.Choice(["immediate", "on-restart"]))
+@click.option("--revocation", type=click.Choice(["immediate", "on-restart"]),
+              help="when a revoked customer key stops this disk's I/O")
 @json_opt
 @pass_ctx
 def disk_update(c: Ctx, name, des_name, platform_key, revocation, as_json):
@@ -239,8 +246,7 @@ def disk_copy(c: Ctx, src, dst, des_name, double, as_json):
     """Copy a disk's data to a new disk with new DEKs (also between single and double encryption)."""
     from ..control.copy import copy
 
-    from .snapshots import Progress
-    progress = Progress(as_json, f"copying {src}")
+    progress = Progress(as_json, f"copying {src}", "copy")
     rec = copy(c.state, src, dst, des=des_name, double=double, progress=progress)
     progress.done()
     emit(disk_json(c.state, c.state.catalog.get_disk(rec.name)), as_json, f"copied {src} to {dst}")
@@ -248,10 +254,11 @@ def disk_copy(c: Ctx, src, dst, des_name, double, as_json):
 
 @disk.command("delete")
 @click.argument("name")
+@yes_opt
 @json_opt
 @pass_ctx
-def disk_delete(c: Ctx, name, as_json):
-    """Delete a disk and its file (its key dies with it)."""
+def disk_delete(c: Ctx, name, yes, as_json):
+    """Delete a disk and its file (its key dies with it: the data cannot be recovered)."""
     from ..control import disks
     from ..errors import Busy
     from ..mount.daemon import mount_with_disk_open
@@ -260,6 +267,8 @@ def disk_delete(c: Ctx, name, as_json):
     if mp is not None:
         raise Busy(f"disk {name!r} is open in the mount at {mp}; close it there (or "
                    f"`blockcrypt umount {mp}`) and delete it then")
+    if rec.kind in ("disk", "copying"):  # else delete refuses, naming the right command
+        confirm(f"delete disk {name} ({format_size(rec.size)}) and its data for good", yes)
     rec = disks.delete(c.state, name)
     emit({"deleted": rec.name, "id": rec.disk_id}, as_json, f"deleted disk {rec.name}")
 
@@ -272,8 +281,7 @@ def disk_delete(c: Ctx, name, as_json):
 def disk_export(c: Ctx, name, file, as_json):
     """Write the flat encrypted image (aes-xts-plain64, no header) of a disk, snapshot or image."""
     from ..control import diff
-    from .snapshots import Progress
-    prog = Progress(as_json, f"exporting {name}")
+    prog = Progress(as_json, f"exporting {name}", "export")
     r = diff.export(c.state, name, file, progress=prog)
     prog.done()
     emit(r, as_json, f"wrote the encrypted image of {name} to {file} ({format_size(r['sizeBytes'])}); "
@@ -317,15 +325,9 @@ def disk_verify(c: Ctx, name, as_json):
     """Scrub a disk: read every written sector and list the ones whose tag fails (read-only)."""
     from ..control import disks
 
-    def progress(done, total):
-        if not as_json and sys.stderr.isatty():
-            pct = 100 * done // total if total else 100
-            bar = "#" * (pct // 4)
-            click.echo(f"\r  [{bar:<25}] {pct:3d}% of {format_size(total)}", nl=False, err=True)
-
+    progress = Progress(as_json, f"verifying {name}", "verify")
     r = disks.verify(c.state, name, progress=progress)
-    if not as_json and sys.stderr.isatty():
-        click.echo("", err=True)
+    progress.done()
     text = (f"disk {name}: {format_size(r['scannedBytes'])} of written sectors verified, no bad sector"
             if r["ok"] else
             f"disk {name}: {len(r['badSectors'])} bad sector(s) ({r['sectorSize']} bytes each): "
@@ -373,12 +375,9 @@ def pk_list(c: Ctx, as_json):
 def pk_rotate(c: Ctx, as_json):
     """Add a platform key version and re-wrap every disk's DEK (no data rewritten)."""
     from ..control.rotation import rotate_platform_key
-
-    def progress(step, detail):
-        if not as_json and detail:
-            click.echo(f"  re-wrapping {detail}", err=True)
-
-    r = rotate_platform_key(c.state, on_step=progress)
+    on_step = _rewrap_progress(as_json, "platform-key rotate", c.state.catalog.list_members())
+    r = rotate_platform_key(c.state, on_step=on_step)
+    on_step.progress.done()
     emit(r, as_json, f"platform key now platform/{r['version']}: re-wrapped {len(r['rewrapped'])} disk(s), "
                      f"retired {len(r['retired'])} old version(s)")
     if r["failed"]:
@@ -406,6 +405,21 @@ def catalog_rebuild(c: Ctx, as_json):
                      + (f", {len(r['unused'])} unused file(s)" if r["unused"] else ""))
 
 
+def _rewrap_progress(as_json: bool, operation: str, recs):
+    """An ``on_step(step, detail)`` callback of a rotation that drives a Progress over ``recs``,
+    the disks it re-wraps (one "rewrap" step each)."""
+    total = len(list(recs))
+    prog = Progress(as_json, "re-wrapping", operation, unit="disks")
+    seen = []
+
+    def on_step(step, detail=None):
+        if step == "rewrap" and total:
+            seen.append(detail)
+            prog(min(len(seen), total), total)
+    on_step.progress = prog
+    return on_step
+
+
 # --- disk encryption sets -----------------------------------------------------------------
 
 @cli.group("des")
@@ -430,7 +444,9 @@ def _des_text(d: dict) -> str:
               "transit+https://HOST:PORT/MOUNT/keys/K[/VERSION] (OpenBao/Vault transit) or "
               "pkcs11:token=T;object=K?module-path=M&pin-source=file:PATH (PKCS#11 token) or "
               "kmip://HOST:PORT/UID (KMIP server)")
-@click.option("--type", "enc_type", default="EncryptionAtRestWithCustomerKey", show_default=True)
+@click.option("--type", "enc_type", default="EncryptionAtRestWithCustomerKey", show_default=True,
+              help="EncryptionAtRestWithCustomerKey, or EncryptionAtRestWithPlatformAndCustomerKeys "
+                   "(double encryption)")
 @click.option("--auto-rotate", is_flag=True, help="follow the key's newest version")
 @click.option("--vault-dir", type=click.Path(), help="the vault's directory (a vault on this host): "
               "the DES identity is created there")
@@ -474,7 +490,7 @@ def des_show(c: Ctx, name, as_json):
 @des_group.command("update")
 @click.argument("name")
 @click.option("--key-url", help="a new version of the same key: re-wrap every disk's DEK under it")
-@click.option("--auto-rotate/--no-auto-rotate", default=None)
+@click.option("--auto-rotate/--no-auto-rotate", default=None, help="follow the key's newest version, or stop")
 @click.option("--type", "enc_type", default=None, help="(refused: a DES's encryption type is fixed at creation)")
 @json_opt
 @pass_ctx
@@ -484,12 +500,11 @@ def des_update(c: Ctx, name, key_url, auto_rotate, enc_type, as_json):
     if enc_type is not None and enc_type != c.state.catalog.get_des(name).type:
         des.refuse_type_change(name)
 
-    def progress(step, detail):
-        if not as_json and step == "rewrap":
-            click.echo(f"  re-wrapping {detail}", err=True)
-
-    r = des.update(c.state, name, key_url=key_url, auto_rotate=auto_rotate, on_step=progress)
-    emit({**r, "des": des.to_json(c.state, c.state.catalog.get_des(name))}, as_json,
+    on_step = _rewrap_progress(as_json, "des update", c.state.catalog.disks_of_des(name))
+    r = des.update(c.state, name, key_url=key_url, auto_rotate=auto_rotate, on_step=on_step)
+    on_step.progress.done()
+    d = des.to_json(c.state, c.state.catalog.get_des(name))
+    emit({**r, **_active(r, d), "des": d}, as_json,
          f"updated {name}: re-wrapped {len(r.get('rewrapped', []))} disk(s)")
 
 
@@ -500,17 +515,30 @@ def des_update(c: Ctx, name, key_url, auto_rotate, enc_type, as_json):
 def des_rotate(c: Ctx, name, as_json):
     """Re-wrap every DEK under the key's newest version (or finish an interrupted rotation)."""
     from ..control import des
-    r = des.rotate(c.state, name)
-    emit(r, as_json, f"{name}: key {r['activeKey']}, re-wrapped {len(r['rewrapped'])} disk(s)")
+    on_step = _rewrap_progress(as_json, "des rotate", c.state.catalog.disks_of_des(name))
+    r = des.rotate(c.state, name, on_step=on_step)
+    on_step.progress.done()
+    d = des.to_json(c.state, c.state.catalog.get_des(name))
+    emit({**r, **_active(r, d), "des": d}, as_json,
+         f"{name}: key {d['activeKey']['keyUrl']}, re-wrapped {len(r['rewrapped'])} disk(s)")
+
+
+def _active(r: dict, d: dict) -> dict:
+    """A rotation's ``activeKey`` as the same object as in ``des show`` (never a bare string)."""
+    return {"activeKey": d["activeKey"]} if "activeKey" in r else {}
 
 
 @des_group.command("delete")
 @click.argument("name")
+@yes_opt
 @json_opt
 @pass_ctx
-def des_delete(c: Ctx, name, as_json):
+def des_delete(c: Ctx, name, yes, as_json):
     """Delete a disk encryption set (refused while disks use it)."""
     from ..control import des
+    c.state.catalog.get_des(name)
+    if not c.state.catalog.disks_of_des(name):  # else delete refuses, naming them
+        confirm(f"delete disk encryption set {name}", yes)
     rec = des.delete(c.state, name)
     emit({"deleted": rec.name, "id": rec.des_id}, as_json,
          f"deleted disk encryption set {name}; its vault identity {rec.identity.get('name')} "
@@ -524,16 +552,26 @@ def config_group():
     warning_repeat_interval."""
 
 
+def _setting_json(st, name: str) -> dict:
+    """One setting as JSON: its typed value (a number is a number), its default, its help."""
+    from ..control import settings
+    s = settings.setting(name)
+    return {"name": s.name, "value": settings.get(st, s.name), "default": s.parse(s.default),
+            "mountTime": s.mount_time, "help": s.help}
+
+
 @config_group.command("set")
 @click.argument("key")
 @click.argument("value")
+@json_opt
 @pass_ctx
-def config_set(c: Ctx, key, value):
+def config_set(c: Ctx, key, value, as_json):
     """Set a catalog setting (running mounts pick it up at their next check; encryption_at_host,
     temp_disks and temp_dir at their next mount only)."""
     from ..control import settings
-    click.echo(f"{key} = {settings.set_(c.state, key, value)}")
-    if settings.setting(key).mount_time:
+    text = settings.set_(c.state, key, value)
+    emit(_setting_json(c.state, key), as_json, f"{key} = {text}")
+    if settings.setting(key).mount_time and not as_json:
         click.echo(f"blockcrypt: {key} is read when a mount starts: running mounts keep their value "
                    "until remounted", err=True)
 
@@ -543,13 +581,15 @@ def config_set(c: Ctx, key, value):
 @json_opt
 @pass_ctx
 def config_get(c: Ctx, key, as_json):
-    """Show one setting, or all of them."""
+    """Show one setting, or all of them (--json: one object, or a list of them)."""
     from ..control import settings
     keys = [settings.setting(key).name] if key else list(settings.SETTINGS)
-    vals = {k: settings.get_text(c.state, k) for k in keys}
     if as_json:
-        emit(vals, True)
-    elif key:
+        items = [_setting_json(c.state, k) for k in keys]
+        emit(items[0] if key else items, True)
+        return
+    vals = {k: settings.get_text(c.state, k) for k in keys}
+    if key:
         click.echo(vals[key])
     else:
         click.echo("\n".join(f"{k} = {v}    # {settings.SETTINGS[k].help}" for k, v in vals.items()))
@@ -571,26 +611,30 @@ _attach()
 
 
 def main(argv=None) -> int:
+    """The one error boundary: every failure is one line on stderr (JSON with --json) and the
+    exit code of the table in docs/CLI.md."""
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    as_json = wants_json(args)
     try:
-        cli.main(args=argv, prog_name="blockcrypt", standalone_mode=False)
+        cli.main(args=args, prog_name="blockcrypt", standalone_mode=False)
         return 0
     except BlockcryptError as e:
-        click.echo(f"blockcrypt: error: {e}", err=True)
-        return e.exit_code
+        return report_error(error_code(e), str(e), e.exit_code, as_json)
     except click.exceptions.Abort:
-        click.echo("blockcrypt: aborted", err=True)
-        return 130
+        return report_error("Aborted", "aborted: nothing was changed", 130, as_json)
     except click.exceptions.Exit as e:
         return e.exit_code
+    except click.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        return report_error("UsageError", e.format_message() + hint, e.exit_code, as_json)
     except click.ClickException as e:
-        click.echo(f"blockcrypt: error: {e.format_message()}", err=True)
-        return e.exit_code
+        return report_error("UsageError" if e.exit_code == 2 else "Error", e.format_message(), e.exit_code,
+                            as_json)
     except KeyboardInterrupt:
-        click.echo("blockcrypt: interrupted", err=True)
-        return 130
+        return report_error("Interrupted", "interrupted", 130, as_json)
     except OSError as e:
-        click.echo(f"blockcrypt: error: {e.strerror or e}{(': ' + e.filename) if e.filename else ''}", err=True)
-        return 1
+        return report_error("OSError", f"{e.strerror or e}{(': ' + e.filename) if e.filename else ''}", 1,
+                            as_json)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,16 @@
-"""What every command shares: ``--json``, output, the state directory handle.
+"""What every command shares: ``--json``, ``--yes``, output (cli/output.py), the state directory handle.
 
 Caveat: only cli/ imports click.
 """
 from __future__ import annotations
 
-import json
-
 import click
 
-json_opt = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+from .output import Progress, confirm, emit, yes_opt  # noqa: F401  (the shared helpers)
 
-
-def emit(obj, as_json: bool, text: str | None = None) -> None:
-    if as_json:
-        click.echo(json.dumps(obj, indent=2, sort_keys=True))
-    elif text is not None:
-        click.echo(text)
+json_opt = click.option("--json", "as_json", is_flag=True,
+                        help="machine-readable output: one JSON document on stdout, errors as JSON on "
+                             "stderr (docs/CLI.md)")
 
 
 class Ctx:

@@ -4,14 +4,11 @@ Caveat: a front end: control/snapshots.py holds the rules (keys, dependents, mer
 """
 from __future__ import annotations
 
-import json
-import sys
-import time
-
 import click
 
 from .._util.units import format_size
-from .options import Ctx, emit, json_opt, pass_ctx
+from .options import Ctx, Progress, confirm, emit, json_opt, pass_ctx, yes_opt  # noqa: F401 (Progress: old name)
+from .output import contract
 
 
 def member_json(st, rec) -> dict:
@@ -44,6 +41,7 @@ def _show(c: Ctx, kind: str, name: str, as_json: bool) -> None:
     if as_json:
         emit(d, True)
         return
+    d = contract(d)
     src = (d["creationData"] or {}).get("sourceResourceId") or "-"
     for k, v in (("name", d["name"]), ("id", d["id"]), ("size", d["size"]), ("source", src),
                  ("encryption", d["encryption"]["type"]), ("des", d["encryption"].get("diskEncryptionSetId", "-")),
@@ -52,8 +50,11 @@ def _show(c: Ctx, kind: str, name: str, as_json: bool) -> None:
         click.echo(f"{k:<12} {v}")
 
 
-def _delete(c: Ctx, kind: str, name: str, as_json: bool) -> None:
+def _delete(c: Ctx, kind: str, name: str, yes: bool, as_json: bool) -> None:
     from ..control import snapshots
+    deps = snapshots.dependents(c.state, kind, name)
+    if len(deps) <= 1:  # more: delete refuses, naming them; no question first
+        confirm(f"delete {kind} {name}" + (f" (merged into {deps[0]})" if deps else ""), yes)
     r = snapshots.delete(c.state, kind, name)
     emit(r, as_json, f"deleted {kind} {name}" + (f" (merged into {r['merged']})" if r["merged"] else ""))
 
@@ -96,11 +97,12 @@ def snapshot_show(c: Ctx, name, as_json):
 
 @snapshot.command("delete")
 @click.argument("name")
+@yes_opt
 @json_opt
 @pass_ctx
-def snapshot_delete(c: Ctx, name, as_json):
+def snapshot_delete(c: Ctx, name, yes, as_json):
     """Delete a snapshot (merged into the one member built on it, or refused naming them)."""
-    _delete(c, "snapshot", name, as_json)
+    _delete(c, "snapshot", name, yes, as_json)
 
 
 @snapshot.command("diff")
@@ -154,38 +156,9 @@ def image_show(c: Ctx, name, as_json):
 
 @image.command("delete")
 @click.argument("name")
+@yes_opt
 @json_opt
 @pass_ctx
-def image_delete(c: Ctx, name, as_json):
+def image_delete(c: Ctx, name, yes, as_json):
     """Delete an image (merged into the one member built on it, or refused naming them)."""
-    _delete(c, "image", name, as_json)
-
-
-# --- progress of copies --------------------------------------------------------------------------
-
-class Progress:
-    """A progress bar on a terminal (stderr), or at most one JSON event a second (stdout)
-    with --json; nothing otherwise."""
-
-    def __init__(self, as_json: bool, what: str):
-        self.as_json, self.what = as_json, what
-        self.tty = sys.stderr.isatty()
-        self._last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if self.as_json:
-            if now - self._last >= 1.0 or done >= total:
-                self._last = now
-                click.echo(json.dumps({"event": "progress", "operation": self.what, "doneBytes": done,
-                                       "totalBytes": total}))
-            return
-        if self.tty and (now - self._last >= 0.1 or done >= total):
-            self._last = now
-            pct = 100 * done // total if total else 100
-            bar = "#" * (pct // 4)
-            click.echo(f"\r  {self.what} [{bar:<25}] {pct:3d}% of {format_size(total)}", nl=False, err=True)
-
-    def done(self) -> None:
-        if self.tty and not self.as_json and self._last:
-            click.echo("", err=True)
+    _delete(c, "image", name, yes, as_json)

@@ -2,7 +2,8 @@
 the vault directory) and key (over HTTPS as the admin identity made at init).
 
 The main group adds it as ``blockcrypt vault``. Every command takes ``--dir``
-(or ``BLOCKCRYPT_VAULT_DIR``); every listing/showing command takes ``--json``.
+(default: ``$BLOCKCRYPT_VAULT_DIR``, else ``STATE-vault`` beside the state
+directory, i.e. ``/var/lib/blockcrypt-vault``) and ``--json``.
 
 Caveats: identity, policy and audit commands open ``vault.db`` directly and so
 must run on the vault's host as a user who can read the directory; changes
@@ -12,27 +13,54 @@ one error boundary (cli/main.py): one line ``blockcrypt: error: ...``, the error
 from __future__ import annotations
 
 import functools
-import json
+import os
 
 import click
 
 from .._util.clock import iso_z
-from ..errors import AuditBroken, UsageError
+from ..errors import AuditBroken, StateError, UsageError, VaultDirError
+from .options import Ctx, confirm, yes_opt
 from .options import emit as _emit
 from .options import json_opt as JSON_OPTION
+from .output import json_line
 
-DIR_OPTION = click.option("--dir", "vault_dir", required=True, envvar="BLOCKCRYPT_VAULT_DIR",
-                          type=click.Path(file_okay=False), help="vault directory (or BLOCKCRYPT_VAULT_DIR)")
+#: the vault directory when neither --dir nor $BLOCKCRYPT_VAULT_DIR names one: beside the state
+#: directory (/var/lib/blockcrypt -> /var/lib/blockcrypt-vault)
+DEFAULT_VAULT_SUFFIX = "-vault"
+
+
+def default_vault_dir(state_path=None) -> str:
+    from ..control.state import resolve_path
+    return str(resolve_path(state_path)) + DEFAULT_VAULT_SUFFIX
+
+
+def _dir_default(ctx: click.Context, param, value):
+    if value:
+        return value
+    c = ctx.find_object(Ctx)
+    return default_vault_dir(c.state_path if c else None)
+
+
+DIR_HELP = ("vault directory (default: $BLOCKCRYPT_VAULT_DIR, else the state directory's path + "
+            "'-vault': /var/lib/blockcrypt-vault)")
+DIR_OPTION = click.option("--dir", "vault_dir", envvar="BLOCKCRYPT_VAULT_DIR", callback=_dir_default,
+                          type=click.Path(file_okay=False), help=DIR_HELP)
 
 
 def friendly(fn):
-    """ValueError from argument parsing below click (permissions, URLs) is a usage error."""
+    """ValueError from argument parsing below click (permissions, URLs) is a usage error; a
+    StateError about the vault directory says "vault directory" and how to name another."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        except StateError as e:
+            vd = kw.get("vault_dir")
+            if type(e) is StateError and vd and os.path.abspath(str(e.kw.get("path", ""))) == os.path.abspath(vd):
+                raise VaultDirError(path=vd, why=e.kw.get("why", "")) from None
+            raise
     return wrapper
 
 
@@ -47,7 +75,8 @@ def vault():
 
 @vault.command("init")
 @DIR_OPTION
-@click.option("--sku", type=click.Choice(["standard", "premium"]), default="standard", show_default=True)
+@click.option("--sku", type=click.Choice(["standard", "premium"]), default="standard", show_default=True,
+              help="premium also offers RSA-HSM keys (a PKCS#11 token at serve time)")
 @click.option("--retention-days", type=int, default=90, show_default=True, help="soft-delete retention, 7..90")
 @click.option("--purge-protection", is_flag=True, help="refuse purges until the retention period lapses")
 @click.option("--san", multiple=True, help="extra host name or IP for the server certificate")
@@ -60,9 +89,10 @@ def init_cmd(vault_dir, sku, retention_days, purge_protection, san, cert_file, k
     from ..vault.admin import init_vault
     creds = init_vault(vault_dir, sku=sku, retention_days=retention_days, purge_protection=purge_protection,
                        sans=tuple(san), cert_file=cert_file, key_file=key_file)
-    info = {"dir": vault_dir, "sku": sku, "retention_days": retention_days, "purge_protection": purge_protection,
-            "tenant_id": creds["tenant_id"], "admin_client_id": creds["client_id"],
-            "admin_credentials": f"{vault_dir}/admin.json", "ca": f"{vault_dir}/ca.pem"}
+    info = {"dir": os.path.abspath(vault_dir), "sku": sku, "retention_days": retention_days,
+            "purge_protection": purge_protection, "tenant_id": creds["tenant_id"],
+            "admin_client_id": creds["client_id"], "admin_credentials": f"{vault_dir}/admin.json",
+            "ca": f"{vault_dir}/ca.pem"}
     _emit(info, as_json, f"vault created in {vault_dir} (sku {sku}, retention {retention_days} days, purge "
                          f"protection {'on' if purge_protection else 'off'}); admin credentials in "
                          f"{vault_dir}/admin.json, CA in {vault_dir}/ca.pem")
@@ -71,7 +101,8 @@ def init_cmd(vault_dir, sku, retention_days, purge_protection, san, cert_file, k
 @vault.command("serve")
 @DIR_OPTION
 @click.option("--listen", required=True, help="HOST:PORT to listen on (port 0 picks a free port)")
-@click.option("--token-ttl-seconds", type=click.IntRange(5, 86400), default=600, show_default=True)
+@click.option("--token-ttl-seconds", type=click.IntRange(5, 86400), default=600, show_default=True,
+              help="lifetime of the bearer tokens the vault issues")
 @click.option("--public-url", help="base URL clients use, if not https://LISTEN")
 @click.option("--hsm-module", envvar="BLOCKCRYPT_VAULT_HSM_MODULE", help="PKCS#11 module for RSA-HSM keys (premium)")
 @click.option("--hsm-token", envvar="BLOCKCRYPT_VAULT_HSM_TOKEN", help="PKCS#11 token label")
@@ -88,10 +119,13 @@ def init_cmd(vault_dir, sku, retention_days, purge_protection, san, cert_file, k
               help="serve Prometheus metrics at http://HOST:PORT/metrics, loopback only (port 0 picks one)")
 @click.option("--metrics-allow-remote", is_flag=True,
               help="allow a --metrics address that is not loopback (the endpoint has no authentication)")
+@JSON_OPTION
 @friendly
 def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_token, hsm_pin_file,
-              max_connections, max_per_client, request_timeout, verbose, metrics_listen, metrics_allow_remote):
-    """Serve the vault over HTTPS until SIGTERM/SIGINT (prints and writes its URL to serve.json)."""
+              max_connections, max_per_client, request_timeout, verbose, metrics_listen, metrics_allow_remote,
+              as_json):
+    """Serve the vault over HTTPS until SIGTERM/SIGINT (prints and writes its URL to serve.json;
+    --json: one line {"event": "listening", "url", "pid"} once listening)."""
     from ..vault.server.service import parse_listen, serve
     parse_listen(listen)
     hsm = None
@@ -100,9 +134,11 @@ def serve_cmd(vault_dir, listen, token_ttl_seconds, public_url, hsm_module, hsm_
         if not hsm_token or not hsm_pin_file:
             raise UsageError("--hsm-module needs --hsm-token and --hsm-pin-file")
         hsm = open_hsm(hsm_module, hsm_token, hsm_pin_file)
+    ready = (lambda url: json_line({"event": "listening", "url": url, "pid": os.getpid()})) if as_json else None
     serve(vault_dir, listen, token_ttl_seconds=token_ttl_seconds, public_url=public_url, hsm=hsm, verbose=verbose,
           max_connections=max_connections, max_per_client=max_per_client, request_timeout=request_timeout,
-          metrics_listen=metrics_listen, metrics_allow_remote=metrics_allow_remote)
+          metrics_listen=metrics_listen, metrics_allow_remote=metrics_allow_remote, ready=ready,
+          announce=not as_json)
 
 
 # -- identities and policies --------------------------------------------------------------
@@ -145,6 +181,7 @@ def identity_create(name, vault_dir, as_json):
 @JSON_OPTION
 @friendly
 def identity_list(vault_dir, as_json):
+    """List the identities and their permissions (never secrets)."""
     from ..vault.server.identities import list_identities
     from ..vault.server.store import open_store
     store = open_store(vault_dir)
@@ -160,17 +197,23 @@ def identity_list(vault_dir, as_json):
 @identity_grp.command("delete")
 @click.argument("name")
 @DIR_OPTION
+@yes_opt
+@JSON_OPTION
 @friendly
-def identity_delete(name, vault_dir):
-    from ..vault.server.identities import delete_identity
+def identity_delete(name, vault_dir, yes, as_json):
+    """Delete an identity: its tokens stop working at once (disk encryption sets using it lose their key)."""
+    from ..vault.server.identities import delete_identity, find_identity
     from ..vault.server.store import open_store
     store = open_store(vault_dir)
     try:
+        find_identity(store, name)
+        confirm(f"delete vault identity {name} (whatever uses it loses access to its keys)", yes)
         ident = delete_identity(store, name)
         _local_audit(store, "IdentityDelete", f"{ident['name']} {ident['client_id']}")
     finally:
         store.close()
-    click.echo(f"identity {ident['name']} deleted; its tokens no longer work")
+    _emit({"deleted": ident["name"], "clientId": ident["client_id"]}, as_json,
+          f"identity {ident['name']} deleted; its tokens no longer work")
 
 
 @vault.group("policy")
@@ -185,6 +228,7 @@ def policy_grp():
 @JSON_OPTION
 @friendly
 def policy_set(identity, permissions, vault_dir, as_json):
+    """Set an identity's key permissions (replaces what it had)."""
     from ..vault.server.policies import parse_permissions, set_policy
     from ..vault.server.store import open_store
     perms = parse_permissions(permissions)
@@ -198,11 +242,12 @@ def policy_set(identity, permissions, vault_dir, as_json):
 
 
 @policy_grp.command("show")
-@click.option("--identity", required=True)
+@click.option("--identity", required=True, help="identity name or client id")
 @DIR_OPTION
 @JSON_OPTION
 @friendly
 def policy_show(identity, vault_dir, as_json):
+    """Show an identity's key permissions."""
     from ..vault.server.identities import find_identity
     from ..vault.server.policies import PERMISSIONS, permissions_of
     from ..vault.server.store import open_store
@@ -218,20 +263,17 @@ def policy_show(identity, vault_dir, as_json):
 # -- audit ----------------------------------------------------------------------------------
 
 @vault.group("audit", invoke_without_command=True)
-@click.option("--dir", "vault_dir", envvar="BLOCKCRYPT_VAULT_DIR", type=click.Path(file_okay=False),
-              help="vault directory (or BLOCKCRYPT_VAULT_DIR)")
+@DIR_OPTION
 @click.option("--key", "key_name", help="only records about this key")
 @click.option("--limit", type=click.IntRange(1), help="only the last N records")
 @JSON_OPTION
 @click.pass_context
 @friendly
 def audit_grp(ctx, vault_dir, key_name, limit, as_json):
-    """Show the audit log (or `audit verify` to check its hash chain)."""
-    ctx.obj = {"vault_dir": vault_dir, "as_json": as_json}
+    """Show the audit log (or `audit verify` to check its hash chain); --json: JSON Lines, a record a line."""
+    ctx.meta["blockcrypt.audit"] = {"vault_dir": vault_dir, "as_json": as_json}
     if ctx.invoked_subcommand is not None:
         return
-    if not vault_dir:
-        raise UsageError("missing --dir (or BLOCKCRYPT_VAULT_DIR)")
     from ..vault.server import audit
     from ..vault.server.store import open_store
     store = open_store(vault_dir)
@@ -239,9 +281,9 @@ def audit_grp(ctx, vault_dir, key_name, limit, as_json):
         recs = audit.records(store, key=key_name, limit=limit)
     finally:
         store.close()
-    if as_json:
+    if as_json:  # a log: JSON Lines, one record a line (docs/CLI.md)
         for r in recs:
-            click.echo(json.dumps(r, sort_keys=True))
+            json_line(r)
         return
     for r in recs:
         kv = r.get("key", "") + ("/" + r["version"] if r.get("version") else "")
@@ -253,15 +295,14 @@ def audit_grp(ctx, vault_dir, key_name, limit, as_json):
 
 @audit_grp.command("verify")
 @click.option("--dir", "vault_dir", envvar="BLOCKCRYPT_VAULT_DIR", type=click.Path(file_okay=False),
-              help="vault directory (or BLOCKCRYPT_VAULT_DIR)")
+              help=DIR_HELP + "; also accepted before `verify`")
 @JSON_OPTION
 @click.pass_context
 @friendly
 def audit_verify(ctx, vault_dir, as_json):
     """Check the hash chain; names the first edited, removed or reordered record."""
-    vault_dir = vault_dir or (ctx.obj or {}).get("vault_dir")
-    if not vault_dir:
-        raise UsageError("missing --dir (or BLOCKCRYPT_VAULT_DIR)")
+    outer = ctx.meta.get("blockcrypt.audit", {})
+    vault_dir = vault_dir or outer.get("vault_dir")
     from ..vault.server import audit
     from ..vault.server.store import open_store
     store = open_store(vault_dir)
@@ -269,9 +310,9 @@ def audit_verify(ctx, vault_dir, as_json):
         res = audit.verify(store)
     finally:
         store.close()
-    as_json = as_json or (ctx.obj or {}).get("as_json")
+    as_json = as_json or outer.get("as_json")
     if as_json:
-        click.echo(json.dumps(res, sort_keys=True))
+        _emit(res, True)
     elif res["ok"]:
         click.echo(f"audit log intact: {res['records']} records, head {res['head']} (keyed chain; "
                    "keep the head elsewhere to detect a cut tail)"
@@ -287,8 +328,8 @@ def audit_verify(ctx, vault_dir, as_json):
               help="delete the records older than this ISO 8601 date or UTC time "
                    "(2026-12-01 or 2026-12-01T16:30:00Z)")
 @click.option("--dir", "vault_dir", envvar="BLOCKCRYPT_VAULT_DIR", type=click.Path(file_okay=False),
-              help="vault directory (or BLOCKCRYPT_VAULT_DIR)")
-@click.option("--yes", is_flag=True, help="do not ask: the records are deleted for good")
+              help=DIR_HELP + "; also accepted before `prune`")
+@yes_opt
 @JSON_OPTION
 @click.pass_context
 @friendly
@@ -297,22 +338,14 @@ def audit_prune(ctx, before, vault_dir, yes, as_json):
 
     The chain must verify first (nothing is pruned otherwise). Export the records first
     (`vault audit --json`) if they must be kept."""
-    import sys
-
-    vault_dir = vault_dir or (ctx.obj or {}).get("vault_dir")
-    as_json = as_json or (ctx.obj or {}).get("as_json")
-    if not vault_dir:
-        raise UsageError("missing --dir (or BLOCKCRYPT_VAULT_DIR)")
+    outer = ctx.meta.get("blockcrypt.audit", {})
+    vault_dir = vault_dir or outer.get("vault_dir")
+    as_json = as_json or outer.get("as_json")
     from ..vault.server import audit
     from ..vault.server.store import open_store
     when = audit.parse_before(before)
-    if not yes:
-        if not sys.stdin.isatty():
-            raise UsageError("`vault audit prune` deletes audit records for good; pass --yes to do it "
-                             "without a terminal")
-        if not click.confirm(f"Delete the audit records of {vault_dir} older than "
-                             f"{when.strftime('%Y-%m-%dT%H:%M:%SZ')}?", default=False, err=True):
-            raise UsageError("nothing pruned (not confirmed; pass --yes to skip the question)")
+    confirm(f"delete the audit records of {vault_dir} older than {when.strftime('%Y-%m-%dT%H:%M:%SZ')} "
+            "for good", yes)
     store = open_store(vault_dir)
     try:
         res = audit.prune(store, when)
@@ -331,7 +364,8 @@ def _client(vault_dir, url):
     return VaultClient.for_admin(vault_dir, url)
 
 
-URL_OPTION = click.option("--url", help="vault URL (default: the running vault's serve.json)")
+URL_OPTION = click.option("--url", envvar="BLOCKCRYPT_VAULT_URL",
+                          help="vault URL (default: $BLOCKCRYPT_VAULT_URL, else the running vault's serve.json)")
 
 
 def _key_line(b: dict) -> str:
@@ -356,7 +390,8 @@ def key_grp():
 
 @key_grp.command("create")
 @click.argument("name")
-@click.option("--kty", type=click.Choice(["RSA", "RSA-HSM"]), default="RSA", show_default=True)
+@click.option("--kty", type=click.Choice(["RSA", "RSA-HSM"]), default="RSA", show_default=True,
+              help="RSA (software) or RSA-HSM (in the premium vault's PKCS#11 token)")
 @click.option("--size", "size_bits", type=int, default=2048, show_default=True, help="2048, 3072 or 4096")
 @click.option("--tag", multiple=True, help="NAME=VALUE (repeatable)")
 @click.option("--disabled", is_flag=True, help="create the key disabled")
@@ -365,6 +400,7 @@ def key_grp():
 @JSON_OPTION
 @friendly
 def key_create(name, kty, size_bits, tag, disabled, vault_dir, url, as_json):
+    """Create a key (or a new version of it) and show it (never its private part)."""
     tags = {}
     for t in tag:
         k, sep, v = t.partition("=")
@@ -382,6 +418,7 @@ def key_create(name, kty, size_bits, tag, disabled, vault_dir, url, as_json):
 @JSON_OPTION
 @friendly
 def key_list(deleted, vault_dir, url, as_json):
+    """List the keys (--deleted: the soft-deleted ones, with their purge dates)."""
     c = _client(vault_dir, url)
     items = c.list_deleted() if deleted else c.list_keys()
     lines = []
@@ -403,6 +440,7 @@ def key_list(deleted, vault_dir, url, as_json):
 @JSON_OPTION
 @friendly
 def key_show(name, version, all_versions, vault_dir, url, as_json):
+    """Show a key's current version (or one, or all of them)."""
     c = _client(vault_dir, url)
     if all_versions:
         items = c.list_versions(name)
@@ -414,14 +452,18 @@ def key_show(name, version, all_versions, vault_dir, url, as_json):
     _emit(b, as_json, _key_line(b))
 
 
-def _simple(cmd_name: str, help_text: str, fn, with_version: bool = False):
+def _simple(cmd_name: str, help_text: str, fn, with_version: bool = False, ask: str | None = None):
     @click.argument("name")
     @DIR_OPTION
     @URL_OPTION
     @JSON_OPTION
     @friendly
-    def cmd(name, vault_dir, url, as_json, version=None):
-        b = fn(_client(vault_dir, url), name, version)
+    def cmd(name, vault_dir, url, as_json, version=None, yes=False):
+        client = _client(vault_dir, url)
+        if ask:
+            client.get_deleted(name)  # a missing key fails here, before the question
+            confirm(ask.format(name=name), yes)
+        b = fn(client, name, version)
         if b is None:
             _emit({"name": name, "purged": True}, as_json, f"key {name} purged")
         else:
@@ -429,6 +471,8 @@ def _simple(cmd_name: str, help_text: str, fn, with_version: bool = False):
     cmd.__doc__ = help_text
     if with_version:
         cmd = click.option("--version", help="a version (default: the current one)")(cmd)
+    if ask:
+        cmd = yes_opt(cmd)
     key_grp.command(cmd_name)(cmd)
 
 
@@ -465,5 +509,5 @@ _simple("delete", "Soft-delete the key (recoverable until its scheduled purge da
         lambda c, n, v: c.delete_key(n))
 _simple("recover", "Recover a soft-deleted key.", lambda c, n, v: c.recover_key(n))
 _simple("purge", "Purge a soft-deleted key for good (refused under purge protection).",
-        lambda c, n, v: c.purge_key(n))
+        lambda c, n, v: c.purge_key(n), ask="purge key {name} for good (data under it can never be read again)")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from .._util.b64 import b64u_decode
 from .._util.clock import now_iso
 from ..catalog import DesRecord, check_name
-from ..errors import AlreadyExists, KeyError_, NotFound, Refused, UsageError
+from ..errors import AlreadyExists, KeyError_, KeyNotFound, KeyPurged, NotFound, Refused, UsageError
 from ..format import ROLE_DATA
 from ..keys.providers.akv import parse_key_url, secret_path, wrap_alg_for, write_secret
 from ..keys.registry import provider_for_key_url
@@ -82,7 +82,10 @@ def check_vault_key(doc: dict, key_url: str) -> None:
 def probe(client, key_url: str) -> str:
     """get + wrapKey + unwrapKey with the DES identity; returns the versioned kid."""
     _, name, version = parse_key_url(key_url)
-    doc = client.get_key(name, version)
+    try:
+        doc = client.get_key(name, version)
+    except KeyPurged:  # a 404 on a key this DES never used: a wrong name or URL, not a purge
+        raise KeyNotFound(key_id=key_url) from None
     check_vault_key(doc, key_url)
     sample = os.urandom(32)
     alg = wrap_alg_for(doc["key"].get("kty"))
@@ -98,6 +101,9 @@ def _identity(st, name: str, vault_dir: str | None, identity_file: str | None) -
     if identity_file:
         try:
             doc = json.loads(Path(identity_file).read_text())
+            # `vault identity create --json` writes camelCase (clientId); older files snake_case
+            doc = {{"clientId": "client_id", "clientSecret": "client_secret", "tenantId": "tenant_id"}.get(k, k): v
+                   for k, v in doc.items()}
             secret = doc["client_secret"]
             ident = {"name": doc.get("name", ""), "client_id": doc["client_id"], "tenant_id": doc["tenant_id"]}
         except (OSError, ValueError, KeyError) as e:

@@ -311,6 +311,12 @@ def _children_of(st, rec: DiskRecord, h: Header) -> list[tuple[DiskRecord, Heade
     return out
 
 
+def dependents(st, kind: str, name: str) -> list[str]:
+    """The members built directly on member ``name`` (``delete`` merges into one, refuses more)."""
+    rec = st.catalog.get_member(kind, name)
+    return [r.name for r, _ in _children_of(st, rec, disks.read_disk_header(rec))]
+
+
 def delete(st, kind: str, name: str) -> dict:
     rec = st.catalog.get_member(kind, name)
     h = disks.read_disk_header(rec)

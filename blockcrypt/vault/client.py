@@ -14,12 +14,16 @@ no connection, timeout, 5xx, garbage        KeyUnavailable (transient)
 403 KeyDisabled                             KeyDisabled
 403 KeyExpired / KeyNotYetValid             KeyExpired
 404 and the key is in deletedkeys           KeyDeleted (recoverable_until)
-404 otherwise                               KeyPurged (or never existed)
+404 otherwise                               KeyPurged (or never existed: a caller
+                                            that never used the key, as a DES
+                                            probe, says KeyNotFound instead)
 400 on unwrap                               KeyIntegrityError
+token refused for its scope (audience)      VaultAudienceMismatch
 ==========================================  ===========================
 
-Admin calls raise :class:`VaultRequestError` with the vault's own one-line
-message.
+Admin calls raise :class:`VaultRequestError` (404: :class:`VaultNotFound`, 403:
+:class:`VaultForbidden`) with the vault's message made one line of ours: no
+Azure help link, times as ISO dates, advice where we have it.
 
 Caveats: one HTTPS connection per request (simple and robust; a TLS
 handshake costs about a millisecond on loopback); tokens are cached per client
@@ -31,6 +35,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import ssl
 import threading
 import time
@@ -41,11 +46,23 @@ from urllib.parse import urlencode, urlsplit
 from .._util.b64 import b64u_decode, b64u_encode
 from .._util.clock import iso_z
 from ..errors import (VaultRequestError, KeyAccessDenied, KeyDeleted, KeyDisabled, KeyExpired, KeyIntegrityError,
-                      KeyPurged, KeyUnavailable, StateError)
+                      KeyPurged, KeyUnavailable, StateError, VaultAudienceMismatch, VaultForbidden, VaultNotFound)
 
 DEFAULT_API_VERSION = "7.5"
 DEFAULT_TIMEOUT_SECONDS = 15.0
 TOKEN_REFRESH_MARGIN_SECONDS = 60
+
+_HELP_LINK_RE = re.compile(r"\s*For help resolving this issue, please see \S+")
+_UNIX_TIME_RE = re.compile(r"\b(\d{9,11}) \(Unix time\)")
+_NOT_FOUND_RE = re.compile(r"\(name/id\) (\S+) was not found|Deleted Key not found: (\S+)")
+_SCOPE_RE = re.compile(r"The scope must be '([^']+?)(?:/\.default)?'")
+
+
+def clean_message(msg: str) -> str:
+    """The vault's (Azure's) error message as one line of ours: no help link, ISO times."""
+    msg = _HELP_LINK_RE.sub("", msg or "")
+    msg = _UNIX_TIME_RE.sub(lambda m: iso_z(int(m.group(1))), msg)
+    return " ".join(msg.split())
 
 
 class VaultClient:
@@ -141,6 +158,9 @@ class VaultClient:
                 desc = doc.get("error_description") or doc.get("error") or f"HTTP {status}"
                 if status >= 500:
                     raise KeyUnavailable(key_id=self.url, msg=f"token endpoint: {desc}")
+                m = _SCOPE_RE.search(str(desc))
+                if doc.get("error") == "invalid_scope" and m:
+                    raise VaultAudienceMismatch(key_id=self.url, url=self.url, audience=m.group(1))
                 raise KeyAccessDenied(key_id=self.url, msg=f"token request refused: {desc}")
             self._token = doc["access_token"]
             self._token_exp = time.time() + int(doc.get("expires_in", 300))
@@ -178,9 +198,23 @@ class VaultClient:
         if status >= 300:
             err = doc.get("error") if isinstance(doc.get("error"), dict) else {}
             inner = (err.get("innererror") or {}).get("code") if isinstance(err.get("innererror"), dict) else None
-            raise VaultRequestError(f"{err.get('message') or 'HTTP ' + str(status)} ({err.get('code', status)}"
-                                    + (f"/{inner}" if inner else "") + ")",
-                                    status=status, code=str(err.get("code", "")), inner=inner)
+            code = str(err.get("code", ""))
+            msg = clean_message(err.get("message") or f"HTTP {status}")
+            cls = VaultNotFound if status == 404 else VaultForbidden if status == 403 else VaultRequestError
+            m = _NOT_FOUND_RE.search(msg) if code == "KeyNotFound" else None
+            if m and m.group(1):
+                msg = (f"key {m.group(1)} not found in the vault {self.url}: check the name (`blockcrypt vault "
+                       "key list`); a soft-deleted key is listed by `vault key list --deleted` and comes back "
+                       "with `vault key recover`")
+            elif m:
+                msg = (f"key {m.group(2)} is not soft-deleted in the vault {self.url}: only a deleted key can be "
+                       "recovered or purged (`blockcrypt vault key list --deleted`)")
+            elif inner == "PurgeProtectionEnabled":
+                msg += " Recover it with `blockcrypt vault key recover`, or wait for that date."
+            else:
+                msg = f"the vault {self.url} refused {method} {path.split('?')[0]}: {msg}"
+            raise cls(f"{msg} ({code or status}" + (f"/{inner}" if inner else "") + ")",
+                      status=status, code=code, inner=inner)
         return doc
 
     # -- data plane (KEK provider) ----------------------------------------------------------

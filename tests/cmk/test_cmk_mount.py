@@ -96,7 +96,7 @@ def test_cmk_end_to_end(root, state, vault, key_name):
     vault.key("delete", key_name)
     assert until(lambda: direct_io(disk, True) == errno.EIO, BOUND_S + 1) is not None
     assert disk_states(state)["cmk1"]["keyError"]["reason"] == "KeyDeleted"
-    purge = vault.key("purge", key_name, check=False)
+    purge = vault.key("purge", key_name, "--yes", check=False)
     assert purge.returncode != 0  # purge protection holds
     vault.key("recover", key_name)
     assert until(lambda: direct_io(disk, True) == 0, BOUND_S + 2) is not None
@@ -124,7 +124,7 @@ def test_cmk_end_to_end(root, state, vault, key_name):
     disk_id = state.catalog.get_disk("cmk1").disk_id
     events = [json.loads(line) for line in vault.cli("audit", "--key", key_name, "--json").stdout.splitlines()
               if line.strip()]
-    ops = [e["operation"] for e in events if e.get("disk_id") == disk_id]
+    ops = [e["operation"] for e in events if e.get("diskId") == disk_id]
     assert any("Unwrap" in o for o in ops) and any(o.endswith("Wrap") or "WrapKey" in o for o in ops), ops
     key_events = [json.loads(x) for x in (state.path / "logs" / "key-events.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in key_events if e.get("disk") == "cmk1"]

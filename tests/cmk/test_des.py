@@ -164,7 +164,7 @@ def test_key_states_reach_the_data_plane(state, vault, des_rec, key_name):
     vault.key("delete", key_name)
     with pytest.raises(KeyDeleted, match="recoverable until"):
         open_volume(state, "d")
-    p = vault.key("purge", key_name, check=False)
+    p = vault.key("purge", key_name, "--yes", check=False)
     assert p.returncode != 0 and "purge" in (p.stderr + p.stdout).lower()  # purge protection holds
     vault.key("recover", key_name)
     import time

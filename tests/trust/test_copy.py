@@ -66,7 +66,7 @@ def test_killed_copy_is_not_healthy(state):
     p.wait()
     show = json.loads(cli(state, "disk", "show", "half", "--json").stdout)
     assert show["health"] == "Copying" and "interrupted" in show["error"], show
-    cli(state, "disk", "delete", "half")
+    cli(state, "disk", "delete", "half", "--yes")
     assert disks.copy_in_progress(state, "half") is None
 
 

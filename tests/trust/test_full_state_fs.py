@@ -55,7 +55,7 @@ def test_full_state_fs_gives_one_line_and_loses_nothing(small_state):
     fill(st.path / "filler")
     failures = 0
     for args in (("config", "set", "key_check_interval", "5"), ("disk", "resize", "b", "--size", "2M"),
-                 ("disk", "delete", "c"), ("disk", "create", "d", "--size", "1M"),
+                 ("disk", "delete", "c", "--yes"), ("disk", "create", "d", "--size", "1M"),
                  ("config", "set", "on_revoke", "x" * 100000)):
         failures += cli(st, *args).returncode != 0
     assert failures >= 1           # the file system is really full

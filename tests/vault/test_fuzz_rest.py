@@ -44,7 +44,7 @@ def test_rest_surface_fuzz(vault_factory):
     v = vault_factory()
     vault_cli("key", "create", "k1", "--dir", v.dir)
     ident = json.loads(vault_cli("identity", "create", "nobody", "--dir", v.dir, "--json").stdout)
-    ident.setdefault("tenant_id", v.admin()["tenant_id"])
+    ident.setdefault("tenantId", v.admin()["tenant_id"])
     tok = identity_token(v, ident)
     before = _state(v.dir / "vault.db")
     rng = random.Random(int(os.environ.get("BLOCKCRYPT_FUZZ_SEED", "15")))
@@ -54,7 +54,7 @@ def test_rest_surface_fuzz(vault_factory):
     while time.monotonic() < deadline:
         path = "/" + "/".join(rng.choice(SEGMENTS) for _ in range(rng.randint(0, 4))) + rng.choice(QUERIES)
         if rng.random() < 0.2:
-            path = f"/{ident['tenant_id']}/oauth2/v2.0/token" + rng.choice(QUERIES)
+            path = f"/{ident['tenantId']}/oauth2/v2.0/token" + rng.choice(QUERIES)
         method = rng.choice(METHODS)
         body = rng.choice(BODIES)
         headers = {}

@@ -31,7 +31,7 @@ def test_init_validation(tmp_path):
     assert "7..90" in msg
     assert vault_cli("init", "--dir", tmp_path / "a", "--sku", "gold", check=False).returncode == 2
     out = json.loads(vault_cli("init", "--dir", tmp_path / "a", "--sku", "premium", "--json").stdout)
-    assert out["sku"] == "premium" and out["retention_days"] == 90
+    assert out["sku"] == "premium" and out["retentionDays"] == 90
     _one_line_error(vault_cli("init", "--dir", tmp_path / "a", check=False), 4)
     for name in ("master.key", "admin.json", "server.key", "ca.key", "vault.db"):
         assert (tmp_path / "a" / name).stat().st_mode & 0o077 == 0, name
@@ -59,14 +59,18 @@ def test_key_commands(shared_vault):
     assert j("disable", "cli-k")["attributes"]["enabled"] is False
     assert j("enable", "cli-k")["attributes"]["enabled"] is True
     dk = j("delete", "cli-k")
-    assert dk["scheduledPurgeDate"] - dk["deletedDate"] == 7 * 86400
+    from datetime import datetime
+    days = datetime.fromisoformat(dk["scheduledPurgeDate"]) - datetime.fromisoformat(dk["deletedDate"])
+    assert days.total_seconds() == 7 * 86400  # the CLI's times are ISO 8601 UTC
     assert "cli-k" in {it["kid"].rsplit("/", 1)[1] for it in j("list", "--deleted")}
-    msg = _one_line_error(vault_cli("key", "purge", "cli-k", "--dir", d, check=False), 40)
+    msg = _one_line_error(vault_cli("key", "purge", "cli-k", "--dir", d, check=False), 2)
+    assert "--yes" in msg  # no terminal to ask on
+    msg = _one_line_error(vault_cli("key", "purge", "cli-k", "--yes", "--dir", d, check=False), 44)
     assert "purge protection" in msg
     assert j("recover", "cli-k")["key"]["kid"] == r["key"]["kid"]
     text = vault_cli("key", "show", "cli-k", "--dir", d).stdout
     assert "3072-bit enabled" in text
-    assert "KeyNotFound" in _one_line_error(vault_cli("key", "show", "no-such", "--dir", d, check=False), 40)
+    assert "KeyNotFound" in _one_line_error(vault_cli("key", "show", "no-such", "--dir", d, check=False), 43)
     _one_line_error(vault_cli("key", "create", "x", "--size", "1000", "--dir", d, check=False), 40)
     _one_line_error(vault_cli("key", "create", "x", "--tag", "novalue", "--dir", d, check=False), 2)
 
@@ -74,10 +78,10 @@ def test_key_commands(shared_vault):
 def test_identity_and_policy(shared_vault):
     d = shared_vault.dir
     ident = json.loads(vault_cli("identity", "create", "cli-app", "--dir", d, "--json").stdout)
-    assert len(ident["client_secret"]) >= 32
-    assert ident["client_secret"].encode() not in (d / "vault.db").read_bytes()
+    assert len(ident["clientSecret"]) >= 32
+    assert ident["clientSecret"].encode() not in (d / "vault.db").read_bytes()
     listing = vault_cli("identity", "list", "--dir", d).stdout
-    assert "cli-app" in listing and ident["client_secret"] not in listing
+    assert "cli-app" in listing and ident["clientSecret"] not in listing
     _one_line_error(vault_cli("identity", "create", "cli-app", "--dir", d, check=False), 4)
     msg = _one_line_error(vault_cli("policy", "set", "--dir", d, "--identity", "cli-app", "--permissions",
                                     "get,fly", check=False), 2)
@@ -85,8 +89,8 @@ def test_identity_and_policy(shared_vault):
     vault_cli("policy", "set", "--dir", d, "--identity", "cli-app", "--permissions", "GET,wrapkey,unwrapKey")
     shown = json.loads(vault_cli("policy", "show", "--dir", d, "--identity", "cli-app", "--json").stdout)
     assert shown["permissions"] == sorted(["get", "wrapKey", "unwrapKey"])
-    app = VaultClient(shared_vault.url, tenant_id=ident["tenant_id"], client_id=ident["client_id"],
-                      client_secret=ident["client_secret"], ca_file=str(d / "ca.pem"))
+    app = VaultClient(shared_vault.url, tenant_id=ident["tenantId"], client_id=ident["clientId"],
+                      client_secret=ident["clientSecret"], ca_file=str(d / "ca.pem"))
     VaultClient.for_admin(d).create_key("cli-pol")
     kid, wrapped = app.wrap("cli-pol", None, b"k" * 32)
     assert app.unwrap("cli-pol", None, wrapped) == b"k" * 32
@@ -99,7 +103,7 @@ def test_identity_and_policy(shared_vault):
     vault_cli("policy", "set", "--dir", d, "--identity", "cli-app", "--permissions", "")
     with pytest.raises(KeyAccessDenied):  # takes effect at the next request
         app.unwrap("cli-pol", None, wrapped)
-    vault_cli("identity", "delete", "cli-app", "--dir", d)
+    vault_cli("identity", "delete", "cli-app", "--dir", d, "--yes")
     with pytest.raises(KeyAccessDenied):  # token dies with the identity
         app.get_key("cli-pol")
 
@@ -154,7 +158,7 @@ def test_audit_filter_and_verify_detects_tampering(tmp_path):
         v.stop()
     recs = [json.loads(x) for x in vault_cli("audit", "--dir", d, "--key", "aud-a", "--json").stdout.splitlines()]
     assert {r["operation"] for r in recs} == {"KeyCreate", "KeyWrap"} and all(r["key"] == "aud-a" for r in recs)
-    assert [r["disk_id"] for r in recs if r["operation"] == "KeyWrap"] == ["disk-7"]
+    assert [r["diskId"] for r in recs if r["operation"] == "KeyWrap"] == ["disk-7"]
     text = vault_cli("audit", "--dir", d, "--key", "aud-a").stdout
     assert "KeyWrap" in text and "disk=disk-7" in text
     ok = vault_cli("audit", "verify", "--dir", d)
@@ -177,7 +181,7 @@ def test_audit_filter_and_verify_detects_tampering(tmp_path):
         UPDATE audit SET seq = 4 WHERE seq = -3;""")
     p = vault_cli("audit", "verify", "--dir", reordered, "--json", check=False)
     res = json.loads(p.stdout)
-    assert p.returncode == 22 and res["bad_seq"] == 3 and not res["ok"]
+    assert p.returncode == 22 and res["badSeq"] == 3 and not res["ok"]
 
     relinked = _tampered_copy(d, tmp_path / "relinked", f"DELETE FROM audit WHERE seq = {n};")
     assert vault_cli("audit", "verify", "--dir", relinked).returncode == 0  # tail cut: see the documented caveat

@@ -46,8 +46,8 @@ def test_restart_loses_nothing(tmp_path):
         assert c2.unwrap("r1", kid.rsplit("/", 1)[1], wrapped) == DEK
         # the token from before the restart is still good (signed with a master-key derived key)
         assert raw(v, "GET", "/keys?api-version=7.5", token=token)[0] == 200
-        app = VaultClient(v.url, tenant_id=ident["tenant_id"], client_id=ident["client_id"],
-                          client_secret=ident["client_secret"], ca_file=str(d / "ca.pem"))
+        app = VaultClient(v.url, tenant_id=ident["tenantId"], client_id=ident["clientId"],
+                          client_secret=ident["clientSecret"], ca_file=str(d / "ca.pem"))
         assert app.unwrap("r1", kid.rsplit("/", 1)[1], wrapped) == DEK
         res = json.loads(vault_cli("audit", "verify", "--dir", d, "--json").stdout)
         assert res["ok"]

@@ -190,7 +190,7 @@ def test_disk_id_context_is_audited(v, client):
     assert client.unwrap("rest-ctx", kid.rsplit("/", 1)[1], wrapped, disk_id="disk-0042") == DEK
     recs = [json.loads(x) for x in vault_cli("audit", "--dir", v.dir, "--key", "rest-ctx", "--json").stdout.splitlines()]
     unwraps = [r for r in recs if r["operation"] == "KeyUnwrap"]
-    assert unwraps[-1]["disk_id"] == "disk-0042" and unwraps[-1]["version"] == kid.rsplit("/", 1)[1]
+    assert unwraps[-1]["diskId"] == "disk-0042" and unwraps[-1]["version"] == kid.rsplit("/", 1)[1]
     assert unwraps[-1]["identity"] == "admin" and unwraps[-1]["status"] == 200
 
 

@@ -33,8 +33,14 @@ class VaultTokenCredential:
         return AccessToken(doc["access_token"], int(time.time()) + int(doc["expires_in"]))
 
 
+def _snake(ident: dict) -> dict:
+    """An identity from `vault identity create --json` (camelCase) or admin.json (snake_case)."""
+    names = {"clientId": "client_id", "clientSecret": "client_secret", "tenantId": "tenant_id"}
+    return {names.get(k, k): v for k, v in ident.items()}
+
+
 def credential(v, ident: dict | None = None) -> VaultTokenCredential:
-    ident = ident or v.admin()
+    ident = _snake(ident or v.admin())
     return VaultTokenCredential(v.url, ident["client_id"], ident["client_secret"], str(v.dir / "ca.pem"))
 
 
@@ -60,6 +66,7 @@ def admin_token(v) -> str:
 
 def identity_token(v, ident: dict) -> str:
     """A bearer token for identity ``ident`` (client_id, client_secret; the vault's tenant)."""
+    ident = _snake(ident)
     tenant = ident.get("tenant_id") or v.admin()["tenant_id"]
     r = requests.post(f"{v.url}/{tenant}/oauth2/v2.0/token",
                       data={"grant_type": "client_credentials", "client_id": ident["client_id"],

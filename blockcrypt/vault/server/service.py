@@ -639,10 +639,11 @@ def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DE
           public_url: str | None = None, hsm=None, verbose: bool = False, ready=None,
           max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT,
           request_timeout: float = REQUEST_TIMEOUT_SECONDS, metrics_listen: str | None = None,
-          metrics_allow_remote: bool = False) -> None:
-    """Run the vault until SIGTERM/SIGINT. Prints and writes (serve.json) its URL once listening.
-    ``metrics_listen``: HOST:PORT of a Prometheus endpoint (loopback unless allowed). Under
-    systemd Type=notify it sends READY=1 once listening and STOPPING=1 when it stops."""
+          metrics_allow_remote: bool = False, announce: bool = True) -> None:
+    """Run the vault until SIGTERM/SIGINT. Prints (unless not ``announce``) and writes
+    (serve.json) its URL once listening. ``metrics_listen``: HOST:PORT of a Prometheus
+    endpoint (loopback unless allowed). Under systemd Type=notify it sends READY=1 once
+    listening and STOPPING=1 when it stops."""
     from ..._util.sdnotify import notify
     host, port = parse_listen(listen)
     if metrics_listen:
@@ -686,7 +687,8 @@ def serve(vault_dir: str, listen: str, *, token_ttl_seconds: int = identities.DE
         def on_signal(signum, frame):
             raise KeyboardInterrupt
         signal.signal(signal.SIGTERM, on_signal)
-        print(f"vault listening on {base}", flush=True)
+        if announce:
+            print(f"vault listening on {base}", flush=True)
         notify("READY=1", f"STATUS=serving {base}")
         if ready:
             ready(base)
