@@ -256,7 +256,7 @@ class KeyNotFound(KeyError_):
 class KeyNotInStore(KeyError_):
     """platform key {version} is not in this key store; import it with `blockcrypt platform-key import`"""
 
-    exit_code = 38
+    exit_code = 46
     reason = "KeyNotFound"
 
     def __init__(self, msg=None, **kw):
@@ -267,7 +267,7 @@ class KeyNotInStore(KeyError_):
 class KeyBackupError(KeyError_):
     """cannot read the platform-key backup: {why}"""
 
-    exit_code = 38
+    exit_code = 47
 
     def __init__(self, msg=None, **kw):
         kw.setdefault("key_id", "platform")

@@ -118,7 +118,7 @@ def test_backup_file_errors_are_one_line(tmp_path, passphrase):
     b = tmp_path / "hostB"
     bc(b, "init")
     before = (b / "keys" / "platform.json").read_bytes()
-    p = bc(b, "platform-key", "import", out, "--passphrase-file", wrong, "--replace-unused", "--yes", expect=38)
+    p = bc(b, "platform-key", "import", out, "--passphrase-file", wrong, "--replace-unused", "--yes", expect=47)
     assert "wrong passphrase" in p.stderr
     p = bc(b, "platform-key", "import", out, expect=2)
     assert "--passphrase-file" in p.stderr
@@ -126,10 +126,10 @@ def test_backup_file_errors_are_one_line(tmp_path, passphrase):
     doc["versions"][0]["version"] = 7
     tampered = tmp_path / "tampered.json"
     tampered.write_text(json.dumps(doc))
-    bc(b, "platform-key", "import", tampered, "--passphrase-file", passphrase, expect=38)
+    bc(b, "platform-key", "import", tampered, "--passphrase-file", passphrase, expect=47)
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{\"format\": \"something else\"}")
-    p = bc(b, "platform-key", "import", garbage, "--passphrase-file", passphrase, expect=38)
+    p = bc(b, "platform-key", "import", garbage, "--passphrase-file", passphrase, expect=47)
     assert "not a blockcrypt platform-key backup" in p.stderr
     assert (b / "keys" / "platform.json").read_bytes() == before   # nothing imported by any of them
     # raw export: only with the confirmation, 0600, and it imports without a passphrase
@@ -164,7 +164,7 @@ def test_move_a_platform_key_disk_to_another_host(tmp_path, passphrase):
     subprocess.run(["cp", "--sparse=always", str(disk_file), str(b / "disks")], check=True)
     rb = bcj(b, "catalog", "rebuild")
     assert sorted(rb["disks"]) == ["db", "web"]
-    p = bc(b, "disk", "dump-key", "web", "--out", tmp_path / "dek", "--yes-i-understand", expect=38)
+    p = bc(b, "disk", "dump-key", "web", "--out", tmp_path / "dek", "--yes-i-understand", expect=46)
     assert ("platform key 2 is not in this key store; import it with `blockcrypt platform-key import`"
             in p.stderr), p.stderr
     assert "purged" not in p.stderr and not (tmp_path / "dek").exists()

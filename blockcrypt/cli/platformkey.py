@@ -7,12 +7,10 @@ from the command line, where `ps` would show it).
 """
 from __future__ import annotations
 
-import sys
-
 import click
 
 from ..errors import UsageError
-from .options import Ctx, emit, json_opt, pass_ctx
+from .options import Ctx, confirm, emit, json_opt, pass_ctx, yes_opt
 
 
 @click.command("export")
@@ -47,18 +45,14 @@ def pk_export(c: Ctx, out, passphrase_file, versions, yes, as_json):
 @click.option("--replace-unused", is_flag=True,
               help="replace a version this store holds with another key when no disk here uses it "
                    "(a store just made by `blockcrypt init` on a host being restored)")
-@click.option("--yes", is_flag=True, help="with --replace-unused: do not ask")
+@yes_opt
 @json_opt
 @pass_ctx
 def pk_import(c: Ctx, file, passphrase_file, replace_unused, yes, as_json):
     """Add the platform keys of a backup to this store (idempotent; a different key under a
     version this store holds is refused)."""
-    if replace_unused and not yes:
-        if not sys.stdin.isatty():
-            raise UsageError("--replace-unused replaces unused platform keys of this store; pass --yes to do "
-                             "it without a terminal")
-        click.confirm("replace the platform keys of this store that no disk uses with the backup's?",
-                      abort=True)
+    if replace_unused:
+        confirm("replace the platform keys of this store that no disk uses with the backup's", yes)
     from ..control.platformkeys import import_keys
     r = import_keys(c.state, file, passphrase_file=passphrase_file, replace_unused=replace_unused)
     parts = [f"{k} {', '.join(f'platform/{v}' for v in r[k])}" for k in ("added", "replaced", "unchanged") if r[k]]

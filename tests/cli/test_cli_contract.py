@@ -81,11 +81,14 @@ def test_exit_code_table_matches_errors_py():
     assert rows == classes, "docs/CLI.md's exit-code table differs from blockcrypt/errors.py (make cli-doc)"
     assert others == set(errors.OTHER_EXIT_CODES)
     # the four key failures a user must tell apart have four codes
-    distinct = [errors.KeyNotFound, errors.KeyPurged, errors.KeyAccessDenied, errors.VaultAudienceMismatch,
-                errors.VaultNotFound, errors.VaultForbidden, errors.VaultRequestError]
+    distinct = [errors.KeyNotFound, errors.KeyPurged, errors.KeyNotInStore, errors.KeyAccessDenied,
+                errors.VaultAudienceMismatch, errors.VaultNotFound, errors.VaultForbidden, errors.VaultRequestError]
     assert len({c.exit_code for c in distinct}) == len(distinct)
-    # reserved codes are not taken by a class
-    assert not {50, 51} & set(classes.values())
+    # `status` for monitoring scripts (issue 16): 50-53, one finding each, nothing else on them
+    status = {errors.StatusMountDead: 50, errors.StatusDiskStopped: 51, errors.StatusDiskCorrupt: 52,
+              errors.StatusServingOnGrace: 53}
+    assert {c: c.exit_code for c in status} == status
+    assert sorted(v for v in classes.values() if 50 <= v <= 59) == [50, 51, 52, 53]
 
 
 def test_cli_md_is_generated_and_current():

@@ -147,6 +147,11 @@ def test_every_command_json_validates(tmp_path, vaults):
     run("platform-key", "list")
     rot = run("platform-key", "rotate")
     assert rot["version"] == 2
+    pp = tmp_path / "pass"
+    pp.write_text("a passphrase of some length\n")
+    ex = run("platform-key", "export", "--out", tmp_path / "keys.bak", "--passphrase-file", pp)
+    assert ex["versions"] == [2] and ex["protection"] == "passphrase"   # 1 was retired by the rotation
+    assert run("platform-key", "import", tmp_path / "keys.bak", "--passphrase-file", pp)["unchanged"] == [2]
     run("catalog", "rebuild")
     assert run("config", "set", "max_des", "7")["value"] == 7
     assert run("config", "get", "key_check_interval")["value"] == 60
@@ -181,6 +186,7 @@ def test_every_command_json_validates(tmp_path, vaults):
     run("des", "delete", "d1", "--yes")
     run("vault", "audit", "--limit", "5")
     run("vault", "audit", "verify")
+    assert run("vault", "audit", "prune", "--before", "2000-01-01", "--yes")["pruned"] == 0
     # delete, recover and purge on a vault without purge protection
     run("vault", "key", "create", "gone", "--dir", plain.dir)
     dk = run("vault", "key", "delete", "gone", "--dir", plain.dir)
