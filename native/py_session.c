@@ -4,7 +4,9 @@
  *
  *   Session(mountpoint, *, statfs_path, allow_other=False, max_threads=0,
  *           open_disk=None, closed=None, lookup_miss=None, debug=False, dirs=None,
- *           set_attr=None, set_xattr=None)
+ *           set_attr=None, set_xattr=None, xattrs=True)
+ *           xattrs=False: the xattr operations answer ENOSYS, so the kernel stops sending
+ *           them (and its security.capability lookup before every write)
  *       mounts (OSError(errno, "cannot mount ...: ...") on failure); serve with .loop();
  *       dirs: the top-level directory names (default ("disks",))
  *   .set_disk(path, size, mode=0o600, uid=0, gid=0, read_only=False, backing_path=None,
@@ -344,21 +346,21 @@ static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"mountpoint", "statfs_path", "allow_other", "max_threads",
                              "open_disk", "closed", "lookup_miss", "debug", "dirs",
-                             "set_attr", "set_xattr", NULL};
+                             "set_attr", "set_xattr", "xattrs", NULL};
     PyObject *mp = NULL, *sp = NULL, *dirs = Py_None, *dirs_fast = NULL;
     const char *dir_names[BC_SESSION_MAX_DIRS];
     unsigned ndirs = 0;
-    int allow_other = 0, max_threads = 0, debug = 0;
+    int allow_other = 0, max_threads = 0, debug = 0, xattrs = 1;
     PyObject *open_disk = Py_None, *closed = Py_None, *lookup_miss = Py_None;
     PyObject *set_attr = Py_None, *set_xattr = Py_None;
     if (self->s != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Session is already mounted");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|$O&piOOOpOOO", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|$O&piOOOpOOOp", kwlist,
                                      PyUnicode_FSConverter, &mp, PyUnicode_FSConverter, &sp,
                                      &allow_other, &max_threads, &open_disk, &closed,
-                                     &lookup_miss, &debug, &dirs, &set_attr, &set_xattr))
+                                     &lookup_miss, &debug, &dirs, &set_attr, &set_xattr, &xattrs))
         goto fail;
     if (dirs != Py_None) {
         dirs_fast = PySequence_Fast(dirs, "dirs must be a sequence of str");
@@ -405,6 +407,7 @@ static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
         .mountpoint = PyBytes_AS_STRING(mp),
         .statfs_path = PyBytes_AS_STRING(sp),
         .allow_other = allow_other,
+        .xattrs = xattrs,
         .max_threads = max_threads,
         .max_request_bytes = 0,
         .debug = debug,

@@ -16,7 +16,7 @@ import time
 import fuse
 import pytest
 
-from blockcrypt.control import disks
+from blockcrypt.control import disks, settings
 from blockcrypt.format import layout
 from blockcrypt.mount import fusepy_fs, tree
 from blockcrypt.mount.fusepy_fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DiskFS
@@ -28,6 +28,7 @@ MiB = 1 << 20
 def fs(state):
     disks.create(state, "a", 8 * MiB)
     disks.create(state, "b", 4 * MiB, sector_size=512)
+    settings.set_(state, "xattrs", "true")   # served only with the setting on (read at mount time)
     ops = DiskFS(state)
     yield ops
     ops.close_all()
@@ -271,3 +272,15 @@ def test_owner_mode_and_xattrs_are_kept_per_disk(fs, state):
     assert state.catalog.all_attrs().keys() == {rec.disk_id}
     cdisks.delete(state, "a")
     assert state.catalog.all_attrs() == {}                              # a deleted disk's attributes go with it
+
+
+def test_xattrs_off_answer_enosys(state):
+    """The default: the xattr operations answer ENOSYS (the kernel then stops sending them)."""
+    disks.create(state, "a", 8 * MiB)
+    fs = DiskFS(state)
+    try:
+        for op, args in (("getxattr", ("/disks/a", "user.x")), ("listxattr", ("/disks/a",)),
+                         ("setxattr", ("/disks/a", "user.x", b"1", 0)), ("removexattr", ("/disks/a", "user.x"))):
+            assert _errno(fs, op, *args) == errno.ENOSYS, op
+    finally:
+        fs.close_all()

@@ -59,7 +59,7 @@ def test_settings_are_validated_canonical_and_marked_mount_time(state):
     assert {n for n, s in settings.SETTINGS.items() if s.mount_time} == {"encryption_at_host", "temp_disks",
                                                                           "temp_dir",  # issue 16:
                                                                           "metrics_listen", "log_max_bytes",
-                                                                          "log_files"}
+                                                                          "log_files", "xattrs"}
 
 
 def test_options_override_the_settings(state, tmp_path):

@@ -91,6 +91,10 @@ SETTINGS = {s.name: s for s in (
     Setting("log_files", "5", _number(int, 1, 1000),
             "rotated mount log files kept besides the current one (read at mount time)",
             "a whole number from 1 to 1000", mount_time=True),
+    Setting("xattrs", "false", parse_on_off,
+            "serve user. and trusted. extended attributes on disk files, for libvirt's DAC driver (read at "
+            "mount time; with them on, the kernel asks for security.capability before every write: one "
+            "more FUSE round trip per write)", "true or false", mount_time=True),
     Setting("warning_repeat_interval", "300", _number(float, 0, DAY_S),
             "seconds between repeats of a warning that lasts (a vault outage): the first one is logged, "
             "then one per interval, then a line when it ends", "seconds, from 0 to 86400"),

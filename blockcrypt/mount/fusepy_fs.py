@@ -85,6 +85,7 @@ import time
 
 import fuse
 
+from ..control import settings
 from ..errors import BlockcryptError
 from . import tree
 from .status import FrontEndStatus
@@ -196,6 +197,7 @@ class DiskFS(FrontEndStatus, fuse.Operations):
         self.cache = cache
         self.null_cipher = bool(null_cipher)
         self.allow_other = bool(allow_other)
+        self._xattrs_setting = None
         self._on_change = on_change or (lambda fs: None)
         self._on_ready = on_ready
         self._lock = threading.Lock()            # handles, open disks, failures
@@ -452,13 +454,24 @@ class DiskFS(FrontEndStatus, fuse.Operations):
             return {}
         return dict(self._record(name).attrs.xattrs)
 
+    def _xattrs_on(self) -> None:
+        """The `xattrs` setting (read once, at mount time): off, the xattr operations answer
+        ENOSYS, so the kernel stops sending them (and its security.capability lookup before
+        every write: one FUSE round trip per write)."""
+        if self._xattrs_setting is None:
+            self._xattrs_setting = bool(settings.get(self.state, "xattrs"))
+        if not self._xattrs_setting:
+            raise fuse.FuseOSError(errno.ENOSYS)
+
     def getxattr(self, path, name, position=0):
+        self._xattrs_on()
         value = self._xattrs(path).get(name)
         if value is None:  # security.capability before writes too: not kept, so ENODATA
             raise fuse.FuseOSError(errno.ENODATA)
         return value
 
     def listxattr(self, path):
+        self._xattrs_on()
         try:  # trusted.* for privileged callers, as on ext4
             privileged = fuse.fuse_get_context()[0] == 0
         except ValueError:  # no request context (a direct call): this process's own
@@ -466,12 +479,14 @@ class DiskFS(FrontEndStatus, fuse.Operations):
         return [n for n in self._xattrs(path) if privileged or not n.startswith("trusted.")]
 
     def setxattr(self, path, name, value, options, position=0):
+        self._xattrs_on()
         src, leaf = self._file(path)
         src.set_xattr(leaf, name, bytes(value), options)
         self._recorded()
         return 0
 
     def removexattr(self, path, name):
+        self._xattrs_on()
         src, leaf = self._file(path)
         src.set_xattr(leaf, name, None)
         self._recorded()

@@ -38,6 +38,7 @@ import struct
 import threading
 import time
 
+from ..control import settings
 from ..errors import BlockcryptError
 from . import tree
 from .status import FrontEndStatus
@@ -258,7 +259,8 @@ class NativeFS(FrontEndStatus):
                                         max_threads=self.max_threads, open_disk=self._open_disk,
                                         closed=self._closed, lookup_miss=self._lookup_miss,
                                         dirs=[src.dir for src in self.sources], set_attr=self._set_attr,
-                                        set_xattr=self._set_xattr)
+                                        set_xattr=self._set_xattr,
+                                        xattrs=bool(settings.get(self.state, "xattrs")))
         try:
             self.sync_table()
             syncer = threading.Thread(target=self._sync_loop, name="bc-catalog-sync", daemon=True)

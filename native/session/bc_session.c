@@ -118,6 +118,7 @@ struct bc_session {
     char *statfs_path;
     char *wake_path;
     int max_threads;
+    int xattrs;                    /* opts->xattrs: serve the xattr operations */
     uint32_t max_req;
     uid_t uid;
     gid_t gid;
@@ -1146,6 +1147,10 @@ static void op_create(fuse_req_t req, fuse_ino_t p, const char *n, mode_t m, str
 /* getxattr: from the disk's blob (directories have none). */
 static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
+    if (!((struct bc_session *)fuse_req_userdata(req))->xattrs) {
+        fuse_reply_err(req, ENOSYS);   /* the kernel stops asking, security.capability too */
+        return;
+    }
     struct bc_session *s = fuse_req_userdata(req);
     if (ino == INO_ROOT || is_dir_ino(s, ino)) {
         fuse_reply_err(req, ENODATA);
@@ -1184,6 +1189,10 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
 
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
+    if (!((struct bc_session *)fuse_req_userdata(req))->xattrs) {
+        fuse_reply_err(req, ENOSYS);
+        return;
+    }
     struct bc_session *s = fuse_req_userdata(req);
     if (ino == INO_ROOT || is_dir_ino(s, ino)) {
         if (size == 0)
@@ -1227,6 +1236,10 @@ static void change_xattr(fuse_req_t req, fuse_ino_t ino, const char *name, const
                          size_t size, int flags)
 {
     struct bc_session *s = fuse_req_userdata(req);
+    if (!s->xattrs) {
+        fuse_reply_err(req, ENOSYS);
+        return;
+    }
     if (ino == INO_ROOT || is_dir_ino(s, ino)) {
         fuse_reply_err(req, EPERM);   /* the tree is the control plane's */
         return;
@@ -1389,6 +1402,7 @@ int bc_session_new(const struct bc_session_opts *opts, const struct bc_session_h
     s->gid = getgid();
     clock_gettime(CLOCK_REALTIME, &s->t_start);
     s->max_threads = opts->max_threads > 0 ? opts->max_threads : DEFAULT_MAX_THREADS;
+    s->xattrs = opts->xattrs != 0;
     uint32_t req = opts->max_request_bytes ? opts->max_request_bytes : BC_MAX_REQUEST;
     if (req > BC_MAX_REQUEST)
         req = BC_MAX_REQUEST;

@@ -105,6 +105,9 @@ struct bc_session_opts {
     const char *mountpoint;
     const char *statfs_path;      /* statfs answers for this directory (the state directory) */
     int allow_other;              /* -o allow_other (and default_permissions) */
+    int xattrs;                   /* serve getxattr/setxattr/listxattr/removexattr; 0: ENOSYS, so
+                                   * the kernel stops asking (and stops its per-write
+                                   * security.capability lookup) */
     int max_threads;              /* worker threads (0: libfuse default) */
     uint32_t max_request_bytes;   /* 0: 1 MiB */
     int debug;                    /* libfuse debug output on stderr */

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from blockcrypt.control import disks
+from blockcrypt.control import disks, settings
 
 from support.fusehelpers import Mount, backing_path, cleanup_tree, need, wait_for
 from test_vm_boot import GUEST_SECTOR, HOST_OFF, _busybox_static, _initramfs, _kernel
@@ -120,6 +120,7 @@ def test_virsh_boots_a_vm_from_a_blockcrypt_disk(state, libvirtd, vmdir):
         f.chmod(0o644)
     mp = vmdir / "mnt"
     mp.mkdir()
+    settings.set_(state, "xattrs", "true")   # libvirt's DAC driver remembers owners in trusted.*
     Mount(state, mp, allow_other=True).start()
     disks.create(state, "vm", 64 * MiB)
     p = mp / "disks" / "vm"

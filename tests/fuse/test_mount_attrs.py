@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from blockcrypt.control import disks
+from blockcrypt.control import disks, settings
+from blockcrypt.control.state import State
 
 from support.fusehelpers import Mount, cleanup_tree, need, wait_for
 
@@ -23,6 +24,36 @@ MiB = 1 << 20
 QEMU_UID = 64055   # Debian's libvirt-qemu user (any unprivileged uid does here)
 DAC = "trusted.libvirt.security.dac"
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+@pytest.fixture
+def state(root):
+    """xattrs are served only with the `xattrs` setting on (read at mount time)."""
+    st = State.init(root / "state")
+    settings.set_(st, "xattrs", "true")
+    return st
+
+
+def test_xattrs_are_off_by_default(root, frontend):
+    """Off (the default), the xattr operations answer ENOSYS once: the kernel stops sending
+    them, its security.capability lookup before every write included."""
+    st = State.init(root / "plain-state")
+    mp = root / "plain-mnt"
+    mp.mkdir()
+    m = Mount(st, mp).start()
+    try:
+        disks.create(st, "d", 8 * MiB)
+        p = m.disk("d")
+        wait_for(p.exists, what="disk file")
+        for call in (lambda: os.listxattr(p), lambda: os.getxattr(p, "user.x"),
+                     lambda: os.setxattr(p, "user.x", b"1")):
+            with pytest.raises(OSError) as ei:
+                call()
+            assert ei.value.errno == errno.EOPNOTSUPP
+        with open(p, "r+b", buffering=0) as f:   # writes still work
+            f.write(b"data")
+    finally:
+        m.stop()
 
 
 def _getxattr_size(path, name, size: int) -> tuple[int, int]:
