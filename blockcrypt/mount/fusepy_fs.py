@@ -234,7 +234,8 @@ class DiskFS(FrontEndStatus, fuse.Operations):
             if isinstance(e.errno, int) and e.errno > 0:
                 if e.errno not in (errno.ENOENT, errno.EPERM, errno.EROFS, errno.EOPNOTSUPP,
                                    errno.ENODATA, errno.ENOTSUP, errno.EISDIR, errno.ENOTDIR,
-                                   errno.EFBIG, errno.ENOTTY):
+                                   errno.EFBIG, errno.ENOTTY) and not (
+                                       e.errno == errno.ENOSYS and op.endswith("xattr")):  # xattrs off
                     self._note_error(op, args, e.errno, os.strerror(e.errno))
                 raise
             self._note_error(op, args, errno.EIO, f"OSError without errno: {e!r}")

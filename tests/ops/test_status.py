@@ -44,10 +44,12 @@ def test_dead_mount_exits_50(root, state):
         m.kill9()
         st, r = _status(state, 50)
         assert st["exitCode"] == 50 and st["mounts"][0]["state"].startswith("dead (stale mount")
-        assert r.stderr.startswith("blockcrypt: error: mount ") and "umount" in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+        assert len(r.stderr.strip().splitlines()) == 1   # with --json the error is one JSON line
+        err = json.loads(r.stderr)["error"]
+        assert err["code"] == "StatusMountDead" and err["exitCode"] == 50 and "umount" in err["message"]
         r = bc(state, "status", codes=(50,))
         assert "dead (stale mount" in r.stdout
+        assert r.stderr.startswith("blockcrypt: error: mount ") and "umount" in r.stderr
         bc(state, "umount", mp)
         assert bc_json(state, "status")["mounts"] == []   # cleaned up: 0 again
     finally:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from blockcrypt._util.clock import iso_ms
+from blockcrypt._util.clock import iso_ms, iso_z
 from vault_helpers import PY, REPO, make_vault, vault_cli
 
 
@@ -29,9 +29,11 @@ def _vault_with_history(tmp_path, old=4, new=3):
     d = make_vault(tmp_path / "v")
     for i in range(old):
         vault_cli("identity", "create", f"old{i}", "--dir", d)
-    time.sleep(0.02)
-    cut = iso_ms()
-    time.sleep(0.02)
+    # the CLI prints times to the second (docs/CLI.md): a cut on a second of its own, more
+    # than a second away from every record, so comparing printed times is exact
+    time.sleep(1.1)
+    cut = iso_z(int(time.time()))
+    time.sleep(1.1)
     for i in range(new):
         vault_cli("identity", "create", f"new{i}", "--dir", d)
     return d, cut

@@ -119,7 +119,7 @@ def test_concurrent_unwraps_all_audited_and_chain_verifies(tmp_path):
     res = json.loads(vault_cli("audit", "verify", "--dir", d, "--json").stdout)
     assert res["ok"], res
     recs = [json.loads(x) for x in vault_cli("audit", "--dir", d, "--json").stdout.splitlines()]
-    audited = {r.get("disk_id") for r in recs if r.get("operation") == "KeyUnwrap" and r.get("status") == 200}
+    audited = {r.get("diskId") for r in recs if r.get("operation") == "KeyUnwrap" and r.get("status") == 200}
     assert set(done) <= audited
     seqs = [r["seq"] for r in recs]
     assert seqs == list(range(1, len(seqs) + 1))
@@ -161,6 +161,6 @@ def test_sigkill_loses_no_answered_request(tmp_path):
     res = json.loads(vault_cli("audit", "verify", "--dir", d, "--json").stdout)
     assert res["ok"], res
     recs = [json.loads(x) for x in vault_cli("audit", "--dir", d, "--json").stdout.splitlines()]
-    audited = {r.get("disk_id") for r in recs if r.get("operation") == "KeyUnwrap" and r.get("status") == 200}
+    audited = {r.get("diskId") for r in recs if r.get("operation") == "KeyUnwrap" and r.get("status") == 200}
     missing = set(answered) - audited
     assert not missing, sorted(missing)[:5]
