@@ -5,10 +5,11 @@
  * set_layers and resize take it for writing, so they wait for requests in flight and
  * new requests wait for them), take the range lock over the touched sectors, then
  * one storage read or write of the whole span (plus one of its metadata range when
- * the layers have metadata) and one call per layer for the whole span (a span of
- * 256 KiB or more is cut into parts of whole sectors that helper threads encrypt or
- * decrypt beside the serving thread, bc_parallel.c: a queue-depth-1 stream of 1 MiB
- * requests then uses more than one core for its crypto). Unaligned
+ * the layers have metadata) and one call per layer for the whole span. A span of
+ * 256 KiB or more is cut into parts of whole sectors that helper threads serve beside
+ * the serving thread (bc_parallel.c), each part its own storage I/O and crypto: a
+ * queue-depth-1 stream of 1 MiB requests then uses more than one core, and one part's
+ * copy to or from the backing file overlaps another part's crypto. Unaligned
  * writes first load (read + decrypt) their partial first and last sectors. Requests
  * larger than BC_MAX_REQUEST loop over chunks under one range lock.
  *
@@ -379,6 +380,7 @@ struct part {
     uint64_t s;
     size_t n;
     int rc;
+    int wrote;   /* store: a storage write was attempted after the encryption */
 };
 
 /* Every layer's encryption of n plaintext sectors in place, layer 0 first. */
@@ -394,25 +396,56 @@ static int encrypt_serial(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint
     return 0;
 }
 
-static void decrypt_part(void *p)
+/* Read n sectors (data, and metadata into meta) and decrypt them. */
+static int load_serial(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
 {
-    struct part *x = p;
-    x->rc = decrypt_serial(x->v, x->buf, x->meta, x->s, x->n);
+    size_t ss = v->sector_size, M = v->meta_bytes;
+    int rc = v->sops->read_at(v->sctx, buf, n * ss, v->data_off + s * ss);
+    if (rc == 0 && M)
+        rc = v->sops->read_at(v->sctx, meta, n * M, v->meta_off + s * M);
+    if (rc != 0)
+        return storage_err(rc);
+    return decrypt_serial(v, buf, meta, s, n);
 }
 
-static void encrypt_part(void *p)
+/* Encrypt n sectors and store them: the metadata first, then the data (a kill in
+ * between leaves the old data beside metadata that still holds its slot). */
+static int store_serial(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n, int *wrote)
+{
+    size_t ss = v->sector_size, M = v->meta_bytes;
+    int rc = encrypt_serial(v, buf, meta, s, n);
+    if (rc != 0)
+        return rc;
+    *wrote = 1;
+    if (M)
+        rc = v->sops->write_at(v->sctx, meta, n * M, v->meta_off + s * M);
+    if (rc == 0)
+        rc = v->sops->write_at(v->sctx, buf, n * ss, v->data_off + s * ss);
+    return storage_err(rc);
+}
+
+static void load_part(void *p)
 {
     struct part *x = p;
-    x->rc = encrypt_serial(x->v, x->buf, x->meta, x->s, x->n);
+    x->rc = load_serial(x->v, x->buf, x->meta, x->s, x->n);
+}
+
+static void store_part(void *p)
+{
+    struct part *x = p;
+    x->rc = store_serial(x->v, x->buf, x->meta, x->s, x->n, &x->wrote);
 }
 
 /* fn over n sectors, cut into parts of whole sectors run side by side when the span is
- * large enough and the process has helper threads; the first failing part's error. */
-static int split_span(struct bc_volume *v, void (*fn)(void *), uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
+ * large enough, the volume has layers and the process has helper threads. A part is
+ * its storage I/O and its crypto together, so one part's copy to or from the backing
+ * file overlaps another's crypto. Returns the number of parts (filled in parts[]). */
+static size_t split_span(struct bc_volume *v, void (*fn)(void *), uint8_t *buf, uint8_t *meta, uint64_t s,
+                         size_t n, struct part parts[PAR_MAX_PARTS])
 {
     size_t ss = v->sector_size, M = v->meta_bytes;
     size_t bytes = n * ss, k = 1;
-    if (bytes >= PAR_MIN_BYTES) {
+    if (bytes >= PAR_MIN_BYTES && v->nlayers > 0) {
         k = bc_parallel_width();
         if (k > PAR_MAX_PARTS)
             k = PAR_MAX_PARTS;
@@ -421,13 +454,12 @@ static int split_span(struct bc_volume *v, void (*fn)(void *), uint8_t *buf, uin
         if (k < 1)
             k = 1;
     }
-    struct part parts[PAR_MAX_PARTS];
     void *args[PAR_MAX_PARTS];
     size_t per = (n + k - 1) / k, at = 0, used = 0;
     for (; used < k && at < n; used++) {
         size_t m = n - at < per ? n - at : per;
         parts[used] = (struct part){.v = v, .buf = buf + at * ss, .meta = M ? meta + at * M : NULL,
-                                    .s = s + at, .n = m, .rc = 0};
+                                    .s = s + at, .n = m, .rc = 0, .wrote = 0};
         args[used] = &parts[used];
         at += m;
     }
@@ -435,29 +467,23 @@ static int split_span(struct bc_volume *v, void (*fn)(void *), uint8_t *buf, uin
         fn(&parts[0]);
     else
         bc_parallel_run(fn, args, used);
+    return used;
+}
+
+static int first_error(const struct part *parts, size_t used)
+{
     for (size_t i = 0; i < used; i++)
         if (parts[i].rc != 0)
             return parts[i].rc;
     return 0;
 }
 
-static int decrypt_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
-{
-    if (v->nlayers == 0)
-        return 0;
-    return split_span(v, decrypt_part, buf, meta, s, n);
-}
-
 /* Read n sectors from sector s (data, and metadata into meta) and decrypt them. */
 static int load_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
 {
-    size_t ss = v->sector_size, M = v->meta_bytes;
-    int rc = v->sops->read_at(v->sctx, buf, n * ss, v->data_off + s * ss);
-    if (rc == 0 && M)
-        rc = v->sops->read_at(v->sctx, meta, n * M, v->meta_off + s * M);
-    if (rc != 0)
-        return storage_err(rc);
-    return decrypt_sectors(v, buf, meta, s, n);
+    struct part parts[PAR_MAX_PARTS];
+    size_t used = split_span(v, load_part, buf, meta, s, n, parts);
+    return first_error(parts, used);
 }
 
 /* Metadata volumes: read the current metadata of n sectors into meta and let the
@@ -497,24 +523,22 @@ static int prepare_meta(struct bc_volume *v, struct scratch *sc, uint8_t *meta, 
 }
 
 /* Encrypt n plaintext sectors in place (layer 0 first) and store them with their
- * metadata: the metadata first, then the data (a kill in between leaves the old data
- * beside metadata that still holds its slot). */
+ * metadata, each part metadata first, then data (store_serial). A storage write that
+ * failed after its metadata was made (the metadata write or the data write) may have
+ * left a new slot beside old data, so the layers are told (write_failed: the AEAD
+ * layer stops trusting its own slots) before the error is answered. */
 static int store_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
 {
-    size_t ss = v->sector_size, M = v->meta_bytes;
-    int rc = v->nlayers ? split_span(v, encrypt_part, buf, meta, s, n) : 0;
-    if (rc != 0)
-        return rc;
-    if (M)
-        rc = v->sops->write_at(v->sctx, meta, n * M, v->meta_off + s * M);
-    if (rc != 0)
-        return storage_err(rc);
-    rc = v->sops->write_at(v->sctx, buf, n * ss, v->data_off + s * ss);
-    if (rc != 0 && M)
+    struct part parts[PAR_MAX_PARTS];
+    size_t used = split_span(v, store_part, buf, meta, s, n, parts);
+    int rc = first_error(parts, used), failed_write = 0;
+    for (size_t i = 0; i < used; i++)
+        failed_write |= parts[i].rc != 0 && parts[i].wrote;
+    if (failed_write && v->meta_bytes)
         for (size_t L = 0; L < v->nlayers; L++)
             if (v->layers[L].ops->write_failed != NULL)
                 v->layers[L].ops->write_failed(v->layers[L].ctx);
-    return storage_err(rc);
+    return rc;
 }
 
 /* len bytes at off within one chunk (at most BC_MAX_REQUEST + the head offset). */

@@ -194,6 +194,7 @@ struct crash {
     int tear;             /* the last allowed write stops at its first 4 KiB file boundary */
     long calls;
     long fail_at;         /* >0: the write call with this number (1-based) fails with -ENOSPC */
+    long eio_at;          /* >0: the write call with this number reaches the file, then says -EIO */
 };
 
 static uint64_t g_read_bytes;   /* bytes read through any crash wrapper */
@@ -223,6 +224,7 @@ static int cr_write(void *c, const void *buf, size_t len, uint64_t off)
         s->calls++;
         return -ENOSPC;
     }
+    int eio = s->eio_at > 0 && s->calls + 1 == s->eio_at;
     int g = cr_gate(s);
     if (g == 0)
         return 0;   /* dead: nothing more reaches the file */
@@ -231,7 +233,8 @@ static int cr_write(void *c, const void *buf, size_t len, uint64_t off)
         if (cut < len)
             len = (size_t)cut;
     }
-    return s->in->write_at(s->ictx, buf, len, off);
+    int rc = s->in->write_at(s->ictx, buf, len, off);
+    return rc == 0 && eio ? -EIO : rc;
 }
 
 static int cr_punch(void *c, uint64_t off, uint64_t len)
@@ -870,6 +873,45 @@ static void test_failed_data_write(uint32_t ss)
     free(a), free(b), free(c), free(got);
 }
 
+/* A metadata write that reached the file but answered an error (EIO after the write,
+ * as a failing device may) leaves a newer slot of this instance beside the old data,
+ * and no data write follows: the layer must stop trusting its own slots here too, or the
+ * next write keeps that slot, overwrites the only valid one, and a kill loses the sector. */
+static void test_failed_meta_write(uint32_t ss)
+{
+    char path[4200];
+    path_in_dir(path, sizeof path, "fm.img");
+    make_empty(path);
+    struct keys k;
+    make_keys(&k, 950 + ss);
+    uint8_t *a = malloc(ss), *b = malloc(ss), *c = malloc(ss), *got = malloc(ss);
+    fill(a, ss, 4), fill(b, ss, 5), fill(c, ss, 6);
+    const struct bc_storage_ops *ops;
+    void *ctx;
+    REQUIRE(bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops, &ctx) == 0, "storage");
+    struct crash *cr = calloc(1, sizeof *cr);
+    cr->in = ops, cr->ictx = ctx, cr->budget = 4, cr->eio_at = 3;   /* a: 1, 2; b: 3 (EIO); c: 4, kill */
+    struct bc_layer ls[2];
+    size_t n;
+    REQUIRE(make_stack(&k, ST_XTS_AEAD, ss, BC_ROLE_INFRA, ls, &n) == 0, "layers");
+    struct bc_volume_params p = {.size_bytes = 8 * ss, .sector_size = ss, .data_off = DATA_OFF, .meta_off = META_OFF};
+    struct bc_volume *v;
+    REQUIRE(bc_volume_open(&p, &crash_ops, cr, ls, n, &v) == 0, "open");
+    CHECK_RC(bc_volume_write(v, a, ss, 2 * ss), ss);
+    CHECK_RC(bc_volume_write(v, b, ss, 2 * ss), -EIO);   /* metadata on the file, "failed" */
+    CHECK_RC(bc_volume_read(v, got, ss, 2 * ss), ss);
+    CHECK(memcmp(got, a, ss) == 0, "a failed metadata write reads the old content");
+    CHECK_RC(bc_volume_write(v, c, ss, 2 * ss), ss);   /* metadata stored, then the kill */
+    bc_volume_unref(v);
+    bc_layer_aead_forget_ids();   /* a new process */
+    v = vopen(path, &k, ST_XTS_AEAD, ss, 8 * ss, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "reopen");
+    CHECK_RC(bc_volume_read(v, got, ss, 2 * ss), ss);
+    CHECK(memcmp(got, a, ss) == 0, "after a failed metadata write and a kill: the old content");
+    bc_volume_unref(v);
+    free(a), free(b), free(c), free(got);
+}
+
 /* ---- 5. bench ---------------------------------------------------------------------------- */
 
 static double mbps(size_t bytes, uint64_t ns) { return (double)bytes / 1e6 / ((double)ns / 1e9); }
@@ -1015,6 +1057,8 @@ int main(int argc, char **argv)
     RUN(test_repeated_kills(512));
     RUN(test_failed_data_write(4096));
     RUN(test_failed_data_write(512));
+    RUN(test_failed_meta_write(4096));
+    RUN(test_failed_meta_write(512));
     rm_dir(g_dir);
     int f = atomic_load(&g_failures);
     printf("%s: %d checks, %d failed\n", f ? "FAILED" : "PASSED", g_checks, f);
