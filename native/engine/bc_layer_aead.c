@@ -70,7 +70,7 @@
 #define NONCE_OFF 8u
 #define TAG_OFF 32u
 #define AD_BYTES 33u
-#define NONCE_BATCH 64u
+#define NONCE_POOL 128u    /* nonces drawn per getrandom, kept per thread */
 
 struct aead_layer {
     unsigned char *key;          /* sodium_malloc'd, 32 bytes */
@@ -104,6 +104,49 @@ static uint32_t new_writer(void)
         w = randombytes_random();
     while (w == 0);
     return w;
+}
+
+/* ---- nonces: random, drawn in batches ------------------------------------------------
+ * One getrandom() costs about as much as sealing a fifth of a 4 KiB sector, so each
+ * thread draws NONCE_POOL nonces at once and hands them out one by one: a 4 KiB write
+ * pays one system call per NONCE_POOL sectors instead of one per request. Nonces are
+ * public (they are stored beside the tag); what matters is that no two writes under one
+ * key share one. A pool is this thread's alone, and a fork makes every pool stale (the
+ * child's copy of the forking thread's pool would otherwise repeat the parent's next
+ * nonces): pools carry the fork generation they were drawn in. */
+
+static _Atomic unsigned fork_gen;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void nonce_child_after_fork(void)
+{
+    atomic_fetch_add(&fork_gen, 1);
+}
+
+static void nonce_fork_hook(void)
+{
+    pthread_atfork(NULL, NULL, nonce_child_after_fork);
+}
+
+struct nonce_pool {
+    uint8_t bytes[NONCE_POOL * 24];
+    unsigned left;   /* nonces not handed out yet, at the end of bytes */
+    unsigned gen;
+};
+
+static __thread struct nonce_pool tls_nonces;
+
+/* The next fresh 24-byte nonce of this thread. */
+static const uint8_t *next_nonce(void)
+{
+    struct nonce_pool *p = &tls_nonces;
+    unsigned g = atomic_load_explicit(&fork_gen, memory_order_relaxed);
+    if (p->left == 0 || p->gen != g) {
+        randombytes_buf(p->bytes, sizeof p->bytes);
+        p->left = NONCE_POOL;
+        p->gen = g;
+    }
+    return p->bytes + (size_t)(NONCE_POOL - p->left--) * 24;
 }
 
 /* ---- ids of destroyed instances, for the next instance of the same disk ------------ */
@@ -323,14 +366,9 @@ static int aead_encrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, uint8_t *
     uint32_t writer = atomic_load_explicit(&a->writer, memory_order_relaxed);
     if (evp_get() != 0)
         return -ENOMEM;
-    uint8_t nonces[NONCE_BATCH * 24], k2[32], n2[12];
+    uint8_t k2[32], n2[12];
     int rc = 0;
     for (size_t i = 0; i < n && rc == 0; i++) {
-        size_t j = i % NONCE_BATCH;
-        if (j == 0) {
-            size_t k = n - i < NONCE_BATCH ? n - i : NONCE_BATCH;
-            randombytes_buf(nonces, k * 24);
-        }
         uint8_t *m = meta + i * stride;
         int nw = newer_slot(m);
         /* keep the newer slot (it authenticates the stored data, see resolve); an empty
@@ -342,14 +380,13 @@ static int aead_encrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, uint8_t *
         uint8_t *slot = m + (size_t)target * SLOT_BYTES;
         le32(slot, seq);
         le32(slot + 4, writer);
-        memcpy(slot + NONCE_OFF, nonces + j * 24, 24);
+        memcpy(slot + NONCE_OFF, next_nonce(), 24);
         uint8_t ad[AD_BYTES];
         make_ad(a, s + i, slot, ad);
         uint8_t *p = buf + i * ss;
         subkey(a, slot + NONCE_OFF, k2, n2);
         rc = bulk_seal(p, ss, ad, k2, n2, slot + TAG_OFF);
     }
-    sodium_memzero(nonces, sizeof nonces);
     sodium_memzero(k2, sizeof k2);
     return rc;
 }
@@ -470,6 +507,7 @@ int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, 
         return -EINVAL;
     if (sodium_init() < 0)
         return -EIO;
+    pthread_once(&fork_once, nonce_fork_hook);
     struct aead_layer *a = calloc(1, sizeof *a);
     if (a == NULL)
         return -ENOMEM;

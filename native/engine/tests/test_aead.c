@@ -7,6 +7,10 @@
  *                            libsodium's one-shot crypto_aead_xchacha20poly1305_ietf_*, then
  *                            the engine on a file in DIR (default /dev/shm): XTS alone vs
  *                            XTS over AEAD
+ *   test_aead --speed [SECS] the layer's throughput in GB/s per CPU-second of this thread
+ *                            (CLOCK_THREAD_CPUTIME_ID) on 4 KiB sectors: seal and open, one
+ *                            sector per call and 256 per call; one line of JSON (for
+ *                            bench/aead_speed.py, which sets it against `openssl speed`)
  *
  * What is checked: every stored sector opens with crypto_aead_xchacha20poly1305_ietf_
  * decrypt_detached under the documented associated data and slot layout, and the layer
@@ -27,6 +31,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/wait.h>
 #include <inttypes.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -912,6 +917,37 @@ static void test_failed_meta_write(uint32_t ss)
     free(a), free(b), free(c), free(got);
 }
 
+/* Nonces come from a per-thread pool (bc_layer_aead.c): a forked child must not hand out
+ * the nonces its parent is about to use (the same key in both: keystream reuse). */
+static void test_nonce_after_fork(void)
+{
+    struct keys k;
+    make_keys(&k, 77);
+    struct bc_layer l;
+    REQUIRE(bc_layer_aead_new(k.aead, 32, 512, k.id, BC_ROLE_INFRA, &l) == 0, "layer");
+    uint8_t buf[512], meta[M];
+    memset(buf, 1, sizeof buf);
+    memset(meta, 0, sizeof meta);
+    CHECK(l.ops->encrypt(l.ctx, buf, 1, 0, meta, M) == 0, "seal (fills this thread's pool)");
+    int fds[2];
+    REQUIRE(pipe(fds) == 0, "pipe");
+    pid_t pid = fork();
+    if (pid == 0) {
+        uint8_t m2[M] = {0};
+        int ok = l.ops->encrypt(l.ctx, buf, 1, 0, m2, M) == 0 && write(fds[1], m2 + 8, 24) == 24;
+        _exit(ok ? 0 : 1);
+    }
+    uint8_t mine[M] = {0}, theirs[24] = {0};
+    CHECK(l.ops->encrypt(l.ctx, buf, 1, 0, mine, M) == 0, "seal in the parent");
+    int status = 0;
+    CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+          "the child sealed");
+    CHECK(read(fds[0], theirs, 24) == 24, "the child's nonce");
+    CHECK(memcmp(mine + 8, theirs, 24) != 0, "parent and child drew the same nonce after a fork");
+    close(fds[0]), close(fds[1]);
+    l.ops->destroy(l.ctx);
+}
+
 /* ---- 5. bench ---------------------------------------------------------------------------- */
 
 static double mbps(size_t bytes, uint64_t ns) { return (double)bytes / 1e6 / ((double)ns / 1e9); }
@@ -1023,12 +1059,66 @@ static void rm_dir(const char *dir)
         fflush(stdout);                                                                      \
     } while (0)
 
+/* ---- 6. speed (bench/aead_speed.py) -------------------------------------------------- */
+
+static uint64_t cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* GB/s (10^9 bytes per CPU-second) of seal (dec == 0) or open of n sectors per call, for
+ * about secs CPU-seconds. open restores the sealed copy before each call (a memcpy of the
+ * request, counted against the layer: an in-place open consumes its input). */
+static double layer_gbps(struct bc_layer *l, size_t n, int dec, double secs)
+{
+    const size_t ss = 4096;
+    uint8_t *buf = malloc(n * ss), *sealed = malloc(n * ss), *meta = calloc(n, M), *meta0 = calloc(n, M);
+    fill(buf, n * ss, 7);
+    l->ops->encrypt(l->ctx, buf, n, 100, meta, M);
+    memcpy(sealed, buf, n * ss);
+    memcpy(meta0, meta, n * M);
+    uint64_t bytes = 0, t0 = cpu_ns(), budget = (uint64_t)(secs * 1e9);
+    int bad = 0;
+    while (cpu_ns() - t0 < budget) {
+        for (int i = 0; i < 64; i++) {
+            if (dec) {
+                memcpy(buf, sealed, n * ss);
+                bad |= l->ops->decrypt(l->ctx, buf, n, 100, meta0, M) != 0;
+            } else {
+                bad |= l->ops->encrypt(l->ctx, buf, n, 100, meta, M) != 0;
+            }
+            bytes += n * ss;
+        }
+    }
+    double gbps = (double)bytes / 1e9 / ((double)(cpu_ns() - t0) / 1e9);
+    free(buf), free(sealed), free(meta), free(meta0);
+    return bad ? -1.0 : gbps;
+}
+
+static int speed(double secs)
+{
+    struct keys k;
+    make_keys(&k, 5);
+    struct bc_layer l;
+    if (bc_layer_aead_new(k.aead, 32, 4096, k.id, 2, &l) != 0)
+        return 1;
+    double s1 = layer_gbps(&l, 1, 0, secs), o1 = layer_gbps(&l, 1, 1, secs);
+    double s256 = layer_gbps(&l, 256, 0, secs), o256 = layer_gbps(&l, 256, 1, secs);
+    l.ops->destroy(l.ctx);
+    printf("{\"seal_4k\": %.4f, \"open_4k\": %.4f, \"seal_1m\": %.4f, \"open_1m\": %.4f}\n", s1, o1, s256, o256);
+    return s1 < 0 || o1 < 0 || s256 < 0 || o256 < 0;
+}
+
 int main(int argc, char **argv)
 {
     if (sodium_init() < 0)
         return 2;
     if (argc > 1 && strcmp(argv[1], "--bench") == 0)
         return bench(argc > 2 ? argv[2] : "/dev/shm");
+    if (argc > 1 && strcmp(argv[1], "--speed") == 0)
+        return speed(argc > 2 ? atof(argv[2]) : 1.0);
     const char *base = argc > 1 ? argv[1] : getenv("TMPDIR");
     if (base == NULL || !*base)
         base = "/tmp";
@@ -1059,6 +1149,7 @@ int main(int argc, char **argv)
     RUN(test_failed_data_write(512));
     RUN(test_failed_meta_write(4096));
     RUN(test_failed_meta_write(512));
+    RUN(test_nonce_after_fork());
     rm_dir(g_dir);
     int f = atomic_load(&g_failures);
     printf("%s: %d checks, %d failed\n", f ? "FAILED" : "PASSED", g_checks, f);
