@@ -377,19 +377,28 @@ static int decrypt_serial(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint
 struct part {
     struct bc_volume *v;
     uint8_t *buf, *meta;
+    const uint8_t *src;   /* store: the plaintext of whole sectors, if not in buf yet */
     uint64_t s;
     size_t n;
     int rc;
     int wrote;   /* store: a storage write was attempted after the encryption */
 };
 
-/* Every layer's encryption of n plaintext sectors in place, layer 0 first. */
-static int encrypt_serial(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
+/* Every layer's encryption of n plaintext sectors, layer 0 first, into buf: in place, or
+ * from src (n whole sectors of plaintext) when it is given: layer 0 then encrypts out of
+ * place if it can, else src is copied first. */
+static int encrypt_serial(struct bc_volume *v, uint8_t *buf, const uint8_t *src, uint8_t *meta, uint64_t s,
+                          size_t n)
 {
     size_t M = v->meta_bytes;
+    if (src != NULL && (v->nlayers == 0 || v->layers[0].ops->encrypt_from == NULL))
+        memcpy(buf, src, n * v->sector_size);
     for (size_t L = 0; L < v->nlayers; L++) {
         const struct bc_layer *l = &v->layers[L];
-        int rc = l->ops->encrypt(l->ctx, buf, n, s, M ? meta + v->meta_slice[L] : NULL, M);
+        uint8_t *m = M ? meta + v->meta_slice[L] : NULL;
+        int rc = L == 0 && src != NULL && l->ops->encrypt_from != NULL
+                     ? l->ops->encrypt_from(l->ctx, buf, src, n, s, m, M)
+                     : l->ops->encrypt(l->ctx, buf, n, s, m, M);
         if (rc != 0)
             return rc < 0 ? rc : -EIO;
     }
@@ -410,10 +419,11 @@ static int load_serial(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_
 
 /* Encrypt n sectors and store them: the metadata first, then the data (a kill in
  * between leaves the old data beside metadata that still holds its slot). */
-static int store_serial(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n, int *wrote)
+static int store_serial(struct bc_volume *v, uint8_t *buf, const uint8_t *src, uint8_t *meta, uint64_t s,
+                        size_t n, int *wrote)
 {
     size_t ss = v->sector_size, M = v->meta_bytes;
-    int rc = encrypt_serial(v, buf, meta, s, n);
+    int rc = encrypt_serial(v, buf, src, meta, s, n);
     if (rc != 0)
         return rc;
     *wrote = 1;
@@ -433,15 +443,15 @@ static void load_part(void *p)
 static void store_part(void *p)
 {
     struct part *x = p;
-    x->rc = store_serial(x->v, x->buf, x->meta, x->s, x->n, &x->wrote);
+    x->rc = store_serial(x->v, x->buf, x->src, x->meta, x->s, x->n, &x->wrote);
 }
 
 /* fn over n sectors, cut into parts of whole sectors run side by side when the span is
  * large enough, the volume has layers and the process has helper threads. A part is
  * its storage I/O and its crypto together, so one part's copy to or from the backing
  * file overlaps another's crypto. Returns the number of parts (filled in parts[]). */
-static size_t split_span(struct bc_volume *v, void (*fn)(void *), uint8_t *buf, uint8_t *meta, uint64_t s,
-                         size_t n, struct part parts[PAR_MAX_PARTS])
+static size_t split_span(struct bc_volume *v, void (*fn)(void *), uint8_t *buf, const uint8_t *src, uint8_t *meta,
+                         uint64_t s, size_t n, struct part parts[PAR_MAX_PARTS])
 {
     size_t ss = v->sector_size, M = v->meta_bytes;
     size_t bytes = n * ss, k = 1;
@@ -459,7 +469,8 @@ static size_t split_span(struct bc_volume *v, void (*fn)(void *), uint8_t *buf, 
     for (; used < k && at < n; used++) {
         size_t m = n - at < per ? n - at : per;
         parts[used] = (struct part){.v = v, .buf = buf + at * ss, .meta = M ? meta + at * M : NULL,
-                                    .s = s + at, .n = m, .rc = 0, .wrote = 0};
+                                    .src = src != NULL ? src + at * ss : NULL, .s = s + at, .n = m,
+                                    .rc = 0, .wrote = 0};
         args[used] = &parts[used];
         at += m;
     }
@@ -482,7 +493,7 @@ static int first_error(const struct part *parts, size_t used)
 static int load_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
 {
     struct part parts[PAR_MAX_PARTS];
-    size_t used = split_span(v, load_part, buf, meta, s, n, parts);
+    size_t used = split_span(v, load_part, buf, NULL, meta, s, n, parts);
     return first_error(parts, used);
 }
 
@@ -527,10 +538,11 @@ static int prepare_meta(struct bc_volume *v, struct scratch *sc, uint8_t *meta, 
  * failed after its metadata was made (the metadata write or the data write) may have
  * left a new slot beside old data, so the layers are told (write_failed: the AEAD
  * layer stops trusting its own slots) before the error is answered. */
-static int store_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
+static int store_sectors(struct bc_volume *v, uint8_t *buf, const uint8_t *src, uint8_t *meta, uint64_t s,
+                         size_t n)
 {
     struct part parts[PAR_MAX_PARTS];
-    size_t used = split_span(v, store_part, buf, meta, s, n, parts);
+    size_t used = split_span(v, store_part, buf, src, meta, s, n, parts);
     int rc = first_error(parts, used), failed_write = 0;
     for (size_t i = 0; i < used; i++)
         failed_write |= parts[i].rc != 0 && parts[i].wrote;
@@ -573,11 +585,13 @@ static int write_chunk(struct bc_volume *v, struct scratch *sc, const uint8_t *s
         rc = prepare_meta(v, sc, meta, s0, n);
     if (rc != 0)
         return rc;
+    if (src != NULL && head == 0 && tail == 0)   /* whole sectors: encrypted straight from src */
+        return store_sectors(v, buf, src, meta, s0, n);
     if (src != NULL)
         memcpy(buf + head, src, len);
     else
         memset(buf + head, 0, len);
-    return store_sectors(v, buf, meta, s0, n);
+    return store_sectors(v, buf, NULL, meta, s0, n);
 }
 
 /* Raw zeros over a backing range (the fallback of a punch the store cannot do). */

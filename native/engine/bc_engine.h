@@ -150,6 +150,10 @@ struct bc_layer_ops {
     void (*write_failed)(void *ctx);
     /* right after decrypt answered -EBADMSG, on the same thread: the sector that failed */
     uint64_t (*failed_sector)(void *ctx);
+    /* optional: encrypt out of place, src (plaintext, not changed) into dst; the engine
+     * uses it for layer 0 of aligned writes, which saves copying the request first */
+    int (*encrypt_from)(void *ctx, uint8_t *dst, const uint8_t *src, size_t nsectors, uint64_t sector_no,
+                        uint8_t *meta, size_t meta_stride);
 };
 
 /* A stored sector whose data is all zero is a hole whatever its metadata (the engine's

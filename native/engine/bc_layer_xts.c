@@ -189,7 +189,8 @@ static void pair_give(struct xts_layer *x, struct xts_pair *p)
     pthread_mutex_unlock(&x->mu);
 }
 
-static int xts_run(struct xts_layer *x, int encrypt, uint8_t *buf, size_t nsectors, uint64_t sector_no)
+static int xts_run(struct xts_layer *x, int encrypt, uint8_t *dst, const uint8_t *src, size_t nsectors,
+                   uint64_t sector_no)
 {
     if (nsectors == 0)
         return 0;
@@ -205,7 +206,7 @@ static int xts_run(struct xts_layer *x, int encrypt, uint8_t *buf, size_t nsecto
     size_t ss = x->sector_size;
     for (size_t i = 0; i < nsectors && rc == 0; i++) {
         plain64_iv(iv, sector_no + i);
-        rc = xts_unit(d, iv, buf + i * ss, buf + i * ss, (int)ss);
+        rc = xts_unit(d, iv, src + i * ss, dst + i * ss, (int)ss);
     }
     pair_give(x, p);
     return rc;
@@ -216,7 +217,15 @@ static int xts_encrypt(void *ctx, uint8_t *buf, size_t nsectors, uint64_t sector
 {
     (void)meta;
     (void)meta_stride;
-    return xts_run(ctx, 1, buf, nsectors, sector_no);
+    return xts_run(ctx, 1, buf, buf, nsectors, sector_no);
+}
+
+static int xts_encrypt_from(void *ctx, uint8_t *dst, const uint8_t *src, size_t nsectors, uint64_t sector_no,
+                            uint8_t *meta, size_t meta_stride)
+{
+    (void)meta;
+    (void)meta_stride;
+    return xts_run(ctx, 1, dst, src, nsectors, sector_no);
 }
 
 static int xts_decrypt(void *ctx, uint8_t *buf, size_t nsectors, uint64_t sector_no, const uint8_t *meta,
@@ -224,7 +233,7 @@ static int xts_decrypt(void *ctx, uint8_t *buf, size_t nsectors, uint64_t sector
 {
     (void)meta;
     (void)meta_stride;
-    return xts_run(ctx, 0, buf, nsectors, sector_no);
+    return xts_run(ctx, 0, buf, buf, nsectors, sector_no);
 }
 
 static void xts_destroy(void *ctx)
@@ -257,6 +266,7 @@ static const struct bc_layer_ops xts_ops = {
     .encrypt = xts_encrypt,
     .decrypt = xts_decrypt,
     .destroy = xts_destroy,
+    .encrypt_from = xts_encrypt_from,
 };
 
 /* key == NULL: a fresh random key, drawn straight into the locked page (RAND_priv_bytes). */

@@ -878,6 +878,33 @@ static void test_failed_data_write(uint32_t ss)
     free(a), free(b), free(c), free(got);
 }
 
+/* Aligned writes encrypt from the caller's buffer (layer 0 out of place: XTS) or copy
+ * it first (a layer without encrypt_from: the AEAD layer alone): either way the
+ * caller's buffer is left as it was, and what was written reads back. */
+static void test_write_leaves_source(uint32_t ss, int stack)
+{
+    char path[4200];
+    path_in_dir(path, sizeof path, "src.img");
+    make_empty(path);
+    const size_t size = 512u << 10;
+    struct keys k;
+    make_keys(&k, 700 + ss + (unsigned)stack);
+    struct bc_volume *v = vopen(path, &k, stack, ss, size, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "open");
+    uint8_t *pt = malloc(size), *ref = malloc(size), *got = malloc(size);
+    fill(pt, size, 33 + ss);
+    memcpy(ref, pt, size);
+    CHECK_RC(bc_volume_write(v, pt, size, 0), size);   /* parts on helpers */
+    CHECK(memcmp(pt, ref, size) == 0, "a whole-span write changed the caller's buffer");
+    CHECK_RC(bc_volume_write(v, pt + ss, ss, 5 * ss), ss);   /* one sector */
+    CHECK(memcmp(pt, ref, size) == 0, "a one-sector write changed the caller's buffer");
+    memcpy(ref + 5 * ss, ref + ss, ss);
+    CHECK_RC(bc_volume_read(v, got, size, 0), size);
+    CHECK(memcmp(got, ref, size) == 0, "read back");
+    bc_volume_unref(v);
+    free(pt), free(ref), free(got);
+}
+
 /* A metadata write that reached the file but answered an error (EIO after the write,
  * as a failing device may) leaves a newer slot of this instance beside the old data,
  * and no data write follows: the layer must stop trusting its own slots here too, or the
@@ -1150,6 +1177,9 @@ int main(int argc, char **argv)
     RUN(test_failed_meta_write(4096));
     RUN(test_failed_meta_write(512));
     RUN(test_nonce_after_fork());
+    RUN(test_write_leaves_source(4096, ST_XTS_AEAD));
+    RUN(test_write_leaves_source(512, ST_XTS_AEAD));
+    RUN(test_write_leaves_source(4096, ST_AEAD));
     rm_dir(g_dir);
     int f = atomic_load(&g_failures);
     printf("%s: %d checks, %d failed\n", f ? "FAILED" : "PASSED", g_checks, f);
