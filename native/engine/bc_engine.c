@@ -685,6 +685,10 @@ int bc_volume_open(const struct bc_volume_params *p, const struct bc_storage_ops
     pthread_mutex_init(&v->gate_mu, NULL);
     pthread_mutex_init(&v->rl_mu, NULL);
     pthread_cond_init(&v->rl_cv, NULL);
+    if (meta > 0 && sops->prefetch != NULL) {
+        uint64_t span = p->size_bytes / p->sector_size * meta;
+        sops->prefetch(sctx, p->meta_off, span < BC_META_PREFETCH_MAX ? span : BC_META_PREFETCH_MAX);
+    }
     *out = v;
     return 0;
 }

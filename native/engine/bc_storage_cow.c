@@ -421,6 +421,15 @@ static void cow_close(void *ctx)
     cow_free(ctx, 1);
 }
 
+/* Every file of the chain: a range may be held by any of them. */
+static void cow_prefetch(void *ctx, uint64_t off, uint64_t len)
+{
+    struct cow *w = ctx;
+    for (size_t i = 0; i < w->nfiles; i++)
+        if (w->files[i].ops->prefetch != NULL)
+            w->files[i].ops->prefetch(w->files[i].ctx, off, len);
+}
+
 static const struct bc_storage_ops cow_ops = {
     .name = "cow",
     .read_at = cow_read_at,
@@ -431,6 +440,7 @@ static const struct bc_storage_ops cow_ops = {
     .set_size = cow_set_size,
     .blocks_used = cow_blocks_used,
     .close = cow_close,
+    .prefetch = cow_prefetch,
 };
 
 /* ---- open: merge the bitmaps ------------------------------------------------------ */

@@ -32,6 +32,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -193,6 +194,15 @@ static void local_close(void *ctx)
     free(l);
 }
 
+/* Buffered: the kernel's readahead into the page cache (the metadata is always read
+ * through the page cache, even with BC_CACHE_NONE: its requests are not page-aligned). */
+static void local_prefetch(void *ctx, uint64_t off, uint64_t len)
+{
+    struct local *l = ctx;
+    if (off <= (uint64_t)INT64_MAX && len <= (uint64_t)INT64_MAX - off)
+        (void)posix_fadvise(l->fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+}
+
 static const struct bc_storage_ops local_ops = {
     .name = "local",
     .read_at = local_read_at,
@@ -203,6 +213,7 @@ static const struct bc_storage_ops local_ops = {
     .set_size = local_set_size,
     .blocks_used = local_blocks_used,
     .close = local_close,
+    .prefetch = local_prefetch,
 };
 
 static void dio_alignment(struct local *l)
@@ -353,6 +364,13 @@ static void faulty_close(void *c)
     free(f);
 }
 
+static void faulty_prefetch(void *c, uint64_t off, uint64_t len)
+{
+    struct faulty *f = c;
+    if (f->in->prefetch != NULL)
+        f->in->prefetch(f->ictx, off, len);
+}
+
 static const struct bc_storage_ops faulty_ops = {
     .name = "faulty",
     .read_at = faulty_read,
@@ -363,6 +381,7 @@ static const struct bc_storage_ops faulty_ops = {
     .set_size = faulty_set_size,
     .blocks_used = faulty_blocks,
     .close = faulty_close,
+    .prefetch = faulty_prefetch,
 };
 
 int bc_storage_faulty_wrap(const struct bc_storage_ops *inner, void *inner_ctx, const struct bc_fault_plan *plan,

@@ -37,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -261,8 +262,18 @@ static void cr_close(void *c)
     free(s);
 }
 
+static uint64_t g_prefetch_off, g_prefetch_len;   /* the last prefetch through a crash wrapper */
+
+static void cr_prefetch(void *c, uint64_t off, uint64_t len)
+{
+    struct crash *s = c;
+    g_prefetch_off = off, g_prefetch_len = len;
+    if (s->in->prefetch != NULL)
+        s->in->prefetch(s->ictx, off, len);
+}
+
 static const struct bc_storage_ops crash_ops = {"crash", cr_read, cr_write, cr_punch, cr_flush,
-                                                cr_get_size, cr_set_size, cr_blocks, cr_close};
+                                                cr_get_size, cr_set_size, cr_blocks, cr_close, cr_prefetch};
 
 /* ---- volumes ---------------------------------------------------------------------------- */
 
@@ -905,6 +916,58 @@ static void test_write_leaves_source(uint32_t ss, int stack)
     free(pt), free(ref), free(got);
 }
 
+/* Open prefetches the metadata range (capped at BC_META_PREFETCH_MAX), and the local
+ * store really brings it into the page cache: with the file's pages dropped, the
+ * metadata pages become resident after the open, without a read. */
+static void test_open_prefetches_metadata(void)
+{
+    const uint32_t ss = 4096;
+    char path[4200];
+    path_in_dir(path, sizeof path, "pf.img");
+    make_empty(path);
+    const size_t size = 64u << 20, ns = size / ss;   /* 16,384 sectors: 1.5 MiB of metadata */
+    struct keys k;
+    make_keys(&k, 31);
+    struct bc_volume *v = vopen(path, &k, ST_XTS_AEAD, ss, size, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "open");
+    uint8_t *b = malloc(1u << 20);
+    fill(b, 1u << 20, 8);
+    for (size_t off = 0; off < size; off += 1u << 20)
+        CHECK_RC(bc_volume_write(v, b, 1u << 20, off), 1u << 20);
+    CHECK_RC(bc_volume_flush(v), 0);
+    bc_volume_unref(v);
+    int fd = open(path, O_RDONLY);
+    REQUIRE(fd >= 0, "open the file");
+    CHECK(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0, "drop its pages");
+    size_t mlen = ns * M, pages = (mlen + 4095) / 4096;
+    unsigned char *vec = malloc(pages);
+    void *map = mmap(NULL, mlen, PROT_READ, MAP_SHARED, fd, META_OFF);
+    REQUIRE(map != MAP_FAILED, "mmap the metadata");
+    size_t resident = 0;
+    CHECK(mincore(map, mlen, vec) == 0, "mincore");
+    for (size_t i = 0; i < pages; i++)
+        resident += vec[i] & 1;
+    CHECK(resident < pages / 2, "the metadata is still cached (%zu of %zu pages): the test proves nothing",
+          resident, pages);
+    g_prefetch_len = 0;
+    v = vopen(path, &k, ST_XTS_AEAD, ss, size, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "reopen");
+    CHECK(g_prefetch_off == META_OFF && g_prefetch_len == mlen, "prefetch of [%" PRIu64 ", +%" PRIu64 ")",
+          g_prefetch_off, g_prefetch_len);
+    for (int t = 0; t < 200 && resident < pages; t++) {   /* readahead is asynchronous: up to 2 s */
+        usleep(10000);
+        resident = 0;
+        CHECK(mincore(map, mlen, vec) == 0, "mincore");
+        for (size_t i = 0; i < pages; i++)
+            resident += vec[i] & 1;
+    }
+    CHECK(resident == pages, "%zu of %zu metadata pages resident after the open", resident, pages);
+    bc_volume_unref(v);
+    munmap(map, mlen);
+    close(fd);
+    free(vec), free(b);
+}
+
 /* A metadata write that reached the file but answered an error (EIO after the write,
  * as a failing device may) leaves a newer slot of this instance beside the old data,
  * and no data write follows: the layer must stop trusting its own slots here too, or the
@@ -1177,6 +1240,7 @@ int main(int argc, char **argv)
     RUN(test_failed_meta_write(4096));
     RUN(test_failed_meta_write(512));
     RUN(test_nonce_after_fork());
+    RUN(test_open_prefetches_metadata());
     RUN(test_write_leaves_source(4096, ST_XTS_AEAD));
     RUN(test_write_leaves_source(512, ST_XTS_AEAD));
     RUN(test_write_leaves_source(4096, ST_AEAD));

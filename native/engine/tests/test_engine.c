@@ -233,7 +233,7 @@ static void spy_close(void *c)
     atomic_store(&s->closed, 1);   /* the spy itself is the test's; it outlives the volume */
 }
 static const struct bc_storage_ops spy_ops = {
-    "spy", spy_read, spy_write, spy_punch, spy_flush, spy_get_size, spy_set_size, spy_blocks, spy_close,
+    "spy", spy_read, spy_write, spy_punch, spy_flush, spy_get_size, spy_set_size, spy_blocks, spy_close, NULL,
 };
 
 static int spy_open(struct spy *s, const char *path, int writable, int cache)
