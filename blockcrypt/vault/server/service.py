@@ -10,6 +10,9 @@ resource="https://HOST:PORT"``) -> ``api-version`` (400 BadParameter) ->
 route (404 NotFound / 405 MethodNotAllowed) -> JSON body (400 BadParameter) ->
 access policy (403 Forbidden, inner AccessDenied) -> the operation
 (:mod:`keyops`). Errors are ``{"error": {"code", "message"[, "innererror"]}}``.
+Besides Azure's operations, ``POST /keys/NAME/VERSION/unwrapkeys`` (blockcrypt's
+extension, keyops ``unwrap_many``) answers many unwraps in one request, through the same
+pipeline, with one audit record per unwrap, all durable before the answer.
 
 Transport: stdlib ``ThreadingHTTPServer`` + ``ssl`` (TLS 1.2+), one thread per
 connection, HTTP/1.1 keep-alive. The TLS handshake runs in the connection's
@@ -301,6 +304,7 @@ class Handler(BaseHTTPRequestHandler):
             if r.batch:   # one record per item, all durable before the answer
                 result, outcomes = result
                 _note_version(fields, result)
+                fields.update(status=r.status, result="ok")   # the request's (metrics); each item's below
                 self.app.audit_all([_done({**fields, **o}, started) for o in outcomes])
             elif not committed:  # a read: audit it before answering
                 _note_version(fields, result)
