@@ -74,13 +74,13 @@ def test_a_failed_group_fails_each_of_its_callers_and_the_next_group_commits(tmp
     store = Store(d)
     try:
         gc = audit.GroupCommit(store)
-        real = audit.append
+        real = audit.append_many
 
-        def append(c, f, k):
-            if f.get("detail") == "boom":
+        def append_many(c, many, k):   # what a group commit appends with
+            if any(f.get("detail") == "boom" for f in many):
                 raise OSError("disk full")
-            return real(c, f, k)
-        monkeypatch.setattr(audit, "append", append)
+            return real(c, many, k)
+        monkeypatch.setattr(audit, "append_many", append_many)
         try:
             gc.append({"identity": "t", "operation": "Test", "detail": "boom"})
         except OSError as e:

@@ -106,3 +106,15 @@ def plain_http(port: int, request: bytes) -> bytes:
             if not chunk:
                 return out
             out += chunk
+
+
+def kill9_under_load(v, stop, threads, join_s: float = 30.0) -> None:
+    """SIGKILL the vault server ``v`` while ``threads`` load it, then set ``stop``, join them and
+    reap the server."""
+    import signal
+    v.proc.send_signal(signal.SIGKILL)
+    v.proc.wait(10)
+    stop.set()
+    for t in threads:
+        t.join(join_s)
+    v.stop()

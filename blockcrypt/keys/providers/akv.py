@@ -18,7 +18,10 @@ the disk id (``x-blockcrypt-disk-id``) so the vault's audit names the disk.
 A rotation's batch (``rewrap_many``) has the vault unwrap every DEK but wraps
 them under the new version with its public key here (after one full vault
 re-wrap per batch proves the identity may wrap and the version is usable), so a
-re-wrapped disk costs the vault one request, not two.
+re-wrapped disk costs the vault one unwrap, not an unwrap and a wrap; and the
+unwraps go UNWRAP_CHUNK to a request through the vault's ``unwrapkeys`` extension
+(each still authorised, answered and audited on its own, with its disk id), so
+they cost one HTTPS request, token check and audit commit per chunk, not per disk.
 
 Caveats: the identity secret lives in STATE/keys/des/<des id>.json (0600);
 vault errors arrive already typed (KeyUnavailable, KeyDisabled, ...) from
@@ -43,6 +46,8 @@ WRAP_ALG = "RSA-OAEP-256"
 HSM_WRAP_ALG = "RSA-OAEP"
 WRAP_ALGS = (WRAP_ALG, HSM_WRAP_ALG)
 DEK_BYTES = 64
+#: unwraps per unwrapkeys request in a rotation's batch; a batch's requests go in parallel
+UNWRAP_CHUNK = 32
 
 
 def wrap_alg_for(kty: str | None) -> str:
@@ -76,6 +81,7 @@ class AkvKeyProvider(KekProvider):
         self.state = state
         self._clients: dict[str, object] = {}
         self._kty: dict[tuple[str, str], str] = {}   # (vault, key name) -> kty (fixed for a key's life)
+        self._no_batch: set[str] = set()             # vaults without unwrapkeys (Azure's)
         self._lock = threading.Lock()
 
     # -- identity of the DES that owns a key ----------------------------------------------------
@@ -156,6 +162,11 @@ class AkvKeyProvider(KekProvider):
         des = self.des_for(wrapped.kek_id)
         _, name, version = parse_key_url(wrapped.kek_id)
         plain = self.client_for(des).unwrap(name, version, wrapped.blob, alg=wrapped.algorithm, disk_id=disk_id)
+        return self._check_plain(wrapped, context, plain)
+
+    @staticmethod
+    def _check_plain(wrapped: WrappedKey, context: bytes, plain: bytes) -> bytes:
+        """The DEK of an unwrapped ``plain``, if its binding digest is this disk's and layer's."""
         if len(plain) != DEK_BYTES + 32 or plain[DEK_BYTES:] != _context_digest(context):
             raise KeyIntegrityError(key_id=wrapped.kek_id, msg="the wrapped key belongs to another disk or layer")
         return plain[:DEK_BYTES]
@@ -168,13 +179,15 @@ class AkvKeyProvider(KekProvider):
         Within one key and to one version: the first item is re-wrapped wholly by the vault
         (unwrap, then wrapKey under the target version), which proves for the batch that the
         identity may still wrap and the version is usable; the version's public key and
-        attributes come with one GET; then every other DEK is unwrapped by the vault (the
-        private key never leaves it: one request each, in parallel over ``pool``) and wrapped
-        here with that public key and the same algorithm, as Azure's CryptographyClient wraps
-        locally. Each disk's unwrap is audited with its disk id; the batch's wrapKey once. A
-        version that is disabled, outside its validity window or without wrapKey in its
-        key_ops, or a vault that refuses the first item, sends every item the single way
-        (each gets the vault's own answer); so does another key or an unversioned target."""
+        attributes come with one GET. Meanwhile every other DEK is unwrapped by the vault (the
+        private key never leaves it), UNWRAP_CHUNK to an ``unwrapkeys`` request (one request
+        each against a vault without it, such as Azure's), the requests in parallel over
+        ``pool``; once the proof holds, each is wrapped here with that public key and the same
+        algorithm, as Azure's CryptographyClient wraps locally. Each disk's unwrap is audited
+        with its disk id; the batch's wrapKey once. A version that is disabled, outside its
+        validity window or without wrapKey in its key_ops, or a vault that refuses the first
+        item, sends every item the single way (each gets the vault's own answer; the DEKs
+        already unwrapped are dropped); so does another key or an unversioned target."""
         single = super().rewrap_many
         out: list = [None] * len(items)
         groups: dict[str, list[int]] = {}
@@ -193,29 +206,74 @@ class AkvKeyProvider(KekProvider):
             out[i] = r
         for to_ref, idx in groups.items():
             first, others = idx[0], idx[1:]
-            out[first] = single([items[first]])[0]
-            key = None
-            if others and not isinstance(out[first], BaseException):
-                key = self._wrapping_key(to_ref, out[first])
-            if key is None:
+
+            def prove(first=first, to_ref=to_ref, others=others):
+                """The first item re-wrapped wholly by the vault, and the wrapping key it proves."""
+                r = single([items[first]])[0]
+                key = None if isinstance(r, BaseException) or not others else self._wrapping_key(to_ref, r)
+                return r, key
+            # the others by source version (one unwrapkeys request each), UNWRAP_CHUNK values a request
+            by_src: dict[tuple, list[int]] = {}
+            for i in others:
+                by_src.setdefault((items[i][0].kek_id, items[i][0].algorithm), []).append(i)
+            chunks = [ids[j:j + UNWRAP_CHUNK] for ids in by_src.values() for j in range(0, len(ids), UNWRAP_CHUNK)]
+            plains = None
+            if pool is not None and chunks:   # the proof and the unwraps at once; the wraps wait for it
+                proof = pool.submit(prove)
+                unwrapping = [pool.submit(self._unwrap_many, [items[i] for i in ids]) for ids in chunks]
+                out[first], key = proof.result()
+                plains = [f.result() for f in unwrapping]
+            else:
+                out[first], key = prove()
+            if key is None:   # not proven: every other item the single way, with the vault's own answer
                 for i, r in zip(others, single([items[i] for i in others], pool=pool)):
                     out[i] = r
                 continue
+            if plains is None:
+                plains = [self._unwrap_many([items[i] for i in ids]) for ids in chunks]
+            pub, alg, kid = key
+            for ids, results in zip(chunks, plains):
+                for i, plain in zip(ids, results):
+                    wrapped, context, _, _ = items[i]
+                    if isinstance(plain, BaseException):
+                        out[i] = plain
+                        continue
+                    try:
+                        dek = self._check_plain(wrapped, context, plain)
+                    except BlockcryptError as e:
+                        out[i] = e
+                        continue
+                    try:
+                        out[i] = WrappedKey(self.NAME, kid, alg, pub.encrypt(dek + _context_digest(context),
+                                                                            _oaep(alg)))
+                    finally:
+                        del dek
+            del plains
+        return out
 
-            def one(i, key=key):
-                wrapped, context, _, disk_id = items[i]
-                try:
-                    dek = self.unwrap(wrapped, context, disk_id=disk_id)
-                except BlockcryptError as e:
-                    return e
-                pub, alg, kid = key
-                try:
-                    return WrappedKey(self.NAME, kid, alg, pub.encrypt(dek + _context_digest(context), _oaep(alg)))
-                finally:
-                    del dek
-            results = pool.map(one, others) if pool is not None and len(others) > 1 else map(one, others)
-            for i, r in zip(others, results):
-                out[i] = r
+    def _unwrap_many(self, items) -> list:
+        """The plaintexts (or errors) of ``items`` (``(wrapped, context, _, disk_id)``, all under one
+        key version and algorithm): one unwrapkeys request where the vault has it, else one
+        unwrap each (also when the batch request itself fails for another reason than the key,
+        so each item gets the answer :meth:`unwrap` would give)."""
+        from ...vault.client import BatchUnsupported
+        wrapped = items[0][0]
+        des = self.des_for(wrapped.kek_id)
+        base, name, version = parse_key_url(wrapped.kek_id)
+        client = self.client_for(des)
+        if base not in self._no_batch:
+            try:
+                return client.unwrap_many(name, version, [(w.blob, d) for w, _, _, d in items], alg=wrapped.algorithm)
+            except BatchUnsupported:
+                self._no_batch.add(base)
+            except BlockcryptError as e:   # the key refused (disabled, deleted, denied) or the vault away
+                return [e] * len(items)
+        out = []
+        for w, context, _, disk_id in items:
+            try:
+                out.append(client.unwrap(name, version, w.blob, alg=w.algorithm, disk_id=disk_id))
+            except BlockcryptError as e:
+                out.append(e)
         return out
 
     def _wrapping_key(self, to_ref: str, proof: WrappedKey):

@@ -98,16 +98,28 @@ def keyed_from(conn: sqlite3.Connection, key: bytes) -> int | None:
 def append(conn: sqlite3.Connection, fields: dict, key: bytes) -> dict:
     """Append one record within the caller's open write transaction; returns it. ``key`` is
     the store's ``audit_key``."""
+    return append_many(conn, [fields], key)[0]
+
+
+def append_many(conn: sqlite3.Connection, many: list[dict], key: bytes) -> list[dict]:
+    """Append records in order within the caller's open write transaction, as as many
+    :func:`append` calls would (the same seqs, links and MACs), with one look-up of the
+    chain's head and one INSERT statement for them all; returns them."""
     start = keyed_from(conn, key)
     last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
-    record = {k: v for k, v in fields.items() if v is not None and v != ""}
-    record["seq"] = seq
-    record.setdefault("time", iso_ms())
-    h = _hash(prev, record, key if start is None or seq >= start else None)
-    conn.execute("INSERT INTO audit (seq, record, prev_hash, hash) VALUES (?, ?, ?, ?)",
-                 (seq, _canon(record), prev, h))
-    return record
+    seq, prev = (last[0], last[1]) if last else (0, GENESIS)
+    rows, out = [], []
+    for fields in many:
+        seq += 1
+        record = {k: v for k, v in fields.items() if v is not None and v != ""}
+        record["seq"] = seq
+        record.setdefault("time", iso_ms())
+        h = _hash(prev, record, key if start is None or seq >= start else None)
+        rows.append((seq, _canon(record), prev, h))
+        out.append(record)
+        prev = h
+    conn.executemany("INSERT INTO audit (seq, record, prev_hash, hash) VALUES (?, ?, ?, ?)", rows)
+    return out
 
 
 class GroupCommit:
@@ -128,7 +140,7 @@ class GroupCommit:
     def __init__(self, store: Store):
         self.store = store
         self._lock = threading.Lock()
-        self._queue: list[list] = []    # [fields, event, outcome] of callers not yet committed
+        self._queue: list[list] = []    # [records, event, outcome] of callers not yet committed
         self._leading = False
         self.groups = 0                 # transactions committed (tests, benchmarks)
         self.appended = 0               # records committed
@@ -137,11 +149,15 @@ class GroupCommit:
         """Append one record; returns once it is durable, or raises the commit's error. Called
         inside this thread's open write transaction, the record joins that one instead (a group
         must never commit or vanish with a transaction it does not own)."""
+        self.append_all([fields])
+
+    def append_all(self, records: list[dict]) -> None:
+        """Append records, in order and in the same group (one request's), as :meth:`append`."""
         if self.store.in_tx():
             with self.store.tx() as c:
-                append(c, fields, self.store.audit_key)
+                append_many(c, records, self.store.audit_key)
             return
-        entry = [fields, threading.Event(), None]
+        entry = [records, threading.Event(), None]
         with self._lock:
             self._queue.append(entry)
             lead = not self._leading
@@ -162,14 +178,13 @@ class GroupCommit:
         err = None
         try:
             with self.store.tx() as c:
-                for f, _, _ in group:
-                    append(c, f, self.store.audit_key)
+                append_many(c, [f for records, _, _ in group for f in records], self.store.audit_key)
         except BaseException as e:
             err = e
         with self._lock:
             if err is None:
                 self.groups += 1
-                self.appended += len(group)
+                self.appended += sum(len(records) for records, _, _ in group)
             nxt = self._queue[0] if self._queue else None
             if nxt is None:
                 self._leading = False

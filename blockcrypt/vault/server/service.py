@@ -10,6 +10,9 @@ resource="https://HOST:PORT"``) -> ``api-version`` (400 BadParameter) ->
 route (404 NotFound / 405 MethodNotAllowed) -> JSON body (400 BadParameter) ->
 access policy (403 Forbidden, inner AccessDenied) -> the operation
 (:mod:`keyops`). Errors are ``{"error": {"code", "message"[, "innererror"]}}``.
+Besides Azure's operations, ``POST /keys/NAME/VERSION/unwrapkeys`` (blockcrypt's
+extension, keyops ``unwrap_many``) answers many unwraps in one request, through the same
+pipeline, with one audit record per unwrap, all durable before the answer.
 
 Transport: stdlib ``ThreadingHTTPServer`` + ``ssl`` (TLS 1.2+), one thread per
 connection, HTTP/1.1 keep-alive. The TLS handshake runs in the connection's
@@ -66,11 +69,13 @@ _CTX_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 class Route:
-    __slots__ = ("operation", "permission", "call", "needs_body", "key", "version", "status")
+    __slots__ = ("operation", "permission", "call", "needs_body", "key", "version", "status", "batch")
 
-    def __init__(self, operation, permission, call, *, needs_body=False, key=None, version=None, status=200):
+    def __init__(self, operation, permission, call, *, needs_body=False, key=None, version=None, status=200,
+                 batch=False):
         self.operation, self.permission, self.call = operation, permission, call
         self.needs_body, self.key, self.version, self.status = needs_body, key, version, status
+        self.batch = batch   # call returns (body, the audit fields of each item)
 
 
 def route(ops: KeyOps, method: str, path: str) -> Route:
@@ -122,6 +127,9 @@ def route(ops: KeyOps, method: str, path: str) -> Route:
                 operation, op = cops[parts[3].lower()]
                 return pick({"POST": Route(operation, op, lambda b, oc: ops.crypto(op, name, version, b),
                                            needs_body=True, key=name, version=version)})
+            if parts[3].lower() == "unwrapkeys":   # blockcrypt's extension: many unwraps, one record each
+                return pick({"POST": Route("KeyUnwrap", "unwrapKey", lambda b, oc: ops.unwrap_many(name, version, b),
+                                           needs_body=True, key=name, version=version, batch=True)})
     else:
         if len(parts) == 1 or (len(parts) == 2 and parts[1] == ""):
             return pick({"GET": Route("KeyListDeleted", "list", lambda b, oc: ops.list_deleted())})
@@ -161,8 +169,13 @@ class VaultApp:
     def audit(self, fields: dict) -> None:
         """Append a record; returns once it is durable (audit.GroupCommit: concurrent requests'
         records share one commit)."""
+        self.audit_all([fields])
+
+    def audit_all(self, records: list[dict]) -> None:
+        """Append records in order (one request's, e.g. each unwrap of an unwrapkeys request);
+        returns once they are durable."""
         try:
-            self.audit_log.append(fields)
+            self.audit_log.append_all(records)
         except Exception as e:  # the audit must never take the service down; say so loudly
             print(f"vault: audit append failed: {e}", file=sys.stderr, flush=True)
 
@@ -288,7 +301,12 @@ class Handler(BaseHTTPRequestHandler):
                 audit.append(c, _done(fields, started), self.app.store.audit_key)
                 committed.append(True)
             result = r.call(body, on_commit)
-            if not committed:  # a read: audit it before answering
+            if r.batch:   # one record per item, all durable before the answer
+                result, outcomes = result
+                _note_version(fields, result)
+                fields.update(status=r.status, result="ok")   # the request's (metrics); each item's below
+                self.app.audit_all([_done({**fields, **o}, started) for o in outcomes])
+            elif not committed:  # a read: audit it before answering
                 _note_version(fields, result)
                 fields.update(status=r.status, result="ok")
                 self.app.audit(_done(fields, started))
