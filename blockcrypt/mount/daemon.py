@@ -502,9 +502,9 @@ def status(state) -> list[dict]:
 
 def problems(mounts: list[dict]):
     """What `status` exits with for ``mounts`` (as status() gives them): None when every mount
-    runs and every disk serves normally, else (error class, one line), the worst first: a dead
-    mount, then a stopped disk (key unavailable, or it failed to open), then a corrupt disk,
-    then a disk serving on its grace period."""
+    runs and every disk serves normally, else the error to raise (a StatusFinding), the worst
+    first: a dead mount, then a stopped disk (key unavailable, or it failed to open), then a
+    corrupt disk, then a disk serving on its grace period."""
     from ..errors import StatusDiskCorrupt, StatusDiskStopped, StatusMountDead, StatusServingOnGrace
     dead, stopped, corrupt, grace = [], [], [], []
     for m in mounts:
@@ -523,13 +523,10 @@ def problems(mounts: list[dict]):
                                + (f"{n} integrity failure(s)" if n else (d.get("error") or {}).get("message", "")) + ")")
             elif st == "ServingOnGrace":
                 grace.append(f"{where} serves on its grace period ({d.get('graceSecondsLeft', 0):.0f} s left)")
-    for cls, found, hint in ((StatusMountDead, dead, "clean up with `blockcrypt umount MOUNTPOINT` and mount again"),
-                             (StatusDiskStopped, stopped, "see its keyError and the mount log"),
-                             (StatusDiskCorrupt, corrupt, "run `blockcrypt disk verify NAME`"),
-                             (StatusServingOnGrace, grace, "bring the key vault back before the grace period ends")):
+    for cls, found in ((StatusMountDead, dead), (StatusDiskStopped, stopped), (StatusDiskCorrupt, corrupt),
+                       (StatusServingOnGrace, grace)):
         if found:
-            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            return cls, f"{found[0]}{more}; {hint}"
+            return cls(found)
     return None
 
 
