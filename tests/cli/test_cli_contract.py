@@ -272,6 +272,26 @@ def test_dump_key_still_needs_its_own_flag(sdir):
     assert "--yes-i-understand" in p.stderr
 
 
+@pytest.mark.parametrize("cmd", [("disk", "dump-key", "a"), ("platform-key", "export")])
+def test_secret_out_file_is_a_new_0600_file(sdir, tmp_path, cmd):
+    """`disk dump-key --out` and `platform-key export --out` (one option, cli/output.py's
+    out_file_opt): a new file of mode 0600 also under a umask that would take the write bit away;
+    an existing file is refused and kept as it was; a directory is refused before any work."""
+    run(sdir, "disk", "create", "a", "--size", "1M")
+    out = tmp_path / "secret"
+    old = os.umask(0o277)
+    try:
+        run(sdir, *cmd, "--out", out, "--yes-i-understand")
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o600 and out.stat().st_size > 0
+    (tmp_path / "other").write_bytes(b"keep me")
+    p = run(sdir, *cmd, "--out", tmp_path / "other", "--yes-i-understand", expect=errors.AlreadyExists.exit_code)
+    assert "already exists" in p.stderr and (tmp_path / "other").read_bytes() == b"keep me"
+    p = run(sdir, *cmd, "--out", tmp_path, "--yes-i-understand", expect=2)
+    assert "is a directory" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
 # --- progress ---------------------------------------------------------------------------------------
 
 def _filled_disk(sdir, name, size_mb):
