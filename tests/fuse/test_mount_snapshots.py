@@ -12,8 +12,6 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 from blockcrypt.control import disks
 
@@ -23,18 +21,6 @@ from test_mount_double import WRITER
 from test_mount_tools import _sums, _tree
 
 MiB = 1 << 20
-
-
-@contextmanager
-def ro_loop(path: Path):
-    dev = sh("losetup", "--find", "--show", "--read-only", path).stdout.strip()
-    try:
-        yield dev
-    finally:
-        for _ in range(50):
-            if sh("losetup", "-d", dev, check=False).returncode == 0:
-                break
-            time.sleep(0.1)
 
 
 def test_ext4_snapshot_while_mounted_then_clone_diverges(state, mnt, root):
@@ -64,7 +50,7 @@ def test_ext4_snapshot_while_mounted_then_clone_diverges(state, mnt, root):
     snap = mnt.mp / "snapshots" / "s1"
     wait_for(snap.exists, what="snapshots/s1 listed")
     assert not os.access(snap, os.W_OK) or os.stat(snap).st_mode & 0o222 == 0
-    with ro_loop(snap) as dev:
+    with loopdev(snap, "--read-only") as dev:
         r = sh("fsck.ext4", "-n", "-f", dev, check=False)
         assert r.returncode == 0, r.stdout + r.stderr
         with mounted_fs(dev, root / "snapfs", "-o", "ro,noload") as fs:
@@ -84,7 +70,7 @@ def test_ext4_snapshot_while_mounted_then_clone_diverges(state, mnt, root):
         assert r.returncode == 0, r.stdout + r.stderr
         with mounted_fs(dev, root / "fs", "-o", "ro") as fs:
             assert _sums(fs) == now  # the disk is untouched by the clone
-    with ro_loop(snap) as dev:
+    with loopdev(snap, "--read-only") as dev:
         with mounted_fs(dev, root / "snapfs", "-o", "ro,noload") as fs:
             assert _sums(fs) == old  # and the snapshot by both
     with loopdev(mnt.disk("clone")) as dev:
@@ -93,7 +79,7 @@ def test_ext4_snapshot_while_mounted_then_clone_diverges(state, mnt, root):
     # an image from the snapshot shows under images/, as a disk made from it boots the old tree
     bc(state, "image", "create", "golden", "--source", "s1")
     wait_for(lambda: (mnt.mp / "images" / "golden").exists(), what="images/golden listed")
-    with ro_loop(mnt.mp / "images" / "golden") as dev:
+    with loopdev(mnt.mp / "images" / "golden", "--read-only") as dev:
         with mounted_fs(dev, root / "imgfs", "-o", "ro,noload") as fs:
             assert _sums(fs) == old
 

@@ -156,8 +156,9 @@ def bc_json(state: State, *args, codes=(0,)):
 
 
 @contextmanager
-def loopdev(path: Path):
-    dev = sh("losetup", "--find", "--show", path).stdout.strip()
+def loopdev(path: Path, *opts):
+    """A loop device on ``path`` (``opts``: more losetup options, e.g. --read-only), detached after."""
+    dev = sh("losetup", "--find", "--show", *opts, path).stdout.strip()
     try:
         yield dev
     finally:
