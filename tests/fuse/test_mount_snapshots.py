@@ -10,14 +10,13 @@ import json
 import mmap
 import os
 import subprocess
-import sys
 import time
 
 from blockcrypt.control import disks
 
 from support.fusehelpers import bc, bc_json, loopdev, mounted_fs, need, sh, wait_for
 
-from test_mount_double import WRITER
+from test_mount_double import kill9_during_direct_writes
 from test_mount_tools import _sums, _tree
 
 MiB = 1 << 20
@@ -148,45 +147,7 @@ def test_kill9_during_direct_writes_with_snapshots_rounds(state, mnt):
             os.close(fd)
         bc(state, "snapshot", "create", "k", f"r{r}")
         snap_sums[f"r{r}"] = want
-        seed = f"round{r}-"
-        w = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt.disk("k")), seed], stdout=subprocess.PIPE,
-                             text=True)
-        try:
-            acked = 0
-            deadline = time.monotonic() + 20
-            target = 150 + 97 * r
-            while acked < target and time.monotonic() < deadline:
-                line = w.stdout.readline()
-                if line.strip().isdigit():
-                    acked = int(line)
-            assert acked >= target
-            mnt.kill9()
-            for line in w.stdout:
-                if line.strip().isdigit():
-                    acked = int(line)
-        finally:
-            w.kill()
-            w.wait()
-        mnt.start()
-        wait_for(lambda: mnt.disk("k").exists(), what="disk listed")
-        last = {}
-        for i in range(acked):
-            last[(i * 7919) % 2048] = i
-        fd = os.open(mnt.disk("k"), os.O_RDONLY | os.O_DIRECT)
-        buf = mmap.mmap(-1, 8 * MiB)
-        try:
-            assert os.preadv(fd, [buf], 0) == 8 * MiB
-            blob = bytes(buf)
-        finally:
-            os.close(fd)
-            buf.close()
-        for n, i in last.items():
-            got = blob[n * 4096:(n + 1) * 4096]
-            ok = got == hashlib.sha256(f"{seed}{i}".encode()).digest() * 128
-            if not ok:
-                later = [j for j in range(i + 1, i + 64) if (j * 7919) % 2048 == n]
-                ok = any(got == hashlib.sha256(f"{seed}{j}".encode()).digest() * 128 for j in later)
-            assert ok, f"round {r}: block {n} lost its acknowledged record {i}"
+        kill9_during_direct_writes(mnt, r, 150 + 97 * r)
     for name, want in snap_sums.items():
         p = mnt.mp / "snapshots" / name
         wait_for(p.exists, what=f"snapshots/{name}")
