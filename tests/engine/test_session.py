@@ -10,7 +10,6 @@ Caveat: needs root and /dev/fuse (skipped without /dev/fuse); tests run serially
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -23,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from support.fusehelpers import (FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+                                FALLOC_FL_ZERO_RANGE, fallocate)
+
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is absent")
 
 engine = pytest.importorskip("blockcrypt._engine", reason="the native engine is not built")
@@ -34,20 +36,6 @@ DATA_OFF = MiB
 SIZE = 64 * MiB
 SECTOR = 4096
 FSTYPE = "fuse.blockcrypt"   # blockcrypt's mount daemon looks for this type in /proc/mounts
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_COLLAPSE_RANGE = 0x08
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def fallocate(fd: int, mode: int, off: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, off, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def mount_types(mp: Path) -> list[str]:
