@@ -514,6 +514,19 @@ def test_open_disk_errors_answer_their_errno(served):
         assert f.read(10) == bytes(10)
 
 
+#: openat(2)'s number, for /proc/<pid>/task/<tid>/syscall
+SYS_OPENAT = {"x86_64": 257, "aarch64": 56}[os.uname().machine]
+
+
+def _in_syscall(tid: int | None, nr: int) -> bool:
+    """Thread ``tid`` of this process is blocked in system call ``nr``."""
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            return f.read().split()[0] == str(nr)
+    except (OSError, IndexError):
+        return False
+
+
 def test_open_disk_is_serialized_per_disk_not_across_disks(served):
     gate = threading.Event()
     served.before_open = lambda name: name == "a" and gate.wait(10)
@@ -522,6 +535,8 @@ def test_open_disk_is_serialized_per_disk_not_across_disks(served):
     def opener(key):
         with open(served.disk("a"), "rb") as f:
             results[key] = f.read(4)
+            if key == "a1":  # a1 keeps "a" open until a2 has read: a late OPEN of a2 finds it open
+                wait_for(lambda: "a2" in results, timeout=20)
 
     t1 = threading.Thread(target=opener, args=("a1",))
     t2 = threading.Thread(target=opener, args=("a2",))
@@ -529,15 +544,17 @@ def test_open_disk_is_serialized_per_disk_not_across_disks(served):
         t1.start()
         assert wait_for(lambda: served.opened == ["a"])
         t2.start()
-        time.sleep(0.3)
+        # a2's open is in the kernel, waiting on the session (it cannot end before a1's open_disk)
+        assert wait_for(lambda: _in_syscall(t2.native_id, SYS_OPENAT), timeout=20)
+        time.sleep(0.3)  # the time a session without the per-disk lock has to call open_disk again
         assert served.opened == ["a"], "a second open_disk of the same disk ran concurrently"
         with open(served.disk("b"), "rb") as f:        # another disk does not wait
             assert f.read(4) == bytes(4)
         assert served.opened == ["a", "b"] and not results
     finally:
         gate.set()
-        t1.join(10)
-        t2.join(10)
+        t1.join(30)
+        t2.join(30)
     assert results == {"a1": bytes(4), "a2": bytes(4)}
     assert served.opened == ["a", "b"]                 # the two opens of "a" shared one volume
 
