@@ -103,6 +103,10 @@ def mounts_at(path: str) -> list[str]:
 
 
 def _pid_alive(pid) -> bool:
+    """Process ``pid`` has not ended: it runs, or its main thread is a zombie while other threads
+    of it still exit. Those hold its open files (the state lock's flock among them) until the last
+    one is gone, which under load can take a while after a kill -9; a zombie alone is gone (its
+    parent may never reap it)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -111,7 +115,12 @@ def _pid_alive(pid) -> bool:
     except OSError:
         return False
     state = st.rpartition(")")[2].split()[0]
-    return state not in ("Z", "X")
+    if state not in ("Z", "X"):
+        return True
+    try:
+        return any(tid != str(pid) for tid in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return False
 
 
 def _daemon_pids(mp: str) -> list[int]:
