@@ -332,26 +332,35 @@ class AuditBroken(BlockcryptError):
 # --- what `blockcrypt status` exits with (issue 16; for monitoring scripts) ---------------
 # `status` prints the whole picture first, then the worst finding as one error line.
 
-class StatusMountDead(BlockcryptError):
+class StatusFinding(BlockcryptError):
     """{msg}"""
+
+    def __init__(self, found: list[str]):
+        """``found``: one line a finding of this kind (what and where), the first one shown."""
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        super().__init__(finding=found[0], more=more)
+
+
+class StatusMountDead(StatusFinding):
+    """{finding}{more}; clean up with `blockcrypt umount MOUNTPOINT` and mount again"""
 
     exit_code = 50
 
 
-class StatusDiskStopped(BlockcryptError):
-    """{msg}"""
+class StatusDiskStopped(StatusFinding):
+    """{finding}{more}; see its keyError and the mount log"""
 
     exit_code = 51
 
 
-class StatusDiskCorrupt(BlockcryptError):
-    """{msg}"""
+class StatusDiskCorrupt(StatusFinding):
+    """{finding}{more}; run `blockcrypt disk verify NAME`"""
 
     exit_code = 52
 
 
-class StatusServingOnGrace(BlockcryptError):
-    """{msg}"""
+class StatusServingOnGrace(StatusFinding):
+    """{finding}{more}; bring the key vault back before the grace period ends"""
 
     exit_code = 53
 

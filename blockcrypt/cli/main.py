@@ -19,7 +19,7 @@ import click
 from .. import __version__
 from .._util.units import format_size, parse_size
 from ..errors import BlockcryptError, IntegrityError, UsageError
-from .options import Ctx, Progress, confirm, emit, json_opt, pass_ctx, yes_opt
+from .options import Ctx, Progress, confirm, emit, json_opt, out_file_opt, pass_ctx, yes_opt
 from .output import contract, error_code, report_error, wants_json
 
 
@@ -290,8 +290,7 @@ def disk_export(c: Ctx, name, file, as_json):
 
 @disk.command("dump-key")
 @click.argument("name")
-@click.option("--out", required=True, type=click.Path(),
-              help="new file to write the 64-byte DEK to (0600); double encryption: 64 + 32 bytes")
+@out_file_opt("the 64-byte DEK", "double encryption: 64 + 32 bytes")
 @click.option("--yes-i-understand", "yes", is_flag=True,
               help="confirm: whoever holds this file can read the disk without blockcrypt")
 @json_opt

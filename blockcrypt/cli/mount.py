@@ -103,7 +103,7 @@ def status_cmd(ctx, as_json):
     found = mount.problems(mounts)
     if as_json:
         emit({"state": str(st.path), "mounts": mounts,
-              "exitCode": found[0].exit_code if found else 0}, True, "")
+              "exitCode": found.exit_code if found else 0}, True, "")
     elif not mounts:
         click.echo(f"no mounts of {st.path}")
     for m in mounts if not as_json else ():
@@ -122,8 +122,7 @@ def status_cmd(ctx, as_json):
         for d in disks:
             click.echo("  " + _disk_line(d))
     if found:
-        cls, line = found
-        raise cls(line)
+        raise found
 
 
 def _disk_line(d: dict) -> str:

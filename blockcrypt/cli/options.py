@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from .output import Progress, confirm, emit, yes_opt  # noqa: F401  (the shared helpers)
+from .output import Progress, confirm, emit, out_file_opt, yes_opt  # noqa: F401  (the shared helpers)
 
 json_opt = click.option("--json", "as_json", is_flag=True,
                         help="machine-readable output: one JSON document on stdout, errors as JSON on "

@@ -9,6 +9,7 @@
   one JSON line ``{"error": {"code", "message", "exitCode"}}`` on stderr
 - ``confirm(question, yes)``    destructive commands: ask on a terminal, refuse without one
   unless ``--yes`` was given (naming ``--yes``)
+- ``out_file_opt(what)``        ``--out FILE`` of the commands that write secrets: a new 0600 file
 - ``Progress``                  a bar with percentage, rate and ETA on a terminal (stderr); with
   ``--json`` at most one JSON progress event a second, as JSON lines on stderr, so stdout
   keeps exactly one JSON document
@@ -138,6 +139,15 @@ def confirm(action: str, yes: bool) -> None:
 def yes_opt(fn):
     return click.option("--yes", "-y", "yes", is_flag=True,
                         help="do not ask for confirmation (scripts; needed without a terminal)")(fn)
+
+
+def out_file_opt(what: str, detail: str = ""):
+    """``--out FILE`` of the commands that write secrets to a file (`disk dump-key`, `platform-key
+    export`): required, never a directory; the command makes it a new file of mode 0600 and refuses
+    an existing one (AlreadyExists: _util/fsutil.py's create_private_file)."""
+    return click.option("--out", required=True, type=click.Path(dir_okay=False),
+                        help=f"new file to write {what} to (mode 0600; an existing file is refused)"
+                             + (f"; {detail}" if detail else ""))
 
 
 def _rate(n: float) -> str:

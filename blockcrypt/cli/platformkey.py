@@ -10,12 +10,11 @@ from __future__ import annotations
 import click
 
 from ..errors import UsageError
-from .options import Ctx, confirm, emit, json_opt, pass_ctx, yes_opt
+from .options import Ctx, confirm, emit, json_opt, out_file_opt, pass_ctx, yes_opt
 
 
 @click.command("export")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="new file to write the backup to (mode 0600; an existing file is refused)")
+@out_file_opt("the backup")
 @click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False),
               help="file whose first line (12 characters or more) seals the backup "
                    "(Argon2id or scrypt, then AES-256-GCM)")

@@ -82,6 +82,7 @@ MEANINGS = {
     "TokenInvalid": "a bearer token the vault server refuses (inside the server; a client sees 401)",
     "VaultNotFound": "the vault has no such key (or deleted key): the message names it and how to list them",
     "VaultForbidden": "the vault forbids the operation (purge protection, a disabled key, missing permission)",
+    "StatusFinding": "the base of `status`'s findings (50-53), never raised itself",
 }
 
 

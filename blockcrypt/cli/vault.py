@@ -12,6 +12,7 @@ one error boundary (cli/main.py): one line ``blockcrypt: error: ...``, the error
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -32,6 +33,17 @@ DEFAULT_VAULT_SUFFIX = "-vault"
 def default_vault_dir(state_path=None) -> str:
     from ..control.state import resolve_path
     return str(resolve_path(state_path)) + DEFAULT_VAULT_SUFFIX
+
+
+@contextlib.contextmanager
+def _store(vault_dir):
+    """The vault's store (vault.db) for a local command (identity, policy, audit), closed after it."""
+    from ..vault.server.store import open_store
+    store = open_store(vault_dir)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _dir_default(ctx: click.Context, param, value):
@@ -163,14 +175,10 @@ def identity_grp():
 def identity_create(name, vault_dir, as_json):
     """Create an identity; its secret is shown once, here."""
     from ..vault.server.identities import create_identity
-    from ..vault.server.store import open_store
-    store = open_store(vault_dir)
-    try:
+    with _store(vault_dir) as store:
         ident = create_identity(store, name)
         _local_audit(store, "IdentityCreate", f"{name} {ident['client_id']}")
         ident["tenant_id"] = store.config.tenant_id
-    finally:
-        store.close()
     _emit(ident, as_json, f"identity {name}\nclient_id: {ident['client_id']}\nclient_secret: "
                           f"{ident['client_secret']}\ntenant_id: {ident['tenant_id']}\n"
                           "(the secret is shown only now; it is stored hashed)")
@@ -183,12 +191,8 @@ def identity_create(name, vault_dir, as_json):
 def identity_list(vault_dir, as_json):
     """List the identities and their permissions (never secrets)."""
     from ..vault.server.identities import list_identities
-    from ..vault.server.store import open_store
-    store = open_store(vault_dir)
-    try:
+    with _store(vault_dir) as store:
         rows = list_identities(store)
-    finally:
-        store.close()
     lines = [f"{r['name']:<20} {r['client_id']}  "
              f"{'admin (all)' if r['admin'] else ','.join(r['permissions']) or '(no permissions)'}" for r in rows]
     _emit(rows, as_json, "\n".join(lines))
@@ -203,15 +207,11 @@ def identity_list(vault_dir, as_json):
 def identity_delete(name, vault_dir, yes, as_json):
     """Delete an identity: its tokens stop working at once (disk encryption sets using it lose their key)."""
     from ..vault.server.identities import delete_identity, find_identity
-    from ..vault.server.store import open_store
-    store = open_store(vault_dir)
-    try:
+    with _store(vault_dir) as store:
         find_identity(store, name)
         confirm(f"delete vault identity {name} (whatever uses it loses access to its keys)", yes)
         ident = delete_identity(store, name)
         _local_audit(store, "IdentityDelete", f"{ident['name']} {ident['client_id']}")
-    finally:
-        store.close()
     _emit({"deleted": ident["name"], "clientId": ident["client_id"]}, as_json,
           f"identity {ident['name']} deleted; its tokens no longer work")
 
@@ -230,14 +230,10 @@ def policy_grp():
 def policy_set(identity, permissions, vault_dir, as_json):
     """Set an identity's key permissions (replaces what it had)."""
     from ..vault.server.policies import parse_permissions, set_policy
-    from ..vault.server.store import open_store
     perms = parse_permissions(permissions)
-    store = open_store(vault_dir)
-    try:
+    with _store(vault_dir) as store:
         out = set_policy(store, identity, perms)
         _local_audit(store, "PolicySet", f"{out['name']} {','.join(perms) or '(none)'}")
-    finally:
-        store.close()
     _emit(out, as_json, f"identity {out['name']}: {','.join(perms) or '(no permissions)'}")
 
 
@@ -250,13 +246,9 @@ def policy_show(identity, vault_dir, as_json):
     """Show an identity's key permissions."""
     from ..vault.server.identities import find_identity
     from ..vault.server.policies import PERMISSIONS, permissions_of
-    from ..vault.server.store import open_store
-    store = open_store(vault_dir)
-    try:
+    with _store(vault_dir) as store:
         ident = find_identity(store, identity)
         perms = list(PERMISSIONS) if ident["admin"] else sorted(permissions_of(store, ident["client_id"]))
-    finally:
-        store.close()
     _emit({**ident, "permissions": perms}, as_json, f"identity {ident['name']}: {','.join(perms) or '(none)'}")
 
 
@@ -275,12 +267,8 @@ def audit_grp(ctx, vault_dir, key_name, limit, as_json):
     if ctx.invoked_subcommand is not None:
         return
     from ..vault.server import audit
-    from ..vault.server.store import open_store
-    store = open_store(vault_dir)
-    try:
+    with _store(vault_dir) as store:
         recs = audit.records(store, key=key_name, limit=limit)
-    finally:
-        store.close()
     if as_json:  # a log: JSON Lines, one record a line (docs/CLI.md)
         for r in recs:
             json_line(r)
@@ -304,12 +292,8 @@ def audit_verify(ctx, vault_dir, as_json):
     outer = ctx.meta.get("blockcrypt.audit", {})
     vault_dir = vault_dir or outer.get("vault_dir")
     from ..vault.server import audit
-    from ..vault.server.store import open_store
-    store = open_store(vault_dir)
-    try:
+    with _store(vault_dir) as store:
         res = audit.verify(store)
-    finally:
-        store.close()
     as_json = as_json or outer.get("as_json")
     if as_json:
         _emit(res, True)
@@ -342,15 +326,11 @@ def audit_prune(ctx, before, vault_dir, yes, as_json):
     vault_dir = vault_dir or outer.get("vault_dir")
     as_json = as_json or outer.get("as_json")
     from ..vault.server import audit
-    from ..vault.server.store import open_store
     when = audit.parse_before(before)
     confirm(f"delete the audit records of {vault_dir} older than {when.strftime('%Y-%m-%dT%H:%M:%SZ')} "
             "for good", yes)
-    store = open_store(vault_dir)
-    try:
+    with _store(vault_dir) as store:
         res = audit.prune(store, when)
-    finally:
-        store.close()
     _emit(res, as_json, f"pruned {res['pruned']} audit records older than {res['before']} "
                         f"({res['prunedTotal']} in all, behind the checkpoint at record {res['checkpointSeq']}); "
                         f"{res['records']} records kept, head {res['head']}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 
+from .._util.fsutil import create_private_file
 from ..errors import Refused
 from ..format.layout import MAP_AREA_OFFSET, map_chunks_for
 from ..storage import LocalFileBacking
@@ -100,7 +101,7 @@ def export(st, name: str, out: str, progress=None) -> dict:
     if disks.is_double(h):
         raise Refused(f"{rec.kind} {name!r} is double-encrypted: it has no flat plain64 image; use "
                       f"`blockcrypt disk dump-key` and docs/FORMAT.md to read its sectors")
-    fd = disks.create_private_file(out)
+    fd = create_private_file(out)
     data_off, size = h.data_offset, h.size
     chunk = h.chunk_bytes if h.overlay else (1 << 20)
     n = map_chunks_for(size, chunk)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .._util.clock import now_iso
+from .._util.fsutil import create_private_file
 from ..catalog import DiskRecord, check_name
 from ..crypto import ALG_NULL
 from ..errors import AlreadyExists, BadSize, BlockcryptError, Busy, CorruptHeader, NoSpace, Refused, StateError, UsageError
@@ -352,16 +353,6 @@ def resize(st, name: str, new_size: int) -> DiskRecord:
             write_header(b, new.evolve(size=h.size))  # header and catalog keep agreeing on the old size
             raise
     return st.catalog.get_disk(name)
-
-
-def create_private_file(out: str) -> int:
-    """A new 0600 file (never an existing one): its descriptor."""
-    try:
-        return os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise AlreadyExists(kind="file", name=out) from None
-    except OSError as e:
-        raise UsageError(f"cannot create {out}: {e.strerror}") from None
 
 
 def dump_key(st, name: str, out: str) -> str:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 
-from ..errors import AlreadyExists, UsageError
+from .._util.fsutil import create_private_file
+from ..errors import UsageError
 from ..keys import keyfile
 from ..keys.providers.platform import PlatformKeyStore, parse_platform_kek_id
 
@@ -45,14 +46,8 @@ def export_keys(st, out: str, *, passphrase_file: str | None, versions: list[int
     passphrase = keyfile.read_passphrase(passphrase_file) if passphrase_file else None
     vs, current = _store(st).export_versions(versions)
     data = keyfile.seal(vs, current, passphrase)
+    fd = create_private_file(out)
     try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise AlreadyExists(kind="file", name=str(out)) from None
-    except OSError as e:
-        raise UsageError(f"cannot create {out}: {e.strerror}") from None
-    try:
-        os.fchmod(fd, 0o600)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

@@ -103,6 +103,10 @@ def mounts_at(path: str) -> list[str]:
 
 
 def _pid_alive(pid) -> bool:
+    """Process ``pid`` has not ended: it runs, or its main thread is a zombie while other threads
+    of it still exit. Those hold its open files (the state lock's flock among them) until the last
+    one is gone, which under load can take a while after a kill -9; a zombie alone is gone (its
+    parent may never reap it)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -111,7 +115,12 @@ def _pid_alive(pid) -> bool:
     except OSError:
         return False
     state = st.rpartition(")")[2].split()[0]
-    return state not in ("Z", "X")
+    if state not in ("Z", "X"):
+        return True
+    try:
+        return any(tid != str(pid) for tid in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return False
 
 
 def _daemon_pids(mp: str) -> list[int]:
@@ -502,9 +511,9 @@ def status(state) -> list[dict]:
 
 def problems(mounts: list[dict]):
     """What `status` exits with for ``mounts`` (as status() gives them): None when every mount
-    runs and every disk serves normally, else (error class, one line), the worst first: a dead
-    mount, then a stopped disk (key unavailable, or it failed to open), then a corrupt disk,
-    then a disk serving on its grace period."""
+    runs and every disk serves normally, else the error to raise (a StatusFinding), the worst
+    first: a dead mount, then a stopped disk (key unavailable, or it failed to open), then a
+    corrupt disk, then a disk serving on its grace period."""
     from ..errors import StatusDiskCorrupt, StatusDiskStopped, StatusMountDead, StatusServingOnGrace
     dead, stopped, corrupt, grace = [], [], [], []
     for m in mounts:
@@ -523,13 +532,10 @@ def problems(mounts: list[dict]):
                                + (f"{n} integrity failure(s)" if n else (d.get("error") or {}).get("message", "")) + ")")
             elif st == "ServingOnGrace":
                 grace.append(f"{where} serves on its grace period ({d.get('graceSecondsLeft', 0):.0f} s left)")
-    for cls, found, hint in ((StatusMountDead, dead, "clean up with `blockcrypt umount MOUNTPOINT` and mount again"),
-                             (StatusDiskStopped, stopped, "see its keyError and the mount log"),
-                             (StatusDiskCorrupt, corrupt, "run `blockcrypt disk verify NAME`"),
-                             (StatusServingOnGrace, grace, "bring the key vault back before the grace period ends")):
+    for cls, found in ((StatusMountDead, dead), (StatusDiskStopped, stopped), (StatusDiskCorrupt, corrupt),
+                       (StatusServingOnGrace, grace)):
         if found:
-            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            return cls, f"{found[0]}{more}; {hint}"
+            return cls(found)
     return None
 
 

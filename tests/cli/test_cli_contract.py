@@ -91,6 +91,36 @@ def test_exit_code_table_matches_errors_py():
     assert sorted(v for v in classes.values() if 50 <= v <= 59) == [50, 51, 52, 53]
 
 
+def test_status_exits_with_the_worst_finding_in_one_line():
+    """What `status` raises (mount/daemon.py problems: a StatusFinding), from the worst kind down:
+    the first finding of that kind, how many more there are, and what to do about it."""
+    from blockcrypt.mount.daemon import problems
+    grace = {"name": "g", "state": "ServingOnGrace", "graceSecondsLeft": 41.6}
+    corrupt = [{"name": "c", "state": "Corrupt", "integrityErrors": 3},
+               {"name": "s", "dir": "snapshots", "state": "Corrupt", "error": {"message": "bad header"}}]
+    stopped = {"name": "k", "state": "KeyUnavailable", "keyError": {"reason": "KeyDisabled"}, "serving": True}
+    dead = {"id": "m2", "mountpoint": "/mnt/b", "state": "dead"}
+
+    def mounts(*disks, more=()):
+        return [{"id": "m1", "mountpoint": "/mnt/a", "state": "running",
+                 "disks": [{"name": "a", "state": "open"}, *disks]}, *more]
+    assert problems(mounts()) is None
+    cases = [
+        (mounts(grace), errors.StatusServingOnGrace,
+         "disks/g serves on its grace period (42 s left); bring the key vault back before the grace period ends"),
+        (mounts(grace, *corrupt), errors.StatusDiskCorrupt,
+         "disks/c is corrupt (3 integrity failure(s)) (and 1 more); run `blockcrypt disk verify NAME`"),
+        (mounts(grace, *corrupt[1:], stopped), errors.StatusDiskStopped,
+         "disks/k serves until the next mount but its key is revoked (KeyDisabled); see its keyError and the "
+         "mount log"),
+        (mounts(grace, stopped, more=[dead, dict(dead, id="m3")]), errors.StatusMountDead,
+         "mount m2 at /mnt/b is dead (and 1 more); clean up with `blockcrypt umount MOUNTPOINT` and mount again"),
+    ]
+    for ms, cls, line in cases:
+        e = problems(ms)
+        assert type(e) is cls and isinstance(e, errors.StatusFinding) and str(e) == line, (cls, str(e))
+
+
 def test_cli_md_is_generated_and_current():
     assert (REPO / "docs" / "CLI.md").read_text() == render(), \
         "docs/CLI.md is stale: run `make cli-doc` (python -m blockcrypt.cli.reference --write docs/CLI.md)"
@@ -240,6 +270,26 @@ def test_dump_key_still_needs_its_own_flag(sdir):
     run(sdir, "disk", "create", "a", "--size", "1M")
     p = run(sdir, "disk", "dump-key", "a", "--out", sdir / "k", expect=2)
     assert "--yes-i-understand" in p.stderr
+
+
+@pytest.mark.parametrize("cmd", [("disk", "dump-key", "a"), ("platform-key", "export")])
+def test_secret_out_file_is_a_new_0600_file(sdir, tmp_path, cmd):
+    """`disk dump-key --out` and `platform-key export --out` (one option, cli/output.py's
+    out_file_opt): a new file of mode 0600 also under a umask that would take the write bit away;
+    an existing file is refused and kept as it was; a directory is refused before any work."""
+    run(sdir, "disk", "create", "a", "--size", "1M")
+    out = tmp_path / "secret"
+    old = os.umask(0o277)
+    try:
+        run(sdir, *cmd, "--out", out, "--yes-i-understand")
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o600 and out.stat().st_size > 0
+    (tmp_path / "other").write_bytes(b"keep me")
+    p = run(sdir, *cmd, "--out", tmp_path / "other", "--yes-i-understand", expect=errors.AlreadyExists.exit_code)
+    assert "already exists" in p.stderr and (tmp_path / "other").read_bytes() == b"keep me"
+    p = run(sdir, *cmd, "--out", tmp_path, "--yes-i-understand", expect=2)
+    assert "is a directory" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 # --- progress ---------------------------------------------------------------------------------------

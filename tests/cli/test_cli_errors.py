@@ -11,10 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from blockcrypt import errors
-from support.vaultproc import VaultProcess, make_vault
+from support.vaultfixtures import vault  # noqa: F401  (fixture)
 
 BIN = Path(sys.executable).with_name("blockcrypt")
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -37,52 +35,44 @@ def line(p) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def pvault(tmp_path_factory):
-    v = VaultProcess(make_vault(tmp_path_factory.mktemp("err") / "vault", "--retention-days", "7",
-                                "--purge-protection")).start()
-    yield v
-    v.stop()
-
-
-def test_key_not_found_in_the_vault(pvault):
-    msg = line(bc("vault", "key", "show", "no-such", "--dir", pvault.dir, expect=errors.VaultNotFound.exit_code))
+def test_key_not_found_in_the_vault(vault):
+    msg = line(bc("vault", "key", "show", "no-such", "--dir", vault.dir, expect=errors.VaultNotFound.exit_code))
     assert "key no-such not found in the vault" in msg and "vault key list" in msg
-    err = json.loads(bc("vault", "key", "show", "no-such", "--dir", pvault.dir, "--json",
+    err = json.loads(bc("vault", "key", "show", "no-such", "--dir", vault.dir, "--json",
                         expect=errors.VaultNotFound.exit_code).stderr)
     assert err["error"]["code"] == "VaultNotFound"
 
 
-def test_purge_protection_gives_an_iso_date(pvault):
-    bc("vault", "key", "create", "pp", "--dir", pvault.dir)
-    bc("vault", "key", "delete", "pp", "--dir", pvault.dir)
-    msg = line(bc("vault", "key", "purge", "pp", "--yes", "--dir", pvault.dir,
+def test_purge_protection_gives_an_iso_date(vault):
+    bc("vault", "key", "create", "pp", "--dir", vault.dir)
+    bc("vault", "key", "delete", "pp", "--dir", vault.dir)
+    msg = line(bc("vault", "key", "purge", "pp", "--yes", "--dir", vault.dir,
                   expect=errors.VaultForbidden.exit_code))
     assert "purge protection" in msg and ISO.search(msg) and "vault key recover" in msg, msg
-    bc("vault", "key", "recover", "pp", "--dir", pvault.dir)
+    bc("vault", "key", "recover", "pp", "--dir", vault.dir)
 
 
-def test_des_on_a_mistyped_key_is_not_found_not_purged(pvault, tmp_path):
+def test_des_on_a_mistyped_key_is_not_found_not_purged(vault, tmp_path):
     st = tmp_path / "st"
     bc("init", state=st)
-    bc("vault", "key", "create", "real", "--dir", pvault.dir)
-    p = bc("des", "create", "d", "--key-url", f"{pvault.url}/keys/reall", "--vault-dir", pvault.dir, "--grant",
+    bc("vault", "key", "create", "real", "--dir", vault.dir)
+    p = bc("des", "create", "d", "--key-url", f"{vault.url}/keys/reall", "--vault-dir", vault.dir, "--grant",
            state=st, expect=errors.KeyNotFound.exit_code)
     msg = line(p)
     assert "was not found" in msg and "check the key name" in msg and "purged" not in msg, msg
 
 
-def test_localhost_is_an_audience_mismatch_not_a_policy(pvault, tmp_path):
+def test_localhost_is_an_audience_mismatch_not_a_policy(vault, tmp_path):
     st = tmp_path / "st"
     bc("init", state=st)
-    bc("vault", "key", "create", "aud", "--dir", pvault.dir)
-    url = pvault.url.replace("127.0.0.1", "localhost")
-    p = bc("des", "create", "d", "--key-url", f"{url}/keys/aud", "--vault-dir", pvault.dir, "--grant",
+    bc("vault", "key", "create", "aud", "--dir", vault.dir)
+    url = vault.url.replace("127.0.0.1", "localhost")
+    p = bc("des", "create", "d", "--key-url", f"{url}/keys/aud", "--vault-dir", vault.dir, "--grant",
            state=st, expect=errors.VaultAudienceMismatch.exit_code)
     msg = line(p)
-    assert pvault.url in msg and "localhost and 127.0.0.1" in msg and "policy set" not in msg, msg
+    assert vault.url in msg and "localhost and 127.0.0.1" in msg and "policy set" not in msg, msg
     # with the vault's own URL the same command works
-    bc("des", "create", "d", "--key-url", f"{pvault.url}/keys/aud", "--vault-dir", pvault.dir, "--grant", state=st)
+    bc("des", "create", "d", "--key-url", f"{vault.url}/keys/aud", "--vault-dir", vault.dir, "--grant", state=st)
 
 
 def test_vault_dir_defaults_beside_the_state_dir(tmp_path):

@@ -1,9 +1,11 @@
 """Fixtures for customer-managed-key tests: a purge-protected vault served over HTTPS on 127.0.0.1,
-a blockcrypt state directory, and a DES on a vault key."""
+a blockcrypt state directory, a DES on a vault key, and a root (tmp_path) that is always cleaned
+of mounts and loop devices (support/treefixtures.py)."""
 import pytest
 
 from blockcrypt.control import des
 from blockcrypt.control.state import State
+from support.treefixtures import root  # noqa: F401  (fixture)
 from support.vaultfixtures import key_name, vault  # noqa: F401  (fixtures)
 
 

@@ -16,18 +16,12 @@ from pathlib import Path
 import pytest
 
 from blockcrypt.control import des
-from support.fusehelpers import Mount, bc_json, cleanup_tree, direct_io, loopdev, mounted_fs, need, sh, until  # noqa: F401
+from support.fusehelpers import Mount, bc_json, direct_io, loopdev, mounted_fs, need, sh, until  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is absent")
 
 INTERVAL_S = 1.0
 BOUND_S = INTERVAL_S + 1.0
-
-
-@pytest.fixture
-def root(tmp_path):
-    yield tmp_path
-    cleanup_tree(tmp_path)
 
 
 def disk_states(state) -> dict:

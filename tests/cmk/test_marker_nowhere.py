@@ -28,18 +28,12 @@ import pytest
 
 from blockcrypt.control import des, disks
 from blockcrypt.mount import daemon as bmount
-from support.fusehelpers import Mount, bc, bc_json, cleanup_tree, wait_for
+from support.fusehelpers import Mount, bc, bc_json, wait_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is absent")
 
 MiB = 1 << 20
 OFFSETS = (0, 5 * MiB + 4096 + 7)    # aligned, and unaligned (read-modify-write)
-
-
-@pytest.fixture
-def root(tmp_path):
-    yield tmp_path
-    cleanup_tree(tmp_path)
 
 
 @pytest.fixture(params=["native", "fusepy"])

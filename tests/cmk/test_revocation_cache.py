@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from blockcrypt.control import des
-from support.fusehelpers import Mount, cleanup_tree
+from support.fusehelpers import Mount
 
 from test_cmk_mount import BOUND_S, direct_io, until
 
@@ -25,12 +25,6 @@ sys.stdout.write("ready " + m[:16].decode() + "\n"); sys.stdout.flush()
 sys.stdin.readline()
 sys.stdout.write("after " + m[:16].decode() + "\n"); sys.stdout.flush()
 """
-
-
-@pytest.fixture
-def root(tmp_path):
-    yield tmp_path
-    cleanup_tree(tmp_path)
 
 
 def test_revocation_drops_cached_plaintext(root, state, vault, key_name, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 
 from blockcrypt.control import des, disks, snapshots
 from blockcrypt.errors import Refused
-from support.fusehelpers import Mount, bc_json, cleanup_tree, wait_for
+from support.fusehelpers import Mount, bc_json, wait_for
 
 from test_cmk_mount import BOUND_S, INTERVAL_S, direct_io, until
 
@@ -121,12 +121,6 @@ def test_rotation_rewraps_every_member_without_rewriting_data(state, vault, des_
         assert disks.read_disk_header(rec).layers[0].kek_id == new_kid
         assert data_area(state, n) == before[n]
         assert read(state, n, 0, 2) == b"v1"
-
-
-@pytest.fixture
-def root(tmp_path):
-    yield tmp_path
-    cleanup_tree(tmp_path)
 
 
 def test_revoking_the_key_stops_every_open_member(root, state, vault, key_name):

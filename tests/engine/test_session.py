@@ -10,7 +10,6 @@ Caveat: needs root and /dev/fuse (skipped without /dev/fuse); tests run serially
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -23,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from support.fusehelpers import (FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+                                FALLOC_FL_ZERO_RANGE, fallocate)
+
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is absent")
 
 engine = pytest.importorskip("blockcrypt._engine", reason="the native engine is not built")
@@ -34,20 +36,6 @@ DATA_OFF = MiB
 SIZE = 64 * MiB
 SECTOR = 4096
 FSTYPE = "fuse.blockcrypt"   # blockcrypt's mount daemon looks for this type in /proc/mounts
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_COLLAPSE_RANGE = 0x08
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def fallocate(fd: int, mode: int, off: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, off, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def mount_types(mp: Path) -> list[str]:
@@ -526,6 +514,19 @@ def test_open_disk_errors_answer_their_errno(served):
         assert f.read(10) == bytes(10)
 
 
+#: openat(2)'s number, for /proc/<pid>/task/<tid>/syscall
+SYS_OPENAT = {"x86_64": 257, "aarch64": 56}[os.uname().machine]
+
+
+def _in_syscall(tid: int | None, nr: int) -> bool:
+    """Thread ``tid`` of this process is blocked in system call ``nr``."""
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            return f.read().split()[0] == str(nr)
+    except (OSError, IndexError):
+        return False
+
+
 def test_open_disk_is_serialized_per_disk_not_across_disks(served):
     gate = threading.Event()
     served.before_open = lambda name: name == "a" and gate.wait(10)
@@ -534,6 +535,8 @@ def test_open_disk_is_serialized_per_disk_not_across_disks(served):
     def opener(key):
         with open(served.disk("a"), "rb") as f:
             results[key] = f.read(4)
+            if key == "a1":  # a1 keeps "a" open until a2 has read: a late OPEN of a2 finds it open
+                wait_for(lambda: "a2" in results, timeout=20)
 
     t1 = threading.Thread(target=opener, args=("a1",))
     t2 = threading.Thread(target=opener, args=("a2",))
@@ -541,15 +544,17 @@ def test_open_disk_is_serialized_per_disk_not_across_disks(served):
         t1.start()
         assert wait_for(lambda: served.opened == ["a"])
         t2.start()
-        time.sleep(0.3)
+        # a2's open is in the kernel, waiting on the session (it cannot end before a1's open_disk)
+        assert wait_for(lambda: _in_syscall(t2.native_id, SYS_OPENAT), timeout=20)
+        time.sleep(0.3)  # the time a session without the per-disk lock has to call open_disk again
         assert served.opened == ["a"], "a second open_disk of the same disk ran concurrently"
         with open(served.disk("b"), "rb") as f:        # another disk does not wait
             assert f.read(4) == bytes(4)
         assert served.opened == ["a", "b"] and not results
     finally:
         gate.set()
-        t1.join(10)
-        t2.join(10)
+        t1.join(30)
+        t2.join(30)
     assert results == {"a1": bytes(4), "a2": bytes(4)}
     assert served.opened == ["a", "b"]                 # the two opens of "a" shared one volume
 

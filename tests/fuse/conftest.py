@@ -9,9 +9,8 @@ import os
 
 import pytest
 
-from blockcrypt.control.state import State
-
 from support.fusehelpers import Mount, assert_clean_logs, cleanup_tree
+from support.treefixtures import root, state  # noqa: F401  (fixtures)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NO_FUSE = "/dev/fuse is absent: the FUSE integration tests need a FUSE-capable host"
@@ -23,17 +22,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if str(item.fspath).startswith(HERE + os.sep):
             item.add_marker(pytest.mark.skip(reason=NO_FUSE))
-
-
-@pytest.fixture
-def root(tmp_path):
-    yield tmp_path
-    cleanup_tree(tmp_path)
-
-
-@pytest.fixture
-def state(root):
-    return State.init(root / "state")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ runs it longer. A failure names the seed (BLOCKCRYPT_FUZZ_SEED replays it) and t
 operations leading to it."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from blockcrypt.control import disks
 
-from support.fusehelpers import wait_for
+from support.fusehelpers import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from refmodel import RefVolume  # noqa: E402
@@ -27,16 +26,6 @@ from refmodel import RefVolume  # noqa: E402
 SECONDS = float(os.environ.get("BLOCKCRYPT_FUZZ_SECONDS", "8"))
 SIZE = 4 << 20
 KiB = 1024
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def fallocate(fd: int, mode: int, off: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, off, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def _span(rng: random.Random, align: int = 1) -> tuple[int, int]:

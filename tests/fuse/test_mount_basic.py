@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import random
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 
@@ -386,6 +389,46 @@ def test_one_daemon_per_state_even_without_the_registry(state, mnt, root):
     r = bc(state, "mount", other, check=False)
     assert r.returncode != 0 and "already mounted" in r.stderr, r.stderr
     assert not bmount.mounts_at(str(other))
+
+
+#: a process that takes the state lock's kind of flock, then ends its main thread only: the
+#: kernel shows the process as a zombie while its other thread (and so the flock) lives on
+ZOMBIE_LEADER = r"""
+import ctypes, fcntl, os, sys, threading, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+threading.Thread(target=time.sleep, args=(60,)).start()
+print("locked", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_killed_daemon_is_alive_until_its_last_thread_is_gone(root):
+    """After kill -9 the main thread is a zombie at once, but the process's files (the state
+    lock) are closed only when its last thread has exited, later under load: _pid_alive (what
+    Mount.kill9, umount and the registry wait on) says alive until then, so a mount right after
+    finds the lock free instead of "already mounted"."""
+    lock = root / "lock"
+    p = subprocess.Popen([sys.executable, "-c", ZOMBIE_LEADER, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+
+        def leader_state():
+            return open(f"/proc/{p.pid}/stat").read().rpartition(")")[2].split()[0]
+        wait_for(lambda: leader_state() == "Z", what="the main thread to end")
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # the other thread holds it
+            assert bmount._pid_alive(p.pid)
+            p.kill()
+            wait_for(lambda: not bmount._pid_alive(p.pid), what="the process to end")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)       # gone: the lock is free
+        finally:
+            os.close(fd)
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_status_shows_engine_io_counters(state, mnt):

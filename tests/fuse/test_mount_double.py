@@ -154,48 +154,53 @@ WRITER = textwrap.dedent("""
 """)
 
 
+def kill9_during_direct_writes(mnt, r: int, target: int) -> None:
+    """Round ``r`` of a kill -9 of the daemon during O_DIRECT writes to disks/k: WRITER (seed
+    ``round{r}-``) writes until ``target`` records are fsync-acknowledged, the daemon is killed and
+    mounted again; then every block reads (no EIO after the kill) and holds its newest acknowledged
+    record, or a later, unacknowledged one of the same block."""
+    seed = f"round{r}-"
+    w = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt.disk("k")), seed], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        acked = 0
+        deadline = time.monotonic() + 20
+        while acked < target and time.monotonic() < deadline:
+            line = w.stdout.readline()
+            if line.strip().isdigit():
+                acked = int(line)
+        assert acked >= target
+        mnt.kill9()
+        for line in w.stdout:
+            if line.strip().isdigit():
+                acked = int(line)
+    finally:
+        w.kill()
+        w.wait()
+    mnt.start()
+    wait_for(lambda: mnt.disk("k").exists(), what="disk listed")
+    last = {}
+    for i in range(acked):
+        last[(i * 7919) % 2048] = i
+    fd = os.open(mnt.disk("k"), os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 8 * MiB)
+    try:
+        assert os.preadv(fd, [buf], 0) == 8 * MiB  # every block reads: no EIO after the kill
+        blob = bytes(buf)
+    finally:
+        os.close(fd)
+        buf.close()
+    for n, i in last.items():
+        got = blob[n * 4096:(n + 1) * 4096]
+        ok = got == hashlib.sha256(f"{seed}{i}".encode()).digest() * 128
+        if not ok:  # a later, unacknowledged record of the same block may have landed
+            later = [j for j in range(i + 1, i + 64) if (j * 7919) % 2048 == n]
+            ok = any(got == hashlib.sha256(f"{seed}{j}".encode()).digest() * 128 for j in later)
+        assert ok, f"round {r}: block {n} lost its acknowledged record {i}"
+
+
 def test_kill9_during_direct_writes_rounds_no_eio(state, mnt):
     disks.create(state, "k", 8 * MiB, double=True)
     wait_for(lambda: mnt.disk("k").exists(), what="disk listed")
-    rounds = 10
-    for r in range(rounds):
-        seed = f"round{r}-"
-        w = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt.disk("k")), seed], stdout=subprocess.PIPE,
-                             text=True)
-        try:
-            acked = 0
-            deadline = time.monotonic() + 20
-            target = 200 + 97 * r  # kill at a different point each round
-            while acked < target and time.monotonic() < deadline:
-                line = w.stdout.readline()
-                if line.strip().isdigit():
-                    acked = int(line)
-            assert acked >= target
-            mnt.kill9()
-            for line in w.stdout:
-                if line.strip().isdigit():
-                    acked = int(line)
-        finally:
-            w.kill()
-            w.wait()
-        mnt.start()
-        wait_for(lambda: mnt.disk("k").exists(), what="disk listed")
-        # the newest acknowledged record of each block survives (later unacknowledged ones may too)
-        last = {}
-        for i in range(acked):
-            last[(i * 7919) % 2048] = i
-        fd = os.open(mnt.disk("k"), os.O_RDONLY | os.O_DIRECT)
-        buf = mmap.mmap(-1, 8 * MiB)
-        try:
-            assert os.preadv(fd, [buf], 0) == 8 * MiB  # every block reads: no EIO after the kill
-            blob = bytes(buf)
-        finally:
-            os.close(fd)
-            buf.close()
-        for n, i in last.items():
-            got = blob[n * 4096:(n + 1) * 4096]
-            ok = got == hashlib.sha256(f"{seed}{i}".encode()).digest() * 128
-            if not ok:  # a later, unacknowledged record of the same block may have landed
-                later = [j for j in range(i + 1, i + 64) if (j * 7919) % 2048 == n]
-                ok = any(got == hashlib.sha256(f"{seed}{j}".encode()).digest() * 128 for j in later)
-            assert ok, f"round {r}: block {n} lost its acknowledged record {i}"
+    for r in range(10):
+        kill9_during_direct_writes(mnt, r, 200 + 97 * r)  # kill at a different point each round

@@ -10,31 +10,16 @@ import json
 import mmap
 import os
 import subprocess
-import sys
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 from blockcrypt.control import disks
 
 from support.fusehelpers import bc, bc_json, loopdev, mounted_fs, need, sh, wait_for
 
-from test_mount_double import WRITER
+from test_mount_double import kill9_during_direct_writes
 from test_mount_tools import _sums, _tree
 
 MiB = 1 << 20
-
-
-@contextmanager
-def ro_loop(path: Path):
-    dev = sh("losetup", "--find", "--show", "--read-only", path).stdout.strip()
-    try:
-        yield dev
-    finally:
-        for _ in range(50):
-            if sh("losetup", "-d", dev, check=False).returncode == 0:
-                break
-            time.sleep(0.1)
 
 
 def test_ext4_snapshot_while_mounted_then_clone_diverges(state, mnt, root):
@@ -64,7 +49,7 @@ def test_ext4_snapshot_while_mounted_then_clone_diverges(state, mnt, root):
     snap = mnt.mp / "snapshots" / "s1"
     wait_for(snap.exists, what="snapshots/s1 listed")
     assert not os.access(snap, os.W_OK) or os.stat(snap).st_mode & 0o222 == 0
-    with ro_loop(snap) as dev:
+    with loopdev(snap, "--read-only") as dev:
         r = sh("fsck.ext4", "-n", "-f", dev, check=False)
         assert r.returncode == 0, r.stdout + r.stderr
         with mounted_fs(dev, root / "snapfs", "-o", "ro,noload") as fs:
@@ -84,7 +69,7 @@ def test_ext4_snapshot_while_mounted_then_clone_diverges(state, mnt, root):
         assert r.returncode == 0, r.stdout + r.stderr
         with mounted_fs(dev, root / "fs", "-o", "ro") as fs:
             assert _sums(fs) == now  # the disk is untouched by the clone
-    with ro_loop(snap) as dev:
+    with loopdev(snap, "--read-only") as dev:
         with mounted_fs(dev, root / "snapfs", "-o", "ro,noload") as fs:
             assert _sums(fs) == old  # and the snapshot by both
     with loopdev(mnt.disk("clone")) as dev:
@@ -93,7 +78,7 @@ def test_ext4_snapshot_while_mounted_then_clone_diverges(state, mnt, root):
     # an image from the snapshot shows under images/, as a disk made from it boots the old tree
     bc(state, "image", "create", "golden", "--source", "s1")
     wait_for(lambda: (mnt.mp / "images" / "golden").exists(), what="images/golden listed")
-    with ro_loop(mnt.mp / "images" / "golden") as dev:
+    with loopdev(mnt.mp / "images" / "golden", "--read-only") as dev:
         with mounted_fs(dev, root / "imgfs", "-o", "ro,noload") as fs:
             assert _sums(fs) == old
 
@@ -162,45 +147,7 @@ def test_kill9_during_direct_writes_with_snapshots_rounds(state, mnt):
             os.close(fd)
         bc(state, "snapshot", "create", "k", f"r{r}")
         snap_sums[f"r{r}"] = want
-        seed = f"round{r}-"
-        w = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt.disk("k")), seed], stdout=subprocess.PIPE,
-                             text=True)
-        try:
-            acked = 0
-            deadline = time.monotonic() + 20
-            target = 150 + 97 * r
-            while acked < target and time.monotonic() < deadline:
-                line = w.stdout.readline()
-                if line.strip().isdigit():
-                    acked = int(line)
-            assert acked >= target
-            mnt.kill9()
-            for line in w.stdout:
-                if line.strip().isdigit():
-                    acked = int(line)
-        finally:
-            w.kill()
-            w.wait()
-        mnt.start()
-        wait_for(lambda: mnt.disk("k").exists(), what="disk listed")
-        last = {}
-        for i in range(acked):
-            last[(i * 7919) % 2048] = i
-        fd = os.open(mnt.disk("k"), os.O_RDONLY | os.O_DIRECT)
-        buf = mmap.mmap(-1, 8 * MiB)
-        try:
-            assert os.preadv(fd, [buf], 0) == 8 * MiB
-            blob = bytes(buf)
-        finally:
-            os.close(fd)
-            buf.close()
-        for n, i in last.items():
-            got = blob[n * 4096:(n + 1) * 4096]
-            ok = got == hashlib.sha256(f"{seed}{i}".encode()).digest() * 128
-            if not ok:
-                later = [j for j in range(i + 1, i + 64) if (j * 7919) % 2048 == n]
-                ok = any(got == hashlib.sha256(f"{seed}{j}".encode()).digest() * 128 for j in later)
-            assert ok, f"round {r}: block {n} lost its acknowledged record {i}"
+        kill9_during_direct_writes(mnt, r, 150 + 97 * r)
     for name, want in snap_sums.items():
         p = mnt.mp / "snapshots" / name
         wait_for(p.exists, what=f"snapshots/{name}")

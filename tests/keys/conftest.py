@@ -26,6 +26,7 @@ from blockcrypt.control.state import State
 from blockcrypt.errors import KeyDeleted, KeyPurged
 from support.kmipproc import KmipProcess
 from support.baoproc import BaoProcess, bao_binary, policy_text
+from support.vaultfixtures import vault  # noqa: F401  (fixture)
 from support.vaultproc import VaultProcess, make_vault
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -156,11 +157,9 @@ class VaultHarness(Harness):
 
 
 @pytest.fixture(scope="module")
-def soft_vault(tmp_path_factory):
-    v = VaultProcess(make_vault(tmp_path_factory.mktemp("conf-vault") / "vault", "--retention-days", "7",
-                                "--purge-protection")).start()
-    yield v
-    v.stop()
+def soft_vault(vault):
+    """The vault of the RSA (software) keys: the shared purge-protected one (support/vaultfixtures.py)."""
+    return vault
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ import pytest
 
 from blockcrypt.control.state import State
 from blockcrypt.keys.providers.pkcs11 import Pkcs11Keys, parse_uri
-from support.fusehelpers import CLI, Mount, cleanup_tree
+from support.fusehelpers import CLI, Mount
+from support.treefixtures import root  # noqa: F401  (fixture)
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
@@ -32,12 +33,6 @@ def token_uri(tmp_path, softhsm_env, request):
     pin.chmod(0o600)
     obj = "pk-" + request.node.name[-20:].replace("[", "").replace("]", "")
     return f"pkcs11:token=plat;object={obj}?module-path={SOFTHSM_MODULE}&pin-source=file:{pin}", pin
-
-
-@pytest.fixture
-def root(tmp_path):
-    yield tmp_path
-    cleanup_tree(tmp_path)
 
 
 def test_platform_keys_in_a_token(root, token_uri):

@@ -18,7 +18,8 @@ import pytest
 
 from blockcrypt.control import des
 from blockcrypt.format import ROLE_DATA
-from support.fusehelpers import Mount, cleanup_tree, loopdev, mounted_fs, need, sh, until
+from support.fusehelpers import Mount, loopdev, mounted_fs, need, sh, until
+from support.treefixtures import root  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is absent")
 
@@ -44,12 +45,6 @@ def assert_stops(fd: int, what: str) -> None:
     """I/O on ``fd`` answers EIO within the bound (the check interval plus one second)."""
     t = until(lambda: probe(fd) == errno.EIO, BOUND_S + 2)
     assert t is not None and t <= BOUND_S, f"I/O still served {t} s after {what}"
-
-
-@pytest.fixture
-def root(tmp_path):
-    yield tmp_path
-    cleanup_tree(tmp_path)
 
 
 def test_disk_on_provider_end_to_end(root, des_harness):

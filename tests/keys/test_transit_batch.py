@@ -49,6 +49,18 @@ def _des(state, bao, tmp_path):
     return key
 
 
+def _disks_then_rotate(state, bao, key, count, off, reps) -> tuple[list[str], str]:
+    """``count`` disks d00, d01, ... on the DES, each with its name written ``reps`` times at
+    ``off``; then a new version of the transit key: (the names, the new version's key id)."""
+    names = [f"d{i:02d}" for i in range(count)]
+    for n in names:
+        des.create_disk(state, n, 1 << 20, "des")
+        with open_volume(state, n) as v:
+            v.write(off, n.encode() * reps)
+    bao.root.secrets.transit.rotate_key(key)
+    return names, state.keys.get("transit").latest_version(state.catalog.get_des("des"))
+
+
 def test_rewrap_many_is_one_request_and_a_bad_item_fails_alone(tmp_path, bao, monkeypatch):
     state = State.init(tmp_path / "state")
     key = _des(state, bao, tmp_path)
@@ -86,13 +98,7 @@ def test_rewrap_many_is_one_request_and_a_bad_item_fails_alone(tmp_path, bao, mo
 def test_des_rotation_in_batches_over_transit(tmp_path, bao, monkeypatch):
     state = State.init(tmp_path / "state")
     key = _des(state, bao, tmp_path)
-    names = [f"d{i:02d}" for i in range(21)]
-    for n in names:
-        des.create_disk(state, n, 1 << 20, "des")
-        with open_volume(state, n) as v:
-            v.write(0, n.encode() * 100)
-    bao.root.secrets.transit.rotate_key(key)
-    new = state.keys.get("transit").latest_version(state.catalog.get_des("des"))
+    names, new = _disks_then_rotate(state, bao, key, 21, 0, 100)
     monkeypatch.setattr(rotation, "REWRAP_BATCH", 8)
     calls = _count_rewraps(state.keys.get("transit"), state.catalog.get_des("des"), monkeypatch)
     r = des.rotate(state, "des", new)
@@ -109,14 +115,8 @@ def test_des_rotation_in_batches_over_transit(tmp_path, bao, monkeypatch):
 def test_transit_rotation_sigkilled_in_a_batch(tmp_path, bao, target, done):
     state = State.init(tmp_path / "state")
     key = _des(state, bao, tmp_path)
-    names = [f"d{i:02d}" for i in range(16)]
-    for n in names:
-        des.create_disk(state, n, 1 << 20, "des")
-        with open_volume(state, n) as v:
-            v.write(4096, n.encode() * 64)
     old = state.catalog.get_des("des").active_key
-    bao.root.secrets.transit.rotate_key(key)
-    new = state.keys.get("transit").latest_version(state.catalog.get_des("des"))
+    names, new = _disks_then_rotate(state, bao, key, 16, 4096, 64)
     rotate_and_kill(tmp_path, state.path, target, batch=6, what=f"des:des:{new}")
     st = State.open(state.path)
     ids = {n: read_disk_header(st.catalog.get_disk(n)).layer(ROLE_DATA).kek_id for n in names}

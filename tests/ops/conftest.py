@@ -8,8 +8,7 @@ import os
 
 import pytest
 
-from blockcrypt.control.state import State
-from support.fusehelpers import cleanup_tree
+from support.treefixtures import root, state  # noqa: F401  (fixtures)
 from support.vaultfixtures import key_name, vault  # noqa: F401  (fixtures)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,14 +21,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if os.path.basename(str(item.fspath)) in FUSE_TESTS and str(item.fspath).startswith(HERE):
             item.add_marker(pytest.mark.skip(reason="/dev/fuse is absent"))
-
-
-@pytest.fixture
-def root(tmp_path):
-    yield tmp_path
-    cleanup_tree(tmp_path)
-
-
-@pytest.fixture
-def state(root):
-    return State.init(root / "state")

@@ -9,6 +9,7 @@ Caveat: needs root (loop devices, mount); tests run serially.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -156,8 +157,9 @@ def bc_json(state: State, *args, codes=(0,)):
 
 
 @contextmanager
-def loopdev(path: Path):
-    dev = sh("losetup", "--find", "--show", path).stdout.strip()
+def loopdev(path: Path, *opts):
+    """A loop device on ``path`` (``opts``: more losetup options, e.g. --read-only), detached after."""
+    dev = sh("losetup", "--find", "--show", *opts, path).stdout.strip()
     try:
         yield dev
     finally:
@@ -218,6 +220,23 @@ def direct_io(path, write: bool, off: int = 1 << 20) -> int:
         if own:
             os.close(fd)
         buf.close()
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def fallocate(fd: int, mode: int, off: int, length: int) -> None:
+    """fallocate(2) with its mode bits (punch a hole, zero a range), which os does not offer;
+    OSError with the errno on failure."""
+    if _libc.fallocate(fd, mode, off, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 def until(pred, timeout_s):

@@ -26,6 +26,31 @@ def _wait(pred, timeout_s=10.0):
         time.sleep(0.005)
 
 
+def _start_unwrappers(d, timeout_s, unwraps) -> list[threading.Thread]:
+    """Six threads, each calling ``unwraps(t, unwrap)`` with its number t and an ``unwrap(disk_id)``
+    of a DEK wrapped under a new key of the vault in ``d``; started, not joined."""
+    c = VaultClient.for_admin(d, timeout_seconds=timeout_s)
+    c.create_key("k")
+    kid, wrapped = c.wrap("k", None, DEK)
+    ver = kid.rsplit("/", 1)[1]
+
+    def unwrap(disk_id):
+        return c.unwrap("k", ver, wrapped, disk_id=disk_id)
+    threads = [threading.Thread(target=unwraps, args=(t, unwrap)) for t in range(6)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _audited_unwraps(d) -> tuple[list[dict], set]:
+    """The audit records of the vault in ``d`` (its chain verified first) and the disk ids of
+    its answered unwraps."""
+    res = json.loads(vault_cli("audit", "verify", "--dir", d, "--json").stdout)
+    assert res["ok"], res
+    recs = [json.loads(x) for x in vault_cli("audit", "--dir", d, "--json").stdout.splitlines()]
+    return recs, {r.get("diskId") for r in recs if r.get("operation") == "KeyUnwrap" and r.get("status") == 200}
+
+
 def test_records_queued_during_a_commit_share_the_next_one(tmp_path):
     d = make_vault(tmp_path / "v")
     store = Store(d)
@@ -98,28 +123,18 @@ def test_concurrent_unwraps_all_audited_and_chain_verifies(tmp_path):
     d = make_vault(tmp_path / "v")
     v = VaultProcess(d).start()
     try:
-        c = VaultClient.for_admin(d, timeout_seconds=10)
-        c.create_key("k")
-        kid, wrapped = c.wrap("k", None, DEK)
-        ver = kid.rsplit("/", 1)[1]
         done: list[str] = []
 
-        def worker(t):
+        def worker(t, unwrap):
             for i in range(40):
-                assert c.unwrap("k", ver, wrapped, disk_id=f"w{t}-{i}") == DEK
+                assert unwrap(f"w{t}-{i}") == DEK
                 done.append(f"w{t}-{i}")
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
+        for t in _start_unwrappers(d, 10, worker):
             t.join(120)
         assert len(done) == 240
     finally:
         v.stop()
-    res = json.loads(vault_cli("audit", "verify", "--dir", d, "--json").stdout)
-    assert res["ok"], res
-    recs = [json.loads(x) for x in vault_cli("audit", "--dir", d, "--json").stdout.splitlines()]
-    audited = {r.get("diskId") for r in recs if r.get("operation") == "KeyUnwrap" and r.get("status") == 200}
+    recs, audited = _audited_unwraps(d)
     assert set(done) <= audited
     seqs = [r["seq"] for r in recs]
     assert seqs == list(range(1, len(seqs) + 1))
@@ -131,25 +146,19 @@ def test_sigkill_loses_no_answered_request(tmp_path):
     d = make_vault(tmp_path / "v")
     v = VaultProcess(d).start()
     try:
-        c = VaultClient.for_admin(d, timeout_seconds=5)
-        c.create_key("k")
-        kid, wrapped = c.wrap("k", None, DEK)
-        ver = kid.rsplit("/", 1)[1]
         answered: list[str] = []
         stop = threading.Event()
 
-        def worker(t):
+        def worker(t, unwrap):
             i = 0
             while not stop.is_set():
                 try:
-                    c.unwrap("k", ver, wrapped, disk_id=f"k{t}-{i}")
+                    unwrap(f"k{t}-{i}")
                 except BlockcryptError:
                     return
                 answered.append(f"k{t}-{i}")
                 i += 1
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
-        for t in threads:
-            t.start()
+        threads = _start_unwrappers(d, 5, worker)
         _wait(lambda: len(answered) > 150, 60)
         v.proc.send_signal(signal.SIGKILL)
         v.proc.wait(10)
@@ -158,9 +167,6 @@ def test_sigkill_loses_no_answered_request(tmp_path):
             t.join(30)
     finally:
         v.stop()
-    res = json.loads(vault_cli("audit", "verify", "--dir", d, "--json").stdout)
-    assert res["ok"], res
-    recs = [json.loads(x) for x in vault_cli("audit", "--dir", d, "--json").stdout.splitlines()]
-    audited = {r.get("diskId") for r in recs if r.get("operation") == "KeyUnwrap" and r.get("status") == 200}
+    _recs, audited = _audited_unwraps(d)
     missing = set(answered) - audited
     assert not missing, sorted(missing)[:5]
