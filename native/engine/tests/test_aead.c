@@ -842,6 +842,30 @@ static void test_reopen_keeps_writer(uint32_t ss)
     free(a), free(b), free(got);
 }
 
+/* XTS over AEAD on a crash wrapper whose write call fail_at answers -ENOSPC (nothing
+ * written) and whose call eio_at reaches the file, then answers -EIO (0: neither);
+ * budget as in vopen. */
+static struct bc_volume *vopen_failing(const char *path, const struct keys *k, uint32_t ss, uint64_t size,
+                                       long budget, long fail_at, long eio_at)
+{
+    const struct bc_storage_ops *ops;
+    void *ctx;
+    if (bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops, &ctx) != 0)
+        return NULL;
+    struct crash *cr = calloc(1, sizeof *cr);
+    cr->in = ops, cr->ictx = ctx, cr->budget = budget, cr->fail_at = fail_at, cr->eio_at = eio_at;
+    struct bc_layer ls[2];
+    size_t n;
+    struct bc_volume *v = NULL;
+    struct bc_volume_params p = {.size_bytes = size, .sector_size = ss, .data_off = DATA_OFF, .meta_off = META_OFF};
+    if (make_stack(k, ST_XTS_AEAD, ss, BC_ROLE_INFRA, ls, &n) != 0 ||
+        bc_volume_open(&p, &crash_ops, cr, ls, n, &v) != 0) {
+        cr_close(cr);
+        return NULL;
+    }
+    return v;
+}
+
 /* A data write that fails after its metadata was stored (ENOSPC) leaves a newer slot
  * that does not match the data, in a live instance: the layer must stop trusting its
  * own slots (write_failed), or the next write of that sector overwrites the only valid
@@ -865,16 +889,8 @@ static void test_failed_data_write(uint32_t ss)
     bc_volume_unref(v);
     /* the same instance: 1st write call (metadata) passes, 2nd (data) fails, then the next
      * request stores its metadata and the process "dies" */
-    const struct bc_storage_ops *ops;
-    void *ctx;
-    REQUIRE(bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops, &ctx) == 0, "storage");
-    struct crash *cr = calloc(1, sizeof *cr);
-    cr->in = ops, cr->ictx = ctx, cr->budget = 4, cr->fail_at = 4;   /* a: 1, 2; b: 3, (4 fails); c: 5 */
-    struct bc_layer ls[2];
-    size_t n;
-    REQUIRE(make_stack(&k, ST_XTS_AEAD, ss, BC_ROLE_INFRA, ls, &n) == 0, "layers");
-    struct bc_volume_params p = {.size_bytes = 8 * ss, .sector_size = ss, .data_off = DATA_OFF, .meta_off = META_OFF};
-    REQUIRE(bc_volume_open(&p, &crash_ops, cr, ls, n, &v) == 0, "open");
+    v = vopen_failing(path, &k, ss, 8 * ss, 4, 4, 0);   /* a: 1, 2; b: 3, (4 fails); c: 5 */
+    REQUIRE(v != NULL, "open");
     CHECK_RC(bc_volume_write(v, a, ss, 2 * ss), ss);   /* now this instance's slot, data written */
     CHECK_RC(bc_volume_write(v, b, ss, 2 * ss), -ENOSPC);   /* metadata stored, data refused */
     CHECK_RC(bc_volume_read(v, got, ss, 2 * ss), ss);
@@ -981,17 +997,8 @@ static void test_failed_meta_write(uint32_t ss)
     make_keys(&k, 950 + ss);
     uint8_t *a = malloc(ss), *b = malloc(ss), *c = malloc(ss), *got = malloc(ss);
     fill(a, ss, 4), fill(b, ss, 5), fill(c, ss, 6);
-    const struct bc_storage_ops *ops;
-    void *ctx;
-    REQUIRE(bc_storage_local_open(path, 1, BC_CACHE_BUFFERED, &ops, &ctx) == 0, "storage");
-    struct crash *cr = calloc(1, sizeof *cr);
-    cr->in = ops, cr->ictx = ctx, cr->budget = 4, cr->eio_at = 3;   /* a: 1, 2; b: 3 (EIO); c: 4, kill */
-    struct bc_layer ls[2];
-    size_t n;
-    REQUIRE(make_stack(&k, ST_XTS_AEAD, ss, BC_ROLE_INFRA, ls, &n) == 0, "layers");
-    struct bc_volume_params p = {.size_bytes = 8 * ss, .sector_size = ss, .data_off = DATA_OFF, .meta_off = META_OFF};
-    struct bc_volume *v;
-    REQUIRE(bc_volume_open(&p, &crash_ops, cr, ls, n, &v) == 0, "open");
+    struct bc_volume *v = vopen_failing(path, &k, ss, 8 * ss, 4, 0, 3);   /* a: 1, 2; b: 3 (EIO); c: 4, kill */
+    REQUIRE(v != NULL, "open");
     CHECK_RC(bc_volume_write(v, a, ss, 2 * ss), ss);
     CHECK_RC(bc_volume_write(v, b, ss, 2 * ss), -EIO);   /* metadata on the file, "failed" */
     CHECK_RC(bc_volume_read(v, got, ss, 2 * ss), ss);
