@@ -46,7 +46,7 @@ def _engine_extension():
         sources=sources,
         include_dirs=["native"] + fuse_inc,
         library_dirs=fuse_libdirs,
-        libraries=["crypto", "sodium"] + [lib for lib in fuse_libs if lib != "pthread"],
+        libraries=["crypto", "sodium", "gcrypt"] + [lib for lib in fuse_libs if lib != "pthread"],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"] + fuse_other + extra_c,
         extra_link_args=["-pthread"] + extra_l,
         depends=sorted(glob.glob("native/engine/*.h") + glob.glob("native/session/*.h") + ["native/py_engine.h"]),

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PKGS=(
-  build-essential libssl-dev libsodium-dev openssl   # native core
+  build-essential libssl-dev libsodium-dev libgcrypt20-dev openssl   # native core
   libfuse3-dev pkg-config                            # the C FUSE session (libfuse 3 low-level API)
   python3-venv python3-dev                           # virtualenv + headers (system python)
   fuse3 libfuse2                                     # FUSE: fusermount + libfuse.so.2 for fusepy
