@@ -8,7 +8,8 @@ read 4 KiB with 2 jobs >= 1.6x the same with 1 job. `targets()` is that table fo
 the `single` system; `comparisons()` gives the ratios of every encrypted
 blockcrypt system against its own null cipher, its floor and each peer.
 
-Caveats: ratios are of medians, not medians of ratios; with one repetition
+Caveats: the targets' ratios are of medians, not medians of ratios (paired_ratios()
+gives those: each repetition against the base's same one); with one repetition
 (quick mode) a ratio can move by the run-to-run noise of either side. Plots need
 matplotlib; without it RESULTS.md is still written and says so.
 """
@@ -143,6 +144,27 @@ def summarize(raw: dict) -> dict:
             v, c = cell["values"], cell["cpu"]
             jobs[name] = {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v),
                           "cpu_s_per_gib": statistics.median(c) if c else None}
+    return out
+
+
+def paired_ratios(raw: dict, base: str = "single") -> dict:
+    """{system: {job: {"median": m, "per_rep": [...]}}}: for every system but base, the
+    ratio of its value to base's in the same repetition of the same job (the two ran
+    back to back), and the median of those. On a host whose speed drifts within minutes
+    (this VM's random jobs move 2-6x between repetitions of one system), a median of
+    paired ratios follows the systems' difference more closely than the ratio of two
+    medians, which the targets still use."""
+    by: dict = {}
+    for r in raw["runs"]:
+        by.setdefault((r["system"], r["job"]), {})[r.get("rep", 1)] = r["value"]
+    out: dict = {}
+    for (sysname, job), reps in by.items():
+        if sysname == base or (base, job) not in by:
+            continue
+        ref = by[(base, job)]
+        per = [reps[k] / ref[k] for k in sorted(reps) if k in ref and ref[k]]
+        if per:
+            out.setdefault(sysname, {})[job] = {"median": statistics.median(per), "per_rep": per}
     return out
 
 

@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f", published to {HERE / 'RESULTS.md'}" if publish else ""))
     if args.json:
         print(json.dumps({"summary": raw["summary"], "comparisons": report.comparisons(raw),
-                          "targets": report.targets(raw), "skipped": raw.get("skipped", {}),
+                          "targets": report.targets(raw), "paired": report.paired_ratios(raw),
+                          "skipped": raw.get("skipped", {}),
                           "out_dir": str(out_dir)}, indent=2))
     else:
         print_summary(raw)
@@ -351,6 +352,9 @@ def print_summary(raw: dict) -> None:
         else:
             value = ", ".join(f"{j} {c['value']:.2f}" for j, c in row["cells"].items()) or "no data"
         print(f"target single {row['label']} ({row['goal']}): {value}: {report._verdict(row)}")
+    for sysname, per_job in report.paired_ratios(raw).items():
+        cells = ", ".join(f"{j} {c['median']:.2f}" for j, c in per_job.items())
+        print(f"paired {label.get(sysname, sysname)} / single (median of per-repetition ratios): {cells}")
 
 
 if __name__ == "__main__":

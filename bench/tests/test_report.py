@@ -38,6 +38,20 @@ def test_medians_and_spread():
     assert (cell["median"], cell["min"], cell["max"], cell["n"]) == (200, 100, 300, 3)
 
 
+def test_paired_ratios_pair_each_repetition_with_the_base_one():
+    # rep 2 ran on a slow host for both systems: the paired ratios stay at 0.8, while the
+    # ratio of medians (200 / 400 = 0.5) follows the slow repetition of one side only
+    raw = _raw({"single": {"rand_read": [1000, 100, 400]}, "null": {"rand_read": [800, 80, 200]}}, reps=3)
+    p = report.paired_ratios(raw)
+    assert set(p) == {"null"}
+    assert p["null"]["rand_read"]["per_rep"] == pytest.approx([0.8, 0.8, 0.5])
+    assert p["null"]["rand_read"]["median"] == pytest.approx(0.8)
+    assert report._ratio(raw["summary"], "null", "single", "rand_read") == pytest.approx(0.5)
+    # a job the base did not run has no pair
+    raw = _raw({"single": {"seq_write": [10]}, "null": {"rand_read": [5]}})
+    assert report.paired_ratios(raw) == {}
+
+
 def test_targets_flag_each_miss_and_only_misses():
     raw = _raw({"null": {"rand_read": [1000], "seq_read": [500]},
                 "single": {"rand_read": [950], "seq_read": [400]},
