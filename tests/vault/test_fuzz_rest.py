@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import random
+import ssl
 import sqlite3
 import time
 
@@ -79,10 +80,10 @@ def test_rest_surface_fuzz(vault_factory):
             conn.endheaders(body if body is not None and "Transfer-Encoding" not in headers else None)
             resp = conn.getresponse()
             data = resp.read()
-        except (http.client.HTTPException, ConnectionError, TimeoutError):
+        except (http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
             conn.close()
-            conn = None     # the server closed a connection it would not keep: fine
-            continue
+            conn = None     # the server closed a connection it would not keep: fine (over TLS a send
+            continue        # into a closed connection raises SSLEOFError, not BrokenPipeError)
         n += 1
         assert resp.status < 500, (method, path, headers, body, resp.status, data[:300])
         if resp.status >= 400 and method.upper() != "HEAD" and data:
