@@ -48,8 +48,9 @@
  * through libgcrypt's GCRY_CIPHER_MODE_POLY1305 (one stitched AVX2 pass: 1.6-1.8x
  * OpenSSL 3's EVP per 4 KiB message and 2-3x libsodium's here; the same construction as
  * libsodium's crypto_aead_xchacha20poly1305_ietf, which the tests check sector by
- * sector); the subkey (crypto_core_hchacha20), nonces and the Poly1305-only check of
- * resolve() stay in libsodium. Each thread keeps one cipher handle.
+ * sector); the HChaCha20 subkey is SSE2 code of this file (libsodium's where SSE2 is
+ * missing); nonces and the Poly1305-only check of resolve() stay in libsodium. Each
+ * thread keeps one cipher handle.
  *
  * Key: 32 bytes in sodium_malloc'd memory (guard pages, mlock'ed, zeroed by
  * sodium_free on destroy). A read decrypts each sector in place; when the newer slot's
@@ -371,15 +372,14 @@ static int bulk_seal(uint8_t *p, size_t n, const uint8_t *ad, const uint8_t k2[3
     return 0;
 }
 
-/* Open n bytes of ciphertext c against tag into out (c itself: in place): 1 if the tag
- * checks out, 0 if not (out then holds c XOR the stream, which bulk_seal under the same
- * key and nonce turns back into c), -EIO on a library failure. */
-static int bulk_open(const uint8_t *c, size_t n, const uint8_t *ad, const uint8_t k2[32], const uint8_t n2[12],
-                     const uint8_t tag[16], uint8_t *out)
+/* Open n bytes of ciphertext in place against tag: 1 if the tag checks out, 0 if not (p
+ * then holds the ciphertext XOR the stream, which bulk_seal under the same key and
+ * nonce turns back into the ciphertext), -EIO on a library failure. */
+static int bulk_open(uint8_t *p, size_t n, const uint8_t *ad, const uint8_t k2[32], const uint8_t n2[12],
+                     const uint8_t tag[16])
 {
     gcry_cipher_hd_t h = tls_gc;
-    if (gc_start(h, ad, k2, n2) != 0 ||
-        gcry_cipher_decrypt(h, out, n, c == out ? NULL : c, c == out ? 0 : n) != 0)
+    if (gc_start(h, ad, k2, n2) != 0 || gcry_cipher_decrypt(h, p, n, NULL, 0) != 0)
         return -EIO;
     gcry_error_t e = gcry_cipher_checktag(h, tag, 16);
     if (e == 0)
@@ -480,7 +480,7 @@ static int aead_decrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, const uin
             subkey(a, slot + NONCE_OFF, k2, n2);
             /* in place: the stream XOR lands in p even when the tag fails; then the same
              * stream again gives the ciphertext back for the other slot's try */
-            ok = bulk_open(p, ss, ad, k2, n2, slot + TAG_OFF, p);
+            ok = bulk_open(p, ss, ad, k2, n2, slot + TAG_OFF);
             if (ok == 0 && bulk_seal(p, ss, ad, k2, n2, tag) != 0)
                 ok = -EIO;
         }

@@ -868,19 +868,39 @@ static struct bc_volume *vopen_failing(const char *path, const struct keys *k, u
     return v;
 }
 
+/* The set-up of the failed-write tests: an empty disk file `name`, keys, and three
+ * sector contents a, b, c (fill seeds seed, seed+1, seed+2) plus a buffer to read into. */
+struct three {
+    char path[4200];
+    struct keys k;
+    uint8_t *a, *b, *c, *got;
+};
+
+static void three_make(struct three *t, const char *name, uint32_t ss, uint64_t key_seed, uint64_t seed)
+{
+    path_in_dir(t->path, sizeof t->path, name);
+    make_empty(t->path);
+    make_keys(&t->k, key_seed);
+    t->a = malloc(ss), t->b = malloc(ss), t->c = malloc(ss), t->got = malloc(ss);
+    fill(t->a, ss, seed), fill(t->b, ss, seed + 1), fill(t->c, ss, seed + 2);
+}
+
+static void three_free(struct three *t)
+{
+    free(t->a), free(t->b), free(t->c), free(t->got);
+}
+
 /* A data write that fails after its metadata was stored (ENOSPC) leaves a newer slot
  * that does not match the data, in a live instance: the layer must stop trusting its
  * own slots (write_failed), or the next write of that sector overwrites the only valid
  * slot and a kill then loses the sector. */
 static void test_failed_data_write(uint32_t ss)
 {
-    char path[4200];
-    path_in_dir(path, sizeof path, "f.img");
-    make_empty(path);
-    struct keys k;
-    make_keys(&k, 900 + ss);
-    uint8_t *a = malloc(ss), *b = malloc(ss), *c = malloc(ss), *got = malloc(ss);
-    fill(a, ss, 1), fill(b, ss, 2), fill(c, ss, 3);
+    struct three t;
+    three_make(&t, "f.img", ss, 900 + ss, 1);
+    const char *path = t.path;
+    struct keys k = t.k;
+    uint8_t *a = t.a, *b = t.b, *c = t.c, *got = t.got;
     struct bc_volume *v = vopen(path, &k, ST_XTS_AEAD, ss, 8 * ss, -1, 0, BC_ROLE_INFRA);
     REQUIRE(v != NULL, "open");
     CHECK_RC(bc_volume_write(v, a, ss, 2 * ss), ss);
@@ -904,7 +924,7 @@ static void test_failed_data_write(uint32_t ss)
     CHECK_RC(bc_volume_read(v, got, ss, 2 * ss), ss);
     CHECK(memcmp(got, a, ss) == 0, "after a failed data write and a kill: the old content");
     bc_volume_unref(v);
-    free(a), free(b), free(c), free(got);
+    three_free(&t);
 }
 
 /* Aligned writes encrypt from the caller's buffer (layer 0 out of place: XTS) or copy
@@ -992,13 +1012,11 @@ static void test_open_prefetches_metadata(void)
  * next write keeps that slot, overwrites the only valid one, and a kill loses the sector. */
 static void test_failed_meta_write(uint32_t ss)
 {
-    char path[4200];
-    path_in_dir(path, sizeof path, "fm.img");
-    make_empty(path);
-    struct keys k;
-    make_keys(&k, 950 + ss);
-    uint8_t *a = malloc(ss), *b = malloc(ss), *c = malloc(ss), *got = malloc(ss);
-    fill(a, ss, 4), fill(b, ss, 5), fill(c, ss, 6);
+    struct three t;
+    three_make(&t, "fm.img", ss, 950 + ss, 4);
+    const char *path = t.path;
+    struct keys k = t.k;
+    uint8_t *a = t.a, *b = t.b, *c = t.c, *got = t.got;
     struct bc_volume *v = vopen_failing(path, &k, ss, 8 * ss, 4, 0, 3);   /* a: 1, 2; b: 3 (EIO); c: 4, kill */
     REQUIRE(v != NULL, "open");
     CHECK_RC(bc_volume_write(v, a, ss, 2 * ss), ss);
@@ -1013,7 +1031,7 @@ static void test_failed_meta_write(uint32_t ss)
     CHECK_RC(bc_volume_read(v, got, ss, 2 * ss), ss);
     CHECK(memcmp(got, a, ss) == 0, "after a failed metadata write and a kill: the old content");
     bc_volume_unref(v);
-    free(a), free(b), free(c), free(got);
+    three_free(&t);
 }
 
 /* Nonces come from a per-thread pool (bc_layer_aead.c): a forked child must not hand out
@@ -1167,71 +1185,91 @@ static uint64_t cpu_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* GB/s (10^9 bytes per CPU-second) of seal (dec == 0) or open of n sectors per call, for
- * about secs CPU-seconds. open restores the sealed copy before each call (a memcpy of the
- * request, counted against the layer: an in-place open consumes its input). */
+/* GB/s (10^9 bytes per CPU-second of this thread) of op(arg), which handles `bytes`
+ * per call and returns non-zero on a failure, called in batches of 64 for about secs
+ * CPU-seconds; -1 if a call failed. */
+static double gbps_of(int (*op)(void *), void *arg, size_t bytes, double secs)
+{
+    uint64_t done = 0, t0 = cpu_ns(), budget = (uint64_t)(secs * 1e9);
+    int bad = 0;
+    while (!bad && cpu_ns() - t0 < budget) {
+        for (int i = 0; i < 64; i++)
+            bad |= op(arg) != 0;
+        done += 64 * bytes;
+    }
+    double gbps = (double)done / 1e9 / ((double)(cpu_ns() - t0) / 1e9);
+    return bad ? -1.0 : gbps;
+}
+
+struct layer_run {
+    struct bc_layer *l;
+    size_t n;
+    uint8_t *buf, *sealed, *meta, *meta0;
+};
+
+static int layer_seal_op(void *p)
+{
+    struct layer_run *r = p;
+    return r->l->ops->encrypt(r->l->ctx, r->buf, r->n, 100, r->meta, M);
+}
+
+/* an in-place open consumes its input: the sealed copy is restored first (a memcpy of
+ * the request, counted against the layer) */
+static int layer_open_op(void *p)
+{
+    struct layer_run *r = p;
+    memcpy(r->buf, r->sealed, r->n * 4096);
+    return r->l->ops->decrypt(r->l->ctx, r->buf, r->n, 100, r->meta0, M);
+}
+
+/* GB/s of the layer's seal (dec == 0) or open of n 4 KiB sectors per call. */
 static double layer_gbps(struct bc_layer *l, size_t n, int dec, double secs)
 {
     const size_t ss = 4096;
-    uint8_t *buf = malloc(n * ss), *sealed = malloc(n * ss), *meta = calloc(n, M), *meta0 = calloc(n, M);
-    fill(buf, n * ss, 7);
-    l->ops->encrypt(l->ctx, buf, n, 100, meta, M);
-    memcpy(sealed, buf, n * ss);
-    memcpy(meta0, meta, n * M);
-    uint64_t bytes = 0, t0 = cpu_ns(), budget = (uint64_t)(secs * 1e9);
-    int bad = 0;
-    while (cpu_ns() - t0 < budget) {
-        for (int i = 0; i < 64; i++) {
-            if (dec) {
-                memcpy(buf, sealed, n * ss);
-                bad |= l->ops->decrypt(l->ctx, buf, n, 100, meta0, M) != 0;
-            } else {
-                bad |= l->ops->encrypt(l->ctx, buf, n, 100, meta, M) != 0;
-            }
-            bytes += n * ss;
-        }
+    struct layer_run r = {.l = l, .n = n, .buf = malloc(n * ss), .sealed = malloc(n * ss),
+                          .meta = calloc(n, M), .meta0 = calloc(n, M)};
+    fill(r.buf, n * ss, 7);
+    double gbps = -1.0;
+    if (l->ops->encrypt(l->ctx, r.buf, n, 100, r.meta, M) == 0) {
+        memcpy(r.sealed, r.buf, n * ss);
+        memcpy(r.meta0, r.meta, n * M);
+        gbps = gbps_of(dec ? layer_open_op : layer_seal_op, &r, n * ss, secs);
     }
-    double gbps = (double)bytes / 1e9 / ((double)(cpu_ns() - t0) / 1e9);
-    free(buf), free(sealed), free(meta), free(meta0);
-    return bad ? -1.0 : gbps;
+    free(r.buf), free(r.sealed), free(r.meta), free(r.meta0);
+    return gbps;
 }
 
-/* GB/s per CPU-second of what `openssl speed -evp chacha20-poly1305 -bytes 4096` times:
- * EVP_EncryptUpdate of one 4 KiB buffer in place, again and again, one key and nonce. */
+static uint8_t speed_buf[4096];
+
+/* what `openssl speed -evp chacha20-poly1305 -bytes 4096` times: EVP_EncryptUpdate of one
+ * 4 KiB buffer in place, again and again, under one key and nonce */
+static int openssl_bulk_op(void *c)
+{
+    int outl = 0;
+    return EVP_EncryptUpdate(c, speed_buf, &outl, speed_buf, (int)sizeof speed_buf) != 1;
+}
+
 static double openssl_bulk_gbps(double secs)
 {
-    static uint8_t buf[4096], key[32], iv[12];
+    static const uint8_t key[32], iv[12];
     EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
-    int outl = 0, bad = c == NULL || EVP_EncryptInit_ex(c, EVP_chacha20_poly1305(), NULL, key, iv) != 1;
-    uint64_t bytes = 0, t0 = cpu_ns(), budget = (uint64_t)(secs * 1e9);
-    while (!bad && cpu_ns() - t0 < budget) {
-        for (int i = 0; i < 64; i++)
-            bad |= EVP_EncryptUpdate(c, buf, &outl, buf, (int)sizeof buf) != 1;
-        bytes += 64 * sizeof buf;
-    }
-    double gbps = (double)bytes / 1e9 / ((double)(cpu_ns() - t0) / 1e9);
+    double gbps = -1.0;
+    if (c != NULL && EVP_EncryptInit_ex(c, EVP_chacha20_poly1305(), NULL, key, iv) == 1)
+        gbps = gbps_of(openssl_bulk_op, c, sizeof speed_buf, secs);
     EVP_CIPHER_CTX_free(c);
-    return bad ? -1.0 : gbps;
+    return gbps;
 }
 
-/* GB/s per CPU-second of libsodium's own one-shot XChaCha20-Poly1305 seal of one 4 KiB
- * sector (crypto_aead_xchacha20poly1305_ietf_encrypt_detached, in place, a new nonce per
- * call as the layer draws one; the issue's other yardstick). */
-static double sodium_seal_gbps(double secs)
+/* libsodium's own one-shot XChaCha20-Poly1305 seal of one 4 KiB sector, in place, a new
+ * nonce per call as the layer draws one (the issue's other yardstick) */
+static int sodium_seal_op(void *unused)
 {
-    static uint8_t buf[4096], key[32], nonce[24], ad[33], tag[16];
-    uint64_t bytes = 0, t0 = cpu_ns(), budget = (uint64_t)(secs * 1e9);
-    int bad = 0;
-    while (cpu_ns() - t0 < budget) {
-        for (int i = 0; i < 64; i++) {
-            nonce[0]++;
-            bad |= crypto_aead_xchacha20poly1305_ietf_encrypt_detached(buf, tag, NULL, buf, sizeof buf, ad, sizeof ad,
-                                                                       NULL, nonce, key) != 0;
-        }
-        bytes += 64 * sizeof buf;
-    }
-    double gbps = (double)bytes / 1e9 / ((double)(cpu_ns() - t0) / 1e9);
-    return bad ? -1.0 : gbps;
+    static const uint8_t key[32], ad[33];
+    static uint8_t nonce[24], tag[16];
+    (void)unused;
+    nonce[0]++;
+    return crypto_aead_xchacha20poly1305_ietf_encrypt_detached(speed_buf, tag, NULL, speed_buf, sizeof speed_buf, ad,
+                                                               sizeof ad, NULL, nonce, key);
 }
 
 static int cmp_double(const void *x, const void *y)
@@ -1242,8 +1280,8 @@ static int cmp_double(const void *x, const void *y)
 
 #define SPEED_ROUNDS 15
 
-/* The layer's seal and open at one 4 KiB sector per call and at 256, and openssl's bulk
- * loop, in SPEED_ROUNDS interleaved rounds of secs / SPEED_ROUNDS each: on a shared VM
+/* The layer's seal and open at one 4 KiB sector per call and at 256, openssl's bulk
+ * loop and libsodium's one-shot seal, in SPEED_ROUNDS interleaved rounds of secs / SPEED_ROUNDS each: on a shared VM
  * the host's load moves every figure by tens of per cent within seconds, so each round
  * gives a ratio of figures taken side by side, and the medians are printed. */
 static int speed(double secs)
@@ -1263,7 +1301,7 @@ static int speed(double secs)
         v[OSSL][r] = openssl_bulk_gbps(t / 4);
         v[S1][r] = layer_gbps(&l, 1, 0, t / 4);
         v[O1][r] = layer_gbps(&l, 1, 1, t / 4);
-        v[SOD][r] = sodium_seal_gbps(t / 8);
+        v[SOD][r] = gbps_of(sodium_seal_op, NULL, sizeof speed_buf, t / 8);
         v[S256][r] = layer_gbps(&l, 256, 0, t / 16);
         v[O256][r] = layer_gbps(&l, 256, 1, t / 16);
         for (int f = 0; f < RS; f++)
