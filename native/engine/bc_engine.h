@@ -194,6 +194,11 @@ int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, 
  * kill and a restart inside one process call it. */
 void bc_layer_aead_forget_ids(void);
 
+/* The library that runs the AEAD layer's ChaCha20-Poly1305: "openssl" or "gcrypt"
+ * (chosen once by the CPU, or by BLOCKCRYPT_AEAD_BULK). force != NULL switches every
+ * thread to that one (tests; NULL return: an unknown name). */
+const char *bc_layer_aead_bulk(const char *force);
+
 /* ---- helper threads for one large request's crypto (bc_parallel.c) ---------------- */
 
 /* 1 + the helper threads this process runs (started on first call; fewer on 1 CPU or

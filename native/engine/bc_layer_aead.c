@@ -59,6 +59,7 @@
  */
 #define _GNU_SOURCE
 #include "bc_engine.h"
+#include "bc_chachapoly.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -67,6 +68,7 @@
 #include <string.h>
 #include <sodium.h>
 #include <gcrypt.h>
+#include <openssl/evp.h>
 
 #define SLOT_BYTES 48u
 #define NONCE_OFF 8u
@@ -80,7 +82,10 @@ struct aead_layer {
     uint8_t disk_id[16];
     uint8_t role;
     _Atomic uint32_t writer;     /* this instance's id, never 0; renewed after a failed data write */
+    uint64_t serial;             /* unique in the process: names the layer in spare subkeys */
 };
+
+static _Atomic uint64_t layer_serials;
 
 static void le32(uint8_t *p, uint32_t v)
 {
@@ -299,28 +304,69 @@ static void subkey(const struct aead_layer *a, const uint8_t *nonce, uint8_t k2[
     memcpy(n2 + 4, nonce + 16, 8);
 }
 
-/* ---- the bulk, through libgcrypt ----------------------------------------------------
- * libgcrypt's ChaCha20-Poly1305 (GCRY_CIPHER_MODE_POLY1305) runs the cipher and the MAC
- * in one AVX2 pass over the sector and sets up a new key and nonce for about 0.2 us: a
- * whole 4 KiB message costs 1.6-1.8 us here, against 2.7-3.0 us through OpenSSL 3's
- * EVP_chacha20_poly1305 (its provider dispatch costs 0.6-0.9 us per message, more than
- * its bulk update of 2.0 us leaves room for; bench/RESULTS.md, stop 22). Each thread
- * keeps one cipher handle; gcry_cipher_close wipes its key. libgcrypt is initialised
- * once, without its secure-memory pool (the subkey is set and replaced per sector in
- * the handle; the layer's own key stays in sodium_malloc'd memory). */
+/* ---- the bulk: our AVX-512 code, OpenSSL or libgcrypt -------------------------------
+ * All three run RFC 8439 ChaCha20-Poly1305 under the HChaCha20 subkey; which is fastest
+ * per 4 KiB message depends on the CPU (bench/RESULTS.md, stop 23):
+ *  - with AVX-512 F, VL and IFMA, bc_chachapoly_avx512.c: about 1.1 us per message,
+ *    against 1.3-1.4 us through OpenSSL 3's EVP_chacha20_poly1305 (its own AVX-512
+ *    code plus 0.3-0.5 us of EVP set-up per message) and 2.0 us through libgcrypt 1.10,
+ *    which has no AVX-512 code;
+ *  - with AVX-512 F and VL but no IFMA, OpenSSL;
+ *  - with AVX2 only, libgcrypt's GCRY_CIPHER_MODE_POLY1305 (one stitched AVX2 pass,
+ *    1.6-1.8 us): OpenSSL's provider dispatch then costs 0.6-0.9 us per message on top
+ *    of its 2.0 us update (stop 22).
+ * BLOCKCRYPT_AEAD_BULK=avx512|openssl|gcrypt overrides the choice (A/B runs; the tests
+ * run each one the CPU has). Each thread keeps one context of the chosen library; freeing it wipes the
+ * subkey it holds. libgcrypt is initialised once, without its secure-memory pool (the
+ * subkey is set and replaced per sector; the layer's own key stays in sodium_malloc'd
+ * memory). */
 
-static pthread_key_t gc_key;
-static pthread_once_t gc_once = PTHREAD_ONCE_INIT;
-static int gc_ok;
-static __thread gcry_cipher_hd_t tls_gc;
+enum { BULK_UNSET, BULK_AVX512, BULK_OPENSSL, BULK_GCRYPT };
+static _Atomic int bulk_kind;
+static pthread_key_t bulk_key;
+static pthread_once_t bulk_once = PTHREAD_ONCE_INIT;
+static int bulk_ok;
+static EVP_CIPHER *ossl_cipher;   /* fetched once: an implicit fetch per init costs more */
+static __thread void *tls_bulk;   /* EVP_CIPHER_CTX * or gcry_cipher_hd_t */
+static __thread int tls_bulk_kind;
 
-static void gc_free(void *p)
+static void bulk_free(void *p)
 {
-    if (p != NULL)
+    if (p == NULL || tls_bulk_kind == BULK_AVX512)
+        return;
+    if (tls_bulk_kind == BULK_OPENSSL)
+        EVP_CIPHER_CTX_free(p);
+    else
         gcry_cipher_close((gcry_cipher_hd_t)p);
 }
 
-static void gc_init(void)
+static int cpu_choice(void)
+{
+    if (bc_cp_avx512_usable())
+        return BULK_AVX512;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+        return BULK_OPENSSL;
+#endif
+    return BULK_GCRYPT;
+}
+
+static int kind_of(const char *name)
+{
+    return name == NULL                       ? -1
+           : strcmp(name, "avx512") == 0      ? (bc_cp_avx512_usable() ? BULK_AVX512 : -1)
+           : strcmp(name, "openssl") == 0     ? BULK_OPENSSL
+           : strcmp(name, "gcrypt") == 0      ? BULK_GCRYPT
+                                              : -1;
+}
+
+static const char *name_of(int k)
+{
+    return k == BULK_AVX512 ? "avx512" : k == BULK_OPENSSL ? "openssl" : "gcrypt";
+}
+
+static void bulk_init(void)
 {
     /* another part of the process may have initialised libgcrypt already: then keep its
      * settings (GCRYCTL_INITIALIZATION_FINISHED_P) */
@@ -330,29 +376,72 @@ static void gc_init(void)
         gcry_control(GCRYCTL_DISABLE_SECMEM, 0);
         gcry_control(GCRYCTL_INITIALIZATION_FINISHED, 0);
     }
-    gc_ok = pthread_key_create(&gc_key, gc_free) == 0;
+    ossl_cipher = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
+    if (atomic_load(&bulk_kind) == BULK_UNSET) {
+        int k = kind_of(getenv("BLOCKCRYPT_AEAD_BULK"));
+        atomic_store(&bulk_kind, k > 0 ? k : cpu_choice());
+    }
+    if (atomic_load(&bulk_kind) == BULK_OPENSSL && ossl_cipher == NULL)
+        atomic_store(&bulk_kind, BULK_GCRYPT);
+    bulk_ok = pthread_key_create(&bulk_key, bulk_free) == 0;
 }
 
-/* This thread's ChaCha20-Poly1305 handle, or -ENOMEM. */
-static int gc_get(void)
+const char *bc_layer_aead_bulk(const char *force)
 {
-    if (tls_gc != NULL)
+    if (force != NULL) {
+        int k = kind_of(force);
+        if (k < 0)
+            return NULL;
+        atomic_store(&bulk_kind, k);
+    }
+    pthread_once(&bulk_once, bulk_init);
+    return name_of(atomic_load(&bulk_kind));
+}
+
+/* This thread's context of the chosen library, or -ENOMEM. A thread whose context is of
+ * the other library (the tests switch) gets a new one. */
+static int bulk_get(void)
+{
+    pthread_once(&bulk_once, bulk_init);
+    int k = atomic_load_explicit(&bulk_kind, memory_order_relaxed);
+    if ((tls_bulk != NULL || k == BULK_AVX512) && tls_bulk_kind == k)
         return 0;
-    pthread_once(&gc_once, gc_init);
-    if (!gc_ok)
+    if (!bulk_ok)
         return -ENOMEM;
-    gcry_cipher_hd_t h;
-    if (gcry_cipher_open(&h, GCRY_CIPHER_CHACHA20, GCRY_CIPHER_MODE_POLY1305, 0) != 0)
+    if (k == BULK_AVX512) {   /* no context: drop the other library's, if any */
+        bulk_free(tls_bulk);
+        pthread_setspecific(bulk_key, NULL);
+        tls_bulk = NULL;
+        tls_bulk_kind = k;
+        return 0;
+    }
+    void *c = NULL;
+    if (k == BULK_OPENSSL) {
+        EVP_CIPHER_CTX *x = EVP_CIPHER_CTX_new();
+        if (x != NULL && EVP_CipherInit_ex(x, ossl_cipher, NULL, NULL, NULL, 1) != 1) {
+            EVP_CIPHER_CTX_free(x);
+            x = NULL;
+        }
+        c = x;
+    } else {
+        gcry_cipher_hd_t h;
+        if (gcry_cipher_open(&h, GCRY_CIPHER_CHACHA20, GCRY_CIPHER_MODE_POLY1305, 0) == 0)
+            c = h;
+    }
+    if (c == NULL)
         return -ENOMEM;
-    if (pthread_setspecific(gc_key, h) != 0) {
-        gcry_cipher_close(h);
+    bulk_free(tls_bulk);   /* the other library's, if any */
+    tls_bulk = c;
+    tls_bulk_kind = k;
+    if (pthread_setspecific(bulk_key, c) != 0) {
+        bulk_free(c);
+        tls_bulk = NULL;
         return -ENOMEM;
     }
-    tls_gc = h;
     return 0;
 }
 
-/* key, nonce and associated data of one message */
+/* key, nonce and associated data of one message through libgcrypt */
 static int gc_start(gcry_cipher_hd_t h, const uint8_t *ad, const uint8_t k2[32], const uint8_t n2[12])
 {
     if (gcry_cipher_setkey(h, k2, 32) != 0 || gcry_cipher_setiv(h, n2, 12) != 0 ||
@@ -361,30 +450,76 @@ static int gc_start(gcry_cipher_hd_t h, const uint8_t *ad, const uint8_t k2[32],
     return 0;
 }
 
+/* key, nonce and associated data of one message through OpenSSL (enc: 1 seal, 0 open) */
+static int ossl_start(EVP_CIPHER_CTX *x, const uint8_t *ad, const uint8_t k2[32], const uint8_t n2[12], int enc)
+{
+    int outl;
+    if (EVP_CipherInit_ex(x, NULL, NULL, k2, n2, enc) != 1 || EVP_CipherUpdate(x, NULL, &outl, ad, AD_BYTES) != 1)
+        return -EIO;
+    return 0;
+}
+
 /* ChaCha20-Poly1305 of n bytes in place under subkey k2 / nonce n2 with ad; tag out. */
 static int bulk_seal(uint8_t *p, size_t n, const uint8_t *ad, const uint8_t k2[32], const uint8_t n2[12],
                      uint8_t tag[16])
 {
-    gcry_cipher_hd_t h = tls_gc;
+    if (tls_bulk_kind == BULK_AVX512)
+        return bc_cp_avx512_seal(p, n, ad, AD_BYTES, k2, n2, tag) == 0 ? 0 : -EIO;
+    if (tls_bulk_kind == BULK_OPENSSL) {
+        EVP_CIPHER_CTX *x = tls_bulk;
+        int outl, fin;
+        if (ossl_start(x, ad, k2, n2, 1) != 0 || EVP_CipherUpdate(x, p, &outl, p, (int)n) != 1 ||
+            EVP_CipherFinal_ex(x, p + outl, &fin) != 1 || EVP_CIPHER_CTX_ctrl(x, EVP_CTRL_AEAD_GET_TAG, 16, tag) != 1)
+            return -EIO;
+        return 0;
+    }
+    gcry_cipher_hd_t h = tls_bulk;
     if (gc_start(h, ad, k2, n2) != 0 || gcry_cipher_encrypt(h, p, n, NULL, 0) != 0 ||
         gcry_cipher_gettag(h, tag, 16) != 0)
         return -EIO;
     return 0;
 }
 
-/* Open n bytes of ciphertext in place against tag: 1 if the tag checks out, 0 if not (p
- * then holds the ciphertext XOR the stream, which bulk_seal under the same key and
- * nonce turns back into the ciphertext), -EIO on a library failure. */
-static int bulk_open(uint8_t *p, size_t n, const uint8_t *ad, const uint8_t k2[32], const uint8_t n2[12],
+/* The libraries' open in place: 1 if the tag checks out, 0 if not (p then holds the
+ * ciphertext XOR the stream), -EIO on a library failure. */
+static int lib_open(uint8_t *p, size_t n, const uint8_t *ad, const uint8_t k2[32], const uint8_t n2[12],
                      const uint8_t tag[16])
 {
-    gcry_cipher_hd_t h = tls_gc;
+    if (tls_bulk_kind == BULK_OPENSSL) {
+        EVP_CIPHER_CTX *x = tls_bulk;
+        int outl, fin;
+        if (ossl_start(x, ad, k2, n2, 0) != 0 || EVP_CipherUpdate(x, p, &outl, p, (int)n) != 1 ||
+            EVP_CIPHER_CTX_ctrl(x, EVP_CTRL_AEAD_SET_TAG, 16, (void *)tag) != 1)
+            return -EIO;
+        /* Final's only failure here is the tag (the update above already succeeded) */
+        return EVP_CipherFinal_ex(x, p + outl, &fin) == 1 ? 1 : 0;
+    }
+    gcry_cipher_hd_t h = tls_bulk;
     if (gc_start(h, ad, k2, n2) != 0 || gcry_cipher_decrypt(h, p, n, NULL, 0) != 0)
         return -EIO;
     gcry_error_t e = gcry_cipher_checktag(h, tag, 16);
     if (e == 0)
         return 1;
     return gcry_err_code(e) == GPG_ERR_CHECKSUM ? 0 : -EIO;
+}
+
+/* Open n bytes of ciphertext in place against tag: 1 if the tag checks out (p holds the
+ * plaintext), 0 if not (p holds the ciphertext again), -EIO on a failure. The libraries
+ * decrypt as they authenticate: after a failed tag the same stream once more (a seal
+ * under the same key and nonce) gives the ciphertext back; the AVX-512 code checks the
+ * tag first and leaves p alone. */
+static int bulk_open(uint8_t *p, size_t n, const uint8_t *ad, const uint8_t k2[32], const uint8_t n2[12],
+                     const uint8_t tag[16])
+{
+    if (tls_bulk_kind == BULK_AVX512) {
+        int ok = bc_cp_avx512_open(p, n, ad, AD_BYTES, k2, n2, tag);
+        return ok < 0 ? -EIO : ok;
+    }
+    int ok = lib_open(p, n, ad, k2, n2, tag);
+    uint8_t again[16];
+    if (ok == 0 && bulk_seal(p, n, ad, k2, n2, again) != 0)
+        ok = -EIO;
+    return ok;
 }
 
 /* Does slot authenticate ciphertext c of sector `sector`? On success k2/n2 hold the
@@ -414,6 +549,58 @@ static int slot_verify(const struct aead_layer *a, const uint8_t *c, uint64_t se
     return ok;
 }
 
+/* The subkeys of nb <= 4 XChaCha20 nonces: with the AVX-512 bulk in one chain of rounds
+ * for all four (bc_chachapoly_avx512.c), else one by one. */
+static void subkeys(const struct aead_layer *a, const uint8_t *const *nonces, size_t nb, uint8_t (*k2)[32])
+{
+    if (tls_bulk_kind == BULK_AVX512) {
+        bc_cp_avx512_hchacha20(k2, nonces, nb, a->key);
+        return;
+    }
+    for (size_t j = 0; j < nb; j++)
+        hchacha20(k2[j], nonces[j], a->key);
+}
+
+static void nonce12(uint8_t n2[12], const uint8_t *nonce)
+{
+    memset(n2, 0, 4);
+    memcpy(n2 + 4, nonce + 16, 8);
+}
+
+/* Spare (nonce, subkey) pairs for writes of fewer than four sectors: HChaCha20 takes the
+ * same time for four nonces as for one (one chain of rounds), so a one-sector write
+ * draws four nonces, derives their four subkeys at once and leaves three here for this
+ * thread's next small writes to the same layer (bench/RESULTS.md, stop 23: 0.1 us of a
+ * 1.3 us sector). A spare is only ever used once, with its own nonce: it is wiped when
+ * taken, and a fork (the pool's generation) or another layer drops the lot. A spare
+ * left behind by a destroyed layer can only open sectors sealed under its nonce, and
+ * none ever was. */
+struct spare_keys {
+    uint64_t serial;
+    unsigned gen, left;
+    uint8_t nonce[4][24];
+    uint8_t k2[4][32];
+};
+
+static __thread struct spare_keys tls_spare;
+
+static void take_spare(const struct aead_layer *a, uint8_t nonce[24], uint8_t k2[32])
+{
+    struct spare_keys *sp = &tls_spare;
+    unsigned g = atomic_load_explicit(&fork_gen, memory_order_relaxed);
+    if (sp->left == 0 || sp->serial != a->serial || sp->gen != g) {
+        const uint8_t *ns[4];
+        for (int j = 0; j < 4; j++)
+            ns[j] = memcpy(sp->nonce[j], next_nonce(), 24);
+        subkeys(a, ns, 4, sp->k2);
+        sp->serial = a->serial, sp->gen = g, sp->left = 4;
+    }
+    unsigned j = --sp->left;
+    memcpy(nonce, sp->nonce[j], 24);
+    memcpy(k2, sp->k2[j], 32);
+    sodium_memzero(sp->k2[j], 32);
+}
+
 static int aead_encrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, uint8_t *meta, size_t stride)
 {
     struct aead_layer *a = ctx;
@@ -421,28 +608,40 @@ static int aead_encrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, uint8_t *
         return -EINVAL;
     size_t ss = a->sector_size;
     uint32_t writer = atomic_load_explicit(&a->writer, memory_order_relaxed);
-    if (gc_get() != 0)
+    if (bulk_get() != 0)
         return -ENOMEM;
-    uint8_t k2[32], n2[12];
+    uint8_t k2[4][32], n2[12];
     int rc = 0;
-    for (size_t i = 0; i < n && rc == 0; i++) {
-        uint8_t *m = meta + i * stride;
-        int nw = newer_slot(m);
-        /* keep the newer slot (it authenticates the stored data, see resolve); an empty
-         * slot goes first */
-        int target = nw < 0 ? 0 : 1 - nw;
-        uint32_t seq = nw < 0 ? 1 : rd32(m + (size_t)nw * SLOT_BYTES) + 1;
-        if (seq == 0)
-            seq = 1;
-        uint8_t *slot = m + (size_t)target * SLOT_BYTES;
-        le32(slot, seq);
-        le32(slot + 4, writer);
-        memcpy(slot + NONCE_OFF, next_nonce(), 24);
-        uint8_t ad[AD_BYTES];
-        make_ad(a, s + i, slot, ad);
-        uint8_t *p = buf + i * ss;
-        subkey(a, slot + NONCE_OFF, k2, n2);
-        rc = bulk_seal(p, ss, ad, k2, n2, slot + TAG_OFF);
+    for (size_t i0 = 0; i0 < n && rc == 0; i0 += 4) {
+        size_t nb = n - i0 < 4 ? n - i0 : 4;
+        uint8_t *slots[4];
+        const uint8_t *nonces[4];
+        for (size_t j = 0; j < nb; j++) {
+            uint8_t *m = meta + (i0 + j) * stride;
+            int nw = newer_slot(m);
+            /* keep the newer slot (it authenticates the stored data, see resolve); an
+             * empty slot goes first */
+            int target = nw < 0 ? 0 : 1 - nw;
+            uint32_t seq = nw < 0 ? 1 : rd32(m + (size_t)nw * SLOT_BYTES) + 1;
+            if (seq == 0)
+                seq = 1;
+            uint8_t *slot = slots[j] = m + (size_t)target * SLOT_BYTES;
+            le32(slot, seq);
+            le32(slot + 4, writer);
+            if (nb < 4 && tls_bulk_kind == BULK_AVX512)
+                take_spare(a, slot + NONCE_OFF, k2[j]);
+            else
+                memcpy(slot + NONCE_OFF, next_nonce(), 24);
+            nonces[j] = slot + NONCE_OFF;
+        }
+        if (nb == 4 || tls_bulk_kind != BULK_AVX512)
+            subkeys(a, nonces, nb, k2);
+        for (size_t j = 0; j < nb && rc == 0; j++) {
+            uint8_t ad[AD_BYTES];
+            make_ad(a, s + i0 + j, slots[j], ad);
+            nonce12(n2, nonces[j]);
+            rc = bulk_seal(buf + (i0 + j) * ss, ss, ad, k2[j], n2, slots[j] + TAG_OFF);
+        }
     }
     sodium_memzero(k2, sizeof k2);
     return rc;
@@ -463,38 +662,54 @@ static int aead_decrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, const uin
     if (n > 0 && s + (n - 1) < s)
         return -EINVAL;
     size_t ss = a->sector_size;
-    if (gc_get() != 0)
+    if (bulk_get() != 0)
         return -ENOMEM;
     int rc = 0;
-    uint8_t k2[32], n2[12], ad[AD_BYTES], tag[16];
-    for (size_t i = 0; i < n; i++) {
-        const uint8_t *m = meta + i * stride;
-        uint8_t *p = buf + i * ss;
-        int nw = newer_slot(m);
-        int ok = 0;
-        for (int t = 0; t < 2 && nw >= 0 && ok == 0; t++) {
-            const uint8_t *slot = m + (size_t)(t == 0 ? nw : 1 - nw) * SLOT_BYTES;
-            if (t == 1 && slot_empty(slot))
+    uint8_t first[4][32], k2[32], n2[12], ad[AD_BYTES];
+    for (size_t i0 = 0; i0 < n && rc == 0; i0 += 4) {
+        size_t nb = n - i0 < 4 ? n - i0 : 4, nk = 0;
+        const uint8_t *nonces[4];
+        int newer[4];
+        /* the newer slots' subkeys, four at once (most reads need no other) */
+        for (size_t j = 0; j < nb; j++) {
+            newer[j] = newer_slot(meta + (i0 + j) * stride);
+            if (newer[j] >= 0)
+                nonces[nk++] = meta + (i0 + j) * stride + (size_t)newer[j] * SLOT_BYTES + NONCE_OFF;
+        }
+        subkeys(a, nonces, nk, first);
+        nk = 0;
+        for (size_t j = 0; j < nb; j++) {
+            size_t i = i0 + j;
+            const uint8_t *m = meta + i * stride;
+            uint8_t *p = buf + i * ss;
+            int nw = newer[j];
+            int ok = 0;
+            for (int t = 0; t < 2 && nw >= 0 && ok == 0; t++) {
+                const uint8_t *slot = m + (size_t)(t == 0 ? nw : 1 - nw) * SLOT_BYTES;
+                if (t == 1 && slot_empty(slot))
+                    break;
+                make_ad(a, s + i, slot, ad);
+                if (t == 0)
+                    memcpy(k2, first[nk++], 32);
+                else
+                    hchacha20(k2, slot + NONCE_OFF, a->key);
+                nonce12(n2, slot + NONCE_OFF);
+                /* in place; a failed tag leaves the ciphertext for the other slot's try */
+                ok = bulk_open(p, ss, ad, k2, n2, slot + TAG_OFF);
+            }
+            if (ok < 0) {
+                rc = ok;
                 break;
-            make_ad(a, s + i, slot, ad);
-            subkey(a, slot + NONCE_OFF, k2, n2);
-            /* in place: the stream XOR lands in p even when the tag fails; then the same
-             * stream again gives the ciphertext back for the other slot's try */
-            ok = bulk_open(p, ss, ad, k2, n2, slot + TAG_OFF);
-            if (ok == 0 && bulk_seal(p, ss, ad, k2, n2, tag) != 0)
-                ok = -EIO;
-        }
-        if (ok < 0) {
-            rc = ok;
-            break;
-        }
-        if (!ok) {
-            tls_failed_sector = s + i;
-            rc = -EBADMSG;
-            break;
+            }
+            if (!ok) {
+                tls_failed_sector = s + i;
+                rc = -EBADMSG;
+                break;
+            }
         }
     }
     sodium_memzero(k2, sizeof k2);
+    sodium_memzero(first, sizeof first);
     return rc;
 }
 
@@ -582,6 +797,7 @@ int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, 
     key_hash(a->key, h);
     uint32_t w = kept_take(disk_id, role, h);
     atomic_init(&a->writer, w != 0 ? w : new_writer());
+    a->serial = atomic_fetch_add(&layer_serials, 1) + 1;
     out->ops = &aead_ops;
     out->ctx = a;
     return 0;
