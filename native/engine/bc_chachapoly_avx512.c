@@ -1,11 +1,11 @@
 /* bc_chachapoly_avx512.c — RFC 8439 ChaCha20-Poly1305 of one sector, with AVX-512.
  *
  * What the AEAD layer (bc_layer_aead.c) seals and opens per sector: one message of 512
- * or 4096 bytes (any multiple of 128 up to BC_CP_MAX), associated data of up to 48
+ * or 4096 bytes (any multiple of 256 up to BC_CP_MAX), associated data of up to 64
  * bytes, a fresh key and nonce each time (the HChaCha20 subkey of XChaCha20). Library
  * code pays a fixed cost per message on top of its bulk rate: OpenSSL 3's EVP runs at
  * 0.75x of its own streaming figure at 4 KiB, libgcrypt 1.10 has no AVX-512 code at all
- * (bench/RESULTS.md, stop 23). This file does the message in three flat passes:
+ * (docs/CRYPTO.md). This file does the message in three flat passes:
  *
  *  1. ChaCha20 keystream, blocks 0..len/64: four blocks per zmm register (one 128-bit
  *     lane per block: the rows of the state, as in the SSE2 HChaCha20 of
@@ -75,6 +75,13 @@ struct group {
  * in 0.56 us here, four in 0.70, seven or eight (spills) in 0.59-0.64 */
 #define GMAX 6
 
+/* the last row of blocks ctr .. ctr + 3: counter, nonce */
+static inline __m512i row_d(__m512i nonce_d, uint32_t ctr)
+{
+    int c = (int)ctr;
+    return _mm512_add_epi32(nonce_d, _mm512_set_epi32(0, 0, 0, c + 3, 0, 0, 0, c + 2, 0, 0, 0, c + 1, 0, 0, 0, c));
+}
+
 static inline __attribute__((always_inline)) void chacha_groups(const struct group *gs, const int ng,
                                                                 __m512i key_lo, __m512i key_hi, __m512i nonce_d)
 {
@@ -83,8 +90,7 @@ static inline __attribute__((always_inline)) void chacha_groups(const struct gro
 #pragma GCC unroll 8
     for (int g = 0; g < ng; g++) {
         a[g] = sigma, b[g] = key_lo, c[g] = key_hi;
-        d[g] = _mm512_add_epi32(nonce_d, _mm512_set_epi32(0, 0, 0, (int)gs[g].ctr + 3, 0, 0, 0, (int)gs[g].ctr + 2, 0,
-                                                          0, 0, (int)gs[g].ctr + 1, 0, 0, 0, (int)gs[g].ctr));
+        d[g] = row_d(nonce_d, gs[g].ctr);
     }
     for (int i = 0; i < 10; i++) {
 #pragma GCC unroll 8
@@ -96,8 +102,7 @@ static inline __attribute__((always_inline)) void chacha_groups(const struct gro
     }
 #pragma GCC unroll 8
     for (int g = 0; g < ng; g++) {
-        __m512i d0 = _mm512_add_epi32(nonce_d, _mm512_set_epi32(0, 0, 0, (int)gs[g].ctr + 3, 0, 0, 0, (int)gs[g].ctr + 2,
-                                                                0, 0, 0, (int)gs[g].ctr + 1, 0, 0, 0, (int)gs[g].ctr));
+        __m512i d0 = row_d(nonce_d, gs[g].ctr);
         __m512i x = _mm512_add_epi32(a[g], sigma), y = _mm512_add_epi32(b[g], key_lo);
         __m512i z = _mm512_add_epi32(c[g], key_hi), w = _mm512_add_epi32(d[g], d0);
         /* lane i of x, y, z, w are the four rows of block i: transpose the 128-bit lanes */

@@ -306,7 +306,7 @@ static void subkey(const struct aead_layer *a, const uint8_t *nonce, uint8_t k2[
 
 /* ---- the bulk: our AVX-512 code, OpenSSL or libgcrypt -------------------------------
  * All three run RFC 8439 ChaCha20-Poly1305 under the HChaCha20 subkey; which is fastest
- * per 4 KiB message depends on the CPU (bench/RESULTS.md, stop 23):
+ * per 4 KiB message depends on the CPU (docs/CRYPTO.md):
  *  - with AVX-512 F, VL and IFMA, bc_chachapoly_avx512.c: about 1.1 us per message,
  *    against 1.3-1.4 us through OpenSSL 3's EVP_chacha20_poly1305 (its own AVX-512
  *    code plus 0.3-0.5 us of EVP set-up per message) and 2.0 us through libgcrypt 1.10,
@@ -570,7 +570,7 @@ static void nonce12(uint8_t n2[12], const uint8_t *nonce)
 /* Spare (nonce, subkey) pairs for writes of fewer than four sectors: HChaCha20 takes the
  * same time for four nonces as for one (one chain of rounds), so a one-sector write
  * draws four nonces, derives their four subkeys at once and leaves three here for this
- * thread's next small writes to the same layer (bench/RESULTS.md, stop 23: 0.1 us of a
+ * thread's next small writes to the same layer (docs/CRYPTO.md: 0.1 us of a
  * 1.3 us sector). A spare is only ever used once, with its own nonce: it is wiped when
  * taken, and a fork (the pool's generation) or another layer drops the lot. A spare
  * left behind by a destroyed layer can only open sectors sealed under its nonce, and
