@@ -23,14 +23,16 @@
  *     the stream goes to a stack buffer and into the data after pass 2 has checked the
  *     tag, so an open whose tag fails leaves the data as it was.
  *
- * Compiled for AVX-512 F/VL/IFMA by the pragma below: call nothing here unless
- * bc_cp_avx512_usable() (bc_layer_aead.c checks the CPU once). Checked against
- * libsodium's crypto_aead_chacha20poly1305_ietf and XChaCha20 APIs, every sector, by
- * native/engine/tests/test_aead.c. Key material (subkey schedule, Poly1305 key,
- * keystream) is wiped before return. */
-#pragma GCC target("avx512f,avx512vl,avx512ifma")
+ * Compiled for AVX-512 F/VL/IFMA by the pragma below (on x86-64; elsewhere three stubs
+ * that refuse): call nothing here unless bc_cp_avx512_usable() (bc_layer_aead.c checks
+ * the CPU once). Checked against libsodium's crypto_aead_chacha20poly1305_ietf and
+ * XChaCha20 APIs, every sector, by native/engine/tests/test_aead.c. Key material
+ * (subkeys, Poly1305 key and powers, keystream not yet applied) is wiped before return. */
 #define _GNU_SOURCE
 #include "bc_chachapoly.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx512f,avx512vl,avx512ifma")
 
 #include <immintrin.h>
 #include <string.h>
@@ -198,7 +200,6 @@ void bc_cp_avx512_hchacha20(uint8_t (*out)[32], const uint8_t *const *in, size_t
     }
     explicit_bzero(ra, sizeof ra);
     explicit_bzero(rw, sizeof rw);
-    b = c = _mm512_setzero_si512();
 }
 
 /* ---- 2. Poly1305 ------------------------------------------------------------------- */
@@ -457,3 +458,26 @@ int bc_cp_avx512_open(uint8_t *p, size_t len, const uint8_t *ad, size_t adlen, c
     }
     return diff == 0;
 }
+
+#else /* not x86-64: bc_cp_avx512_usable() is 0, nothing here is called */
+
+int bc_cp_avx512_seal(uint8_t *p, size_t len, const uint8_t *ad, size_t adlen, const uint8_t key[32],
+                      const uint8_t nonce[12], uint8_t tag[16])
+{
+    (void)p, (void)len, (void)ad, (void)adlen, (void)key, (void)nonce, (void)tag;
+    return -1;
+}
+
+int bc_cp_avx512_open(uint8_t *p, size_t len, const uint8_t *ad, size_t adlen, const uint8_t key[32],
+                      const uint8_t nonce[12], const uint8_t tag[16])
+{
+    (void)p, (void)len, (void)ad, (void)adlen, (void)key, (void)nonce, (void)tag;
+    return -1;
+}
+
+void bc_cp_avx512_hchacha20(uint8_t (*out)[32], const uint8_t *const *in, size_t n, const uint8_t key[32])
+{
+    (void)out, (void)in, (void)n, (void)key;
+}
+
+#endif
