@@ -92,7 +92,11 @@ def test_every_system_measures_and_tears_down(tmp_path):
         if r["system"] == "raw":
             assert r["daemon_cpu_s"] is None
         else:  # the daemon's own CPU was counted
-            assert r["daemon_cpu_s"] is not None and r["cpu_s_per_gib"] > 0, r
+            assert r["daemon_cpu_s"] is not None and r["daemon_cpu_s"] >= 0, r
+            # /proc counts CPU in clock ticks (10 ms): a 32 MiB cached read can finish in
+            # less (24 ms, 1.3 GB/s, at 4224da3), but 0.5 s of fsync'd random writes cannot
+            if r["job"] == "rand_write":
+                assert r["cpu_s_per_gib"] > 0, r
     comps = json.loads(p.stdout)["comparisons"]
     assert {c["job"] for c in comps if c["system"] == "single"} == {"rand_write", "seq_read"}
     assert set(comps[0]["ratios"]) == {"null", "c-floor", "gocryptfs", "qsd"}
