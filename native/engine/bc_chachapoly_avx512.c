@@ -10,14 +10,15 @@
  *  1. ChaCha20 keystream, blocks 0..len/64: four blocks per zmm register (one 128-bit
  *     lane per block: the rows of the state, as in the SSE2 HChaCha20 of
  *     bc_layer_aead.c), up to six such groups interleaved so the rounds of one hide
- *     the latency of another, vprold for the rotations; block 0's
- *     first 32 bytes are the Poly1305 key (RFC 8439, 2.6);
+ *     the latency of another, vprold for the rotations; block 0 (its first 32 bytes
+ *     are the Poly1305 key, RFC 8439 2.6) runs as a group of its own beside the data's;
  *  2. Poly1305 over pad16(ad) || ciphertext || lengths: the associated data and the
  *     lengths block with 64-bit scalar code (radix 2^44, three limbs), the ciphertext
- *     eight 16-byte blocks at a time, one per 64-bit lane, with AVX-512 IFMA (vpmadd52:
- *     52-bit multiply-accumulate, the low and high halves of each product summed
- *     apart, the high ones shifted into place). Lane j accumulates blocks j, j+8, ...
- *     times r^8 per step and r^(8-j) at the last step, so the lane sum is Horner's
+ *     with AVX-512 IFMA (vpmadd52: 52-bit multiply-accumulate, the low and high halves
+ *     of each product summed apart, the high ones shifted into place), eight 16-byte
+ *     blocks per zmm register, one per 64-bit lane, in two independent sets of lanes
+ *     (the first and second 128 bytes of every 256). Each lane steps by r^16 and takes
+ *     its own power of r (r^16 .. r^1) at the last step, so the lanes' sum is Horner's
  *     polynomial;
  *  3. to seal, pass 1 XORs the stream straight into the data, before pass 2; to open,
  *     the stream goes to a stack buffer and into the data after pass 2 has checked the
@@ -77,6 +78,12 @@ struct group {
  * in 0.56 us here, four in 0.70, seven or eight (spills) in 0.59-0.64 */
 #define GMAX 6
 
+/* the first row of four blocks: "expand 32-byte k" */
+static inline __m512i sigma4(void)
+{
+    return _mm512_broadcast_i32x4(_mm_setr_epi32(0x61707865, 0x3320646e, 0x79622d32, 0x6b206574));
+}
+
 /* the last row of blocks ctr .. ctr + 3: counter, nonce */
 static inline __m512i row_d(__m512i nonce_d, uint32_t ctr)
 {
@@ -87,7 +94,7 @@ static inline __m512i row_d(__m512i nonce_d, uint32_t ctr)
 static inline __attribute__((always_inline)) void chacha_groups(const struct group *gs, const int ng,
                                                                 __m512i key_lo, __m512i key_hi, __m512i nonce_d)
 {
-    const __m512i sigma = _mm512_broadcast_i32x4(_mm_setr_epi32(0x61707865, 0x3320646e, 0x79622d32, 0x6b206574));
+    const __m512i sigma = sigma4();
     __m512i a[GMAX], b[GMAX], c[GMAX], d[GMAX];
 #pragma GCC unroll 8
     for (int g = 0; g < ng; g++) {
@@ -183,7 +190,7 @@ void bc_cp_avx512_hchacha20(uint8_t (*out)[32], const uint8_t *const *in, size_t
     uint8_t d[4][16] = {{0}};
     for (size_t i = 0; i < n && i < 4; i++)
         memcpy(d[i], in[i], 16);
-    __m512i a = _mm512_broadcast_i32x4(_mm_setr_epi32(0x61707865, 0x3320646e, 0x79622d32, 0x6b206574));
+    __m512i a = sigma4();
     __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)key));
     __m512i c = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(key + 16)));
     __m512i w = _mm512_loadu_si512(d);

@@ -194,9 +194,10 @@ int bc_layer_aead_new(const uint8_t *key, size_t key_len, uint32_t sector_size, 
  * kill and a restart inside one process call it. */
 void bc_layer_aead_forget_ids(void);
 
-/* The library that runs the AEAD layer's ChaCha20-Poly1305: "openssl" or "gcrypt"
- * (chosen once by the CPU, or by BLOCKCRYPT_AEAD_BULK). force != NULL switches every
- * thread to that one (tests; NULL return: an unknown name). */
+/* What runs the AEAD layer's ChaCha20-Poly1305: "avx512" (bc_chachapoly_avx512.c),
+ * "openssl" or "gcrypt" (chosen once by the CPU, or by BLOCKCRYPT_AEAD_BULK). force !=
+ * NULL switches every thread to that one (tests; NULL return: an unknown name, or
+ * avx512 on a CPU without it). */
 const char *bc_layer_aead_bulk(const char *force);
 
 /* ---- helper threads for one large request's crypto (bc_parallel.c) ---------------- */

@@ -296,12 +296,18 @@ static void hchacha20(uint8_t out[32], const uint8_t in[16], const uint8_t key[3
 }
 #endif
 
+/* The IETF nonce of an XChaCha20 nonce: four zero bytes, then its last eight. */
+static void nonce12(uint8_t n2[12], const uint8_t *nonce)
+{
+    memset(n2, 0, 4);
+    memcpy(n2 + 4, nonce + 16, 8);
+}
+
 /* The IETF ChaCha20-Poly1305 key and nonce of an XChaCha20 nonce (as libsodium does). */
 static void subkey(const struct aead_layer *a, const uint8_t *nonce, uint8_t k2[32], uint8_t n2[12])
 {
     hchacha20(k2, nonce, a->key);
-    memset(n2, 0, 4);
-    memcpy(n2 + 4, nonce + 16, 8);
+    nonce12(n2, nonce);
 }
 
 /* ---- the bulk: our AVX-512 code, OpenSSL or libgcrypt -------------------------------
@@ -561,12 +567,6 @@ static void subkeys(const struct aead_layer *a, const uint8_t *const *nonces, si
         hchacha20(k2[j], nonces[j], a->key);
 }
 
-static void nonce12(uint8_t n2[12], const uint8_t *nonce)
-{
-    memset(n2, 0, 4);
-    memcpy(n2 + 4, nonce + 16, 8);
-}
-
 /* Spare (nonce, subkey) pairs for writes of fewer than four sectors: HChaCha20 takes the
  * same time for four nonces as for one (one chain of rounds), so a one-sector write
  * draws four nonces, derives their four subkeys at once and leaves three here for this
@@ -616,6 +616,7 @@ static int aead_encrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, uint8_t *
         size_t nb = n - i0 < 4 ? n - i0 : 4;
         uint8_t *slots[4];
         const uint8_t *nonces[4];
+        int spare = nb < 4 && tls_bulk_kind == BULK_AVX512;   /* else four subkeys at once, below */
         for (size_t j = 0; j < nb; j++) {
             uint8_t *m = meta + (i0 + j) * stride;
             int nw = newer_slot(m);
@@ -628,13 +629,13 @@ static int aead_encrypt(void *ctx, uint8_t *buf, size_t n, uint64_t s, uint8_t *
             uint8_t *slot = slots[j] = m + (size_t)target * SLOT_BYTES;
             le32(slot, seq);
             le32(slot + 4, writer);
-            if (nb < 4 && tls_bulk_kind == BULK_AVX512)
+            if (spare)
                 take_spare(a, slot + NONCE_OFF, k2[j]);
             else
                 memcpy(slot + NONCE_OFF, next_nonce(), 24);
             nonces[j] = slot + NONCE_OFF;
         }
-        if (nb == 4 || tls_bulk_kind != BULK_AVX512)
+        if (!spare)
             subkeys(a, nonces, nb, k2);
         for (size_t j = 0; j < nb && rc == 0; j++) {
             uint8_t ad[AD_BYTES];
