@@ -538,7 +538,10 @@ class VaultServer(ThreadingHTTPServer):
             with self._conns_lock:
                 for fd, (_, deadline) in list(self._conns.items()):
                     if deadline is not None and now > deadline:
-                        self._conns[fd][1] = None
+                        # the slot is free once the connection is shut down, not when its thread
+                        # gets round to closing it: a client that saw the EOF may connect again
+                        # at once. The fd stays open (so unreused) until that thread's _forget.
+                        del self._conns[fd]
                         try:  # a duplicate of the fd: shutdown acts on the connection, not the fd
                             with socket.fromfd(fd, self.address_family, socket.SOCK_STREAM) as dup:
                                 dup.shutdown(socket.SHUT_RDWR)
@@ -550,7 +553,10 @@ class VaultServer(ThreadingHTTPServer):
         try:
             self._finish_request(request, client_address, fd)
         finally:
-            self._forget(fd)
+            # the TLS path detached `request` (fileno -1), forgot fd and closed it itself: fd may
+            # already be a new connection's, whose entry must stay
+            if request.fileno() == fd:
+                self._forget(fd)
 
     def _finish_request(self, request, client_address, fd):
         request.settimeout(IDLE_TIMEOUT_SECONDS)
