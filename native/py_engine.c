@@ -189,6 +189,7 @@ struct chain_spec {
     size_t n;                               /* lower files; 0: a plain file */
     PyObject *paths[BC_COW_MAX_FILES];      /* bytes (fs-encoded), owned */
     uint64_t map_chunks[BC_COW_MAX_FILES];  /* [0] the top's, then the lowers' */
+    uint64_t journal_off[BC_COW_MAX_FILES]; /* each file's metadata journal log (0: none) */
     uint64_t map_off;
     uint32_t chunk_bytes;
 };
@@ -200,12 +201,14 @@ static void chain_release(struct chain_spec *c)
     c->n = 0;
 }
 
-/* lowers: None, or a sequence of (path, map_chunks), nearest first. 0, or -1 with an exception. */
+/* lowers: None, or a sequence of (path, map_chunks[, journal_off]), nearest first. 0, or -1
+ * with an exception. */
 static int parse_chain(PyObject *lowers, uint64_t top_map_chunks, uint64_t map_off, unsigned chunk_bytes,
-                       struct chain_spec *c)
+                       uint64_t top_journal_off, struct chain_spec *c)
 {
     memset(c, 0, sizeof *c);
     c->map_chunks[0] = top_map_chunks;
+    c->journal_off[0] = top_journal_off;
     c->map_off = map_off;
     c->chunk_bytes = chunk_bytes;
     if (lowers == NULL || lowers == Py_None)
@@ -221,19 +224,46 @@ static int parse_chain(PyObject *lowers, uint64_t top_map_chunks, uint64_t map_o
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *path = NULL;
-        uint64_t mc = 0;
-        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "O&O&", PyUnicode_FSConverter, &path, conv_u64, &mc)) {
+        uint64_t mc = 0, jo = 0;
+        if (!PyTuple_Check(item) ||
+            !PyArg_ParseTuple(item, "O&O&|O&", PyUnicode_FSConverter, &path, conv_u64, &mc, conv_u64, &jo)) {
             if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_TypeError, "each lower must be a (path, map_chunks) pair");
+                PyErr_SetString(PyExc_TypeError, "each lower must be a (path, map_chunks[, journal_off]) tuple");
             chain_release(c);
             Py_DECREF(seq);
             return -1;
         }
         c->paths[i + 1] = path;
         c->map_chunks[i + 1] = mc;
+        c->journal_off[i + 1] = jo;
         c->n = (size_t)i + 1;
     }
     Py_DECREF(seq);
+    return 0;
+}
+
+/* One file of a volume: the local file, behind its metadata journal when it has one. */
+static int open_file(const char *path, int writable, int cache, uint64_t journal_off, uint64_t meta_off,
+                     size_t meta_bytes, const struct bc_storage_ops **ops, void **ctx)
+{
+    int rc = bc_storage_local_open(path, writable, cache, ops, ctx);
+    if (rc != 0 || journal_off == 0 || meta_bytes == 0)
+        return rc;
+    if (journal_off <= meta_off) {
+        (*ops)->close(*ctx);
+        return -EINVAL;
+    }
+    struct bc_journal_params jp = {.meta_off = meta_off, .meta_bytes = meta_bytes,
+                                   .meta_sectors = (journal_off - meta_off) / meta_bytes, .log_off = journal_off,
+                                   .log_bytes = BC_JOURNAL_LOG_BYTES};
+    const struct bc_storage_ops *jops;
+    void *jctx;
+    rc = bc_storage_journal_wrap(&jp, *ops, *ctx, writable, &jops, &jctx);
+    if (rc != 0) {
+        (*ops)->close(*ctx);
+        return rc;
+    }
+    *ops = jops, *ctx = jctx;
     return 0;
 }
 
@@ -243,15 +273,16 @@ static int open_storage(const char *top, int writable, int cache, const struct c
                         const struct bc_storage_ops **ops, void **ctx)
 {
     if (c->n == 0)
-        return bc_storage_local_open(top, writable, cache, ops, ctx);
+        return open_file(top, writable, cache, c->journal_off[0], meta_off, meta_bytes, ops, ctx);
     struct bc_cow_file files[BC_COW_MAX_FILES];
     size_t opened = 0;
-    int rc = bc_storage_local_open(top, writable, cache, &files[0].ops, &files[0].ctx);
+    int rc = open_file(top, writable, cache, c->journal_off[0], meta_off, meta_bytes, &files[0].ops, &files[0].ctx);
     if (rc == 0)
         opened = 1;
     files[0].map_chunks = c->map_chunks[0];
     for (size_t i = 1; rc == 0 && i <= c->n; i++) {
-        rc = bc_storage_local_open(PyBytes_AS_STRING(c->paths[i]), 0, cache, &files[i].ops, &files[i].ctx);
+        rc = open_file(PyBytes_AS_STRING(c->paths[i]), 0, cache, c->journal_off[i], meta_off, meta_bytes,
+                       &files[i].ops, &files[i].ctx);
         files[i].map_chunks = c->map_chunks[i];
         if (rc == 0)
             opened++;
@@ -298,20 +329,20 @@ static size_t specs_meta_bytes(const struct layer_spec *specs, size_t n)
 static int Volume_init(VolumeObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"path", "size", "sector_size", "data_off", "meta_off", "read_only", "layers",
-                             "cache", "lowers", "map_chunks", "map_off", "chunk_bytes", NULL};
+                             "cache", "lowers", "map_chunks", "map_off", "chunk_bytes", "journal_off", NULL};
     PyObject *path = NULL, *layers = NULL, *lowers = NULL;
-    uint64_t size = 0, data_off = 1u << 20, meta_off = 0, map_chunks = 0, map_off = 0;
+    uint64_t size = 0, data_off = 1u << 20, meta_off = 0, map_chunks = 0, map_off = 0, journal_off = 0;
     unsigned int sector_size = 0, chunk_bytes = BC_COW_CHUNK_BYTES;
     int read_only = 0;
     const char *cache_s = "buffered";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|$O&IO&O&pOsOO&O&I", kwlist, PyUnicode_FSConverter, &path,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|$O&IO&O&pOsOO&O&IO&", kwlist, PyUnicode_FSConverter, &path,
                                      conv_u64, &size, &sector_size, conv_u64, &data_off, conv_u64, &meta_off,
                                      &read_only, &layers, &cache_s, &lowers, conv_u64, &map_chunks, conv_u64,
-                                     &map_off, &chunk_bytes))
+                                     &map_off, &chunk_bytes, conv_u64, &journal_off))
         return -1;
     int ret = -1;
     struct chain_spec chain;
-    if (parse_chain(lowers, map_chunks, map_off, chunk_bytes, &chain) != 0) {
+    if (parse_chain(lowers, map_chunks, map_off, chunk_bytes, journal_off, &chain) != 0) {
         Py_XDECREF(path);
         return -1;
     }
@@ -631,15 +662,16 @@ static PyObject *Volume_set_layers(VolumeObject *self, PyObject *args)
 
 static PyObject *Volume_set_storage(VolumeObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"path", "lowers", "map_chunks", "map_off", "chunk_bytes", NULL};
+    static char *kwlist[] = {"path", "lowers", "map_chunks", "map_off", "chunk_bytes", "journal_off", NULL};
     PyObject *path = NULL, *lowers = NULL;
-    uint64_t map_chunks = 0, map_off = 0;
+    uint64_t map_chunks = 0, map_off = 0, journal_off = 0;
     unsigned int chunk_bytes = BC_COW_CHUNK_BYTES;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|$OO&O&I:set_storage", kwlist, PyUnicode_FSConverter, &path,
-                                     &lowers, conv_u64, &map_chunks, conv_u64, &map_off, &chunk_bytes))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|$OO&O&IO&:set_storage", kwlist, PyUnicode_FSConverter, &path,
+                                     &lowers, conv_u64, &map_chunks, conv_u64, &map_off, &chunk_bytes, conv_u64,
+                                     &journal_off))
         return NULL;
     struct chain_spec chain;
-    if (parse_chain(lowers, map_chunks, map_off, chunk_bytes, &chain) != 0) {
+    if (parse_chain(lowers, map_chunks, map_off, chunk_bytes, journal_off, &chain) != 0) {
         Py_DECREF(path);
         return NULL;
     }
@@ -759,7 +791,8 @@ static PyMethodDef Volume_methods[] = {
     {"set_layers", (PyCFunction)Volume_set_layers, METH_VARARGS,
      "set_layers(layers): a fresh layer stack (a restored key); opens the gate"},
     {"set_storage", (PyCFunction)(void (*)(void))Volume_set_storage, METH_VARARGS | METH_KEYWORDS,
-     "set_storage(path, *, lowers=None, map_chunks=0, map_off=0, chunk_bytes=65536): flush, then serve from "
+     "set_storage(path, *, lowers=None, map_chunks=0, map_off=0, chunk_bytes=65536, journal_off=0): flush, then "
+     "serve from "
      "another file (or chain over it); waits for requests in flight"},
     {"close", (PyCFunction)Volume_close, METH_NOARGS, "close(): flush and close (idempotent)"},
     {"__enter__", (PyCFunction)Volume_enter, METH_NOARGS, NULL},
@@ -788,8 +821,9 @@ static PyTypeObject VolumeType = {
     .tp_getset = Volume_getset,
     .tp_doc = "Volume(path, *, size, sector_size, data_off=1048576, meta_off=0, read_only=False, "
               "layers=[(\"aes-xts-plain64\", key64 or None for an ephemeral key)], cache=\"buffered\"|\"none\", "
-              "lowers=None, map_chunks=0, map_off=0, chunk_bytes=65536): one open disk in the C "
-              "engine; every call releases the GIL",
+              "lowers=None (each (path, map_chunks[, journal_off])), map_chunks=0, map_off=0, chunk_bytes=65536, "
+              "journal_off=0 (the top file's metadata journal log; 0: none)): one open disk in the C engine; every "
+              "call releases the GIL",
 };
 
 struct bc_volume *bc_py_volume_get(PyObject *obj)
@@ -806,11 +840,56 @@ struct bc_volume *bc_py_volume_get(PyObject *obj)
     return self->vol;
 }
 
+/* journal_checkpoint(path, *, meta_off, meta_bytes, journal_off) -> sectors the log held:
+ * replay a file's metadata journal and write it into the table (a file the control plane
+ * then reads or writes directly, not through a Volume). */
+static PyObject *engine_journal_checkpoint(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    (void)mod;
+    static char *kwlist[] = {"path", "meta_off", "meta_bytes", "journal_off", NULL};
+    PyObject *path = NULL;
+    uint64_t meta_off = 0, journal_off = 0;
+    Py_ssize_t meta_bytes = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&|$O&nO&:journal_checkpoint", kwlist, PyUnicode_FSConverter,
+                                     &path, conv_u64, &meta_off, &meta_bytes, conv_u64, &journal_off))
+        return NULL;
+    if (meta_bytes <= 0 || journal_off == 0) {
+        Py_DECREF(path);
+        PyErr_SetString(PyExc_ValueError, "journal_checkpoint needs meta_off=, meta_bytes= and journal_off=");
+        return NULL;
+    }
+    int rc;
+    struct bc_journal_counts c = {0};
+    Py_BEGIN_ALLOW_THREADS
+    const struct bc_storage_ops *ops;
+    void *ctx;
+    rc = open_file(PyBytes_AS_STRING(path), 1, BC_CACHE_BUFFERED, journal_off, meta_off, (size_t)meta_bytes, &ops,
+                   &ctx);
+    if (rc == 0) {
+        bc_storage_journal_counts(ctx, &c);
+        rc = bc_storage_journal_checkpoint(ctx);
+        ops->close(ctx);
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(path);
+    if (rc < 0)
+        return raise_errno(rc);
+    return PyLong_FromUnsignedLongLong(c.pending);
+}
+
+static PyMethodDef engine_functions[] = {
+    {"journal_checkpoint", (PyCFunction)(void (*)(void))engine_journal_checkpoint, METH_VARARGS | METH_KEYWORDS,
+     "journal_checkpoint(path, *, meta_off, meta_bytes, journal_off) -> sectors the log held: bring a file's "
+     "metadata table up to date from its journal"},
+    {NULL}
+};
+
 static struct PyModuleDef engine_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "blockcrypt._engine",
     .m_doc = "The C data plane: Volume (the engine) and Session (the libfuse 3 session).",
     .m_size = -1,
+    .m_methods = engine_functions,
 };
 
 PyMODINIT_FUNC PyInit__engine(void)

@@ -21,7 +21,7 @@ from ..catalog import DiskRecord, check_name
 from ..crypto import ALG_NULL
 from ..errors import AlreadyExists, BadSize, BlockcryptError, Busy, CorruptHeader, NoSpace, Refused, StateError, UsageError
 from ..format import ROLE_DATA, ROLE_INFRA, Header, Layout, header_copy_state, read_header, write_header
-from ..format.layout import FEATURE_SECTOR_META
+from ..format.layout import FEATURE_META_JOURNAL, FEATURE_SECTOR_META
 from ..keys.envelope import DATA_ALG, INFRA_ALG, unwrap_layer, wrap_new_layer
 from ..storage import LocalFileBacking, is_enospc
 from ..volume import Volume
@@ -262,7 +262,7 @@ def create(st, name: str, size: int, sector_size: int = 4096, *, provider: str =
         layers += (wrap_new_layer(st.keys, "platform", None, disk_id, ROLE_INFRA, INFRA_ALG),)
     h = Header(disk_id=disk_id, name=name, size=size, sector_size=sector_size, cipher=DATA_ALG,
                kind="disk" if kind == "copying" else kind, read_only=read_only, layers=layers,
-               required_features=FEATURE_SECTOR_META if double else 0)
+               required_features=FEATURE_SECTOR_META | FEATURE_META_JOURNAL if double else 0)
     path = st.disks_dir / f"{disk_id.hex()}.img"
     try:
         b = LocalFileBacking(str(path), True, create_mode=0o600)

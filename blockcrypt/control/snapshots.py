@@ -47,7 +47,7 @@ from ..format import Header, Layout, read_header, write_header
 from ..format.layout import (CHUNK_BYTES, FEATURE_OVERLAY, MAP_AREA_OFFSET, MAX_CHAIN_FILES,
                              MAX_FAMILY_DISK_SIZE, map_chunks_for)
 from ..storage import LocalFileBacking, is_enospc
-from ..volume.volume import chain_below, file_path
+from ..volume.volume import chain_below, file_path, settle_journal
 from . import disks
 
 log = logging.getLogger("blockcrypt.snapshots")
@@ -364,6 +364,9 @@ def _merge_into_child(st, rec: DiskRecord, h: Header, child: DiskRecord, ch: Hea
     lay = Layout.of(ch)
     nbits = ch.map_chunks
     nbytes = (nbits + 7) // 8
+    # the tables below are read and written directly: each file's journal into its table first
+    settle_journal(rec.path, h)
+    settle_journal(child.path, ch)
     # which chunks the merged file holds (its own bitmap, or all of them: the first file of a family)
     with LocalFileBacking(rec.path, writable=False) as pb:
         parent_bits = pb.read_at(MAP_AREA_OFFSET, (h.map_chunks + 7) // 8) if h.overlay and h.parent_id else None

@@ -56,7 +56,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from ..errors import UnsupportedFormat
-from .layout import COPY_MAX, DATA_OFFSET, FEATURE_OVERLAY, FEATURE_SECTOR_META
+from .layout import COPY_MAX, DATA_OFFSET, FEATURE_META_JOURNAL, FEATURE_OVERLAY, FEATURE_SECTOR_META
 from .roles import ROLE_INFRA, ROLE_NAMES
 
 FORMAT_VERSION = 1
@@ -66,7 +66,7 @@ MAGIC_B = b"BLKCRYB\x01"
 #: required feature bits this version understands: bit 0, per-sector metadata (the
 #: infrastructure layer of double encryption; layout.py places it). Readers before it
 #: refuse such a disk rather than read AEAD ciphertext as XTS.
-KNOWN_REQUIRED = FEATURE_SECTOR_META | FEATURE_OVERLAY
+KNOWN_REQUIRED = FEATURE_SECTOR_META | FEATURE_OVERLAY | FEATURE_META_JOURNAL
 KIND_CODES = {"disk": 0, "snapshot": 1, "image": 2}
 KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 
@@ -263,6 +263,8 @@ def unpack(buf: bytes, magic: bytes) -> Header:
         raise ValueError("trailing bytes in header")
     if bool(req & FEATURE_SECTOR_META) != any(l.role == ROLE_INFRA for l in layers):
         raise ValueError("an infrastructure layer needs the sector-metadata feature, and only it")
+    if req & FEATURE_META_JOURNAL and not req & FEATURE_SECTOR_META:
+        raise ValueError("the metadata journal needs the sector-metadata feature")
     return Header(disk_id=disk_id, name=name, size=size, sector_size=sector_size, cipher=cipher,
                   kind=KIND_NAMES[kind], read_only=bool(flags & 1), layers=tuple(layers),
                   seqno=seqno, required_features=req, compat_features=compat,

@@ -26,6 +26,11 @@ one bit per 64 KiB chunk of its parent, set when the file holds the chunk itself
     ... data area ... | metadata area (if any) ... | MAP_AREA_OFFSET = 12 TiB: bit c of
                                                    | byte c // 8 (LSB first) = chunk c
 
+A disk with FEATURE_META_JOURNAL (every double disk made since stop 24) writes its
+metadata area through a log of JOURNAL_BYTES at JOURNAL_AREA_OFFSET (10 TiB)::
+
+    ... metadata area (table, <= 9.5 TiB) ... | JOURNAL_AREA_OFFSET: 4 MiB of records
+
 Caveat: a single-layer disk has no metadata area (meta_bytes 0). A disk with one has
 the apparent file size of the largest metadata area it could need
 (``backing_size``), whatever its logical size, so growing it never truncates
@@ -47,6 +52,14 @@ FEATURE_SECTOR_META = 1 << 0
 META_AREA_OFFSET = 1 << 43          # 8 TiB: past the largest data area, below ext4's 16 TiB file limit
 AEAD_META_BYTES = 96                # the infrastructure layer: two 48-byte slots per sector
 MAX_META_DISK_SIZE = META_AREA_OFFSET - DATA_OFFSET
+
+#: required feature bit 2 (with bit 0): the metadata area is written through a journal, a log
+#: of JOURNAL_BYTES at JOURNAL_AREA_OFFSET that the table is brought up to date from at
+#: checkpoints (native/engine/bc_storage_journal.c, docs/FORMAT.md "The metadata journal"):
+#: a reader that does not apply the log would read stale metadata, so old readers must refuse
+FEATURE_META_JOURNAL = 1 << 2
+JOURNAL_AREA_OFFSET = 5 << 41       # 10 TiB: past the largest metadata area (9.5 TiB), below the bitmap
+JOURNAL_BYTES = 4 << 20             # native/engine: BC_JOURNAL_LOG_BYTES
 
 #: required feature bit 1: the file is one of an overlay chain (snapshots, images, disks made
 #: from them): a chunk bitmap at MAP_AREA_OFFSET, a parent file below (docs/FORMAT.md)
@@ -77,6 +90,7 @@ class Layout:
     meta_area_off: int = 0      # backing offset of sector 0's metadata (0: none)
     meta_bytes: int = 0         # metadata bytes per sector, over all layers
     overlay: bool = False       # a chunk bitmap at MAP_AREA_OFFSET (FEATURE_OVERLAY)
+    journal_off: int = 0        # the metadata journal's log (FEATURE_META_JOURNAL; 0: none)
 
     def sector_off(self, sector_no: int) -> int:
         return self.data_off + sector_no * self.sector_size
@@ -90,6 +104,8 @@ class Layout:
     def backing_size(self, size_bytes: int) -> int:
         if self.overlay:
             return MAP_AREA_OFFSET + MAX_MAP_BYTES
+        if self.journal_off:
+            return self.journal_off + JOURNAL_BYTES
         if self.meta_bytes:
             return self.meta_area_off + (MAX_META_DISK_SIZE // self.sector_size) * self.meta_bytes
         return self.data_off + size_bytes
@@ -101,13 +117,21 @@ class Layout:
             return MAX_FAMILY_DISK_SIZE
         return MAX_META_DISK_SIZE if self.meta_bytes else None
 
+    @property
+    def meta_sectors(self) -> int:
+        """The sectors the metadata table spans for the journal (up to its log)."""
+        return (self.journal_off - self.meta_area_off) // self.meta_bytes if self.journal_off else 0
+
     @classmethod
-    def with_meta(cls, sector_size: int) -> "Layout":
-        return cls(sector_size, DATA_OFFSET, META_AREA_OFFSET, AEAD_META_BYTES)
+    def with_meta(cls, sector_size: int, journal: bool = True) -> "Layout":
+        return cls(sector_size, DATA_OFFSET, META_AREA_OFFSET, AEAD_META_BYTES,
+                   journal_off=JOURNAL_AREA_OFFSET if journal else 0)
 
     @classmethod
     def of(cls, header) -> "Layout":
         overlay = bool(header.required_features & FEATURE_OVERLAY)
         if header.required_features & FEATURE_SECTOR_META:
-            return cls(header.sector_size, header.data_offset, META_AREA_OFFSET, AEAD_META_BYTES, overlay)
+            journal = JOURNAL_AREA_OFFSET if header.required_features & FEATURE_META_JOURNAL else 0
+            return cls(header.sector_size, header.data_offset, META_AREA_OFFSET, AEAD_META_BYTES, overlay,
+                       journal)
         return cls(header.sector_size, header.data_offset, overlay=overlay)

@@ -66,11 +66,13 @@ def chain_below(path: str, header, name: str = "?") -> list[tuple[str, int, obje
 
 
 def _storage_kw(path: str, header, name: str) -> dict:
+    """The engine's storage arguments: the top file's journal, and the chain below it."""
+    kw = {"journal_off": Layout.of(header).journal_off}
     lowers = chain_below(path, header, name)
-    if not lowers:
-        return {}
-    return {"lowers": [(p, mc) for p, mc, _h in lowers], "map_chunks": header.map_chunks,
-            "map_off": MAP_AREA_OFFSET, "chunk_bytes": header.chunk_bytes}
+    if lowers:
+        kw.update(lowers=[(p, mc, Layout.of(h).journal_off) for p, mc, h in lowers], map_chunks=header.map_chunks,
+                  map_off=MAP_AREA_OFFSET, chunk_bytes=header.chunk_bytes)
+    return kw
 
 
 def _engine():
@@ -79,6 +81,17 @@ def _engine():
     except ImportError as e:  # pragma: no cover - exercised by the CLI error test
         raise NativeMissing(module="blockcrypt._engine", why=str(e)) from None
     return _engine
+
+
+def settle_journal(path: str, header) -> int:
+    """Write what a file's metadata journal holds into its table (FORMAT.md, "The metadata
+    journal"), so that code reading or writing the table directly sees every write; the
+    sectors the log held (0 for a file without a journal)."""
+    lay = Layout.of(header)
+    if not lay.journal_off:
+        return 0
+    return _engine().journal_checkpoint(path, meta_off=lay.meta_area_off, meta_bytes=lay.meta_bytes,
+                                        journal_off=lay.journal_off)
 
 
 class Volume:
@@ -98,7 +111,7 @@ class Volume:
         self._key_error = None
         chain = _storage_kw(path, header, self.name)
         #: the files that hold this volume's data: its own, then its chain's (nearest first)
-        self.files = [path] + [p for p, _mc in chain.get("lowers", ())]
+        self.files = [path] + [low[0] for low in chain.get("lowers", ())]
         try:
             self.engine = _engine().Volume(path, size=header.size, sector_size=header.sector_size,
                                            data_off=header.data_offset, meta_off=self.layout.meta_area_off,
@@ -125,7 +138,7 @@ class Volume:
         except OSError as e:
             self._raise(e)
         self.path = path
-        self.files = [path] + [p for p, _mc in chain.get("lowers", ())]
+        self.files = [path] + [low[0] for low in chain.get("lowers", ())]
 
     # -- errors -----------------------------------------------------------------------
     def _raise(self, e: OSError):

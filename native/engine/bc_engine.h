@@ -120,6 +120,33 @@ struct bc_cow_file {
 int bc_storage_cow_open(const struct bc_cow_params *p, const struct bc_cow_file *files, size_t nfiles,
                         int writable, const struct bc_storage_ops **ops, void **ctx);
 uint64_t bc_storage_cow_copyups(void *ctx);   /* chunks copied up since open (tests, status) */
+/* The metadata journal (bc_storage_journal.c, docs/FORMAT.md "The metadata journal"): the
+ * per-sector metadata table [meta_off, + meta_sectors * meta_bytes) of the wrapped store is
+ * written as appends to a log [log_off, + log_bytes) of the same store and brought up to
+ * date at checkpoints (the log full, a clean close, bc_storage_journal_checkpoint); reads
+ * of the table see the log. At wrap the log is replayed (a kill leaves it). Read-only: it
+ * replays and never writes. On success the wrapper owns the inner store; on failure
+ * nothing is taken. */
+#define BC_JOURNAL_LOG_BYTES (4u << 20)
+struct bc_journal_params {
+    uint64_t meta_off;
+    size_t meta_bytes;          /* per sector, at most 4064 */
+    uint64_t meta_sectors;      /* the table's length in sectors */
+    uint64_t log_off;           /* outside the table */
+    uint64_t log_bytes;         /* a multiple of 64, at least 4096 */
+};
+struct bc_journal_counts {
+    uint64_t records;           /* appended since wrap */
+    uint64_t checkpoints;       /* since wrap */
+    uint64_t replayed;          /* records found and applied at wrap */
+    uint64_t pending;           /* sectors the log holds that the table does not have yet */
+    uint64_t log_used;          /* bytes of the log in use */
+};
+int bc_storage_journal_wrap(const struct bc_journal_params *p, const struct bc_storage_ops *inner, void *ictx,
+                            int writable, const struct bc_storage_ops **ops, void **ctx);
+int bc_storage_journal_checkpoint(void *ctx);
+void bc_storage_journal_counts(void *ctx, struct bc_journal_counts *out);
+
 /* A fault-injecting backend wrapping another (tests, `make fuzz`): each read, write and
  * flush fails with probability 1/one_in (0: never) with the errno picked from errs (EIO,
  * ENOSPC, ...); a failing write may first write a prefix of its buffer (a short write);

@@ -78,6 +78,11 @@ static char g_dir[4096];
 #define SLOT 48u
 #define DATA_OFF (1u << 20)
 #define META_OFF (64ull << 20)
+#define JLOG_OFF (256ull << 20)
+static uint64_t g_jlog;          /* >0: volumes open with a metadata journal of this many bytes */
+static void *g_jctx;             /* the last opened volume's journal */
+struct crash;
+static struct crash *g_crash;    /* the last opened volume's crash wrapper */
 
 static uint64_t now_ns(void)
 {
@@ -347,12 +352,28 @@ static struct bc_volume *vopen_here(const char *path, const struct keys *k, int 
     }
     struct bc_volume_params p = {.size_bytes = size, .sector_size = ss, .data_off = DATA_OFF, .meta_off = META_OFF};
     struct bc_volume *v = NULL;
-    if (bc_volume_open(&p, &crash_ops, cr, ls, n, &v) != 0) {
+    const struct bc_storage_ops *vops = &crash_ops;
+    void *vctx = cr;
+    g_jctx = NULL;
+    if (g_jlog) {   /* the metadata journal over the crash wrapper: a kill drops its writes too */
+        struct bc_journal_params jp = {.meta_off = META_OFF, .meta_bytes = M,
+                                       .meta_sectors = (JLOG_OFF - META_OFF) / M, .log_off = JLOG_OFF,
+                                       .log_bytes = g_jlog};
+        if (bc_storage_journal_wrap(&jp, &crash_ops, cr, 1, &vops, &vctx) != 0) {
+            for (size_t i = 0; i < n; i++)
+                ls[i].ops->destroy(ls[i].ctx);
+            cr_close(cr);
+            return NULL;
+        }
+        g_jctx = vctx;
+    }
+    if (bc_volume_open(&p, vops, vctx, ls, n, &v) != 0) {
         for (size_t i = 0; i < n; i++)
             ls[i].ops->destroy(ls[i].ctx);
-        cr_close(cr);
+        vops->close(vctx);
         return NULL;
     }
+    g_crash = cr;
     return v;
 }
 
@@ -1366,6 +1387,199 @@ static void test_chachapoly_avx512(void)
     free(pt), free(a), free(b), free(keep);
 }
 
+/* ---- 6. the metadata journal (bc_storage_journal.c) ------------------------------------ */
+
+static struct bc_journal_counts jcounts(void)
+{
+    struct bc_journal_counts c = {0};
+    if (g_jctx != NULL)
+        bc_storage_journal_counts(g_jctx, &c);
+    return c;
+}
+
+/* every sector of v reads exp */
+static int count_wrong(struct bc_volume *v, uint32_t ss, size_t ns, const uint8_t *exp)
+{
+    uint8_t *got = malloc(ss);
+    int bad = 0;
+    for (size_t s = 0; s < ns; s++)
+        bad += bc_volume_read(v, got, ss, s * ss) != (ssize_t)ss || memcmp(got, exp + s * ss, ss) != 0;
+    free(got);
+    return bad;
+}
+
+static void kill_and_close(struct bc_volume *v)
+{
+    g_crash->budget = 0;   /* nothing more reaches the file: the close's checkpoint is lost */
+    bc_volume_unref(v);
+}
+
+/* Small writes go to the log, not the table; a clean close checkpoints them; a kill leaves
+ * them in the log and the next open replays them; a large write and a discard go in place
+ * and void the log's older records of their sectors. */
+static void test_journal_basic(uint32_t ss)
+{
+    char path[4200];
+    path_in_dir(path, sizeof path, "j.img");
+    make_empty(path);
+    g_jlog = BC_JOURNAL_LOG_BYTES;
+    const size_t ns = 256;
+    struct keys k;
+    make_keys(&k, 900 + ss);
+    uint8_t *exp = calloc(ns, ss), *buf = malloc(ns * ss), *raw = malloc(ns * M);
+    struct bc_volume *v = vopen(path, &k, ST_XTS_AEAD, ss, ns * ss, -1, 0, BC_ROLE_INFRA);
+    REQUIRE(v != NULL, "open with a journal");
+    uint64_t seed = 77;
+    for (int i = 0; i < 200; i++) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        size_t s = (size_t)(seed >> 33) % ns;
+        fill(exp + s * ss, ss, seed);
+        CHECK_RC(bc_volume_write(v, exp + s * ss, ss, s * ss), ss);
+    }
+    raw_pread(path, raw, ns * M, META_OFF);
+    CHECK(all_zero(raw, ns * M), "small writes leave the table alone");
+    struct bc_journal_counts c = jcounts();
+    CHECK(c.records == 200 && c.pending > 100 && c.log_used >= 200 * 128, "200 records in the log (%" PRIu64 ")",
+          c.records);
+    CHECK(count_wrong(v, ss, ns, exp) == 0, "reads see the log");
+    bc_volume_unref(v);
+    raw_pread(path, raw, ns * M, META_OFF);
+    CHECK(!all_zero(raw, ns * M), "a clean close checkpoints into the table");
+    v = vopen(path, &k, ST_XTS_AEAD, ss, ns * ss, -1, 0, BC_ROLE_INFRA);
+    c = jcounts();
+    CHECK(c.replayed == 0 && c.pending == 0, "after a checkpoint nothing to replay (%" PRIu64 ")", c.replayed);
+    CHECK(count_wrong(v, ss, ns, exp) == 0, "the table alone reads right");
+    /* a kill: the log is all there is */
+    for (size_t s = 0; s < ns; s += 3) {
+        fill(exp + s * ss, ss, 5000 + s);
+        CHECK_RC(bc_volume_write(v, exp + s * ss, ss, s * ss), ss);
+    }
+    kill_and_close(v);
+    v = vopen(path, &k, ST_XTS_AEAD, ss, ns * ss, -1, 0, BC_ROLE_INFRA);
+    c = jcounts();
+    CHECK(c.replayed == (ns + 2) / 3, "the killed writes are replayed (%" PRIu64 ")", c.replayed);
+    CHECK(count_wrong(v, ss, ns, exp) == 0, "after a kill every sector reads its last write");
+    /* a large write in place over sectors the log holds, then a kill */
+    fill(exp, 64 * ss, 6000);
+    CHECK_RC(bc_volume_write(v, exp, 64 * ss, 0), 64 * ss);
+    kill_and_close(v);
+    v = vopen(path, &k, ST_XTS_AEAD, ss, ns * ss, -1, 0, BC_ROLE_INFRA);
+    CHECK(count_wrong(v, ss, ns, exp) == 0, "a large write voids the older log records of its sectors");
+    /* small writes, then a discard of them, then a kill: zeros */
+    for (size_t s = 100; s < 110; s++) {
+        fill(exp + s * ss, ss, 7000 + s);
+        CHECK_RC(bc_volume_write(v, exp + s * ss, ss, s * ss), ss);
+    }
+    CHECK_RC(bc_volume_discard(v, 100 * ss, 10 * ss), 0);
+    memset(exp + 100 * ss, 0, 10 * ss);
+    kill_and_close(v);
+    v = vopen(path, &k, ST_XTS_AEAD, ss, ns * ss, -1, 0, BC_ROLE_INFRA);
+    CHECK(count_wrong(v, ss, ns, exp) == 0, "a discard voids the log records of its sectors");
+    /* a write whose log append fails leaves a gap: the records after it still replay */
+    g_crash->fail_at = g_crash->calls + 1;
+    uint8_t *x = malloc(ss);
+    fill(x, ss, 8000);
+    CHECK(bc_volume_write(v, x, ss, 5 * ss) < 0, "the write whose log append fails fails");
+    g_crash->fail_at = 0;
+    fill(exp + 6 * ss, ss, 8001);
+    CHECK_RC(bc_volume_write(v, exp + 6 * ss, ss, 6 * ss), ss);
+    kill_and_close(v);
+    /* a read-only journal over the killed file: the log is replayed, nothing written */
+    uint8_t *before = malloc(ns * M), *seen = malloc(ns * M), *after = malloc(ns * M);
+    raw_pread(path, before, ns * M, META_OFF);
+    const struct bc_storage_ops *lops, *jops;
+    void *lctx, *jctx;
+    REQUIRE(bc_storage_local_open(path, 0, BC_CACHE_BUFFERED, &lops, &lctx) == 0, "open read-only");
+    struct bc_journal_params jp = {.meta_off = META_OFF, .meta_bytes = M, .meta_sectors = (JLOG_OFF - META_OFF) / M,
+                                   .log_off = JLOG_OFF, .log_bytes = g_jlog};
+    REQUIRE(bc_storage_journal_wrap(&jp, lops, lctx, 0, &jops, &jctx) == 0, "a read-only journal");
+    CHECK_RC(jops->read_at(jctx, seen, ns * M, META_OFF), 0);
+    CHECK(jops->write_at(jctx, seen, M, META_OFF) == -EROFS && bc_storage_journal_checkpoint(jctx) == -EROFS,
+          "a read-only journal refuses writes");
+    jops->close(jctx);
+    raw_pread(path, after, ns * M, META_OFF);
+    CHECK(memcmp(before, after, ns * M) == 0 && memcmp(seen, before, ns * M) != 0,
+          "a read-only journal sees the log and leaves the table alone");
+    v = vopen(path, &k, ST_XTS_AEAD, ss, ns * ss, -1, 0, BC_ROLE_INFRA);
+    c = jcounts();
+    uint8_t *m = malloc(M);
+    CHECK_RC(g_jctx != NULL ? ((const struct bc_storage_ops *)jops)->read_at(g_jctx, m, M, META_OFF + 6 * M) : -1, 0);
+    CHECK(memcmp(m, seen + 6 * M, M) == 0, "the read-only view and the writable one agree");
+    CHECK(count_wrong(v, ss, ns, exp) == 0, "records after a gap in the log replay");
+    bc_volume_unref(v);
+    g_jlog = 0;
+    free(exp), free(buf), free(raw), free(x), free(before), free(seen), free(after), free(m);
+}
+
+/* A small log (64 one-sector records) that fills again and again: checkpoints under
+ * writes; then a kill after every storage write of a sequence that crosses checkpoints:
+ * every sector reads its old or its new content, never fails, and every write whose
+ * storage writes all reached the file reads new. */
+static void test_journal_kills(uint32_t ss)
+{
+    char path[4200];
+    path_in_dir(path, sizeof path, "jk.img");
+    g_jlog = 8192;
+    const size_t ns = 128, nw = 100;
+    struct keys k;
+    make_keys(&k, 950 + ss);
+    uint8_t *base = malloc(ns * ss), *cur = malloc(ns * ss);
+    size_t order[128];
+    for (size_t i = 0; i < ns; i++)
+        order[i] = i;
+    uint64_t seed = 99;
+    for (size_t i = ns - 1; i > 0; i--) {   /* a permutation: each sector written once below */
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        size_t r = (size_t)(seed >> 33) % (i + 1), t = order[i];
+        order[i] = order[r], order[r] = t;
+    }
+    fill(base, ns * ss, 1234);
+    int bad = 0, lost = 0, rounds = 0, saw_cp = 0;
+    long total_writes = -1;
+    for (long kill = 0; total_writes < 0 || kill <= total_writes; kill++) {
+        make_empty(path);
+        struct bc_volume *v = vopen(path, &k, ST_XTS_AEAD, ss, ns * ss, -1, 0, BC_ROLE_INFRA);
+        REQUIRE(v != NULL, "open");
+        for (size_t s = 0; s < ns; s++)
+            bc_volume_write(v, base + s * ss, ss, s * ss);   /* fills the log twice: checkpoints */
+        saw_cp += jcounts().checkpoints >= 2;
+        bc_volume_unref(v);
+        v = vopen(path, &k, ST_XTS_AEAD, ss, ns * ss, total_writes < 0 ? -1 : kill, 0, BC_ROLE_INFRA);
+        long calls0 = g_crash->calls;
+        memcpy(cur, base, ns * ss);
+        int done[128] = {0};
+        for (size_t i = 0; i < nw; i++) {
+            size_t s = order[i];
+            fill(cur + s * ss, ss, 40000 + s);
+            bc_volume_write(v, cur + s * ss, ss, s * ss);
+            done[s] = g_crash->budget != 0;   /* every write of this request reached the file */
+        }
+        if (total_writes < 0)
+            total_writes = g_crash->calls - calls0;   /* the first round counts them, unkilled */
+        kill_and_close(v);
+        v = vopen(path, &k, ST_XTS_AEAD, ss, ns * ss, -1, 0, BC_ROLE_INFRA);
+        uint8_t *got = malloc(ss);
+        for (size_t s = 0; s < ns; s++) {
+            if (bc_volume_read(v, got, ss, s * ss) != (ssize_t)ss) {
+                bad++;
+                continue;
+            }
+            int is_old = memcmp(got, base + s * ss, ss) == 0, is_new = memcmp(got, cur + s * ss, ss) == 0;
+            bad += !is_old && !is_new;
+            lost += done[s] && !is_new;
+        }
+        free(got);
+        bc_volume_unref(v);
+        rounds++;
+    }
+    CHECK(total_writes > 2 * (long)nw, "the sequence crosses checkpoints (%ld storage writes)", total_writes);
+    CHECK(saw_cp == rounds, "the log filled and checkpointed under writes");
+    CHECK(bad == 0, "ss %u: %d sectors neither old nor new (or failing) over %d kills", ss, bad, rounds);
+    CHECK(lost == 0, "ss %u: %d completed writes lost over %d kills", ss, lost, rounds);
+    g_jlog = 0;
+    free(base), free(cur);
+}
+
 static void run_all(void)
 {
     RUN(test_layer_vs_sodium(512));
@@ -1394,6 +1608,18 @@ static void run_all(void)
     RUN(test_write_leaves_source(4096, ST_XTS_AEAD));
     RUN(test_write_leaves_source(512, ST_XTS_AEAD));
     RUN(test_write_leaves_source(4096, ST_AEAD));
+    RUN(test_journal_basic(4096));
+    RUN(test_journal_basic(512));
+    RUN(test_journal_kills(4096));
+    RUN(test_journal_kills(512));
+    /* the kill tests again, with the journal between the engine and the file */
+    g_jlog = BC_JOURNAL_LOG_BYTES;
+    RUN(test_crash(4096, 1));
+    RUN(test_crash(512, 1));
+    RUN(test_repeated_kills(4096));
+    RUN(test_failed_data_write(4096));
+    RUN(test_failed_meta_write(4096));
+    g_jlog = 0;
 }
 
 int main(int argc, char **argv)
