@@ -17,7 +17,7 @@ import pytest
 
 from blockcrypt.control import disks, snapshots
 from blockcrypt.control.disks import open_volume
-from blockcrypt.errors import UnsupportedFormat
+from blockcrypt.errors import IntegrityError, UnsupportedFormat
 from blockcrypt.format import read_header
 from blockcrypt.format import header as hdr
 from blockcrypt.format import layout
@@ -172,3 +172,21 @@ def test_snapshot_delete_merges_after_settling_the_log(state):
     snapshots.delete(state, "snapshot", "s1")  # s1's chunks copied into the disk's file
     with open_volume(state, "j") as v:
         assert v.read(0, 1 << 20) == bytes(image)
+
+
+def test_a_flipped_bit_in_a_log_record_is_eio_for_that_sector_only(state):
+    rec = disks.create(state, "j", 1 << 20, double=True)
+    _write_then_kill(state)                   # sectors 0, 3, 6, ... only in the log
+    (hit,) = [r for r in log_records(rec.path) if r[2] == 1 and r[3] == 9]
+    off = layout.JOURNAL_AREA_OFFSET + hit[1] + 32 + 48 + 20   # in sector 9's slot
+    with open(rec.path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x10]))
+    with open_volume(state, "j") as v:
+        with pytest.raises(IntegrityError):
+            v.read(9 * 4096, 4096)
+        for n in (6, 12, 0, 255):
+            want = bytes([n % 251 + 1]) * 4096 if n % 3 == 0 else bytes(4096)
+            assert v.read(n * 4096, 4096) == want, n
