@@ -33,6 +33,15 @@ def raw(path, off, n):
     return b + bytes(n - len(b))
 
 
+def flip(path, off, mask):
+    """One bit (mask) of the file at off, flipped in place."""
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ mask]))
+
+
 def open_sector(aead_key, disk_id, n, c, meta):
     """FORMAT.md's recipe: newer slot (serial seq) first, then the other."""
     slots = [meta[:48], meta[48:]]
@@ -155,12 +164,7 @@ def test_tamper_is_an_integrity_error_for_that_sector_only(state):
     with open_volume(state, "t") as v:
         v.write(0, b"\x11" * (1 << 20))
         v.flush()
-    with open(rec.path, "r+b") as f:
-        off = layout.META_AREA_OFFSET + 7 * META + 32 + 3  # sector 7's tag
-        f.seek(off)
-        b = f.read(1)
-        f.seek(off)
-        f.write(bytes([b[0] ^ 4]))
+    flip(rec.path, layout.META_AREA_OFFSET + 7 * META + 32 + 3, 4)  # sector 7's tag
     with open_volume(state, "t") as v:
         with pytest.raises(IntegrityError):
             v.read(7 * 4096, 4096)

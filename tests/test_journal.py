@@ -23,7 +23,7 @@ from blockcrypt.format import header as hdr
 from blockcrypt.format import layout
 from blockcrypt.storage import LocalFileBacking
 
-from test_double import open_sector, raw, xts_open  # the table-only recipe, shared
+from test_double import flip, open_sector, raw, xts_open  # the table-only recipe, shared
 
 META = layout.AEAD_META_BYTES
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,11 +179,7 @@ def test_a_flipped_bit_in_a_log_record_is_eio_for_that_sector_only(state):
     _write_then_kill(state)                   # sectors 0, 3, 6, ... only in the log
     (hit,) = [r for r in log_records(rec.path) if r[2] == 1 and r[3] == 9]
     off = layout.JOURNAL_AREA_OFFSET + hit[1] + 32 + 48 + 20   # in sector 9's slot
-    with open(rec.path, "r+b") as f:
-        f.seek(off)
-        b = f.read(1)
-        f.seek(off)
-        f.write(bytes([b[0] ^ 0x10]))
+    flip(rec.path, off, 0x10)
     with open_volume(state, "j") as v:
         with pytest.raises(IntegrityError):
             v.read(9 * 4096, 4096)
