@@ -29,7 +29,7 @@
  * Writes of the table: whole sectors of up to a record's payload (4064 bytes: 42 sectors of
  * 96) are appended; larger ones (a big sequential write, a copy-up of a 512-byte-sector
  * chunk) are written into the table in place, then a DROP record voids the log's older
- * values of those sectors. A write is appended and in the index before write_at returns, so
+ * values of those sectors (none if the index holds none of them). A write is appended and in the index before write_at returns, so
  * the engine's order (metadata, then data) holds in the file as it did without the log. Two
  * writers' records may land out of order in the log (each reserves its place, then writes),
  * but writes of one sector never overlap (the engine's range lock), and the scan at open
@@ -360,9 +360,31 @@ static int inplace_write(struct journal *j, const void *arg)
     return w->punch ? j->in->punch(j->ictx, w->off, w->len) : j->in->write_at(j->ictx, w->buf, w->len, w->off);
 }
 
+/* j->mu held. Whether the index holds a live entry of a sector in [first, first+n). */
+static int any_live(struct journal *j, uint64_t first, uint64_t n)
+{
+    if (j->nlive == 0)
+        return 0;
+    if (n > j->nentries) {
+        for (size_t i = 0; i < j->nentries; i++) {
+            const struct entry *e = entry_at(j, i);
+            if (e->live && e->sector >= first && e->sector - first < n)
+                return 1;
+        }
+        return 0;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        const struct entry *e = find(j, first + i);
+        if (e != NULL && e->live)
+            return 1;
+    }
+    return 0;
+}
+
 /* The table's bytes of sectors [first, first+count) go in place (from buf, or punched),
  * then DROP records void the log's older values of them (a kill between the two replays
- * those over the new table, while the data is still the old that they describe). */
+ * those over the new table, while the data is still the old that they describe); where
+ * the log holds no live value of them, no DROP. */
 static int write_in_place(struct journal *j, const void *buf, uint64_t first, uint64_t count)
 {
     const size_t M = j->p.meta_bytes;
@@ -372,7 +394,21 @@ static int write_in_place(struct journal *j, const void *buf, uint64_t first, ui
         if (buf != NULL && n * M > SIZE_MAX / 2)
             n = (SIZE_MAX / 2) / M;
         struct inplace w = {buf, (size_t)(n * M), j->p.meta_off + first * M, buf == NULL};
-        rc = log_record(j, K_DROP, first, (uint32_t)n, NULL, inplace_write, &w);
+        /* no live entry there: no record of the epoch describes these sectors (or a DROP
+         * voided it), so replay leaves them to the table and a DROP would void nothing.
+         * The range lock keeps other writers off them; the cp lock keeps a checkpoint
+         * from starting a new epoch between the look and the write. */
+        pthread_rwlock_rdlock(&j->cp);
+        pthread_mutex_lock(&j->mu);
+        int none = !any_live(j, first, n);
+        pthread_mutex_unlock(&j->mu);
+        if (none) {
+            rc = inplace_write(j, &w);
+            pthread_rwlock_unlock(&j->cp);
+        } else {
+            pthread_rwlock_unlock(&j->cp);
+            rc = log_record(j, K_DROP, first, (uint32_t)n, NULL, inplace_write, &w);
+        }
         first += n, count -= n;
         if (buf != NULL)
             buf = (const uint8_t *)buf + n * M;

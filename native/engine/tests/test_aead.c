@@ -1449,6 +1449,13 @@ static void test_journal_basic(uint32_t ss)
     c = jcounts();
     CHECK(c.replayed == 0 && c.pending == 0, "after a checkpoint nothing to replay (%" PRIu64 ")", c.replayed);
     CHECK(count_wrong(v, ss, ns, exp) == 0, "the table alone reads right");
+    /* a large write where the log holds none of its sectors: in place, and no record (128
+     * sectors: the parts of a 512 KiB span are 64, more than a record holds) */
+    uint64_t r0 = jcounts().records;
+    fill(exp + 128 * ss, 128 * ss, 5500);
+    CHECK_RC(bc_volume_write(v, exp + 128 * ss, 128 * ss, 128 * ss), 128 * ss);
+    CHECK(jcounts().records == r0, "a large write over sectors the log lacks appends no DROP (%" PRIu64 ")",
+          jcounts().records - r0);
     /* a kill: the log is all there is */
     for (size_t s = 0; s < ns; s += 3) {
         fill(exp + s * ss, ss, 5000 + s);
@@ -1460,8 +1467,12 @@ static void test_journal_basic(uint32_t ss)
     CHECK(c.replayed == (ns + 2) / 3, "the killed writes are replayed (%" PRIu64 ")", c.replayed);
     CHECK(count_wrong(v, ss, ns, exp) == 0, "after a kill every sector reads its last write");
     /* a large write in place over sectors the log holds, then a kill */
-    fill(exp, 64 * ss, 6000);
-    CHECK_RC(bc_volume_write(v, exp, 64 * ss, 0), 64 * ss);
+    fill(exp, 128 * ss, 6000);
+    r0 = jcounts().records;
+    c = jcounts();
+    CHECK_RC(bc_volume_write(v, exp, 128 * ss, 0), 128 * ss);
+    CHECK(jcounts().records > r0 && jcounts().pending < c.pending,
+          "a large write over sectors the log holds appends a DROP (%" PRIu64 ")", jcounts().records - r0);
     kill_and_close(v);
     v = vopen(path, &k, ST_XTS_AEAD, ss, ns * ss, -1, 0, BC_ROLE_INFRA);
     CHECK(count_wrong(v, ss, ns, exp) == 0, "a large write voids the older log records of its sectors");
