@@ -17,9 +17,6 @@ static inline int bc_cp_avx512_usable(void)
            __builtin_cpu_supports("avx512ifma");
 #else
     return 0;
-/* HChaCha20 of n <= 4 inputs of 16 bytes under key at once: out[i] is in[i]'s subkey. */
-void bc_cp_avx512_hchacha20(uint8_t (*out)[32], const uint8_t *const *in, size_t n, const uint8_t key[32]);
-
 #endif
 }
 
@@ -33,6 +30,11 @@ int bc_cp_avx512_seal(uint8_t *p, size_t len, const uint8_t *ad, size_t adlen, c
  * untouched), -1 on a length it does not take. */
 int bc_cp_avx512_open(uint8_t *p, size_t len, const uint8_t *ad, size_t adlen, const uint8_t key[32],
                       const uint8_t nonce[12], const uint8_t tag[16]);
+
+/* Check only: 1 if tag authenticates the ciphertext c, 0 if not, -1 on a length it does
+ * not take; nothing is decrypted or written (the stream's block 0 and Poly1305). */
+int bc_cp_avx512_verify(const uint8_t *c, size_t len, const uint8_t *ad, size_t adlen, const uint8_t key[32],
+                        const uint8_t nonce[12], const uint8_t tag[16]);
 
 /* HChaCha20 of n <= 4 inputs of 16 bytes under key at once: out[i] is in[i]'s subkey. */
 void bc_cp_avx512_hchacha20(uint8_t (*out)[32], const uint8_t *const *in, size_t n, const uint8_t key[32]);

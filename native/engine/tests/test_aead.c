@@ -1349,7 +1349,7 @@ static void test_chachapoly_avx512(void)
     enum { ROUNDS = 3000 };
     uint8_t *pt = malloc(BC_CP_MAX), *a = malloc(BC_CP_MAX), *b = malloc(BC_CP_MAX + 16), *keep = malloc(BC_CP_MAX);
     uint8_t key[32], nonce[12], ad[64], tag[16];
-    int differ = 0, opens = 0, tamper = 0;
+    int differ = 0, opens = 0, tamper = 0, verifies = 0;
     for (int it = 0; it < ROUNDS; it++) {
         size_t len = it % 3 == 0 ? BC_CP_MAX : it % 3 == 1 ? 512 : (size_t)256 * (1 + it % 16);
         size_t adl = (size_t)(it % 65);
@@ -1362,6 +1362,8 @@ static void test_chachapoly_avx512(void)
         crypto_aead_chacha20poly1305_ietf_encrypt(b, &cl, pt, len, ad, adl, NULL, nonce, key);
         differ += bc_cp_avx512_seal(a, len, ad, adl, key, nonce, tag) != 0 || memcmp(a, b, len) != 0 ||
                   memcmp(tag, b + len, 16) != 0;
+        /* verify: libsodium's ciphertext and tag check, nothing written */
+        verifies += bc_cp_avx512_verify(b, len, ad, adl, key, nonce, b + len) != 1 || memcmp(a, b, len) != 0;
         opens += bc_cp_avx512_open(a, len, ad, adl, key, nonce, tag) != 1 || memcmp(a, pt, len) != 0;
         /* one bit off in the tag, the ciphertext or the associated data: refused, p untouched */
         memcpy(a, b, len);
@@ -1375,14 +1377,17 @@ static void test_chachapoly_avx512(void)
         else
             nonce[it % 12] ^= 1;
         memcpy(keep, a, len);
+        tamper += bc_cp_avx512_verify(a, len, ad, adl, key, nonce, tag) != 0;
         tamper += bc_cp_avx512_open(a, len, ad, adl, key, nonce, tag) != 0 || memcmp(a, keep, len) != 0;
     }
+    CHECK(verifies == 0, "%d of %d verifies of libsodium's seals failed", verifies, ROUNDS);
     CHECK(differ == 0, "%d of %d seals differ from libsodium's", differ, ROUNDS);
     CHECK(opens == 0, "%d of %d opens failed", opens, ROUNDS);
     CHECK(tamper == 0, "%d of %d tampered messages opened or were changed", tamper, ROUNDS);
     CHECK(bc_cp_avx512_seal(a, 128, ad, 0, key, nonce, tag) == -1 && bc_cp_avx512_seal(a, 0, ad, 0, key, nonce, tag) == -1 &&
               bc_cp_avx512_open(a, BC_CP_MAX + 256, ad, 0, key, nonce, tag) == -1 &&
-              bc_cp_avx512_seal(a, 256, ad, 65, key, nonce, tag) == -1,
+              bc_cp_avx512_seal(a, 256, ad, 65, key, nonce, tag) == -1 &&
+              bc_cp_avx512_verify(a, 100, ad, 0, key, nonce, tag) == -1,
           "lengths it does not take are refused");
     free(pt), free(a), free(b), free(keep);
 }
