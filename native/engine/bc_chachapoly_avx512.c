@@ -93,6 +93,28 @@ static inline __m512i row_d(__m512i nonce_d, uint32_t ctr)
     return _mm512_add_epi32(nonce_d, _mm512_set_epi32(0, 0, 0, c + 3, 0, 0, 0, c + 2, 0, 0, 0, c + 1, 0, 0, 0, c));
 }
 
+/* A group's rounds done: add the input state, put the four blocks in order (lane i of
+ * the rows is block i: transpose the 128-bit lanes) and XOR or store them at g->dst. */
+static inline __attribute__((always_inline)) void group_out(const struct group *g, __m512i a, __m512i b,
+                                                            __m512i c, __m512i d, __m512i key_lo, __m512i key_hi,
+                                                            __m512i nonce_d)
+{
+    __m512i x = _mm512_add_epi32(a, sigma4()), y = _mm512_add_epi32(b, key_lo);
+    __m512i z = _mm512_add_epi32(c, key_hi), w = _mm512_add_epi32(d, row_d(nonce_d, g->ctr));
+    __m512i t0 = _mm512_shuffle_i64x2(x, y, _MM_SHUFFLE(1, 0, 1, 0));   /* x0 x1 y0 y1 */
+    __m512i t1 = _mm512_shuffle_i64x2(x, y, _MM_SHUFFLE(3, 2, 3, 2));   /* x2 x3 y2 y3 */
+    __m512i t2 = _mm512_shuffle_i64x2(z, w, _MM_SHUFFLE(1, 0, 1, 0));
+    __m512i t3 = _mm512_shuffle_i64x2(z, w, _MM_SHUFFLE(3, 2, 3, 2));
+    __m512i blk[4] = {_mm512_shuffle_i64x2(t0, t2, _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm512_shuffle_i64x2(t0, t2, _MM_SHUFFLE(3, 1, 3, 1)),
+                      _mm512_shuffle_i64x2(t1, t3, _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm512_shuffle_i64x2(t1, t3, _MM_SHUFFLE(3, 1, 3, 1))};
+    uint8_t *o = g->dst;
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        _mm512_storeu_si512(o + 64 * i, g->xor ? _mm512_xor_si512(_mm512_loadu_si512(o + 64 * i), blk[i]) : blk[i]);
+}
+
 static inline __attribute__((always_inline)) void chacha_groups(const struct group *gs, const int ng,
                                                                 __m512i key_lo, __m512i key_hi, __m512i nonce_d)
 {
@@ -112,28 +134,8 @@ static inline __attribute__((always_inline)) void chacha_groups(const struct gro
             HALF_(a[g], b[g], c[g], d[g], TO_COLS);   /* diagonals */
     }
 #pragma GCC unroll 8
-    for (int g = 0; g < ng; g++) {
-        __m512i d0 = row_d(nonce_d, gs[g].ctr);
-        __m512i x = _mm512_add_epi32(a[g], sigma), y = _mm512_add_epi32(b[g], key_lo);
-        __m512i z = _mm512_add_epi32(c[g], key_hi), w = _mm512_add_epi32(d[g], d0);
-        /* lane i of x, y, z, w are the four rows of block i: transpose the 128-bit lanes */
-        __m512i t0 = _mm512_shuffle_i64x2(x, y, _MM_SHUFFLE(1, 0, 1, 0));   /* x0 x1 y0 y1 */
-        __m512i t1 = _mm512_shuffle_i64x2(x, y, _MM_SHUFFLE(3, 2, 3, 2));   /* x2 x3 y2 y3 */
-        __m512i t2 = _mm512_shuffle_i64x2(z, w, _MM_SHUFFLE(1, 0, 1, 0));
-        __m512i t3 = _mm512_shuffle_i64x2(z, w, _MM_SHUFFLE(3, 2, 3, 2));
-        __m512i blk[4] = {_mm512_shuffle_i64x2(t0, t2, _MM_SHUFFLE(2, 0, 2, 0)),
-                          _mm512_shuffle_i64x2(t0, t2, _MM_SHUFFLE(3, 1, 3, 1)),
-                          _mm512_shuffle_i64x2(t1, t3, _MM_SHUFFLE(2, 0, 2, 0)),
-                          _mm512_shuffle_i64x2(t1, t3, _MM_SHUFFLE(3, 1, 3, 1))};
-        uint8_t *o = gs[g].dst;
-        if (gs[g].xor) {
-            for (int i = 0; i < 4; i++)
-                _mm512_storeu_si512(o + 64 * i, _mm512_xor_si512(_mm512_loadu_si512(o + 64 * i), blk[i]));
-        } else {
-            for (int i = 0; i < 4; i++)
-                _mm512_storeu_si512(o + 64 * i, blk[i]);
-        }
-    }
+    for (int g = 0; g < ng; g++)
+        group_out(&gs[g], a[g], b[g], c[g], d[g], key_lo, key_hi, nonce_d);
 }
 
 /* The n groups of gs under key / nonce (IETF: 32-bit counter), up to GMAX at once. */
@@ -187,14 +189,14 @@ static inline __attribute__((always_inline)) void chacha16(uint32_t ctr, int xor
     static const uint32_t sig[4] = {0x61707865, 0x3320646e, 0x79622d32, 0x6b206574};
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     __m512i x[16];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < 4; j++)
         x[j] = _mm512_set1_epi32((int)sig[j]);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < 8; j++)
         x[4 + j] = _mm512_set1_epi32((int)kw[j]);
     x[12] = _mm512_add_epi32(_mm512_set1_epi32((int)ctr), lane);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < 3; j++)
         x[13 + j] = _mm512_set1_epi32((int)nw[j]);
     const __m512i sigma = sigma4();
@@ -213,20 +215,20 @@ static inline __attribute__((always_inline)) void chacha16(uint32_t ctr, int xor
         if (extra)
             HALF_(ea, eb, ec, ed, TO_COLS);
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < 4; j++)
         x[j] = _mm512_add_epi32(x[j], _mm512_set1_epi32((int)sig[j]));
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < 8; j++)
         x[4 + j] = _mm512_add_epi32(x[4 + j], _mm512_set1_epi32((int)kw[j]));
     x[12] = _mm512_add_epi32(x[12], _mm512_add_epi32(_mm512_set1_epi32((int)ctr), lane));
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < 3; j++)
         x[13 + j] = _mm512_add_epi32(x[13 + j], _mm512_set1_epi32((int)nw[j]));
     /* words 4g .. 4g + 3 of block 4L + k into 128-bit lane L of u[g][k] (a 4 x 4 transpose
      * inside each lane), then the lanes of u[0..3][k] transposed: block 4L + k whole */
     __m512i u[4][4];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int g = 0; g < 4; g++) {
         __m512i t0 = _mm512_unpacklo_epi32(x[4 * g], x[4 * g + 1]), t1 = _mm512_unpackhi_epi32(x[4 * g], x[4 * g + 1]);
         __m512i t2 = _mm512_unpacklo_epi32(x[4 * g + 2], x[4 * g + 3]);
@@ -234,7 +236,7 @@ static inline __attribute__((always_inline)) void chacha16(uint32_t ctr, int xor
         u[g][0] = _mm512_unpacklo_epi64(t0, t2), u[g][1] = _mm512_unpackhi_epi64(t0, t2);
         u[g][2] = _mm512_unpacklo_epi64(t1, t3), u[g][3] = _mm512_unpackhi_epi64(t1, t3);
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int k = 0; k < 4; k++) {
         __m512i p0 = _mm512_shuffle_i64x2(u[0][k], u[1][k], _MM_SHUFFLE(1, 0, 1, 0));
         __m512i p1 = _mm512_shuffle_i64x2(u[0][k], u[1][k], _MM_SHUFFLE(3, 2, 3, 2));
@@ -244,30 +246,14 @@ static inline __attribute__((always_inline)) void chacha16(uint32_t ctr, int xor
                           _mm512_shuffle_i64x2(p0, p2, _MM_SHUFFLE(3, 1, 3, 1)),
                           _mm512_shuffle_i64x2(p1, p3, _MM_SHUFFLE(2, 0, 2, 0)),
                           _mm512_shuffle_i64x2(p1, p3, _MM_SHUFFLE(3, 1, 3, 1))};
-        #pragma GCC unroll 16
+    #pragma GCC unroll 16
         for (int l = 0; l < 4; l++) {
             uint8_t *o = dst + 64 * (4 * l + k);
             _mm512_storeu_si512(o, xor ? _mm512_xor_si512(_mm512_loadu_si512(o), blk[l]) : blk[l]);
         }
     }
-    if (extra) {
-        __m512i d0 = row_d(nonce_d, extra->ctr);
-        __m512i ex = _mm512_add_epi32(ea, sigma), ey = _mm512_add_epi32(eb, key_lo);
-        __m512i ez = _mm512_add_epi32(ec, key_hi), ew = _mm512_add_epi32(ed, d0);
-        __m512i t0 = _mm512_shuffle_i64x2(ex, ey, _MM_SHUFFLE(1, 0, 1, 0));
-        __m512i t1 = _mm512_shuffle_i64x2(ex, ey, _MM_SHUFFLE(3, 2, 3, 2));
-        __m512i t2 = _mm512_shuffle_i64x2(ez, ew, _MM_SHUFFLE(1, 0, 1, 0));
-        __m512i t3 = _mm512_shuffle_i64x2(ez, ew, _MM_SHUFFLE(3, 2, 3, 2));
-        __m512i blk[4] = {_mm512_shuffle_i64x2(t0, t2, _MM_SHUFFLE(2, 0, 2, 0)),
-                          _mm512_shuffle_i64x2(t0, t2, _MM_SHUFFLE(3, 1, 3, 1)),
-                          _mm512_shuffle_i64x2(t1, t3, _MM_SHUFFLE(2, 0, 2, 0)),
-                          _mm512_shuffle_i64x2(t1, t3, _MM_SHUFFLE(3, 1, 3, 1))};
-        #pragma GCC unroll 16
-        for (int l = 0; l < 4; l++) {
-            uint8_t *o = extra->dst + 64 * l;
-            _mm512_storeu_si512(o, extra->xor ? _mm512_xor_si512(_mm512_loadu_si512(o), blk[l]) : blk[l]);
-        }
-    }
+    if (extra)
+        group_out(extra, ea, eb, ec, ed, key_lo, key_hi, nonce_d);
 }
 
 /* The stream of len16 bytes (a multiple of 1024) from block ctr onto dst in batches of
