@@ -246,7 +246,7 @@ static inline __attribute__((always_inline)) void chacha16(uint32_t ctr, int xor
                           _mm512_shuffle_i64x2(p0, p2, _MM_SHUFFLE(3, 1, 3, 1)),
                           _mm512_shuffle_i64x2(p1, p3, _MM_SHUFFLE(2, 0, 2, 0)),
                           _mm512_shuffle_i64x2(p1, p3, _MM_SHUFFLE(3, 1, 3, 1))};
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int l = 0; l < 4; l++) {
             uint8_t *o = dst + 64 * (4 * l + k);
             _mm512_storeu_si512(o, xor ? _mm512_xor_si512(_mm512_loadu_si512(o), blk[l]) : blk[l]);
@@ -267,27 +267,13 @@ static void run_stream(uint32_t ctr, int xor, uint8_t *dst, size_t len16, const 
     __m512i key_lo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)key));
     __m512i key_hi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(key + 16)));
     __m512i nonce_d = _mm512_broadcast_i32x4(_mm_setr_epi32(0, (int)nw[0], (int)nw[1], (int)nw[2]));
-    /* every call with constant xor and extra, so each inlined copy has no branch in its
-     * rounds (at -O2 a tested flag there cost 0.1 us a sector) */
-    size_t off = 0;
-    if (extra != NULL && len16 > 0) {
-        if (xor)
-            chacha16(ctr, 1, dst, extra, kw, nw, key_lo, key_hi, nonce_d);
-        else
-            chacha16(ctr, 0, dst, extra, kw, nw, key_lo, key_hi, nonce_d);
-        off = 1024;
-    }
-    for (; off < len16; off += 1024) {
-        if (xor)
-            chacha16(ctr + (uint32_t)(off / 64), 1, dst + off, NULL, kw, nw, key_lo, key_hi, nonce_d);
-        else
-            chacha16(ctr + (uint32_t)(off / 64), 0, dst + off, NULL, kw, nw, key_lo, key_hi, nonce_d);
-    }
+    for (size_t off = 0; off < len16; off += 1024)
+        chacha16(ctr + (uint32_t)(off / 64), xor, dst + off, off == 0 ? extra : NULL, kw, nw, key_lo, key_hi,
+                 nonce_d);
     if (n > 0)
         run_groups(rest, n, key, nonce);
     explicit_bzero(kw, sizeof kw);
 }
-
 
 /* seal: the stream XORed onto len bytes at p (blocks 1 ..), block 0's group (256 bytes)
  * to block0: whole 1024-byte runs sixteen blocks at a time (block 0's group inside the

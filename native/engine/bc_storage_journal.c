@@ -29,8 +29,9 @@
  * Writes of the table: whole sectors of up to a record's payload (4064 bytes: 42 sectors of
  * 96) are appended; larger ones (a big sequential write, a copy-up of a 512-byte-sector
  * chunk) are written into the table in place, then a DROP record voids the log's older
- * values of those sectors (none if the index holds none of them). A write is appended and in the index before write_at returns, so
- * the engine's order (metadata, then data) holds in the file as it did without the log. Two
+ * values of those sectors (none if the index holds none of them). A write is appended
+ * and in the index before write_at returns, so the engine's order (metadata, then data)
+ * holds in the file as it did without the log. Two
  * writers' records may land out of order in the log (each reserves its place, then writes),
  * but writes of one sector never overlap (the engine's range lock), and the scan at open
  * walks every 64-byte position, so a reserved place a kill left empty hides nothing after it.
