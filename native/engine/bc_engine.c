@@ -7,7 +7,8 @@
  * one storage read or write of the whole span (plus one of its metadata range when
  * the layers have metadata) and one call per layer for the whole span. A span of
  * 256 KiB or more is cut into parts of whole sectors that helper threads serve beside
- * the serving thread (bc_parallel.c), each part its own storage I/O and crypto: a
+ * the serving thread (bc_parallel.c; a read's parts are 128 KiB, taken in turn, a
+ * write's one per thread, see split_span), each part its own storage I/O and crypto: a
  * queue-depth-1 stream of 1 MiB requests then uses more than one core, and one part's
  * copy to or from the backing file overlaps another part's crypto. Unaligned
  * writes first load (read + decrypt) their partial first and last sectors. Requests
@@ -372,7 +373,8 @@ static int decrypt_serial(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint
 
 #define PAR_MIN_BYTES (256u << 10)   /* a span smaller than this stays on one thread */
 #define PAR_PART_MIN (128u << 10)    /* and no part is smaller than this */
-#define PAR_MAX_PARTS 4u
+#define PAR_MAX_PARTS 16u
+#define PAR_MAX_RUNNERS 4u           /* threads on one span: the caller and helpers */
 
 struct part {
     struct bc_volume *v;
@@ -446,38 +448,75 @@ static void store_part(void *p)
     x->rc = store_serial(x->v, x->buf, x->src, x->meta, x->s, x->n, &x->wrote);
 }
 
-/* fn over n sectors, cut into parts of whole sectors run side by side when the span is
- * large enough, the volume has layers and the process has helper threads. A part is
- * its storage I/O and its crypto together, so one part's copy to or from the backing
- * file overlaps another's crypto. Returns the number of parts (filled in parts[]). */
-static size_t split_span(struct bc_volume *v, void (*fn)(void *), uint8_t *buf, const uint8_t *src, uint8_t *meta,
-                         uint64_t s, size_t n, struct part parts[PAR_MAX_PARTS])
+/* The parts of one span and the next one nobody has taken yet: every thread on the
+ * span (the caller, and each helper once it wakes) takes parts one by one until none is
+ * left. */
+struct span_work {
+    void (*fn)(void *);
+    struct part *parts;
+    size_t n;
+    atomic_size_t next;
+};
+
+static void span_worker(void *p)
+{
+    struct span_work *w = p;
+    for (size_t i; (i = atomic_fetch_add_explicit(&w->next, 1, memory_order_relaxed)) < w->n;)
+        w->fn(&w->parts[i]);
+}
+
+/* fn over n sectors, cut into parts of whole sectors when the span is large enough, the
+ * volume has layers and the process has helper threads. A part is its storage I/O and
+ * its crypto together, so one part's copy to or from the backing file overlaps another's
+ * crypto. The threads on the span take its parts in turn.
+ *
+ * fine (reads): parts of PAR_PART_MIN, up to PAR_MAX_PARTS. A helper that wakes late (on
+ * a busy or preempted CPU) then costs at most the part it is running, where an equal
+ * share left the caller waiting for half the span, or running it after its own. 1 MiB
+ * O_DIRECT reads through a mount, warm backing cache: the caller's wait after its own
+ * share 53 -> 27 us a request (10-13 with bc_parallel.c's spin).
+ * Not fine (writes): one part per thread, at least PAR_PART_MIN each. Four 256 KiB
+ * writes to the backing file where two 512 KiB ones did cost 2.2-3.5 CPU s/GiB against
+ * 1.7-2.1 (they contend for its inode lock), and parts under a journal record's worth
+ * of metadata (bc_storage_journal.c) would go to the log instead of in place.
+ * Returns the number of parts (filled in parts[]). */
+static size_t split_span(struct bc_volume *v, void (*fn)(void *), int fine, uint8_t *buf, const uint8_t *src,
+                         uint8_t *meta, uint64_t s, size_t n, struct part parts[PAR_MAX_PARTS])
 {
     size_t ss = v->sector_size, M = v->meta_bytes;
-    size_t bytes = n * ss, k = 1;
+    size_t bytes = n * ss, k = 1, runners = 1;
     if (bytes >= PAR_MIN_BYTES && v->nlayers > 0) {
-        k = bc_parallel_width();
-        if (k > PAR_MAX_PARTS)
-            k = PAR_MAX_PARTS;
-        if (k > bytes / PAR_PART_MIN)
-            k = bytes / PAR_PART_MIN;
+        runners = bc_parallel_width();
+        if (runners > PAR_MAX_RUNNERS)
+            runners = PAR_MAX_RUNNERS;
+        if (runners > 1) {
+            k = fine ? PAR_MAX_PARTS : runners;
+            if (k > bytes / PAR_PART_MIN)
+                k = bytes / PAR_PART_MIN;
+        }
         if (k < 1)
             k = 1;
     }
-    void *args[PAR_MAX_PARTS];
     size_t per = (n + k - 1) / k, at = 0, used = 0;
     for (; used < k && at < n; used++) {
         size_t m = n - at < per ? n - at : per;
         parts[used] = (struct part){.v = v, .buf = buf + at * ss, .meta = M ? meta + at * M : NULL,
                                     .src = src != NULL ? src + at * ss : NULL, .s = s + at, .n = m,
                                     .rc = 0, .wrote = 0};
-        args[used] = &parts[used];
         at += m;
     }
-    if (used == 1)
+    if (used == 1) {
         fn(&parts[0]);
-    else
-        bc_parallel_run(fn, args, used);
+        return used;
+    }
+    struct span_work w = {.fn = fn, .parts = parts, .n = used};
+    atomic_init(&w.next, 0);
+    void *args[PAR_MAX_RUNNERS];
+    if (runners > used)
+        runners = used;
+    for (size_t i = 0; i < runners; i++)
+        args[i] = &w;
+    bc_parallel_run(span_worker, args, runners);
     return used;
 }
 
@@ -493,7 +532,7 @@ static int first_error(const struct part *parts, size_t used)
 static int load_sectors(struct bc_volume *v, uint8_t *buf, uint8_t *meta, uint64_t s, size_t n)
 {
     struct part parts[PAR_MAX_PARTS];
-    size_t used = split_span(v, load_part, buf, NULL, meta, s, n, parts);
+    size_t used = split_span(v, load_part, 1, buf, NULL, meta, s, n, parts);
     return first_error(parts, used);
 }
 
@@ -542,7 +581,7 @@ static int store_sectors(struct bc_volume *v, uint8_t *buf, const uint8_t *src, 
                          size_t n)
 {
     struct part parts[PAR_MAX_PARTS];
-    size_t used = split_span(v, store_part, buf, src, meta, s, n, parts);
+    size_t used = split_span(v, store_part, 0, buf, src, meta, s, n, parts);
     int rc = first_error(parts, used), failed_write = 0;
     for (size_t i = 0; i < used; i++)
         failed_write |= parts[i].rc != 0 && parts[i].wrote;

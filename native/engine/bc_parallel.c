@@ -8,7 +8,8 @@
  * time. bc_parallel_run(fn, args, n) runs fn(args[0]) in the caller and queues
  * args[1..n-1] for the helpers; a part no helper has taken by the time the caller is
  * done with its own is taken back and run by the caller, so a busy host (every helper
- * serving another request) costs nothing but a lock round trip, never a wait.
+ * serving another request) costs nothing but a lock round trip, never a wait. For a
+ * part a helper is running, the caller spins briefly before it sleeps (WAIT_SPIN_NS).
  *
  * Threads: min(online CPUs - 1, BC_PARALLEL_MAX), or BLOCKCRYPT_CRYPTO_THREADS
  * (0 turns this off), started on first use, detached, every signal blocked, alive for
@@ -25,11 +26,21 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #define BC_PARALLEL_MAX 3u
+
+/* How long the caller spins (yielding its CPU at each turn, in case the helper it waits
+ * for is queued on it) for a part a helper is running, before it sleeps on the condition
+ * variable. A wake from pthread_cond_wait took 15-20 us on a 2-vCPU VM; with the spin
+ * the caller's wait at the end of a 1 MiB read fell from 27 to 10-13 us. The engine's
+ * parts are about 128 KiB (bc_engine.c), so a running one ends well within this. */
+#define WAIT_SPIN_NS 200000u
 
 struct job {
     void (*fn)(void *);
@@ -46,6 +57,13 @@ static unsigned helpers;     /* threads running */
 static int started;          /* start() ran in this process (mu held) */
 static int atfork_set;
 
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static void *helper_main(void *unused)
 {
     (void)unused;
@@ -61,7 +79,7 @@ static void *helper_main(void *unused)
         pthread_mutex_unlock(&mu);
         j->fn(j->arg);
         pthread_mutex_lock(&mu);
-        j->state = 2;
+        __atomic_store_n(&j->state, 2, __ATOMIC_RELEASE);   /* the caller may be spinning on it */
         pthread_cond_broadcast(&done_cv);
     }
     return NULL;
@@ -169,6 +187,14 @@ void bc_parallel_run(void (*fn)(void *), void *const *args, size_t n)
             fn(j->arg);
             pthread_mutex_lock(&mu);
             j->state = 2;
+            continue;
+        }
+        if (j->state == 1) {   /* running: spin a little before sleeping (see WAIT_SPIN_NS) */
+            pthread_mutex_unlock(&mu);
+            uint64_t t0 = mono_ns();
+            while (__atomic_load_n(&j->state, __ATOMIC_ACQUIRE) != 2 && mono_ns() - t0 < WAIT_SPIN_NS)
+                sched_yield();
+            pthread_mutex_lock(&mu);
         }
         while (j->state != 2)
             pthread_cond_wait(&done_cv, &mu);
