@@ -490,12 +490,10 @@ static size_t split_span(struct bc_volume *v, void (*fn)(void *), int fine, uint
         if (runners > PAR_MAX_RUNNERS)
             runners = PAR_MAX_RUNNERS;
         if (runners > 1) {
-            k = fine ? PAR_MAX_PARTS : runners;
+            k = fine ? PAR_MAX_PARTS : runners;   /* >= 2 parts: bytes >= 2 PAR_PART_MIN */
             if (k > bytes / PAR_PART_MIN)
                 k = bytes / PAR_PART_MIN;
         }
-        if (k < 1)
-            k = 1;
     }
     size_t per = (n + k - 1) / k, at = 0, used = 0;
     for (; used < k && at < n; used++) {
